@@ -1,0 +1,110 @@
+//! `pluresdb-sync`: the command-line face of pluresdb-sync.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pluresdb_sync::{Identity, derive_topic};
+
+/// Peer discovery and secure transports for PluresDB replication.
+#[derive(Debug, Parser)]
+#[command(name = "pluresdb-sync", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the topic (64 hex digits, BLAKE2b-256) peers of a database meet on.
+    Topic {
+        /// The database id, e.g. "my-app-database".
+        db_id: String,
+    },
+    /// Create a new identity key (a Noise static X25519 key) and print its peer id.
+    ///
+    /// The file is created with mode 0600 and never overwritten unless --force is given.
+    Keygen {
+        /// Where to write the key [default: $XDG_CONFIG_HOME/pluresdb-sync/identity.key,
+        /// or ~/.config/pluresdb-sync/identity.key].
+        #[arg(short, long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace an existing key file (the old identity is lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the peer id of an existing identity key file.
+    PeerId {
+        /// The key file [default: as for keygen].
+        #[arg(short, long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Topic { db_id } => {
+            println!("{}", hex::encode(derive_topic(&db_id)));
+        }
+        Command::Keygen { out, force } => {
+            let path = key_path(out)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                create_private_dir(dir)?;
+            }
+            let identity = Identity::generate()?;
+            identity.save(&path, force)?;
+            eprintln!("wrote identity key to {}", path.display());
+            println!("{}", identity.peer_id());
+        }
+        Command::PeerId { key } => {
+            let path = key_path(key)?;
+            println!("{}", Identity::load(&path)?.peer_id());
+        }
+    }
+    Ok(())
+}
+
+/// The given path, or the default key location.
+fn key_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .ok_or_else(|| {
+            anyhow::anyhow!("neither XDG_CONFIG_HOME nor HOME is set: pass the key path with --out")
+        })?;
+    Ok(config.join("pluresdb-sync").join("identity.key"))
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create directory {}: {e}", dir.display()))
+}

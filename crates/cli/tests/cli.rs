@@ -1,0 +1,107 @@
+//! The `pluresdb-sync` binary, run as a user would.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str], env: &[(&str, &std::path::Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn topic_prints_the_spec_vector() {
+    let out = run(&["topic", "my-app-database"], &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out).trim(),
+        "9b7834b794d97cd464a616bf639d0f36788de21c2849d5a8652637769f6e47cc"
+    );
+    let empty = run(&["topic", ""], &[]);
+    assert_eq!(
+        stdout(&empty).trim(),
+        "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8"
+    );
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/id.key");
+    let p = path.to_str().unwrap();
+    let out = run(&["keygen", "--out", p], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let peer_id = stdout(&out).trim().to_owned();
+    assert_eq!(peer_id.len(), 64);
+    assert!(
+        peer_id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // The key file must not contain the peer id's secret in the peer id line, and the
+    // peer-id command reads the same identity back.
+    let again = run(&["peer-id", "--key", p], &[]);
+    assert_eq!(stdout(&again).trim(), peer_id);
+
+    let refused = run(&["keygen", "--out", p], &[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(stdout(&run(&["peer-id", "--key", p], &[])).trim(), peer_id);
+
+    let forced = run(&["keygen", "--out", p, "--force"], &[]);
+    assert!(forced.status.success());
+    assert_ne!(stdout(&forced).trim(), peer_id);
+}
+
+#[test]
+fn keygen_default_location_uses_xdg_config_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["keygen"], &[("XDG_CONFIG_HOME", dir.path())]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("pluresdb-sync/identity.key").exists());
+}
+
+#[test]
+fn bad_key_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.key");
+    std::fs::write(&path, "secret-key: nothex\n").unwrap();
+    let out = run(&["peer-id", "--key", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.key") && err.contains("hex"), "{err}");
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    for sub in ["topic", "keygen", "peer-id"] {
+        assert!(help.contains(sub), "--help lacks {sub}: {help}");
+    }
+    let keygen = stdout(&run(&["keygen", "--help"], &[]));
+    assert!(
+        keygen.contains("--force") && keygen.contains("0600"),
+        "{keygen}"
+    );
+}

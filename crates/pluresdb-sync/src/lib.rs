@@ -1,0 +1,52 @@
+//! Peer discovery and secure transports for PluresDB replication.
+//!
+//! This facade re-exports [`pluresdb_sync_core`] (traits, topics, events, configuration) and
+//! the transports compiled in by Cargo features, and builds a transport from a
+//! [`TransportConfig`] with [`create_transport`] or [`try_create_transport`].
+//!
+//! | feature | transport | mode |
+//! |---|---|---|
+//! | `disabled` (default) | [`DisabledTransport`] | [`TransportMode::Disabled`] |
+//! | `relay` | `RelayTransport` (coming with its crate) | [`TransportMode::Relay`] |
+//! | `hyperswarm` | `HyperswarmTransport` (coming with its crate) | [`TransportMode::Hyperswarm`] |
+//!
+//! Asking for a mode whose feature is compiled out is a clear error
+//! ([`Error::FeatureNotEnabled`]), never a panic and never a silent fallback.
+//!
+//! ```
+//! # #[cfg(feature = "disabled")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! use pluresdb_sync::{derive_topic, try_create_transport, TransportConfig, TransportMode};
+//!
+//! let config = TransportConfig { mode: TransportMode::Disabled, ..Default::default() };
+//! let mut transport = try_create_transport(config)?;
+//! let topic = derive_topic("my-app-database");
+//! transport.announce(topic).await?;
+//! assert!(transport.lookup(topic).await?.is_empty());
+//! assert_eq!(transport.name(), "disabled");
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "disabled"))]
+//! # fn main() {}
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use pluresdb_sync_core::*;
+
+#[cfg(feature = "disabled")]
+#[cfg_attr(docsrs, doc(cfg(feature = "disabled")))]
+pub use pluresdb_sync_transport_disabled::DisabledTransport;
+
+mod factory;
+pub use factory::{UnavailableTransport, create_transport, try_create_transport};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "disabled"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+/// The workspace README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "disabled"))]
+#[doc = include_str!("../../../README.md")]
+pub struct WorkspaceReadmeDoctests;

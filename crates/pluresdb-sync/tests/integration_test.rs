@@ -1,0 +1,103 @@
+//! The facade: building transports from configuration, and the errors when it cannot.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use pluresdb_sync::{
+    Error, TransportConfig, TransportMode, create_transport, derive_topic, try_create_transport,
+};
+
+fn mode(mode: TransportMode) -> TransportConfig {
+    TransportConfig {
+        mode,
+        ..Default::default()
+    }
+}
+
+#[cfg(feature = "disabled")]
+#[tokio::test]
+async fn disabled_mode_builds_a_disabled_transport() {
+    let mut t = create_transport(mode(TransportMode::Disabled));
+    assert_eq!(t.name(), "disabled");
+    let topic = derive_topic("db");
+    t.announce(topic).await.unwrap();
+    assert!(t.lookup(topic).await.unwrap().is_empty());
+    assert!(t.connect(topic).await.unwrap().recv().await.is_none());
+    t.disconnect().await.unwrap();
+    assert_eq!(
+        try_create_transport(mode(TransportMode::Disabled))
+            .unwrap()
+            .name(),
+        "disabled"
+    );
+}
+
+#[tokio::test]
+async fn invalid_config_is_an_error_not_a_panic() {
+    let bad = TransportConfig {
+        mode: TransportMode::Relay,
+        relay_url: Some("http://relay.example.com".into()),
+        ..Default::default()
+    };
+    let err = try_create_transport(bad.clone()).err().unwrap();
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::InvalidRelayUrl { .. })
+    ));
+    assert!(
+        err.to_string().contains("http://relay.example.com"),
+        "{err}"
+    );
+
+    // The infallible factory reports the same error on every call.
+    let mut t = create_transport(bad);
+    assert_eq!(t.name(), "unavailable");
+    let topic = derive_topic("db");
+    let err = t.announce(topic).await.unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::InvalidRelayUrl { .. })
+    ));
+    assert!(t.lookup(topic).await.is_err());
+    assert!(t.connect(topic).await.is_err());
+    t.disconnect().await.unwrap();
+
+    let zero = TransportConfig {
+        timeout_ms: 0,
+        ..mode(TransportMode::Disabled)
+    };
+    let err = try_create_transport(zero).err().unwrap();
+    assert_eq!(err.downcast_ref::<Error>(), Some(&Error::ZeroTimeout));
+}
+
+/// Modes whose crates are not compiled in say which feature to enable.
+#[tokio::test]
+async fn missing_features_are_named() {
+    let mut cases = Vec::new();
+    #[cfg(not(feature = "disabled"))]
+    cases.push((mode(TransportMode::Disabled), "disabled"));
+    cases.push((mode(TransportMode::Hyperswarm), "hyperswarm"));
+    cases.push((
+        TransportConfig {
+            mode: TransportMode::Relay,
+            relay_url: Some("wss://relay.example.com".into()),
+            ..Default::default()
+        },
+        "relay",
+    ));
+    for (config, feature) in cases {
+        let err = try_create_transport(config.clone()).err().unwrap();
+        assert_eq!(
+            err.downcast_ref::<Error>(),
+            Some(&Error::FeatureNotEnabled {
+                mode: feature,
+                feature
+            }),
+        );
+        assert!(
+            err.to_string().contains(&format!("{feature:?} feature")),
+            "{err}"
+        );
+        let mut t = create_transport(config);
+        let err = t.announce(derive_topic("x")).await.unwrap_err();
+        assert!(err.to_string().contains(feature), "{err}");
+    }
+}
