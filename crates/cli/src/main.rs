@@ -1,5 +1,7 @@
 //! `pluresdb-sync`: the command-line face of pluresdb-sync.
 
+mod peer;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,6 +35,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Join a topic: print what peers send, send each stdin line to every peer.
+    Peer(peer::PeerArgs),
     /// Print the peer id of an existing identity key file.
     PeerId {
         /// The key file [default: as for keygen].
@@ -73,12 +77,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote identity key to {}", path.display());
             println!("{}", identity.peer_id());
         }
+        Command::Peer(args) => runtime()?.block_on(peer::run(args))?,
         Command::PeerId { key } => {
             let path = key_path(key)?;
             println!("{}", Identity::load(&path)?.peer_id());
         }
     }
     Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
 /// The given path, or the default key location.

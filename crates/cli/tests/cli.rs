@@ -96,7 +96,7 @@ fn help_lists_every_subcommand() {
     let out = run(&["--help"], &[]);
     assert!(out.status.success());
     let help = stdout(&out);
-    for sub in ["topic", "keygen", "peer-id"] {
+    for sub in ["topic", "keygen", "peer-id", "peer"] {
         assert!(help.contains(sub), "--help lacks {sub}: {help}");
     }
     let keygen = stdout(&run(&["keygen", "--help"], &[]));
@@ -104,4 +104,37 @@ fn help_lists_every_subcommand() {
         keygen.contains("--force") && keygen.contains("0600"),
         "{keygen}"
     );
+}
+
+#[test]
+fn peer_in_disabled_mode_joins_and_leaves_when_stdin_ends() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["peer", "--mode", "disabled", "--db", "my-app-database"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("joining topic 9b7834b7 over disabled"),
+        "{err}"
+    );
+    assert!(err.contains("leaving"), "{err}");
+}
+
+#[test]
+fn peer_reports_config_errors() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["peer", "--mode", "relay", "--db", "x"])
+        .env_remove("PLURESDB_SYNC_RELAY_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("relay_url"), "{err}");
+
+    let bad_topic = run(&["peer", "--mode", "disabled", "--topic", "abc"], &[]);
+    assert!(!bad_topic.status.success());
+    assert!(String::from_utf8_lossy(&bad_topic.stderr).contains("64 hex digits"));
 }

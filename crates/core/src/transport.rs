@@ -48,6 +48,9 @@ pub trait Connection: Send + Sync {
     async fn send(&mut self, data: &[u8]) -> anyhow::Result<()>;
 
     /// Receives the next message; `Ok(None)` once the connection is closed and drained.
+    ///
+    /// Cancel safe: dropping the future before it completes (in `tokio::select!` or
+    /// `tokio::time::timeout`) loses no message; the next call returns it.
     async fn receive(&mut self) -> anyhow::Result<Option<Vec<u8>>>;
 
     /// Closes the connection; the remote's `receive` then returns `Ok(None)`.

@@ -43,6 +43,8 @@ enum Fault {
     NoSizeLimit,
     /// Keeps connections open after disconnect.
     IgnoresDisconnect,
+    /// Loses the message when a receive is cancelled at the wrong moment.
+    CancelUnsafeReceive,
 }
 
 struct Faulty {
@@ -153,7 +155,12 @@ impl Connection for FaultyConn {
         }
     }
     async fn receive(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
-        self.inner.receive().await
+        let msg = self.inner.receive().await;
+        if matches!(self.fault, Fault::CancelUnsafeReceive) {
+            // Like a transport that reads a frame, then awaits again before returning it.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        msg
     }
     async fn close(&mut self) -> anyhow::Result<()> {
         self.inner.close().await
@@ -230,4 +237,13 @@ async fn kit_catches_ignored_disconnect() {
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("timed out"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kit_catches_cancel_unsafe_receive() {
+    let err = kit(Fault::CancelUnsafeReceive)
+        .receive_is_cancel_safe()
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("expected message"), "{err:#}");
 }

@@ -117,6 +117,8 @@ impl<F: TransportFactory> ConformanceKit<F> {
             self.one_connection_per_peer(3),
         )
         .await?;
+        self.step("receive_is_cancel_safe", self.receive_is_cancel_safe())
+            .await?;
         self.step("remote_close", self.remote_close()).await?;
         self.step("lookup_lists_announced", self.lookup_lists_announced())
             .await?;
@@ -267,6 +269,67 @@ impl<F: TransportFactory> ConformanceKit<F> {
         for result in join_all(extra).await {
             result?;
         }
+        mesh.shutdown().await
+    }
+
+    /// `receive` futures dropped mid-way (as `select!` and `timeout` do) lose no message.
+    pub async fn receive_is_cancel_safe(&self) -> anyhow::Result<()> {
+        const MESSAGES: u64 = 2_000;
+        let mut mesh = self.mesh(2, "cancel-safe").await?;
+        let mut tx = mesh.take(0, 1)?;
+        let mut rx = mesh.take(1, 0)?;
+        let sender: JoinHandle<anyhow::Result<Box<dyn Connection>>> = tokio::spawn(async move {
+            for seq in 0..MESSAGES {
+                let mut msg = seq.to_be_bytes().to_vec();
+                // Every 100th message is large, so receives are often cut mid-message.
+                let len = if seq % 100 == 0 {
+                    256 * 1024
+                } else {
+                    8 + (seq as usize * 7) % 3000
+                };
+                msg.resize(len, seq as u8);
+                tx.send(&msg)
+                    .await
+                    .with_context(|| format!("send of message {seq}"))?;
+            }
+            Ok(tx)
+        });
+        let mut sender = AbortOnDrop(Some(sender));
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let deadline = Instant::now() + self.timeout;
+        let mut next = 0u64;
+        let mut cancelled = 0u64;
+        while next < MESSAGES {
+            ensure!(
+                Instant::now() < deadline,
+                "only {next} of {MESSAGES} messages arrived in {} ms",
+                self.timeout.as_millis()
+            );
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let patience = Duration::from_micros(20 + rng % 500);
+            match tokio::time::timeout(patience, rx.receive()).await {
+                Err(_) => cancelled += 1,
+                Ok(got) => {
+                    let msg = got?.with_context(|| format!("closed before message {next}"))?;
+                    let seq = msg
+                        .first_chunk::<8>()
+                        .map(|b| u64::from_be_bytes(*b))
+                        .with_context(|| format!("message {next} is {} bytes", msg.len()))?;
+                    ensure!(
+                        seq == next,
+                        "expected message {next}, got {seq} after {cancelled} cancelled receives"
+                    );
+                    next += 1;
+                }
+            }
+        }
+        let tx = self
+            .within("the sender to finish", sender.join())
+            .await???;
+        mesh.put_back(0, 1, tx);
+        mesh.put_back(1, 0, rx);
         mesh.shutdown().await
     }
 
