@@ -19,12 +19,23 @@ pub fn try_create_transport(config: TransportConfig) -> anyhow::Result<Box<dyn T
             feature: "relay",
         }
         .into()),
-        TransportMode::Hyperswarm => Err(Error::FeatureNotEnabled {
-            mode: "hyperswarm",
-            feature: "hyperswarm",
-        }
-        .into()),
+        TransportMode::Hyperswarm => hyperswarm(&config),
     }
+}
+
+/// Hyperswarm mode; bootstrap nodes come from `PLURESDB_SYNC_BOOTSTRAP` when it is set.
+#[cfg(feature = "hyperswarm")]
+fn hyperswarm(config: &TransportConfig) -> anyhow::Result<Box<dyn Transport>> {
+    Ok(Box::new(crate::HyperswarmTransport::from_config(config)?))
+}
+
+#[cfg(not(feature = "hyperswarm"))]
+fn hyperswarm(_config: &TransportConfig) -> anyhow::Result<Box<dyn Transport>> {
+    Err(Error::FeatureNotEnabled {
+        mode: "hyperswarm",
+        feature: "hyperswarm",
+    }
+    .into())
 }
 
 #[cfg(feature = "disabled")]

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `disabled` (default) | [`DisabledTransport`] | [`TransportMode::Disabled`] |
 //! | `relay` | `RelayTransport` (coming with its crate) | [`TransportMode::Relay`] |
-//! | `hyperswarm` | `HyperswarmTransport` (coming with its crate) | [`TransportMode::Hyperswarm`] |
+//! | `hyperswarm` (default) | `HyperswarmTransport` | [`TransportMode::Hyperswarm`] |
 //!
 //! Asking for a mode whose feature is compiled out is a clear error
 //! ([`Error::FeatureNotEnabled`]), never a panic and never a silent fallback.
@@ -37,6 +37,12 @@ pub use pluresdb_sync_core::*;
 #[cfg(feature = "disabled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disabled")))]
 pub use pluresdb_sync_transport_disabled::DisabledTransport;
+
+#[cfg(feature = "hyperswarm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyperswarm")))]
+pub use pluresdb_sync_transport_hyperswarm::{
+    HyperswarmBuilder, HyperswarmError, HyperswarmTransport,
+};
 
 mod factory;
 pub use factory::{UnavailableTransport, create_transport, try_create_transport};

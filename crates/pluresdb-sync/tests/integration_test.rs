@@ -74,6 +74,7 @@ async fn missing_features_are_named() {
     let mut cases = Vec::new();
     #[cfg(not(feature = "disabled"))]
     cases.push((mode(TransportMode::Disabled), "disabled"));
+    #[cfg(not(feature = "hyperswarm"))]
     cases.push((mode(TransportMode::Hyperswarm), "hyperswarm"));
     cases.push((
         TransportConfig {

@@ -1,0 +1,354 @@
+//! The builder and its defaults.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pluresdb_sync_core::{Identity, TransportConfig};
+
+use crate::{HyperswarmError, HyperswarmTransport};
+
+/// Environment variable with comma-separated `host:port` DHT bootstrap nodes, read by
+/// [`HyperswarmTransport::from_config`] (so private networks and tests need no code change).
+pub const BOOTSTRAP_ENV: &str = "PLURESDB_SYNC_BOOTSTRAP";
+
+/// Default bind address: every IPv4 interface, a port chosen by the OS. The DHT crate is
+/// IPv4-only, and a random port avoids clashing with other instances.
+pub const DEFAULT_BIND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+
+/// Default maximum number of connected peers (over all topics): enough for a replica set,
+/// small enough to bound memory (each connection may buffer a 16 MiB message).
+pub const DEFAULT_MAX_PEERS: usize = 64;
+
+/// Default time limit of one network operation (`announce`, `lookup`, `connect`), as
+/// `TransportConfig::timeout_ms` defaults to.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default time limit of one QUIC + Noise handshake: a few round trips even on a slow path,
+/// short enough that a stale DHT entry does not hold a dial slot for long.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default QUIC keep-alive interval: keeps NAT mappings open (most expire UDP after 30 s or
+/// more) and lets a lost peer be noticed.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(3);
+
+/// Default idle timeout: a peer silent this long (about three keep-alives lost) is gone, and
+/// its connection's `receive` returns `Ok(None)`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default longest interval between two DHT lookups of a joined topic. Lookups start at
+/// [`FIRST_LOOKUP_INTERVAL`] and double up to this, so new peers are found fast at first
+/// and the DHT is not hammered later.
+pub const DEFAULT_LOOKUP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The first interval between DHT lookups after joining.
+pub const FIRST_LOOKUP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Default interval between re-announcements: other DHT implementations expire peers after
+/// about 30 minutes, so refresh well within that.
+pub const DEFAULT_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
+/// Everything a running node needs, fixed at build time.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) bootstrap: Option<Vec<String>>,
+    pub(crate) bind: SocketAddrV4,
+    pub(crate) identity: Identity,
+    pub(crate) max_peers: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) keep_alive: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) lookup_interval: Duration,
+    pub(crate) announce_interval: Duration,
+    pub(crate) dht_server_mode: bool,
+    pub(crate) dht_request_timeout: Option<Duration>,
+    pub(crate) announce_port: Option<u16>,
+}
+
+/// Builds a [`HyperswarmTransport`]; every setting has a documented default.
+///
+/// ```
+/// use std::time::Duration;
+/// use pluresdb_sync_transport_hyperswarm::HyperswarmTransport;
+///
+/// let transport = HyperswarmTransport::builder()
+///     .bootstrap(["127.0.0.1:6881"])
+///     .max_peers(8)
+///     .request_timeout(Duration::from_secs(5))
+///     .build()?;
+/// assert_eq!(transport.peer_id().len(), 64);
+/// # Ok::<(), pluresdb_sync_transport_hyperswarm::HyperswarmError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct HyperswarmBuilder {
+    bootstrap: Option<Vec<String>>,
+    bootstrap_origin: &'static str,
+    bind: SocketAddrV4,
+    identity: Option<Identity>,
+    max_peers: usize,
+    request_timeout: Duration,
+    handshake_timeout: Duration,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+    lookup_interval: Duration,
+    announce_interval: Duration,
+    dht_server_mode: bool,
+    dht_request_timeout: Option<Duration>,
+    announce_port: Option<u16>,
+}
+
+impl Default for HyperswarmBuilder {
+    fn default() -> Self {
+        Self {
+            bootstrap: None,
+            bootstrap_origin: "the builder",
+            bind: DEFAULT_BIND,
+            identity: None,
+            max_peers: DEFAULT_MAX_PEERS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            lookup_interval: DEFAULT_LOOKUP_INTERVAL,
+            announce_interval: DEFAULT_ANNOUNCE_INTERVAL,
+            dht_server_mode: false,
+            dht_request_timeout: None,
+            announce_port: None,
+        }
+    }
+}
+
+impl HyperswarmBuilder {
+    /// DHT bootstrap nodes as `host:port` (default: the public mainline bootstrap nodes).
+    /// Host names are resolved when the transport starts, not here.
+    pub fn bootstrap<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.bootstrap = Some(nodes.into_iter().map(Into::into).collect());
+        self.bootstrap_origin = "the builder";
+        self
+    }
+
+    /// Reads bootstrap nodes from [`BOOTSTRAP_ENV`] when it is set and not empty.
+    pub fn bootstrap_from_env(mut self) -> Self {
+        if let Ok(value) = std::env::var(BOOTSTRAP_ENV)
+            && !value.trim().is_empty()
+        {
+            self.bootstrap = Some(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            );
+            self.bootstrap_origin = "PLURESDB_SYNC_BOOTSTRAP";
+        }
+        self
+    }
+
+    /// The UDP address the data socket (QUIC and hole punching) binds to; the DHT node binds
+    /// the same IP on its own port. Default [`DEFAULT_BIND`].
+    pub fn bind_addr(mut self, addr: SocketAddrV4) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// The peer's static Noise key (default: a new random one).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The most peers connected at once, over all topics (default [`DEFAULT_MAX_PEERS`]).
+    pub fn max_peers(mut self, max: usize) -> Self {
+        self.max_peers = max;
+        self
+    }
+
+    /// Time limit of one operation (default [`DEFAULT_REQUEST_TIMEOUT`]).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Time limit of one handshake (default [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// QUIC keep-alive interval and idle timeout (defaults [`DEFAULT_KEEP_ALIVE`],
+    /// [`DEFAULT_IDLE_TIMEOUT`]). The idle timeout bounds how long a lost peer goes
+    /// unnoticed.
+    pub fn keep_alive(mut self, interval: Duration, idle_timeout: Duration) -> Self {
+        self.keep_alive = interval;
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Longest interval between DHT lookups of a joined topic (default
+    /// [`DEFAULT_LOOKUP_INTERVAL`]).
+    pub fn lookup_interval(mut self, interval: Duration) -> Self {
+        self.lookup_interval = interval;
+        self
+    }
+
+    /// Interval between re-announcements (default [`DEFAULT_ANNOUNCE_INTERVAL`]).
+    pub fn announce_interval(mut self, interval: Duration) -> Self {
+        self.announce_interval = interval;
+        self
+    }
+
+    /// Runs the DHT node in server mode (answering other nodes' queries). Default off: a
+    /// node behind NAT cannot serve. Useful on public hosts and local test networks.
+    pub fn dht_server_mode(mut self, on: bool) -> Self {
+        self.dht_server_mode = on;
+        self
+    }
+
+    /// How long the DHT node waits for each KRPC reply (default: the `mainline` crate's,
+    /// 2 s). Short values make local test networks fast.
+    pub fn dht_request_timeout(mut self, timeout: Duration) -> Self {
+        self.dht_request_timeout = Some(timeout);
+        self
+    }
+
+    /// Announces this UDP port instead of the data socket's own, for a host behind a manual
+    /// port forward whose external port differs (default: the data socket's port).
+    pub fn announce_port(mut self, port: u16) -> Self {
+        self.announce_port = Some(port);
+        self
+    }
+
+    /// Checks the settings and builds the transport. Nothing touches the network yet: the
+    /// socket and the DHT node start on the first async call.
+    pub fn build(self) -> Result<HyperswarmTransport, HyperswarmError> {
+        if let Some(nodes) = &self.bootstrap {
+            for node in nodes {
+                check_host_port(node).map_err(|reason| HyperswarmError::InvalidBootstrap {
+                    text: node.clone(),
+                    origin: self.bootstrap_origin,
+                    reason,
+                })?;
+            }
+        }
+        if self.announce_port == Some(0) {
+            return Err(invalid("announce_port", "a port from 1 to 65535", "0"));
+        }
+        if self.max_peers == 0 {
+            return Err(invalid("max_peers", "at least 1", "0"));
+        }
+        for (what, value) in [
+            ("request_timeout", self.request_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("keep_alive interval", self.keep_alive),
+            ("lookup_interval", self.lookup_interval),
+            ("announce_interval", self.announce_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(what, "greater than zero", "0 s"));
+            }
+        }
+        if self.idle_timeout <= self.keep_alive {
+            return Err(invalid(
+                "idle_timeout",
+                "longer than the keep-alive interval",
+                &format!("{:?}", self.idle_timeout),
+            ));
+        }
+        let identity = match self.identity {
+            Some(id) => id,
+            None => Identity::generate().map_err(|e| HyperswarmError::Start {
+                bind: self.bind.to_string(),
+                reason: e.to_string(),
+            })?,
+        };
+        Ok(HyperswarmTransport::with_settings(Arc::new(Settings {
+            bootstrap: self.bootstrap,
+            bind: self.bind,
+            identity,
+            max_peers: self.max_peers,
+            request_timeout: self.request_timeout,
+            handshake_timeout: self.handshake_timeout,
+            keep_alive: self.keep_alive,
+            idle_timeout: self.idle_timeout,
+            lookup_interval: self.lookup_interval,
+            announce_interval: self.announce_interval,
+            dht_server_mode: self.dht_server_mode,
+            dht_request_timeout: self.dht_request_timeout,
+            announce_port: self.announce_port,
+        })))
+    }
+
+    /// A builder preset from `config` (its timeout) and [`BOOTSTRAP_ENV`].
+    pub fn from_config(config: &TransportConfig) -> Self {
+        let mut builder = Self::default().bootstrap_from_env();
+        if config.timeout_ms > 0 {
+            builder.request_timeout = config.timeout();
+        }
+        builder
+    }
+}
+
+fn invalid(what: &'static str, expected: &'static str, got: &str) -> HyperswarmError {
+    HyperswarmError::InvalidSetting {
+        what,
+        expected,
+        got: got.to_owned(),
+    }
+}
+
+/// Checks `host:port` syntax without resolving anything.
+fn check_host_port(text: &str) -> Result<(), String> {
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| "no port".to_owned())?;
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    if host.contains(char::is_whitespace) {
+        return Err("the host contains white space".into());
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Err("port 0".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("port {port:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_syntax() {
+        for good in ["127.0.0.1:6881", "router.bittorrent.com:6881", "[::1]:1"] {
+            assert_eq!(check_host_port(good), Ok(()), "{good}");
+        }
+        for bad in ["127.0.0.1", ":6881", "host:0", "host:70000", "a b:1", ""] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn build_validates() {
+        let err = HyperswarmBuilder::default()
+            .bootstrap(["nope"])
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+        let err = HyperswarmBuilder::default()
+            .max_peers(0)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("max_peers"), "{err}");
+        let err = HyperswarmBuilder::default()
+            .keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("idle_timeout"), "{err}");
+        HyperswarmBuilder::default().build().unwrap();
+    }
+}

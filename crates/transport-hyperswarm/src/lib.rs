@@ -1,0 +1,166 @@
+//! Hyperswarm mode of pluresdb-sync: peers find each other on the BitTorrent mainline DHT and
+//! talk directly over QUIC, authenticated by a Noise XX handshake.
+//!
+//! ```no_run
+//! use pluresdb_sync_core::{derive_topic, Transport};
+//! use pluresdb_sync_transport_hyperswarm::HyperswarmTransport;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> anyhow::Result<()> {
+//! // Default: the public mainline DHT, all IPv4 interfaces, a random port and key.
+//! let mut transport = HyperswarmTransport::builder().build()?;
+//! println!("I am {}", transport.peer_id());
+//! let mut connections = transport.connect(derive_topic("my-app-database")).await?;
+//! while let Some(mut conn) = connections.recv().await {
+//!     conn.send(b"hello").await?;
+//!     if let Some(reply) = conn.receive().await? {
+//!         println!("{} says {} bytes", conn.peer_id(), reply.len());
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! How it works (details in `docs/architecture.md`, "Hyperswarm mode"):
+//! - **Discovery**: a topic's DHT info-hash is the first 20 bytes of
+//!   `derive_from_topic(topic, Domain::DhtInfoHash)`; the topic itself is never published.
+//!   `announce` stores this node's data-socket endpoint under it (refreshed every
+//!   [`DEFAULT_ANNOUNCE_INTERVAL`] until `disconnect`); `lookup` and `connect` read it back.
+//! - **Connections**: QUIC (quinn) on one UDP socket, then a Noise XX handshake
+//!   (`Noise_XX_25519_ChaChaPoly_BLAKE2s`) on the connection's stream, with the QUIC
+//!   connection's exported keying material as the Noise prologue. Noise authenticates both
+//!   static keys (the peer id is the remote's key); QUIC's packet protection encrypts the
+//!   messages, once.
+//! - **One connection per peer**: when both sides dial, the peer with the smaller key decides
+//!   which connection survives.
+//!
+//! Not wire-compatible with the JavaScript hyperswarm/HyperDHT network.
+//!
+//! Networking starts lazily: [`HyperswarmTransport::from_config`] and the builder only check
+//! settings; the first async call binds the socket and starts the DHT node.
+
+mod config;
+mod conn;
+mod error;
+mod node;
+mod noise;
+mod quic;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash, Transport, TransportConfig};
+use tokio::sync::{OnceCell, mpsc};
+
+pub use config::{
+    BOOTSTRAP_ENV, DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_BIND, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LOOKUP_INTERVAL, DEFAULT_MAX_PEERS,
+    DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
+};
+pub use error::HyperswarmError;
+pub use node::{DIAL_BACKOFF, MAX_CONCURRENT_DIALS, MAX_LOOKUP_CANDIDATES};
+pub use noise::NOISE_PARAMS;
+pub use quic::SOCKET_BUFFER_BYTES;
+
+use config::Settings;
+use node::Node;
+
+/// The transport's name.
+const NAME: &str = "hyperswarm";
+
+/// Direct peer-to-peer transport: mainline DHT discovery, QUIC, Noise XX. See the
+/// [crate docs](crate).
+#[derive(Debug)]
+pub struct HyperswarmTransport {
+    settings: Arc<Settings>,
+    node: OnceCell<Arc<Node>>,
+    disconnected: bool,
+}
+
+impl HyperswarmTransport {
+    /// A builder with every default.
+    pub fn builder() -> HyperswarmBuilder {
+        HyperswarmBuilder::default()
+    }
+
+    /// The transport for `config`, with bootstrap nodes from [`BOOTSTRAP_ENV`] when set.
+    /// Cheap and synchronous: nothing touches the network until the first async call.
+    pub fn from_config(config: &TransportConfig) -> Result<Self, HyperswarmError> {
+        HyperswarmBuilder::from_config(config).build()
+    }
+
+    pub(crate) fn with_settings(settings: Arc<Settings>) -> Self {
+        Self {
+            settings,
+            node: OnceCell::new(),
+            disconnected: false,
+        }
+    }
+
+    /// This peer's id: the lowercase hex of its Noise static public key.
+    pub fn peer_id(&self) -> String {
+        self.settings.identity.peer_id()
+    }
+
+    /// The DHT bootstrap nodes in use (`None`: the public mainline bootstrap nodes).
+    pub fn bootstrap_nodes(&self) -> Option<&[String]> {
+        self.settings.bootstrap.as_deref()
+    }
+
+    /// The data socket's local address, once networking has started.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.node.get().map(|n| n.local_addr())
+    }
+
+    async fn node(&self) -> anyhow::Result<&Arc<Node>> {
+        if self.disconnected {
+            return Err(Error::TransportDisconnected { transport: NAME }.into());
+        }
+        let settings = self.settings.clone();
+        self.node.get_or_try_init(|| Node::start(settings)).await
+    }
+}
+
+#[async_trait]
+impl Transport for HyperswarmTransport {
+    async fn connect(
+        &mut self,
+        topic: TopicHash,
+    ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
+        self.node().await?.connect(topic).await
+    }
+
+    async fn announce(&mut self, topic: TopicHash) -> anyhow::Result<()> {
+        self.node().await?.announce(topic).await
+    }
+
+    async fn lookup(&self, topic: TopicHash) -> anyhow::Result<Vec<PeerInfo>> {
+        self.node().await?.lookup(topic).await
+    }
+
+    async fn disconnect(&mut self) -> anyhow::Result<()> {
+        if self.disconnected {
+            return Ok(());
+        }
+        self.disconnected = true;
+        if let Some(node) = self.node.get() {
+            node.shutdown();
+            node.wait_closed().await;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        NAME
+    }
+}
+
+impl Drop for HyperswarmTransport {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.get() {
+            node.shutdown();
+        }
+    }
+}

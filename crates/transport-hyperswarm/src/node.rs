@@ -1,0 +1,834 @@
+//! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use mainline::async_dht::AsyncDht;
+use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::HyperswarmError;
+use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
+use crate::conn::{HsConnection, closed_with, code};
+use crate::noise::{self, Role};
+use crate::quic;
+use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN, Verdict};
+
+/// Backoff after failed dials to one address, by number of consecutive failures: stale DHT
+/// entries are common, so an address that does not answer is retried ever more rarely.
+pub const DIAL_BACKOFF: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+];
+
+/// Most dials and identify exchanges in flight at once.
+pub const MAX_CONCURRENT_DIALS: usize = 16;
+
+/// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
+pub const MAX_LOOKUP_CANDIDATES: usize = 256;
+
+/// Most addresses whose dial state is remembered; beyond, the oldest knowledge is dropped.
+pub(crate) const MAX_TRACKED_ADDRS: usize = 4096;
+
+/// How long a verified address → peer mapping is trusted by `lookup` without re-checking.
+pub(crate) const IDENTIFY_TTL: Duration = Duration::from_secs(30);
+
+/// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
+pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
+    let derived = derive_from_topic(topic, Domain::DhtInfoHash);
+    let mut id = [0u8; 20];
+    id.copy_from_slice(&derived[..20]);
+    // `from_bytes` only fails on a length other than 20.
+    mainline::Id::from_bytes(id).unwrap_or_else(|_| mainline::Id::random())
+}
+
+struct TopicEntry {
+    psk: [u8; 32],
+    accept: Option<mpsc::Sender<Box<dyn Connection>>>,
+    announcing: Option<AbortHandle>,
+    discovering: Option<AbortHandle>,
+}
+
+struct Session {
+    conn: quinn::Connection,
+    addr: SocketAddr,
+}
+
+impl Session {
+    fn alive(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+}
+
+#[derive(Default)]
+struct AddrState {
+    /// The peer verified at this address, and when.
+    peer: Option<([u8; 32], Instant)>,
+    failures: u32,
+    next_try: Option<Instant>,
+    last_failure: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<TopicHash, TopicEntry>,
+    sessions: HashMap<(TopicHash, [u8; 32]), Session>,
+    addrs: HashMap<SocketAddr, AddrState>,
+    self_addrs: HashSet<SocketAddr>,
+    dialing: HashSet<(TopicHash, SocketAddr)>,
+}
+
+impl State {
+    fn live_sessions(&self) -> usize {
+        self.sessions.values().filter(|s| s.alive()).count()
+    }
+
+    fn session_at(&self, topic: &TopicHash, addr: SocketAddr) -> Option<[u8; 32]> {
+        self.sessions
+            .iter()
+            .find(|((t, _), s)| t == topic && s.addr == addr && s.alive())
+            .map(|((_, k), _)| *k)
+    }
+
+    fn in_backoff(&self, addr: SocketAddr, now: Instant) -> bool {
+        self.addrs
+            .get(&addr)
+            .and_then(|a| a.next_try)
+            .is_some_and(|t| t > now)
+    }
+
+    fn addr_mut(&mut self, addr: SocketAddr) -> &mut AddrState {
+        if self.addrs.len() >= MAX_TRACKED_ADDRS && !self.addrs.contains_key(&addr) {
+            let now = Instant::now();
+            self.addrs
+                .retain(|_, a| a.next_try.is_some_and(|t| t > now));
+            if self.addrs.len() >= MAX_TRACKED_ADDRS {
+                self.addrs.clear();
+            }
+        }
+        self.addrs.entry(addr).or_default()
+    }
+
+    fn dial_failed(&mut self, addr: SocketAddr) {
+        let a = self.addr_mut(addr);
+        a.failures = a.failures.saturating_add(1);
+        let tier = (a.failures as usize - 1).min(DIAL_BACKOFF.len() - 1);
+        let now = Instant::now();
+        a.next_try = Some(now + DIAL_BACKOFF[tier]);
+        a.last_failure = Some(now);
+        a.peer = None;
+    }
+
+    fn verified(&mut self, addr: SocketAddr, peer: [u8; 32]) {
+        let a = self.addr_mut(addr);
+        a.failures = 0;
+        a.next_try = None;
+        a.last_failure = None;
+        a.peer = Some((peer, Instant::now()));
+    }
+}
+
+/// What a dial achieved.
+#[derive(Debug)]
+enum Outcome {
+    /// A connection was established and yielded.
+    Connected([u8; 32]),
+    /// The peer's key was verified (identify, or a duplicate connection that was dropped).
+    Known([u8; 32]),
+    /// The address is this node itself.
+    Myself,
+}
+
+pub(crate) struct Node {
+    settings: Arc<Settings>,
+    public_key: [u8; 32],
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    dht: AsyncDht,
+    state: Mutex<State>,
+    tasks: Mutex<JoinSet<()>>,
+    shutdown: CancellationToken,
+    dial_slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Binds the data socket, starts the DHT node and the QUIC endpoint.
+    pub(crate) async fn start(settings: Arc<Settings>) -> anyhow::Result<Arc<Node>> {
+        let s = settings.clone();
+        let bind = settings.bind;
+        let start_failed = |reason: String| HyperswarmError::Start {
+            bind: bind.to_string(),
+            reason,
+        };
+        // Binding and the DHT's bootstrap name resolution block: keep them off the runtime.
+        let started = tokio::time::timeout(
+            settings.request_timeout,
+            tokio::task::spawn_blocking(move || -> Result<_, String> {
+                let socket = quic::bind_socket(s.bind)
+                    .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
+                let mut b = mainline::Dht::builder();
+                b.bind_address(*s.bind.ip()).port(0);
+                match &s.bootstrap {
+                    Some(nodes) if nodes.is_empty() => {
+                        b.no_bootstrap();
+                    }
+                    Some(nodes) => {
+                        b.bootstrap(nodes);
+                    }
+                    None => {}
+                }
+                if s.dht_server_mode {
+                    b.server_mode();
+                }
+                if let Some(t) = s.dht_request_timeout {
+                    b.request_timeout(t);
+                }
+                let dht = b
+                    .build()
+                    .map_err(|e| format!("cannot start the DHT node: {e}"))?;
+                Ok((socket, dht))
+            }),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "starting the DHT node (resolving bootstrap nodes)".into(),
+            ms: settings.request_timeout.as_millis() as u64,
+        })?
+        .map_err(|e| start_failed(e.to_string()))?
+        .map_err(start_failed)?;
+        let (socket, dht) = started;
+        let endpoint =
+            quic::endpoint(&settings, socket).map_err(|e| start_failed(e.to_string()))?;
+        let local_addr = endpoint.local_addr()?;
+        let node = Arc::new(Node {
+            public_key: settings.identity.public_bytes(),
+            settings,
+            endpoint,
+            local_addr,
+            dht: dht.as_async(),
+            state: Mutex::new(State::default()),
+            tasks: Mutex::new(JoinSet::new()),
+            shutdown: CancellationToken::new(),
+            dial_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DIALS)),
+        });
+        let accepting = node.clone();
+        node.spawn(async move { accepting.accept_loop().await });
+        tracing::debug!(addr = %local_addr, peer = %node.settings.identity.peer_id(), "hyperswarm node started");
+        Ok(node)
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps inconsistent in a way that
+        // matters more than stopping all networking would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> AbortHandle {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        let token = self.shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = fut => {}
+            }
+        })
+    }
+
+    /// Stops everything: no more announcing, every connection closed, receivers ended.
+    pub(crate) fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.endpoint.close(code::DISCONNECT, b"disconnect");
+        {
+            let mut st = self.state();
+            st.topics.clear();
+            st.sessions.clear();
+        }
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.abort_all();
+    }
+
+    /// Waits (bounded) until the endpoint has told every peer it closed.
+    pub(crate) async fn wait_closed(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    fn timeout_error(&self, what: String) -> anyhow::Error {
+        Error::Timeout {
+            what,
+            ms: self.settings.request_timeout.as_millis() as u64,
+        }
+        .into()
+    }
+
+    fn bootstrap_text(&self) -> String {
+        match &self.settings.bootstrap {
+            Some(nodes) => nodes.join(", "),
+            None => "the public mainline bootstrap nodes".into(),
+        }
+    }
+
+    fn register_topic(&self, topic: TopicHash) {
+        let mut st = self.state();
+        st.topics.entry(topic).or_insert_with(|| TopicEntry {
+            psk: derive_from_topic(&topic, Domain::NoisePsk),
+            accept: None,
+            announcing: None,
+            discovering: None,
+        });
+    }
+
+    /// Announces `topic` now and keeps refreshing it until shutdown.
+    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
+        self.register_topic(topic);
+        let already = self
+            .state()
+            .topics
+            .get(&topic)
+            .is_some_and(|t| t.announcing.is_some());
+        if already {
+            return Ok(());
+        }
+        self.announce_once(topic).await?;
+        let node = self.clone();
+        let handle = self.spawn(async move {
+            loop {
+                tokio::time::sleep(node.settings.announce_interval).await;
+                if let Err(e) = node.announce_once(topic).await {
+                    tracing::warn!(error = %e, "re-announcing on the DHT failed; retrying later");
+                }
+            }
+        });
+        if let Some(t) = self.state().topics.get_mut(&topic)
+            && let Some(old) = t.announcing.replace(handle)
+        {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    async fn announce_once(&self, topic: TopicHash) -> anyhow::Result<()> {
+        let port = self
+            .settings
+            .announce_port
+            .unwrap_or(self.local_addr.port());
+        let what = || {
+            format!(
+                "announcing on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
+                self.bootstrap_text()
+            )
+        };
+        match tokio::time::timeout(
+            self.settings.request_timeout,
+            self.dht.announce_peer(info_hash(&topic), Some(port)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(mainline::errors::PutQueryError::ErrorResponse(e))) => {
+                Err(HyperswarmError::Start {
+                    bind: self.local_addr.to_string(),
+                    reason: format!("DHT nodes refused the announcement: {e:?}"),
+                }
+                .into())
+            }
+            Ok(Err(_)) | Err(_) => Err(self.timeout_error(what())),
+        }
+    }
+
+    /// Joins `topic`: announce, then look up and dial peers periodically.
+    pub(crate) async fn connect(
+        self: &Arc<Self>,
+        topic: TopicHash,
+    ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
+        self.announce(topic).await?;
+        let (tx, rx) = mpsc::channel(self.settings.max_peers);
+        let node = self.clone();
+        let handle = self.spawn(async move { node.discover(topic).await });
+        let mut st = self.state();
+        if let Some(t) = st.topics.get_mut(&topic) {
+            t.accept = Some(tx);
+            if let Some(old) = t.discovering.replace(handle) {
+                old.abort();
+            }
+        }
+        Ok(rx)
+    }
+
+    /// Looks the topic up periodically and dials every new address.
+    async fn discover(self: Arc<Self>, topic: TopicHash) {
+        let mut interval = FIRST_LOOKUP_INTERVAL;
+        loop {
+            let mut stream = self.dht.get_peers(info_hash(&topic));
+            let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+            let mut seen = 0usize;
+            while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+                for addr in batch {
+                    seen += 1;
+                    if seen > MAX_LOOKUP_CANDIDATES {
+                        break;
+                    }
+                    self.maybe_dial(topic, SocketAddr::V4(addr));
+                }
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(self.settings.lookup_interval);
+        }
+    }
+
+    fn is_self_addr(&self, st: &State, addr: SocketAddr) -> bool {
+        if st.self_addrs.contains(&addr) {
+            return true;
+        }
+        let ours = addr.port() == self.local_addr.port()
+            || self.settings.announce_port == Some(addr.port());
+        ours && (addr.ip() == self.local_addr.ip() || addr.ip().is_loopback())
+    }
+
+    fn maybe_dial(self: &Arc<Self>, topic: TopicHash, addr: SocketAddr) {
+        {
+            let mut st = self.state();
+            let now = Instant::now();
+            if self.is_self_addr(&st, addr)
+                || st.session_at(&topic, addr).is_some()
+                || st.in_backoff(addr, now)
+                || st.dialing.contains(&(topic, addr))
+                || st.live_sessions() >= self.settings.max_peers
+                || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
+            {
+                return;
+            }
+            st.dialing.insert((topic, addr));
+        }
+        let Ok(permit) = self.dial_slots.clone().try_acquire_owned() else {
+            self.state().dialing.remove(&(topic, addr));
+            return;
+        };
+        let node = self.clone();
+        self.spawn(async move {
+            let _permit = permit;
+            let result = node.dial(addr, topic, Purpose::Connect).await;
+            let mut st = node.state();
+            st.dialing.remove(&(topic, addr));
+            match result {
+                Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => st.verified(addr, peer),
+                Ok(Outcome::Myself) => {
+                    st.self_addrs.insert(addr);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                    st.dial_failed(addr);
+                }
+            }
+        });
+    }
+
+    /// Dials `addr`, runs the handshake and (for `Connect`) settles the connection.
+    async fn dial(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        topic: TopicHash,
+        purpose: Purpose,
+    ) -> anyhow::Result<Outcome> {
+        let psk = self
+            .state()
+            .topics
+            .get(&topic)
+            .map(|t| t.psk)
+            .ok_or_else(|| anyhow::anyhow!("topic not joined"))?;
+        let fail = |reason: String| HyperswarmError::Handshake { addr, reason };
+        let work = async {
+            let conn = self
+                .endpoint
+                .connect(addr, quic::SERVER_NAME)
+                .map_err(|e| fail(e.to_string()))?
+                .await
+                .map_err(|e| fail(format!("QUIC: {e}")))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+            let prologue = noise::prologue(&conn)?;
+            let hs = noise::initiate(&mut send, &mut recv, &self.settings.identity, &prologue)
+                .await
+                .map_err(|e| refused_or(&conn, addr, fail(format!("Noise XX: {e}"))))?;
+            if hs.remote_static == self.public_key {
+                conn.close(code::SELF, b"self");
+                return Ok(Outcome::Myself);
+            }
+            let tag = noise::topic_tag(&psk, Role::Initiator, &hs.hash);
+            send.write_all(&wire::encode_hello(purpose, &tag))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let mut reply = [0u8; TAG_LEN];
+            recv.read_exact(&mut reply)
+                .await
+                .map_err(|e| refused_or(&conn, addr, fail(e.to_string())))?;
+            if !noise::tags_equal(&reply, &noise::topic_tag(&psk, Role::Responder, &hs.hash)) {
+                conn.close(code::PROTOCOL, b"bad topic tag");
+                return Err(HyperswarmError::Protocol {
+                    addr,
+                    reason: "its topic tag is wrong (it does not know the topic)".into(),
+                }
+                .into());
+            }
+            match purpose {
+                Purpose::Identify => {
+                    conn.close(code::DONE, b"");
+                    Ok(Outcome::Known(hs.remote_static))
+                }
+                Purpose::Connect => {
+                    self.settle(topic, hs.remote_static, conn, send, recv, addr)
+                        .await
+                }
+            }
+        };
+        match tokio::time::timeout(self.settings.handshake_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(fail(format!(
+                "no answer within {} ms",
+                self.settings.handshake_timeout.as_millis()
+            ))
+            .into()),
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let node = self.clone();
+            self.spawn(async move {
+                let addr = incoming.remote_address();
+                let limit = node.settings.handshake_timeout;
+                match tokio::time::timeout(limit, node.respond(incoming)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                    Err(_) => tracing::debug!(%addr, "incoming handshake timed out"),
+                }
+            });
+        }
+    }
+
+    async fn respond(self: &Arc<Self>, incoming: quinn::Incoming) -> anyhow::Result<()> {
+        let addr = incoming.remote_address();
+        let conn = incoming.accept()?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let prologue = noise::prologue(&conn)?;
+        let hs =
+            match noise::respond(&mut send, &mut recv, &self.settings.identity, &prologue).await {
+                Ok(hs) => hs,
+                Err(e) => {
+                    conn.close(code::PROTOCOL, b"handshake failed");
+                    return Err(e);
+                }
+            };
+        if hs.remote_static == self.public_key {
+            conn.close(code::SELF, b"self");
+            return Ok(());
+        }
+        let mut hello = [0u8; HELLO_LEN];
+        recv.read_exact(&mut hello).await?;
+        let (purpose, tag) = match wire::decode_hello(&hello) {
+            Ok(h) => h,
+            Err(e) => {
+                conn.close(code::PROTOCOL, b"bad hello");
+                return Err(e.into());
+            }
+        };
+        let found = {
+            let st = self.state();
+            st.topics.iter().find_map(|(topic, t)| {
+                let expected = noise::topic_tag(&t.psk, Role::Initiator, &hs.hash);
+                noise::tags_equal(&tag, &expected).then(|| (*topic, t.psk, t.accept.is_some()))
+            })
+        };
+        let Some((topic, psk, accepting)) = found else {
+            conn.close(code::UNKNOWN_TOPIC, b"unknown topic");
+            return Ok(());
+        };
+        if purpose == Purpose::Connect && !accepting {
+            conn.close(
+                code::UNKNOWN_TOPIC,
+                b"not accepting connections on this topic",
+            );
+            return Ok(());
+        }
+        send.write_all(&noise::topic_tag(&psk, Role::Responder, &hs.hash))
+            .await?;
+        match purpose {
+            Purpose::Identify => {
+                // The initiator closes; do not hold the connection longer than that.
+                let _ = tokio::time::timeout(self.settings.handshake_timeout, conn.closed()).await;
+                Ok(())
+            }
+            Purpose::Connect => self
+                .settle(topic, hs.remote_static, conn, send, recv, addr)
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Decides, consistently on both sides, whether this connection is the one kept between
+    /// the two peers. The peer with the smaller static key (the leader) decides; the other
+    /// follows its verdict. So exactly one connection survives even when both dial at once.
+    async fn settle(
+        self: &Arc<Self>,
+        topic: TopicHash,
+        remote: [u8; 32],
+        conn: quinn::Connection,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        addr: SocketAddr,
+    ) -> anyhow::Result<Outcome> {
+        let key = (topic, remote);
+        let max = self.settings.max_peers;
+        if self.public_key < remote {
+            let verdict = {
+                let mut st = self.state();
+                if st.sessions.get(&key).is_some_and(Session::alive) {
+                    Verdict::Duplicate
+                } else if st.live_sessions() >= max {
+                    drop(st);
+                    conn.close(code::BUSY, b"too many peers");
+                    return Err(refused(addr, code::BUSY));
+                } else {
+                    st.sessions.insert(
+                        key,
+                        Session {
+                            conn: conn.clone(),
+                            addr,
+                        },
+                    );
+                    Verdict::Accept
+                }
+            };
+            if verdict == Verdict::Duplicate {
+                conn.close(code::DUPLICATE, b"duplicate");
+                return Ok(Outcome::Known(remote));
+            }
+            if let Err(e) = send.write_all(&[verdict.to_byte()]).await {
+                self.forget_session(key, &conn);
+                return Err(e.into());
+            }
+        } else {
+            let mut byte = [0u8; 1];
+            if let Err(e) = recv.read_exact(&mut byte).await {
+                if let quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) = &e
+                    && closed_with(c, code::DUPLICATE)
+                {
+                    return Ok(Outcome::Known(remote));
+                }
+                return Err(refused_or(&conn, addr, anyhow::anyhow!("verdict: {e}")));
+            }
+            match wire::decode_verdict(byte[0]) {
+                Ok(Verdict::Accept) => {}
+                Ok(Verdict::Duplicate) => {
+                    conn.close(code::DUPLICATE, b"duplicate");
+                    return Ok(Outcome::Known(remote));
+                }
+                Err(e) => {
+                    conn.close(code::PROTOCOL, b"bad verdict");
+                    return Err(HyperswarmError::Protocol {
+                        addr,
+                        reason: e.to_string(),
+                    }
+                    .into());
+                }
+            }
+            let mut st = self.state();
+            if st.live_sessions() >= max && !st.sessions.contains_key(&key) {
+                drop(st);
+                conn.close(code::BUSY, b"too many peers");
+                return Err(refused(addr, code::BUSY));
+            }
+            // The leader saw the old connection as dead; so is it, soon, here.
+            if let Some(old) = st.sessions.insert(
+                key,
+                Session {
+                    conn: conn.clone(),
+                    addr,
+                },
+            ) {
+                old.conn.close(code::REPLACED, b"replaced");
+            }
+        }
+        let sender = self
+            .state()
+            .topics
+            .get(&topic)
+            .and_then(|t| t.accept.clone());
+        let connection = HsConnection::new(hex::encode(remote), conn.clone(), send, recv);
+        let delivered = match sender {
+            // Full queue: the application is not taking connections; refuse rather than
+            // buffer without bound. The remote retries with backoff.
+            Some(tx) => tx.try_send(Box::new(connection)).is_ok(),
+            None => false,
+        };
+        if !delivered {
+            self.forget_session(key, &conn);
+            conn.close(code::BUSY, b"not accepting");
+            return Err(refused(addr, code::BUSY));
+        }
+        let node = self.clone();
+        self.spawn(async move {
+            conn.closed().await;
+            node.forget_session(key, &conn);
+        });
+        Ok(Outcome::Connected(remote))
+    }
+
+    fn forget_session(&self, key: (TopicHash, [u8; 32]), conn: &quinn::Connection) {
+        let mut st = self.state();
+        if st
+            .sessions
+            .get(&key)
+            .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
+        {
+            st.sessions.remove(&key);
+        }
+    }
+
+    /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
+    pub(crate) async fn lookup(
+        self: &Arc<Self>,
+        topic: TopicHash,
+    ) -> anyhow::Result<Vec<PeerInfo>> {
+        self.register_topic(topic);
+        let mut stream = self.dht.get_peers(info_hash(&topic));
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        let mut candidates: Vec<SocketAddr> = Vec::new();
+        let mut got_any_batch = false;
+        'outer: while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+            got_any_batch = true;
+            for addr in batch {
+                let addr = SocketAddr::V4(addr);
+                if !candidates.contains(&addr) {
+                    candidates.push(addr);
+                    if candidates.len() >= MAX_LOOKUP_CANDIDATES {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        if !got_any_batch && !self.dht_reachable().await {
+            return Err(self.timeout_error(format!(
+                "looking up peers on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
+                self.bootstrap_text()
+            )));
+        }
+        let mut found: Vec<PeerInfo> = Vec::new();
+        let mut checks = JoinSet::new();
+        {
+            let st = self.state();
+            let now = Instant::now();
+            for addr in candidates {
+                if self.is_self_addr(&st, addr) {
+                    continue;
+                }
+                if let Some(peer) = st.session_at(&topic, addr) {
+                    push_unique(&mut found, peer, addr, true);
+                    continue;
+                }
+                let known = st.addrs.get(&addr).and_then(|a| a.peer);
+                if let Some((peer, at)) = known
+                    && now.duration_since(at) < IDENTIFY_TTL
+                {
+                    push_unique(&mut found, peer, addr, false);
+                    continue;
+                }
+                // `lookup` may be polled often: an address that failed lately is not worth a
+                // handshake timeout on every call. (The dialer retries it on its backoff.)
+                let failed_lately = st
+                    .addrs
+                    .get(&addr)
+                    .and_then(|a| a.last_failure)
+                    .is_some_and(|t| now.duration_since(t) < IDENTIFY_TTL);
+                if failed_lately || st.in_backoff(addr, now) {
+                    continue;
+                }
+                let node = self.clone();
+                let slots = self.dial_slots.clone();
+                checks.spawn(async move {
+                    let Ok(_permit) = slots.acquire_owned().await else {
+                        return (addr, Err(anyhow::anyhow!("shut down")));
+                    };
+                    (addr, node.dial(addr, topic, Purpose::Identify).await)
+                });
+            }
+        }
+        while let Some(joined) = checks.join_next().await {
+            let Ok((addr, result)) = joined else { continue };
+            let mut st = self.state();
+            match result {
+                Ok(Outcome::Known(peer) | Outcome::Connected(peer)) => {
+                    st.verified(addr, peer);
+                    let connected = st.sessions.get(&(topic, peer)).is_some_and(Session::alive);
+                    push_unique(&mut found, peer, addr, connected);
+                }
+                Ok(Outcome::Myself) => {
+                    st.self_addrs.insert(addr);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
+                    st.dial_failed(addr);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn dht_reachable(&self) -> bool {
+        let id = *self.dht.info().await.id();
+        !self.dht.find_node(id).await.is_empty()
+    }
+}
+
+fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, connected: bool) {
+    let id = hex::encode(peer);
+    if let Some(existing) = found.iter_mut().find(|p| p.id == id) {
+        existing.connected |= connected;
+        return;
+    }
+    found.push(PeerInfo {
+        id,
+        address: Some(addr.to_string()),
+        connected,
+    });
+}
+
+fn refused(addr: SocketAddr, code: quinn::VarInt) -> anyhow::Error {
+    HyperswarmError::Refused {
+        addr,
+        reason: code::describe(code).into(),
+    }
+    .into()
+}
+
+/// Prefers the remote's close reason over a generic read error.
+fn refused_or(
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+    other: impl Into<anyhow::Error>,
+) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => refused(addr, c.error_code),
+        _ => other.into(),
+    }
+}

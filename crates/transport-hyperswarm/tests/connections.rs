@@ -1,0 +1,135 @@
+//! Connection life: loss of a peer mid-transfer, redial when it comes back, the peer bound.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use common::{LocalDht, UdpProxy, free_udp_port, next_conn};
+use pluresdb_sync_core::testkit::fresh_topic;
+use pluresdb_sync_core::{Connection, Transport};
+use pluresdb_sync_transport_hyperswarm::HyperswarmTransport;
+
+/// A transport whose every packet goes through a proxy it announces instead of itself.
+async fn behind_proxy(dht: &LocalDht) -> (HyperswarmTransport, UdpProxy) {
+    let port = free_udp_port();
+    let proxy = UdpProxy::start(([127, 0, 0, 1], port).into()).await;
+    let t = dht
+        .builder()
+        .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+        .announce_port(proxy.addr.port())
+        .build()
+        .unwrap();
+    (t, proxy)
+}
+
+async fn ping(a: &mut Box<dyn Connection>, b: &mut Box<dyn Connection>, msg: &[u8]) {
+    a.send(msg).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), b.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(msg));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_peer_ends_receive_then_is_redialled_when_back() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("loss");
+    let (mut a, proxy_a) = behind_proxy(&dht).await;
+    let (mut b, proxy_b) = behind_proxy(&dht).await;
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    let mut ca = next_conn(&mut ra, Duration::from_secs(30)).await;
+    let mut cb = next_conn(&mut rb, Duration::from_secs(30)).await;
+    assert_eq!(ca.peer_id(), b.peer_id());
+    assert_eq!(cb.peer_id(), a.peer_id());
+    ping(&mut ca, &mut cb, b"before").await;
+    ping(&mut cb, &mut ca, b"before").await;
+
+    // A streams large messages; mid-transfer both paths go silent.
+    let sender = tokio::spawn(async move {
+        let big = vec![5u8; 4 * 1024 * 1024];
+        loop {
+            if let Err(e) = ca.send(&big).await {
+                return (ca, e);
+            }
+        }
+    });
+    let first = tokio::time::timeout(Duration::from_secs(10), cb.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.map(|m| m.len()), Some(4 * 1024 * 1024));
+    proxy_a.set_blackhole(true);
+    proxy_b.set_blackhole(true);
+    let lost = Instant::now();
+    // The receiver drains what already arrived, then sees the end (idle timeout 3 s).
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), cb.receive())
+            .await
+            .expect("receive hung after the peer went silent")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e) => panic!("receive failed instead of ending: {e:#}"),
+        }
+    }
+    let (mut ca, err) = tokio::time::timeout(Duration::from_secs(15), sender)
+        .await
+        .expect("send hung after the peer went silent")
+        .unwrap();
+    assert!(err.to_string().contains("closed"), "{err}");
+    assert!(
+        lost.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        lost.elapsed()
+    );
+    assert_eq!(ca.receive().await.unwrap(), None);
+
+    // Back online: rediscovered and redialled (after backoff), one new connection each.
+    proxy_a.set_blackhole(false);
+    proxy_b.set_blackhole(false);
+    let mut ca = next_conn(&mut ra, Duration::from_secs(45)).await;
+    let mut cb = next_conn(&mut rb, Duration::from_secs(45)).await;
+    ping(&mut ca, &mut cb, b"after").await;
+    ping(&mut cb, &mut ca, b"after").await;
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_peers_bounds_the_connections() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("max-peers");
+    let mut small = dht.builder().max_peers(1).build().unwrap();
+    let mut others: Vec<HyperswarmTransport> = (0..3).map(|_| dht.transport()).collect();
+    let mut rx = small.connect(topic).await.unwrap();
+    let mut other_rx = Vec::new();
+    for o in &mut others {
+        other_rx.push(o.connect(topic).await.unwrap());
+    }
+    let mut first = next_conn(&mut rx, Duration::from_secs(30)).await;
+    // The others reach each other: 2 connections each, so they are all up and dialling.
+    let mut held = Vec::new();
+    for r in &mut other_rx {
+        for _ in 0..2 {
+            held.push(next_conn(r, Duration::from_secs(30)).await);
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(4), rx.recv())
+            .await
+            .is_err(),
+        "a transport with max_peers 1 accepted a second peer"
+    );
+    // The one connection works.
+    first.send(b"still served").await.unwrap();
+    small.disconnect().await.unwrap();
+    for o in &mut others {
+        o.disconnect().await.unwrap();
+    }
+}

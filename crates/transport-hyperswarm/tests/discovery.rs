@@ -1,0 +1,224 @@
+//! DHT discovery against a local mainline testnet: announce, lookup, offline errors,
+//! configuration from the environment.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use common::LocalDht;
+use pluresdb_sync_core::testkit::fresh_topic;
+use pluresdb_sync_core::{Error, Transport, TransportConfig};
+use pluresdb_sync_transport_hyperswarm::{BOOTSTRAP_ENV, HyperswarmError, HyperswarmTransport};
+
+/// Polls `lookup` until `done` holds (at most 30 s).
+async fn lookup_until(
+    t: &HyperswarmTransport,
+    topic: [u8; 32],
+    done: impl Fn(&[pluresdb_sync_core::PeerInfo]) -> bool,
+) -> Vec<pluresdb_sync_core::PeerInfo> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = t.lookup(topic).await.unwrap();
+        if done(&peers) {
+            return peers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lookup never satisfied: {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_lists_each_announced_peer_once_with_its_endpoint_and_not_itself() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("discovery");
+    let mut peers: Vec<HyperswarmTransport> = (0..3).map(|_| dht.transport()).collect();
+    for p in &mut peers {
+        p.announce(topic).await.unwrap();
+        // Announcing twice is harmless and does not duplicate anything.
+        p.announce(topic).await.unwrap();
+    }
+    let seeker = dht.transport();
+    let found = lookup_until(&seeker, topic, |p| p.len() >= 3).await;
+    assert_eq!(found.len(), 3, "{found:?}");
+    let expected: HashSet<(String, String)> = peers
+        .iter()
+        .map(|p| (p.peer_id(), p.local_addr().unwrap().to_string()))
+        .collect();
+    let got: HashSet<(String, String)> = found
+        .iter()
+        .map(|p| (p.id.clone(), p.address.clone().unwrap()))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(found.iter().all(|p| !p.connected));
+
+    // An announcer sees the two others, never itself.
+    let own = lookup_until(&peers[0], topic, |p| p.len() >= 2).await;
+    assert_eq!(own.len(), 2, "{own:?}");
+    assert!(own.iter().all(|p| p.id != peers[0].peer_id()));
+
+    // After disconnect, the transport refuses work with a typed error.
+    peers[0].disconnect().await.unwrap();
+    let err = peers[0].lookup(topic).await.unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::TransportDisconnected { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_and_bogus_dht_entries_are_skipped() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("stale");
+    // Bogus entries: endpoints where nobody answers, announced straight into the DHT under
+    // the topic's info-hash, as a stale or hostile DHT would return them.
+    let info_hash = {
+        use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+        mainline::Id::from_bytes(&derive_from_topic(&topic, Domain::DhtInfoHash)[..20]).unwrap()
+    };
+    let raw = mainline::Dht::builder()
+        .bootstrap(&dht.testnet.bootstrap)
+        .bind_address(Ipv4Addr::LOCALHOST)
+        .port(0)
+        .server_mode()
+        .request_timeout(Duration::from_millis(250))
+        .build()
+        .unwrap()
+        .as_async();
+    for _ in 0..20 {
+        raw.announce_peer(info_hash, Some(common::free_udp_port()))
+            .await
+            .unwrap();
+    }
+    let mut real = dht.transport();
+    real.announce(topic).await.unwrap();
+    let seeker = dht.transport();
+    let started = Instant::now();
+    let found = lookup_until(&seeker, topic, |p| !p.is_empty()).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].id, real.peer_id());
+    // Dead entries cost one handshake timeout at most (they are checked in parallel) and
+    // are then in backoff.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let again = Instant::now();
+    let found = seeker.lookup(topic).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(
+        again.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        again.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_fails_with_a_clear_timeout_error() {
+    common::init_tracing();
+    // A bootstrap "node" that never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut t = HyperswarmTransport::builder()
+        .bootstrap([silent.local_addr().unwrap().to_string()])
+        .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        .dht_request_timeout(Duration::from_millis(250))
+        .request_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let topic = fresh_topic("offline");
+    let started = Instant::now();
+    let err = t.announce(topic).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Timeout { .. })),
+        "{text}"
+    );
+    assert!(
+        text.contains("DHT") && text.contains(&silent.local_addr().unwrap().to_string()),
+        "{text}"
+    );
+    let err = t.connect(topic).await.unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Timeout { .. })),
+        "{err}"
+    );
+    let err = t.lookup(topic).await.unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Timeout { .. })),
+        "{err}"
+    );
+    t.disconnect().await.unwrap();
+}
+
+#[test]
+fn from_config_is_cheap_and_checks_settings() {
+    // No runtime here: construction must not need one nor touch the network.
+    let t = HyperswarmTransport::from_config(&TransportConfig::default()).unwrap();
+    assert_eq!(t.name(), "hyperswarm");
+    assert!(t.local_addr().is_none());
+    assert_eq!(t.peer_id().len(), 64);
+}
+
+/// Runs this test binary again with the variable set (the environment of a running test
+/// process must not be changed), executing only `env_child`.
+fn run_child(value: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "env_child", "--ignored", "--nocapture"])
+        .env(BOOTSTRAP_ENV, value)
+        .env("ENV_CHILD_EXPECT", value)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn from_config_reads_the_bootstrap_variable() {
+    let out = run_child("127.0.0.1:7000, 127.0.0.1:7001");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    let out = run_child("not-a-host-port");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "run by from_config_reads_the_bootstrap_variable in a child process"]
+fn env_child() {
+    let Ok(expected) = std::env::var("ENV_CHILD_EXPECT") else {
+        return;
+    };
+    let result = HyperswarmTransport::from_config(&TransportConfig::default());
+    if expected.contains("not-a-host-port") {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, HyperswarmError::InvalidBootstrap { origin, .. } if origin == BOOTSTRAP_ENV),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"not-a-host-port\""), "{err}");
+    } else {
+        let t = result.unwrap();
+        assert_eq!(
+            t.bootstrap_nodes().unwrap(),
+            ["127.0.0.1:7000".to_owned(), "127.0.0.1:7001".to_owned()]
+        );
+    }
+}
