@@ -17,6 +17,11 @@ pub const SUBPROTOCOL: &str = "pluresdb-relay.v1";
 /// message is only 257 frames, small enough that one read never allocates much.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// The smallest frame limit a relay may announce: room for headers and useful payload.
+pub const MIN_MAX_FRAME_BYTES: usize = 1024;
+/// The largest frame limit a relay may announce (and the most a client reads per frame).
+pub const MAX_MAX_FRAME_BYTES: usize = 1024 * 1024;
+
 /// Bytes a DELIVER frame adds around its payload: type, room, sender id, flags. A SEND or
 /// BROADCAST payload may be at most `max_frame - DELIVER_OVERHEAD` bytes so that it can be
 /// forwarded.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::RelayError;
-use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, MAX_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES};
 
 /// Default most rooms one connection may join: a client syncs a handful of databases; this
 /// bounds the fan-out state one socket can hold.
@@ -26,11 +26,6 @@ pub const DEFAULT_SEND_QUEUE_FRAMES: usize = 256;
 /// Default wait for room in a full send queue before the receiver is closed as a slow
 /// consumer. Senders are paused (backpressure) meanwhile, never buffered without bound.
 pub const DEFAULT_SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(5);
-/// The smallest frame limit accepted: room for headers and useful payload.
-pub const MIN_MAX_FRAME_BYTES: usize = 1024;
-/// The largest frame limit accepted.
-pub const MAX_MAX_FRAME_BYTES: usize = 1024 * 1024;
-
 /// The relay server's limits. Build with [`RelayServerConfig::builder`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
