@@ -7,7 +7,7 @@
 //! | feature | transport | mode |
 //! |---|---|---|
 //! | `disabled` (default) | [`DisabledTransport`] | [`TransportMode::Disabled`] |
-//! | `relay` | `RelayTransport` (coming with its crate) | [`TransportMode::Relay`] |
+//! | `relay` (default) | [`RelayTransport`] | [`TransportMode::Relay`] |
 //! | `hyperswarm` | `HyperswarmTransport` (coming with its crate) | [`TransportMode::Hyperswarm`] |
 //!
 //! Asking for a mode whose feature is compiled out is a clear error
@@ -37,6 +37,10 @@ pub use pluresdb_sync_core::*;
 #[cfg(feature = "disabled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disabled")))]
 pub use pluresdb_sync_transport_disabled::DisabledTransport;
+
+#[cfg(feature = "relay")]
+#[cfg_attr(docsrs, doc(cfg(feature = "relay")))]
+pub use pluresdb_sync_transport_relay::{RelayTransport, RelayTransportBuilder};
 
 mod factory;
 pub use factory::{UnavailableTransport, create_transport, try_create_transport};

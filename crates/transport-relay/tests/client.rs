@@ -197,3 +197,63 @@ async fn peers_on_different_topics_never_meet() {
     assert!(a_rx.try_recv().is_err());
     assert!(b_rx.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn wss_with_rustls_on_both_ends() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let tls =
+        pluresdb_sync_transport_relay::server::tls_config_from_pem(&cert_path, &key_path).unwrap();
+    let server = RelayServer::bind_with_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        RelayServerConfig::default(),
+        Some(tls),
+    )
+    .await
+    .unwrap();
+    let url = format!("wss://{}/relay", server.local_addr());
+    let der = cert.cert.der().to_vec();
+    let mut a = RelayTransport::builder()
+        .relay_url(&url)
+        .add_root_certificate(der.clone())
+        .build()
+        .unwrap();
+    let mut b = RelayTransport::builder()
+        .relay_url(&url)
+        .add_root_certificate(der)
+        .build()
+        .unwrap();
+    let topic = fresh_topic("wss");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    ca.send(b"over tls").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, cb.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"over tls"
+    );
+
+    // Without trusting the certificate the client refuses the relay.
+    let mut untrusting = RelayTransport::builder()
+        .relay_url(&url)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let err = untrusting.announce(topic).await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    let missing = pluresdb_sync_transport_relay::server::tls_config_from_pem(
+        &dir.path().join("nope.pem"),
+        &key_path,
+    )
+    .unwrap_err();
+    assert!(missing.to_string().contains("nope.pem"), "{missing}");
+}

@@ -41,11 +41,10 @@ fn kill(k: &watch::Sender<Option<(u16, String)>>, code: u16, reason: String) {
     });
 }
 
-pub(super) async fn handle<S>(shared: Arc<Shared>, mut stream: S, peer: SocketAddr)
+pub(super) async fn handle<S>(shared: Arc<Shared>, mut stream: S, peer: SocketAddr, slot: IpSlot)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let slot = IpSlot::take(&shared, peer.ip());
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream)).await {
         Err(_) => {

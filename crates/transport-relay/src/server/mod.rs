@@ -111,6 +111,15 @@ pub struct RelayServer {
 impl RelayServer {
     /// Binds `addr` (port 0 picks a free port) and starts serving.
     pub async fn bind(addr: SocketAddr, config: RelayServerConfig) -> io::Result<Self> {
+        Self::bind_with_tls(addr, config, None).await
+    }
+
+    /// Like [`RelayServer::bind`], serving `wss://` with `tls` (see [`tls_config_from_pem`]).
+    pub async fn bind_with_tls(
+        addr: SocketAddr,
+        config: RelayServerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<Self> {
         config.check().map_err(io::Error::other)?;
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
@@ -124,7 +133,11 @@ impl RelayServer {
             shutdown: shutdown_rx,
         });
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(listener, shared.clone()));
+        tasks.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            tls.map(tokio_rustls::TlsAcceptor::from),
+        ));
         Ok(Self {
             local_addr,
             metrics_addr: None,
@@ -188,7 +201,11 @@ impl RelayServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut conns = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
     loop {
@@ -196,7 +213,26 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(conn::handle(shared.clone(), stream, peer));
+                    let slot = IpSlot::take(&shared, peer.ip());
+                    match &tls {
+                        None => {
+                            conns.spawn(conn::handle(shared.clone(), stream, peer, slot));
+                        }
+                        Some(acceptor) => {
+                            let (acceptor, shared) = (acceptor.clone(), shared.clone());
+                            conns.spawn(async move {
+                                let limit = shared.config.handshake_timeout;
+                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => conn::handle(shared, tls, peer, slot).await,
+                                    Ok(Err(e)) => {
+                                        shared.metrics.drop(metrics::Drop::BadUpgrade);
+                                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    }
+                                    Err(_) => shared.metrics.drop(metrics::Drop::HandshakeTimeout),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -251,4 +287,43 @@ async fn serve_metrics_request(mut stream: TcpStream, shared: Arc<Shared>) {
             .await
         }
     }
+}
+
+/// A rustls server configuration (ring, TLS 1.2 and 1.3) from PEM files: a certificate chain
+/// and its private key (PKCS#8, PKCS#1 or SEC1).
+pub fn tls_config_from_pem(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, crate::RelayError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |name: &'static str, path: &std::path::Path, reason: String| {
+        crate::RelayError::InvalidSetting {
+            name,
+            value: path.display().to_string(),
+            reason,
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "tls_cert",
+            cert_path,
+            "no certificate in the file".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
+    Ok(Arc::new(config))
 }
