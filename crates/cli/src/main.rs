@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pluresdb_sync::{Identity, derive_topic};
 
+mod relay_cmd;
+
 /// Peer discovery and secure transports for PluresDB replication.
 #[derive(Debug, Parser)]
 #[command(name = "pluresdb-sync", version, about, long_about = None)]
@@ -43,6 +45,8 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
+    /// Run a relay server (WebSocket rooms for relay mode).
+    Relay(Box<relay_cmd::RelayArgs>),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = key_path(key)?;
             println!("{}", Identity::load(&path)?.peer_id());
         }
+        Command::Relay(args) => relay_cmd::run(*args)?,
     }
     Ok(())
 }

@@ -14,11 +14,7 @@ pub fn try_create_transport(config: TransportConfig) -> anyhow::Result<Box<dyn T
     config.validate()?;
     match config.mode {
         TransportMode::Disabled => disabled(),
-        TransportMode::Relay => Err(Error::FeatureNotEnabled {
-            mode: "relay",
-            feature: "relay",
-        }
-        .into()),
+        TransportMode::Relay => relay(&config),
         TransportMode::Hyperswarm => hyperswarm(&config),
     }
 }
@@ -48,6 +44,20 @@ fn disabled() -> anyhow::Result<Box<dyn Transport>> {
     Err(Error::FeatureNotEnabled {
         mode: "disabled",
         feature: "disabled",
+    }
+    .into())
+}
+
+#[cfg(feature = "relay")]
+fn relay(config: &TransportConfig) -> anyhow::Result<Box<dyn Transport>> {
+    Ok(Box::new(crate::RelayTransport::from_config(config)?))
+}
+
+#[cfg(not(feature = "relay"))]
+fn relay(_: &TransportConfig) -> anyhow::Result<Box<dyn Transport>> {
+    Err(Error::FeatureNotEnabled {
+        mode: "relay",
+        feature: "relay",
     }
     .into())
 }

@@ -7,8 +7,8 @@
 //! | feature | transport | mode |
 //! |---|---|---|
 //! | `disabled` (default) | [`DisabledTransport`] | [`TransportMode::Disabled`] |
-//! | `relay` | `RelayTransport` (coming with its crate) | [`TransportMode::Relay`] |
-//! | `hyperswarm` (default) | `HyperswarmTransport` | [`TransportMode::Hyperswarm`] |
+//! | `relay` (default) | [`RelayTransport`] | [`TransportMode::Relay`] |
+//! | `hyperswarm` (default) | [`HyperswarmTransport`] | [`TransportMode::Hyperswarm`] |
 //!
 //! Asking for a mode whose feature is compiled out is a clear error
 //! ([`Error::FeatureNotEnabled`]), never a panic and never a silent fallback.
@@ -43,6 +43,10 @@ pub use pluresdb_sync_transport_disabled::DisabledTransport;
 pub use pluresdb_sync_transport_hyperswarm::{
     HyperswarmBuilder, HyperswarmError, HyperswarmTransport,
 };
+
+#[cfg(feature = "relay")]
+#[cfg_attr(docsrs, doc(cfg(feature = "relay")))]
+pub use pluresdb_sync_transport_relay::{RelayTransport, RelayTransportBuilder};
 
 mod factory;
 pub use factory::{UnavailableTransport, create_transport, try_create_transport};

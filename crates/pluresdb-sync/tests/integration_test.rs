@@ -71,11 +71,14 @@ async fn invalid_config_is_an_error_not_a_panic() {
 /// Modes whose crates are not compiled in say which feature to enable.
 #[tokio::test]
 async fn missing_features_are_named() {
-    let mut cases = Vec::new();
+    // Empty with every feature on; scripts/test runs this test under every feature combination.
+    #[allow(unused_mut)]
+    let mut cases: Vec<(TransportConfig, &str)> = Vec::new();
     #[cfg(not(feature = "disabled"))]
     cases.push((mode(TransportMode::Disabled), "disabled"));
     #[cfg(not(feature = "hyperswarm"))]
     cases.push((mode(TransportMode::Hyperswarm), "hyperswarm"));
+    #[cfg(not(feature = "relay"))]
     cases.push((
         TransportConfig {
             mode: TransportMode::Relay,
@@ -101,4 +104,46 @@ async fn missing_features_are_named() {
         let err = t.announce(derive_topic("x")).await.unwrap_err();
         assert!(err.to_string().contains(feature), "{err}");
     }
+}
+
+/// `create_transport` in relay mode reaches a real relay and connects two peers.
+#[cfg(feature = "relay")]
+#[tokio::test]
+async fn relay_mode_through_the_factory() {
+    use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
+        .await
+        .unwrap();
+    let config = TransportConfig {
+        mode: TransportMode::Relay,
+        relay_url: Some(format!("ws://{}/relay", server.local_addr())),
+        ..Default::default()
+    };
+    let mut a = create_transport(config.clone());
+    let mut b = try_create_transport(config).unwrap();
+    assert_eq!(a.name(), "relay");
+    let topic = derive_topic("facade-relay-test");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let wait = std::time::Duration::from_secs(30);
+    let mut ca = tokio::time::timeout(wait, a_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut cb = tokio::time::timeout(wait, b_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    ca.send(b"via the facade").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(wait, cb.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"via the facade"
+    );
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+    server.shutdown().await;
 }

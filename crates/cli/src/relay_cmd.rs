@@ -1,0 +1,164 @@
+//! `pluresdb-sync relay`: run the relay server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use pluresdb_sync_transport_relay::server::{self, RelayServer, RelayServerConfig};
+
+/// Options of `pluresdb-sync relay`. Every limit defaults to the documented const.
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// Address to listen on, e.g. 0.0.0.0:443 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// PEM certificate chain: serve wss:// (needs --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) and /healthz on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// File of accepted bearer tokens, one per line (blank lines and # comments ignored).
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Largest relay frame in bytes [default: 65536].
+    #[arg(long)]
+    max_frame_bytes: Option<usize>,
+    /// Most rooms per connection [default: 64].
+    #[arg(long)]
+    max_rooms_per_connection: Option<usize>,
+    /// Most members per room [default: 256].
+    #[arg(long)]
+    max_peers_per_room: Option<usize>,
+    /// Most open connections per client IP [default: 64].
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
+    /// Milliseconds from TCP accept to a completed upgrade [default: 10000].
+    #[arg(long)]
+    handshake_timeout_ms: Option<u64>,
+    /// Milliseconds after the upgrade to the first join [default: 30000].
+    #[arg(long)]
+    join_timeout_ms: Option<u64>,
+    /// Milliseconds of silence before the relay pings [default: 15000].
+    #[arg(long)]
+    ping_interval_ms: Option<u64>,
+    /// Milliseconds of silence before the relay closes [default: 45000].
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Frames queued per connection [default: 256].
+    #[arg(long)]
+    send_queue_frames: Option<usize>,
+    /// Milliseconds a full queue may block forwarding before its reader is closed [default: 5000].
+    #[arg(long)]
+    slow_consumer_timeout_ms: Option<u64>,
+}
+
+impl RelayArgs {
+    fn config(&self) -> anyhow::Result<RelayServerConfig> {
+        let mut b = RelayServerConfig::builder();
+        let ms = Duration::from_millis;
+        if let Some(v) = self.max_frame_bytes {
+            b = b.max_frame_bytes(v);
+        }
+        if let Some(v) = self.max_rooms_per_connection {
+            b = b.max_rooms_per_connection(v);
+        }
+        if let Some(v) = self.max_peers_per_room {
+            b = b.max_peers_per_room(v);
+        }
+        if let Some(v) = self.max_connections_per_ip {
+            b = b.max_connections_per_ip(v);
+        }
+        if let Some(v) = self.handshake_timeout_ms {
+            b = b.handshake_timeout(ms(v));
+        }
+        if let Some(v) = self.join_timeout_ms {
+            b = b.join_timeout(ms(v));
+        }
+        if let Some(v) = self.ping_interval_ms {
+            b = b.ping_interval(ms(v));
+        }
+        if let Some(v) = self.idle_timeout_ms {
+            b = b.idle_timeout(ms(v));
+        }
+        if let Some(v) = self.send_queue_frames {
+            b = b.send_queue_frames(v);
+        }
+        if let Some(v) = self.slow_consumer_timeout_ms {
+            b = b.slow_consumer_timeout(ms(v));
+        }
+        if let Some(path) = &self.auth_token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?;
+            let tokens: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            anyhow::ensure!(
+                !tokens.is_empty(),
+                "--auth-token-file {} holds no token",
+                path.display()
+            );
+            b = b.auth_tokens(tokens);
+        }
+        Ok(b.build()?)
+    }
+}
+
+/// Runs the relay until SIGINT or SIGTERM, then closes every connection with 1001.
+pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls_config_from_pem(cert, key)?),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let mut relay = RelayServer::bind_with_tls(args.listen, config, tls)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        // Scripts and tests read the bound address from these lines.
+        println!("relay listening on {scheme}://{}/relay", relay.local_addr());
+        if let Some(addr) = args.metrics {
+            let bound = relay
+                .serve_metrics(addr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics {addr}"))?;
+            println!("metrics on http://{bound}/metrics");
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        wait_for_signal().await?;
+        eprintln!("shutting down: closing connections with 1001");
+        relay.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot watch Ctrl-C")?;
+    Ok(())
+}

@@ -1,0 +1,693 @@
+//! Hostile and broken clients against the real `pluresdb-sync relay` process on loopback.
+//! Each gets a clear HTTP status, ERROR frame or close code; the relay stays up; a bystander
+//! pair's traffic is unaffected and complete.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pluresdb_sync_transport_relay::protocol::{
+    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, decode, error_code,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A relay process; killed when dropped.
+struct Relay {
+    _child: Child,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Relay {
+    async fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+            .args([
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        let mut metrics = None;
+        while addr.is_none() || metrics.is_none() {
+            let line = tokio::time::timeout(T, lines.next_line())
+                .await
+                .expect("relay did not print its addresses")
+                .unwrap()
+                .expect("relay exited early");
+            if let Some(rest) = line.strip_prefix("relay listening on ws://") {
+                addr = Some(rest.trim_end_matches("/relay").parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("metrics on http://") {
+                metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+            }
+        }
+        Self {
+            _child: child,
+            addr: addr.unwrap(),
+            metrics: metrics.unwrap(),
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        http(self.metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await
+    }
+
+    async fn metric(&self, line_prefix: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(line_prefix)
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no metric {line_prefix} in {text}"))
+    }
+
+    /// Waits until a metric reaches at least `min` (metrics are updated by other tasks).
+    async fn metric_at_least(&self, line_prefix: &str, min: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let v = self.metric(line_prefix).await;
+            if v >= min {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{line_prefix} stayed at {v} < {min}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn http(addr: SocketAddr, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn ws_with(
+    addr: SocketAddr,
+    protocol: Option<&str>,
+    token: Option<&str>,
+) -> Result<Ws, tungstenite::Error> {
+    let mut req = format!("ws://{addr}/relay").into_client_request().unwrap();
+    if let Some(p) = protocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .map(|(ws, _)| ws)
+}
+
+/// A connected client and its relay-assigned id.
+async fn client(addr: SocketAddr) -> (Ws, u64) {
+    let mut ws = ws_with(addr, Some(SUBPROTOCOL), None).await.unwrap();
+    match next(&mut ws).await {
+        Frame::Relay(RelayFrame::Welcome { conn, .. }) => (ws, conn),
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
+
+async fn next(ws: &mut Ws) -> Frame {
+    loop {
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Binary(b))) => return decode(&b).unwrap(),
+            Some(Ok(Message::Close(c))) => panic!("closed: {c:?}"),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+/// Skips relay PINGs.
+async fn next_data(ws: &mut Ws) -> Frame {
+    loop {
+        match next(ws).await {
+            Frame::Ping(_) => {}
+            f => return f,
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, f: Frame) {
+    ws.send(Message::Binary(f.encode().into())).await.unwrap();
+}
+
+/// Reads until the relay closes; returns the close code and reason.
+async fn closed(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(T, ws.next())
+            .await
+            .expect("relay did not close")
+        {
+            Some(Ok(Message::Close(Some(c)))) => return (u16::from(c.code), c.reason.to_string()),
+            Some(Ok(Message::Close(None))) => panic!("closed without a code"),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+async fn join(ws: &mut Ws, room: [u8; 32]) -> Vec<u64> {
+    send(ws, Frame::Client(ClientFrame::Join { room })).await;
+    match next_data(ws).await {
+        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
+        other => panic!("expected JOINED, got {other:?}"),
+    }
+}
+
+/// Two clients in one room; `run` sends `n` numbered messages and checks every one arrives.
+struct Bystanders {
+    a: Ws,
+    b: Ws,
+    b_id: u64,
+    room: [u8; 32],
+}
+
+impl Bystanders {
+    async fn new(addr: SocketAddr) -> Self {
+        let room = [0xB5; 32];
+        let (mut a, _) = client(addr).await;
+        let (mut b, b_id) = client(addr).await;
+        join(&mut a, room).await;
+        join(&mut b, room).await;
+        assert!(matches!(
+            next_data(&mut a).await,
+            Frame::Relay(RelayFrame::PeerJoined { .. })
+        ));
+        Self { a, b, b_id, room }
+    }
+
+    async fn exchange(&mut self, n: u32) {
+        for i in 0..n {
+            let payload = i.to_be_bytes().to_vec();
+            send(
+                &mut self.a,
+                Frame::Client(ClientFrame::Send {
+                    room: self.room,
+                    to: self.b_id,
+                    payload,
+                }),
+            )
+            .await;
+        }
+        for i in 0..n {
+            match next_data(&mut self.b).await {
+                Frame::Relay(RelayFrame::Deliver { payload, .. }) => {
+                    assert_eq!(payload, i.to_be_bytes())
+                }
+                other => panic!("bystander message {i}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn plain_http_and_bad_upgrades_get_clear_statuses() {
+    let relay = Relay::start(&[]).await;
+    let plain = http(relay.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    assert!(plain.contains(SUBPROTOCOL), "{plain}");
+    let health = http(relay.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok"),
+        "{health}"
+    );
+    let garbage = http(relay.addr, "\x16\x03\x01 not http at all\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    let huge = http(
+        relay.addr,
+        &format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000)),
+    )
+    .await;
+    assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
+    for protocol in [None, Some("chat"), Some("pluresdb-relay.v2")] {
+        match ws_with(relay.addr, protocol, None).await {
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 400, "{protocol:?}");
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                assert!(body.contains(SUBPROTOCOL), "{body}");
+            }
+            other => panic!(
+                "{protocol:?}: expected HTTP 400, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    assert!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"bad_upgrade\"}")
+            .await
+            >= 5
+    );
+    // Still serving.
+    let (mut ws, _) = client(relay.addr).await;
+    join(&mut ws, [1; 32]).await;
+}
+
+#[tokio::test]
+async fn broken_frames_get_close_codes_and_bystanders_lose_nothing() {
+    let relay = Relay::start(&[]).await;
+    let mut by = Bystanders::new(relay.addr).await;
+    let cases: Vec<(&str, Message, u16, &str)> = vec![
+        (
+            "text",
+            Message::Text("hello".into()),
+            close_code::TEXT_FRAME,
+            "text frames",
+        ),
+        (
+            "garbage",
+            Message::Binary(vec![0x42, 1, 2, 3].into()),
+            close_code::UNKNOWN_TYPE,
+            "0x42",
+        ),
+        (
+            "relay-only type",
+            Message::Binary(
+                Frame::Relay(RelayFrame::PeerLeft {
+                    room: [0; 32],
+                    peer: 1,
+                })
+                .encode()
+                .into(),
+            ),
+            close_code::UNKNOWN_TYPE,
+            "0x83",
+        ),
+        (
+            "empty",
+            Message::Binary(Vec::new().into()),
+            close_code::MALFORMED,
+            "empty",
+        ),
+        (
+            "truncated join",
+            Message::Binary(vec![0x01, 1, 2, 3].into()),
+            close_code::MALFORMED,
+            "truncated",
+        ),
+        (
+            "truncated send",
+            Message::Binary(vec![0x03; 20].into()),
+            close_code::MALFORMED,
+            "truncated",
+        ),
+        (
+            "trailing bytes",
+            Message::Binary(vec![0x05; 12].into()),
+            close_code::MALFORMED,
+            "trailing",
+        ),
+        (
+            "oversized",
+            Message::Binary(vec![0x04; 70_000].into()),
+            close_code::FRAME_TOO_LARGE,
+            "65536",
+        ),
+    ];
+    for (name, msg, code, needle) in cases {
+        let (mut bad, _) = client(relay.addr).await;
+        let _ = bad.send(msg).await;
+        let (got, reason) = closed(&mut bad).await;
+        assert_eq!(got, code, "{name}: {reason}");
+        assert!(
+            reason.contains(needle),
+            "{name}: {reason:?} lacks {needle:?}"
+        );
+        by.exchange(50).await;
+    }
+    // An oversized SEND payload inside a legal-sized frame is refused too.
+    let (mut bad, _) = client(relay.addr).await;
+    join(&mut bad, [2; 32]).await;
+    let _ = bad
+        .send(Message::Binary(
+            pluresdb_sync_transport_relay::protocol::encode_send(
+                &[2; 32],
+                1,
+                &vec![0; 65_536 - 41],
+            )
+            .into(),
+        ))
+        .await;
+    let (got, reason) = closed(&mut bad).await;
+    assert_eq!(got, close_code::FRAME_TOO_LARGE, "{reason}");
+    by.exchange(50).await;
+    assert!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"malformed\"}")
+            .await
+            >= 4
+    );
+    assert!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"oversized\"}")
+            .await
+            >= 2
+    );
+    assert!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"text_frame\"}")
+            .await
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn join_floods_and_sends_outside_rooms_get_error_frames_and_stay_open() {
+    let relay = Relay::start(&[
+        "--max-rooms-per-connection",
+        "8",
+        "--max-peers-per-room",
+        "3",
+    ])
+    .await;
+    let mut by = Bystanders::new(relay.addr).await;
+    let (mut flood, _) = client(relay.addr).await;
+    for i in 0..100u8 {
+        send(
+            &mut flood,
+            Frame::Client(ClientFrame::Join { room: [i; 32] }),
+        )
+        .await;
+    }
+    let (mut joined, mut refused) = (0, 0);
+    for _ in 0..100 {
+        match next_data(&mut flood).await {
+            Frame::Relay(RelayFrame::Joined { .. }) => joined += 1,
+            Frame::Relay(RelayFrame::Error {
+                code: error_code::TOO_MANY_ROOMS,
+                ..
+            }) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((joined, refused), (8, 92));
+    send(
+        &mut flood,
+        Frame::Client(ClientFrame::Join { room: [0; 32] }),
+    )
+    .await;
+    assert!(matches!(
+        next_data(&mut flood).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::ALREADY_JOINED,
+            ..
+        })
+    ));
+    // Sends and broadcasts to rooms not joined, and to unknown peers.
+    send(
+        &mut flood,
+        Frame::Client(ClientFrame::Send {
+            room: by.room,
+            to: by.b_id,
+            payload: b"sneak".to_vec(),
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next_data(&mut flood).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::NOT_IN_ROOM,
+            ..
+        })
+    ));
+    send(
+        &mut flood,
+        Frame::Client(ClientFrame::Broadcast {
+            room: by.room,
+            payload: b"sneak".to_vec(),
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next_data(&mut flood).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::NOT_IN_ROOM,
+            ..
+        })
+    ));
+    send(
+        &mut flood,
+        Frame::Client(ClientFrame::Leave { room: by.room }),
+    )
+    .await;
+    assert!(matches!(
+        next_data(&mut flood).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::NOT_IN_ROOM,
+            ..
+        })
+    ));
+    send(
+        &mut flood,
+        Frame::Client(ClientFrame::Send {
+            room: [0; 32],
+            to: by.b_id,
+            payload: b"x".to_vec(),
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next_data(&mut flood).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::UNKNOWN_PEER,
+            ..
+        })
+    ));
+    // Full rooms refuse joins (the bystander room has 2 of 3).
+    let (mut third, _) = client(relay.addr).await;
+    join(&mut third, by.room).await;
+    let (mut fourth, _) = client(relay.addr).await;
+    send(
+        &mut fourth,
+        Frame::Client(ClientFrame::Join { room: by.room }),
+    )
+    .await;
+    assert!(matches!(
+        next_data(&mut fourth).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::ROOM_FULL,
+            ..
+        })
+    ));
+    // The flooder is still served, and nothing leaked to the bystanders.
+    send(&mut flood, Frame::Ping(5)).await;
+    assert_eq!(next_data(&mut flood).await, Frame::Pong(5));
+    for ws in [&mut by.a, &mut by.b] {
+        assert!(matches!(
+            next_data(ws).await,
+            Frame::Relay(RelayFrame::PeerJoined { .. })
+        ));
+    }
+    by.exchange(100).await;
+    assert_eq!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"too_many_rooms\"}")
+            .await,
+        92
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_as_slow_consumer() {
+    let relay = Relay::start(&[
+        "--send-queue-frames",
+        "8",
+        "--slow-consumer-timeout-ms",
+        "300",
+    ])
+    .await;
+    let mut by = Bystanders::new(relay.addr).await;
+    let room = [0x51; 32];
+    let (mut sleeper, sleeper_id) = client(relay.addr).await;
+    join(&mut sleeper, room).await;
+    let (mut sender, _) = client(relay.addr).await;
+    join(&mut sender, room).await;
+    // The sleeper never reads again. Push ~40 MiB at it: far beyond the socket buffers.
+    let chunk = vec![7u8; 60_000];
+    let push = async {
+        for _ in 0..700 {
+            let f = pluresdb_sync_transport_relay::protocol::encode_send(&room, sleeper_id, &chunk);
+            if sender.send(Message::Binary(f.into())).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), push)
+        .await
+        .unwrap();
+    relay
+        .metric_at_least("pluresdb_relay_drops_total{reason=\"slow_consumer\"}", 1)
+        .await;
+    // Once closed, the sleeper left the room: the sender is told the peer is unknown.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        send(
+            &mut sender,
+            Frame::Client(ClientFrame::Send {
+                room,
+                to: sleeper_id,
+                payload: b"?".to_vec(),
+            }),
+        )
+        .await;
+        match next_data(&mut sender).await {
+            Frame::Relay(RelayFrame::Error {
+                code: error_code::UNKNOWN_PEER,
+                ..
+            }) => break,
+            Frame::Relay(RelayFrame::PeerLeft { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+    by.exchange(100).await;
+    drop(sleeper);
+}
+
+#[tokio::test]
+async fn timeouts_close_silent_clients() {
+    let relay = Relay::start(&[
+        "--handshake-timeout-ms",
+        "300",
+        "--join-timeout-ms",
+        "400",
+        "--ping-interval-ms",
+        "100",
+        "--idle-timeout-ms",
+        "500",
+    ])
+    .await;
+    // Half-open: TCP but no HTTP request.
+    let mut silent = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(T, silent.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the relay should close a silent socket");
+    relay
+        .metric_at_least(
+            "pluresdb_relay_drops_total{reason=\"handshake_timeout\"}",
+            1,
+        )
+        .await;
+    // Upgraded but never joins.
+    let (mut lazy, _) = client(relay.addr).await;
+    let (code, reason) = closed(&mut lazy).await;
+    assert_eq!(code, close_code::TIMEOUT);
+    assert!(reason.contains("no room joined"), "{reason}");
+    // Joins, then ignores the relay's PINGs.
+    let (mut mute, _) = client(relay.addr).await;
+    join(&mut mute, [3; 32]).await;
+    let (code, reason) = closed(&mut mute).await;
+    assert_eq!(code, close_code::TIMEOUT);
+    assert!(reason.contains("nothing received"), "{reason}");
+}
+
+#[tokio::test]
+async fn per_ip_limit_and_bearer_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "# operators\nsecret-1\n\nsecret-2\n").unwrap();
+    let relay = Relay::start(&[
+        "--max-connections-per-ip",
+        "3",
+        "--auth-token-file",
+        tokens.to_str().unwrap(),
+    ])
+    .await;
+    for token in [None, Some("wrong"), Some("secret-")] {
+        match ws_with(relay.addr, Some(SUBPROTOCOL), token).await {
+            Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401, "{token:?}"),
+            other => panic!("{token:?}: expected 401, got {:?}", other.map(|_| ())),
+        }
+    }
+    let mut open = Vec::new();
+    for t in ["secret-1", "secret-2", "secret-1"] {
+        open.push(
+            ws_with(relay.addr, Some(SUBPROTOCOL), Some(t))
+                .await
+                .unwrap(),
+        );
+    }
+    match ws_with(relay.addr, Some(SUBPROTOCOL), Some("secret-1")).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    drop(open);
+    // Slots free up once those connections are gone.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match ws_with(relay.addr, Some(SUBPROTOCOL), Some("secret-2")).await {
+            Ok(_) => break,
+            Err(tungstenite::Error::Http(resp)) if resp.status() == 429 => {
+                assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"unauthorized\"}")
+            .await
+            >= 3
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_connect_disconnect_cycles() {
+    let relay = Relay::start(&[]).await;
+    let mut by = Bystanders::new(relay.addr).await;
+    for i in 0..1000u32 {
+        let (mut ws, _) = client(relay.addr).await;
+        if i % 2 == 0 {
+            join(&mut ws, [9; 32]).await;
+            let _ = ws.close(None).await;
+        }
+        // Odd cycles just drop the socket without a close handshake.
+    }
+    by.exchange(100).await;
+    relay
+        .metric_at_least("pluresdb_relay_connections_total", 1002)
+        .await;
+    let deadline = tokio::time::Instant::now() + T;
+    while relay.metric("pluresdb_relay_connections").await != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relay.metric("pluresdb_relay_rooms").await, 1);
+}

@@ -1,0 +1,776 @@
+//! The task that owns one relay socket: rooms, peer sessions, handshakes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+use pluresdb_sync_core::{Connection, PeerInfo, TopicHash};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::Settings;
+use super::connection::{Ctl, LinkState, RelayConnection, SessionFlags};
+use super::peer::{self, kind};
+use crate::RelayError;
+use crate::protocol::{self, ClientFrame, ConnId, Frame, RelayFrame, RoomId};
+
+/// Frames queued towards one `Connection` before the socket task waits for the application
+/// to read (backpressure; the relay closes us as a slow consumer if that lasts).
+pub const INBOUND_QUEUE_FRAMES: usize = 256;
+/// Connections queued on a `connect` receiver; a room holds at most a few hundred peers.
+pub(crate) const CONNECTION_QUEUE: usize = 256;
+/// Frames queued towards the relay socket (shared by every connection of the transport).
+pub(crate) const OUTBOUND_QUEUE_FRAMES: usize = 256;
+/// Silence from the relay after which the client pings it.
+pub const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Silence from the relay after which the client gives the socket up.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Recent session errors kept for [`crate::RelayTransport::recent_errors`].
+pub(crate) const MAX_RECENT_ERRORS: usize = 32;
+
+pub(crate) type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub(crate) enum Cmd {
+    Join {
+        topic: TopicHash,
+        conns: Option<mpsc::Sender<Box<dyn Connection>>>,
+        done: oneshot::Sender<Result<(), RelayError>>,
+    },
+    Lookup {
+        topic: TopicHash,
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Disconnect {
+        done: oneshot::Sender<()>,
+    },
+}
+
+enum State {
+    AwaitHs2(Box<snow::HandshakeState>),
+    AwaitHs3(Box<snow::HandshakeState>),
+    AwaitHello,
+    Established {
+        inbound: mpsc::Sender<Vec<u8>>,
+        flags: Arc<SessionFlags>,
+        peer_id: String,
+        claimed: bool,
+    },
+}
+
+struct Session {
+    id: u64,
+    started: Instant,
+    state: State,
+}
+
+impl Session {
+    fn close(&self) {
+        if let State::Established { flags, .. } = &self.state {
+            flags.closed.store(true, Ordering::Release);
+        }
+    }
+}
+
+struct TopicState {
+    topic: TopicHash,
+    joined: bool,
+    waiting: Vec<oneshot::Sender<Result<(), RelayError>>>,
+    conns: Option<mpsc::Sender<Box<dyn Connection>>>,
+    sessions: HashMap<ConnId, Session>,
+    unclaimed: Vec<RelayConnection>,
+    members: HashSet<ConnId>,
+}
+
+pub(crate) struct Driver {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) url: String,
+    pub(crate) me: ConnId,
+    pub(crate) out: mpsc::Sender<Message>,
+    pub(crate) link: Arc<LinkState>,
+    pub(crate) errors: Arc<Mutex<VecDeque<String>>>,
+    pub(crate) ctl_tx: mpsc::Sender<Ctl>,
+    pub(crate) ctl_rx: mpsc::Receiver<Ctl>,
+    topics: HashMap<RoomId, TopicState>,
+    next_session: u64,
+    my_peer_id: String,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        settings: Arc<Settings>,
+        url: String,
+        me: ConnId,
+        out: mpsc::Sender<Message>,
+        link: Arc<LinkState>,
+        errors: Arc<Mutex<VecDeque<String>>>,
+    ) -> Self {
+        let (ctl_tx, ctl_rx) = mpsc::channel(1024);
+        let my_peer_id = settings.identity.peer_id();
+        Self {
+            settings,
+            url,
+            me,
+            out,
+            link,
+            errors,
+            ctl_tx,
+            ctl_rx,
+            topics: HashMap::new(),
+            next_session: 1,
+            my_peer_id,
+        }
+    }
+
+    fn record(&self, err: impl std::fmt::Display) {
+        let text = err.to_string();
+        tracing::warn!(relay = %self.url, "{text}");
+        let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if e.len() == MAX_RECENT_ERRORS {
+            e.pop_front();
+        }
+        e.push_back(text);
+    }
+
+    async fn send_frame(&self, f: Frame) {
+        let _ = self.out.send(Message::Binary(f.encode().into())).await;
+    }
+
+    async fn send_peer(&self, room: &RoomId, to: ConnId, payload: &[u8]) {
+        let frame = protocol::encode_send(room, to, payload);
+        let _ = self.out.send(Message::Binary(frame.into())).await;
+    }
+
+    /// Runs until the transport disconnects, is dropped, or the relay socket ends.
+    pub(crate) async fn run(
+        mut self,
+        mut stream: SplitStream<WsStream>,
+        mut cmds: mpsc::Receiver<Cmd>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_rx = Instant::now();
+        let mut last_ping = last_rx;
+        let mut disconnect_done = None;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(Ok(msg)) = msg else {
+                        self.record(RelayError::Protocol { url: self.url.clone(), reason: "the relay connection ended".into() });
+                        break;
+                    };
+                    last_rx = Instant::now();
+                    match msg {
+                        Message::Binary(b) => match protocol::decode(&b) {
+                            Ok(Frame::Relay(f)) => self.relay_frame(f).await,
+                            Ok(Frame::Ping(n)) => { let _ = self.out.try_send(Message::Binary(Frame::Pong(n).encode().into())); }
+                            Ok(_) => {}
+                            Err(e) => {
+                                self.record(RelayError::Protocol { url: self.url.clone(), reason: e.to_string() });
+                                break;
+                            }
+                        },
+                        Message::Close(c) => {
+                            self.record(RelayError::Protocol { url: self.url.clone(), reason: format!("the relay closed the connection: {}", c.map(|c| format!("{} {}", u16::from(c.code), c.reason)).unwrap_or_default()) });
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                cmd = cmds.recv() => match cmd {
+                    None => break,
+                    Some(Cmd::Disconnect { done }) => {
+                        let _ = self.out.try_send(Message::Close(None));
+                        disconnect_done = Some(done);
+                        break;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                },
+                Some(ctl) = self.ctl_rx.recv() => match ctl {
+                    Ctl::Closed { room, conn, id } => {
+                        if let Some(t) = self.topics.get_mut(&room)
+                            && t.sessions.get(&conn).is_some_and(|s| s.id == id)
+                        {
+                            t.sessions.remove(&conn);
+                        }
+                    }
+                },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(last_rx) >= CLIENT_IDLE_TIMEOUT {
+                        self.record(RelayError::Protocol { url: self.url.clone(), reason: format!("nothing received for {} s", CLIENT_IDLE_TIMEOUT.as_secs()) });
+                        break;
+                    }
+                    if now.duration_since(last_rx.max(last_ping)) >= CLIENT_PING_INTERVAL {
+                        last_ping = now;
+                        let _ = self.out.try_send(Message::Binary(Frame::Ping(1).encode().into()));
+                    }
+                    self.expire_handshakes(now);
+                }
+            }
+        }
+        self.shutdown();
+        if let Some(done) = disconnect_done {
+            let _ = done.send(());
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.link.alive.store(false, Ordering::Release);
+        for (_, t) in self.topics.drain() {
+            for (_, s) in t.sessions {
+                s.close();
+            }
+            for w in t.waiting {
+                let _ = w.send(Err(RelayError::Protocol {
+                    url: self.url.clone(),
+                    reason: "the relay connection ended".into(),
+                }));
+            }
+        }
+    }
+
+    fn expire_handshakes(&mut self, now: Instant) {
+        let limit = self.settings.timeout;
+        let mut expired = Vec::new();
+        for t in self.topics.values_mut() {
+            t.sessions.retain(|conn, s| {
+                let pending = !matches!(s.state, State::Established { .. });
+                if pending && now.duration_since(s.started) >= limit {
+                    expired.push(*conn);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        for conn in expired {
+            self.record(RelayError::Session {
+                conn,
+                reason: format!("handshake timed out after {} ms", limit.as_millis()),
+            });
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Join { topic, conns, done } => {
+                let room = derive_from_topic(&topic, Domain::RelayRoom);
+                if let Some(t) = self.topics.get_mut(&room) {
+                    if let Some(tx) = conns {
+                        t.conns = Some(tx.clone());
+                        for s in t.sessions.values_mut() {
+                            if let State::Established { claimed, .. } = &mut s.state {
+                                *claimed = true;
+                            }
+                        }
+                        for c in t.unclaimed.drain(..) {
+                            let _ = tx.try_send(Box::new(c));
+                        }
+                    }
+                    if t.joined {
+                        let _ = done.send(Ok(()));
+                    } else {
+                        t.waiting.push(done);
+                    }
+                    return;
+                }
+                self.topics.insert(
+                    room,
+                    TopicState {
+                        topic,
+                        joined: false,
+                        waiting: vec![done],
+                        conns,
+                        sessions: HashMap::new(),
+                        unclaimed: Vec::new(),
+                        members: HashSet::new(),
+                    },
+                );
+                self.send_frame(Frame::Client(ClientFrame::Join { room }))
+                    .await;
+            }
+            Cmd::Lookup { topic, reply } => {
+                let room = derive_from_topic(&topic, Domain::RelayRoom);
+                let peers = match self.topics.get(&room) {
+                    Some(t) => t
+                        .sessions
+                        .values()
+                        .filter_map(|s| match &s.state {
+                            State::Established { flags, peer_id, .. }
+                                if !flags.closed.load(Ordering::Acquire) =>
+                            {
+                                Some(PeerInfo {
+                                    id: peer_id.clone(),
+                                    address: None,
+                                    connected: true,
+                                })
+                            }
+                            _ => None,
+                        })
+                        .collect(),
+                    None => {
+                        // Join as an observer so that peers there become known.
+                        let (done, _) = oneshot::channel();
+                        Box::pin(self.command(Cmd::Join {
+                            topic,
+                            conns: None,
+                            done,
+                        }))
+                        .await;
+                        Vec::new()
+                    }
+                };
+                let _ = reply.send(peers);
+            }
+            Cmd::Disconnect { .. } => {}
+        }
+    }
+
+    async fn relay_frame(&mut self, f: RelayFrame) {
+        match f {
+            RelayFrame::Joined { room, peers } => {
+                let Some(t) = self.topics.get_mut(&room) else {
+                    return;
+                };
+                t.joined = true;
+                t.members.extend(peers.iter().copied());
+                for w in t.waiting.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+                // The newcomer starts every handshake, so each pair makes exactly one attempt.
+                for peer in peers {
+                    self.start_session(room, peer).await;
+                }
+            }
+            RelayFrame::PeerJoined { room, peer } => {
+                if let Some(t) = self.topics.get_mut(&room) {
+                    t.members.insert(peer);
+                }
+            }
+            RelayFrame::PeerLeft { room, peer } => {
+                if let Some(t) = self.topics.get_mut(&room) {
+                    t.members.remove(&peer);
+                    if let Some(s) = t.sessions.remove(&peer) {
+                        s.close();
+                    }
+                }
+            }
+            RelayFrame::Deliver {
+                room,
+                from,
+                payload,
+                ..
+            } => self.peer_frame(room, from, payload).await,
+            RelayFrame::Error {
+                code,
+                about,
+                room,
+                message,
+            } => {
+                let err = RelayError::Refused {
+                    about: match about {
+                        protocol::kind::JOIN => "join",
+                        protocol::kind::SEND => "send",
+                        protocol::kind::LEAVE => "leave",
+                        protocol::kind::BROADCAST => "broadcast",
+                        _ => "a request",
+                    },
+                    code,
+                    message,
+                };
+                if about == protocol::kind::JOIN
+                    && self.topics.get(&room).is_some_and(|t| !t.joined)
+                {
+                    let t = self.topics.remove(&room);
+                    for w in t.into_iter().flat_map(|t| t.waiting) {
+                        let _ = w.send(Err(err.clone()));
+                    }
+                    return;
+                }
+                if code != protocol::error_code::UNKNOWN_PEER {
+                    self.record(err);
+                }
+            }
+            RelayFrame::Welcome { .. } => {}
+        }
+    }
+
+    async fn start_session(&mut self, room: RoomId, peer: ConnId) {
+        let encryption = self.settings.encryption;
+        let id = self.next_session;
+        self.next_session += 1;
+        let hello = self.hello();
+        let Some(t) = self.topics.get_mut(&room) else {
+            return;
+        };
+        let (state, msg) = if encryption {
+            let hs = peer::handshake(&self.settings.identity, &t.topic, &room, true)
+                .and_then(|mut hs| peer::write_hs(&mut hs, kind::HS1).map(|m| (hs, m)));
+            match hs {
+                Ok((hs, m)) => (State::AwaitHs2(Box::new(hs)), m),
+                Err(e) => {
+                    self.record(RelayError::Session {
+                        conn: peer,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            }
+        } else {
+            (State::AwaitHello, hello)
+        };
+        t.sessions.insert(
+            peer,
+            Session {
+                id,
+                started: Instant::now(),
+                state,
+            },
+        );
+        self.send_peer(&room, peer, &msg).await;
+    }
+
+    fn hello(&self) -> Vec<u8> {
+        let mut m = vec![kind::HELLO];
+        m.extend_from_slice(&self.settings.identity.public_bytes());
+        m
+    }
+
+    async fn reject_mismatch(&mut self, room: RoomId, from: ConnId, remote_on: bool) {
+        if let Some(t) = self.topics.get_mut(&room) {
+            t.sessions.remove(&from);
+        }
+        self.send_peer(
+            &room,
+            from,
+            &[kind::REJECT, peer::REJECT_ENCRYPTION_MISMATCH],
+        )
+        .await;
+        self.record(RelayError::EncryptionMismatch {
+            conn: from,
+            local: if self.settings.encryption {
+                "on"
+            } else {
+                "off"
+            },
+            remote: if remote_on { "on" } else { "off" },
+        });
+    }
+
+    async fn peer_frame(&mut self, room: RoomId, from: ConnId, payload: Vec<u8>) {
+        let Some((&k, body)) = payload.split_first() else {
+            return;
+        };
+        let encryption = self.settings.encryption;
+        let me = self.me;
+        let next_id = self.next_session;
+        let Some(t) = self.topics.get_mut(&room) else {
+            return;
+        };
+        match k {
+            kind::HS1 => {
+                if !encryption {
+                    return self.reject_mismatch(room, from, true).await;
+                }
+                if let Some(s) = t.sessions.get(&from) {
+                    if matches!(s.state, State::AwaitHs2(_)) && me < from {
+                        return; // Both started; the lower connection id's attempt wins.
+                    }
+                    if let Some(old) = t.sessions.remove(&from) {
+                        old.close();
+                    }
+                }
+                let hs = peer::handshake(&self.settings.identity, &t.topic, &room, false).and_then(
+                    |mut hs| {
+                        peer::read_hs(&mut hs, body)?;
+                        peer::write_hs(&mut hs, kind::HS2).map(|m| (hs, m))
+                    },
+                );
+                match hs {
+                    Ok((hs, m)) => {
+                        self.next_session += 1;
+                        t.sessions.insert(
+                            from,
+                            Session {
+                                id: next_id,
+                                started: Instant::now(),
+                                state: State::AwaitHs3(Box::new(hs)),
+                            },
+                        );
+                        self.send_peer(&room, from, &m).await;
+                    }
+                    Err(e) => self.record(RelayError::Session {
+                        conn: from,
+                        reason: format!("handshake message 1: {e}"),
+                    }),
+                }
+            }
+            kind::HS2 => {
+                let Some(Session {
+                    state: State::AwaitHs2(_),
+                    ..
+                }) = t.sessions.get(&from)
+                else {
+                    return;
+                };
+                let Some(Session {
+                    state: State::AwaitHs2(mut hs),
+                    id,
+                    ..
+                }) = t.sessions.remove(&from)
+                else {
+                    return;
+                };
+                let r =
+                    peer::read_hs(&mut hs, body).and_then(|()| peer::write_hs(&mut hs, kind::HS3));
+                match r {
+                    Ok(m) => {
+                        self.send_peer(&room, from, &m).await;
+                        self.establish_noise(room, from, id, *hs).await;
+                    }
+                    Err(e) => self.record(RelayError::Session {
+                        conn: from,
+                        reason: format!("handshake message 2 (is the topic the same?): {e}"),
+                    }),
+                }
+            }
+            kind::HS3 => {
+                let Some(Session {
+                    state: State::AwaitHs3(_),
+                    ..
+                }) = t.sessions.get(&from)
+                else {
+                    return;
+                };
+                let Some(Session {
+                    state: State::AwaitHs3(mut hs),
+                    id,
+                    ..
+                }) = t.sessions.remove(&from)
+                else {
+                    return;
+                };
+                match peer::read_hs(&mut hs, body) {
+                    Ok(()) => self.establish_noise(room, from, id, *hs).await,
+                    Err(e) => self.record(RelayError::Session {
+                        conn: from,
+                        reason: format!("handshake message 3 (is the topic the same?): {e}"),
+                    }),
+                }
+            }
+            kind::HELLO => {
+                if encryption {
+                    return self.reject_mismatch(room, from, false).await;
+                }
+                let Ok(key) = <[u8; 32]>::try_from(body) else {
+                    return self.record(RelayError::Session {
+                        conn: from,
+                        reason: format!("HELLO of {} bytes, expected 32", body.len()),
+                    });
+                };
+                let awaiting = matches!(
+                    t.sessions.get(&from),
+                    Some(Session {
+                        state: State::AwaitHello,
+                        ..
+                    })
+                );
+                let id = match t.sessions.remove(&from) {
+                    Some(s) if awaiting => s.id,
+                    other => {
+                        if let Some(old) = other {
+                            old.close();
+                        }
+                        self.next_session += 1;
+                        let hello = self.hello();
+                        self.send_peer(&room, from, &hello).await;
+                        next_id
+                    }
+                };
+                self.establish(room, from, id, key, None).await;
+            }
+            kind::REJECT => {
+                if let Some(s) = t.sessions.remove(&from) {
+                    s.close();
+                }
+                if body.first() == Some(&peer::REJECT_ENCRYPTION_MISMATCH) {
+                    self.record(RelayError::EncryptionMismatch {
+                        conn: from,
+                        local: if encryption { "on" } else { "off" },
+                        remote: if encryption { "off" } else { "on" },
+                    });
+                }
+            }
+            _ => {
+                let Some(s) = t.sessions.get(&from) else {
+                    return;
+                };
+                let State::Established {
+                    inbound,
+                    claimed,
+                    flags,
+                    ..
+                } = &s.state
+                else {
+                    return;
+                };
+                if flags.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let ok = if *claimed {
+                    let inbound = inbound.clone();
+                    inbound.send(payload).await.is_ok()
+                } else {
+                    inbound.try_send(payload).is_ok()
+                };
+                if !ok
+                    && let Some(t) = self.topics.get_mut(&room)
+                    && let Some(s) = t.sessions.remove(&from)
+                {
+                    s.close();
+                }
+            }
+        }
+    }
+
+    async fn establish_noise(
+        &mut self,
+        room: RoomId,
+        from: ConnId,
+        id: u64,
+        hs: snow::HandshakeState,
+    ) {
+        let Some(key) = hs
+            .get_remote_static()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        else {
+            return self.record(RelayError::Session {
+                conn: from,
+                reason: "no remote static key".into(),
+            });
+        };
+        match hs.into_stateless_transport_mode() {
+            Ok(cipher) => {
+                self.establish(room, from, id, key, Some(Arc::new(cipher)))
+                    .await
+            }
+            Err(e) => self.record(RelayError::Session {
+                conn: from,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    async fn establish(
+        &mut self,
+        room: RoomId,
+        from: ConnId,
+        id: u64,
+        key: [u8; 32],
+        cipher: Option<Arc<snow::StatelessTransportState>>,
+    ) {
+        let peer_id = hex::encode(key);
+        if peer_id == self.my_peer_id {
+            return self.record(RelayError::Session {
+                conn: from,
+                reason: "the remote has this transport's own identity".into(),
+            });
+        }
+        let Some(t) = self.topics.get_mut(&room) else {
+            return;
+        };
+        // A peer that reconnected to the relay shows up under a new connection id: the new
+        // session replaces the old one, so there is still one connection per peer.
+        let stale: Vec<ConnId> = t
+            .sessions
+            .iter()
+            .filter(
+                |(_, s)| matches!(&s.state, State::Established { peer_id: p, .. } if *p == peer_id),
+            )
+            .map(|(c, _)| *c)
+            .collect();
+        for c in stale {
+            if let Some(s) = t.sessions.remove(&c) {
+                s.close();
+            }
+        }
+        t.unclaimed.retain(|c| c.peer_id != peer_id);
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE_FRAMES);
+        let flags = Arc::new(SessionFlags::default());
+        let conn = RelayConnection {
+            peer_id: peer_id.clone(),
+            room,
+            remote: from,
+            session_id: id,
+            out: self.out.clone(),
+            ctl: self.ctl_tx.clone(),
+            inbound,
+            cipher,
+            send_nonce: 0,
+            recv_nonce: 0,
+            partial: Vec::new(),
+            flags: flags.clone(),
+            link: self.link.clone(),
+            closed_reported: false,
+        };
+        let claimed = t.conns.is_some();
+        t.sessions.insert(
+            from,
+            Session {
+                id,
+                started: Instant::now(),
+                state: State::Established {
+                    inbound: inbound_tx,
+                    flags,
+                    peer_id,
+                    claimed,
+                },
+            },
+        );
+        match &t.conns {
+            Some(tx) => {
+                if let Err(e) = tx.try_send(Box::new(conn)) {
+                    tracing::warn!(
+                        "connection queue full or receiver dropped; closing the new connection"
+                    );
+                    drop(e);
+                }
+            }
+            None => t.unclaimed.push(conn),
+        }
+    }
+}
+
+/// Writes queued frames to the relay socket, batching flushes.
+pub(crate) async fn writer(
+    mut sink: futures_util::stream::SplitSink<WsStream, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) {
+    while let Some(m) = rx.recv().await {
+        let mut closing = matches!(m, Message::Close(_));
+        if sink.feed(m).await.is_err() {
+            return;
+        }
+        while !closing {
+            match rx.try_recv() {
+                Ok(m) => {
+                    closing = matches!(m, Message::Close(_));
+                    if sink.feed(m).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if sink.flush().await.is_err() || closing {
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}

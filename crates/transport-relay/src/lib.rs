@@ -1,0 +1,48 @@
+//! Relay mode for pluresdb-sync: peers meet in rooms on a WebSocket relay (port 443 friendly)
+//! and talk over end-to-end encrypted sessions carried through it.
+//!
+//! ```no_run
+//! use pluresdb_sync_core::{derive_topic, Connection, Transport};
+//! use pluresdb_sync_transport_relay::RelayTransport;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> anyhow::Result<()> {
+//! let mut transport = RelayTransport::builder()
+//!     .relay_url("wss://relay.example.com/relay")
+//!     .relay_url("wss://relay-backup.example.com/relay") // tried when the first fails
+//!     .build()?;
+//! let topic = derive_topic("my-app-database");
+//! let mut peers = transport.connect(topic).await?;
+//! while let Some(mut conn) = peers.recv().await {
+//!     conn.send(b"hello").await?;
+//!     if let Some(reply) = conn.receive().await? {
+//!         println!("{} says {} bytes", conn.peer_id(), reply.len());
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - The relay only sees a room id, `derive_from_topic(topic, Domain::RelayRoom)`, and
+//!   connection ids it assigned; it never learns the topic, a peer identity or plaintext.
+//! - Each pair of peers runs a Noise `XXpsk3_25519_ChaChaPoly_BLAKE2s` handshake through the
+//!   relay with a pre-shared key derived from the topic, so only peers that know the topic can
+//!   talk. The remote's peer id is the static key it proved. `encryption: false` turns this off
+//!   (both sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
+//! - Messages up to 16 MiB are split into relay frames (64 KiB by default) and reassembled.
+//! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
+//!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod client;
+mod error;
+pub mod protocol;
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
+pub mod server;
+
+pub use client::{
+    CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES,
+    RelayTransport, RelayTransportBuilder,
+};
+pub use error::RelayError;

@@ -1,0 +1,203 @@
+//! Relay server limits.
+
+use std::time::Duration;
+
+use crate::RelayError;
+use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, MAX_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES};
+
+/// Default most rooms one connection may join: a client syncs a handful of databases; this
+/// bounds the fan-out state one socket can hold.
+pub const DEFAULT_MAX_ROOMS_PER_CONNECTION: usize = 64;
+/// Default most members of one room: bounds broadcast fan-out per frame.
+pub const DEFAULT_MAX_PEERS_PER_ROOM: usize = 256;
+/// Default most open connections from one IP: one host behind one NAT runs a few clients.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default time from TCP accept to a completed WebSocket upgrade: slow links finish a TLS and
+/// HTTP exchange in well under 10 s; idle sockets must not hold a slot longer.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time after the upgrade within which a client must join a room.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default silence after which the relay sends a PING (below common 60 s proxy idle timeouts).
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Default silence after which the relay closes a connection (three ping intervals).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Default send queue per connection, in frames: at 64 KiB frames at most 16 MiB per socket.
+pub const DEFAULT_SEND_QUEUE_FRAMES: usize = 256;
+/// Default wait for room in a full send queue before the receiver is closed as a slow
+/// consumer. Senders are paused (backpressure) meanwhile, never buffered without bound.
+pub const DEFAULT_SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The relay server's limits. Build with [`RelayServerConfig::builder`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayServerConfig {
+    /// The largest relay frame (one WebSocket message), in bytes.
+    pub max_frame_bytes: usize,
+    /// The most rooms one connection may join.
+    pub max_rooms_per_connection: usize,
+    /// The most members of one room.
+    pub max_peers_per_room: usize,
+    /// The most open connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// TCP accept to completed upgrade.
+    pub handshake_timeout: Duration,
+    /// Upgrade to first JOIN.
+    pub join_timeout: Duration,
+    /// Silence before the relay pings.
+    pub ping_interval: Duration,
+    /// Silence before the relay closes.
+    pub idle_timeout: Duration,
+    /// Frames queued per connection.
+    pub send_queue_frames: usize,
+    /// How long a forward waits on a full queue before closing the receiver.
+    pub slow_consumer_timeout: Duration,
+    /// Accepted bearer tokens (empty: an open relay).
+    pub auth_tokens: Vec<String>,
+}
+
+impl Default for RelayServerConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_rooms_per_connection: DEFAULT_MAX_ROOMS_PER_CONNECTION,
+            max_peers_per_room: DEFAULT_MAX_PEERS_PER_ROOM,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            send_queue_frames: DEFAULT_SEND_QUEUE_FRAMES,
+            slow_consumer_timeout: DEFAULT_SLOW_CONSUMER_TIMEOUT,
+            auth_tokens: Vec::new(),
+        }
+    }
+}
+
+impl RelayServerConfig {
+    /// A builder starting from the defaults.
+    ///
+    /// ```
+    /// use pluresdb_sync_transport_relay::server::RelayServerConfig;
+    ///
+    /// let config = RelayServerConfig::builder().max_frame_bytes(16 * 1024).build().unwrap();
+    /// assert_eq!(config.max_frame_bytes, 16 * 1024);
+    /// assert!(RelayServerConfig::builder().max_frame_bytes(10).build().is_err());
+    /// ```
+    pub fn builder() -> RelayServerConfigBuilder {
+        RelayServerConfigBuilder(Self::default())
+    }
+
+    /// Checks the limits are usable together.
+    pub fn check(&self) -> Result<(), RelayError> {
+        let bad = |name: &'static str, value: String, reason: String| {
+            Err(RelayError::InvalidSetting {
+                name,
+                value,
+                reason,
+            })
+        };
+        if !(MIN_MAX_FRAME_BYTES..=MAX_MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return bad(
+                "max_frame_bytes",
+                self.max_frame_bytes.to_string(),
+                format!("must be {MIN_MAX_FRAME_BYTES}..={MAX_MAX_FRAME_BYTES}"),
+            );
+        }
+        for (name, v) in [
+            ("max_rooms_per_connection", self.max_rooms_per_connection),
+            ("max_peers_per_room", self.max_peers_per_room),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("send_queue_frames", self.send_queue_frames),
+        ] {
+            if v == 0 || v > u32::MAX as usize {
+                return bad(name, v.to_string(), "must be 1..=4294967295".into());
+            }
+        }
+        if self.max_peers_per_room * 8 + 37 > self.max_frame_bytes {
+            return bad(
+                "max_peers_per_room",
+                self.max_peers_per_room.to_string(),
+                format!(
+                    "the JOINED list ({} bytes) must fit max_frame_bytes ({})",
+                    self.max_peers_per_room * 8 + 37,
+                    self.max_frame_bytes
+                ),
+            );
+        }
+        for (name, v) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("join_timeout", self.join_timeout),
+            ("ping_interval", self.ping_interval),
+            ("idle_timeout", self.idle_timeout),
+            ("slow_consumer_timeout", self.slow_consumer_timeout),
+        ] {
+            if v.is_zero() {
+                return bad(name, format!("{v:?}"), "must be greater than zero".into());
+            }
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return bad(
+                "idle_timeout",
+                format!("{:?}", self.idle_timeout),
+                format!(
+                    "must exceed ping_interval ({:?}) so a ping can be answered",
+                    self.ping_interval
+                ),
+            );
+        }
+        if self.auth_tokens.iter().any(String::is_empty) {
+            return bad(
+                "auth_tokens",
+                "\"\"".into(),
+                "tokens must not be empty".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`RelayServerConfig`]; each setter documents its default const.
+#[derive(Clone, Debug)]
+pub struct RelayServerConfigBuilder(RelayServerConfig);
+
+macro_rules! setter {
+    ($(#[$doc:meta] $name:ident: $ty:ty),* $(,)?) => {$(
+        #[$doc]
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.0.$name = value;
+            self
+        }
+    )*};
+}
+
+impl RelayServerConfigBuilder {
+    setter! {
+        /// [`DEFAULT_MAX_FRAME_BYTES`](crate::protocol::DEFAULT_MAX_FRAME_BYTES).
+        max_frame_bytes: usize,
+        /// [`DEFAULT_MAX_ROOMS_PER_CONNECTION`].
+        max_rooms_per_connection: usize,
+        /// [`DEFAULT_MAX_PEERS_PER_ROOM`].
+        max_peers_per_room: usize,
+        /// [`DEFAULT_MAX_CONNECTIONS_PER_IP`].
+        max_connections_per_ip: usize,
+        /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
+        handshake_timeout: Duration,
+        /// [`DEFAULT_JOIN_TIMEOUT`].
+        join_timeout: Duration,
+        /// [`DEFAULT_PING_INTERVAL`].
+        ping_interval: Duration,
+        /// [`DEFAULT_IDLE_TIMEOUT`].
+        idle_timeout: Duration,
+        /// [`DEFAULT_SEND_QUEUE_FRAMES`].
+        send_queue_frames: usize,
+        /// [`DEFAULT_SLOW_CONSUMER_TIMEOUT`].
+        slow_consumer_timeout: Duration,
+        /// Bearer tokens a client must present (default none: an open relay).
+        auth_tokens: Vec<String>,
+    }
+
+    /// The checked configuration.
+    pub fn build(self) -> Result<RelayServerConfig, RelayError> {
+        self.0.check()?;
+        Ok(self.0)
+    }
+}

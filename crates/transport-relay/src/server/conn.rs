@@ -1,0 +1,671 @@
+//! One client connection: HTTP head, upgrade, then the frame loop.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::http::{self, HeadError, Prefixed};
+use super::metrics::Drop;
+use super::{IpSlot, Member, Shared};
+use crate::protocol::{
+    self, ClientFrame, ConnId, DELIVER_OVERHEAD, Frame, RelayFrame, RoomId, SUBPROTOCOL,
+    close_code, error_code, kind,
+};
+
+/// How long the writer may take to put a close frame on the wire.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most queued frames the writer batches before one flush.
+const WRITE_BATCH: usize = 64;
+
+type Kill = Arc<watch::Sender<Option<(u16, String)>>>;
+
+fn kill(k: &watch::Sender<Option<(u16, String)>>, code: u16, reason: String) {
+    k.send_if_modified(|slot| {
+        if slot.is_none() {
+            *slot = Some((code, reason));
+            true
+        } else {
+            false
+        }
+    });
+}
+
+pub(super) async fn handle<S>(shared: Arc<Shared>, mut stream: S, peer: SocketAddr, slot: IpSlot)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream)).await {
+        Err(_) => {
+            shared.metrics.drop(Drop::HandshakeTimeout);
+            return;
+        }
+        Ok(Err(HeadError::TooLarge)) => {
+            shared.metrics.drop(Drop::BadUpgrade);
+            http::respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "",
+                "request head over 8 KiB\n",
+            )
+            .await;
+            return;
+        }
+        Ok(Err(HeadError::Malformed(e))) => {
+            shared.metrics.drop(Drop::BadUpgrade);
+            http::respond(
+                &mut stream,
+                "400 Bad Request",
+                "",
+                &format!("malformed HTTP request: {e}\n"),
+            )
+            .await;
+            return;
+        }
+        Ok(Err(HeadError::Io | HeadError::Eof)) => return,
+        Ok(Ok(h)) => h,
+    };
+    let (head, buf) = head;
+    if head.path == "/healthz" && !head.upgrade_websocket {
+        http::respond(&mut stream, "200 OK", "", "ok").await;
+        return;
+    }
+    if !head.upgrade_websocket {
+        shared.metrics.drop(Drop::BadUpgrade);
+        http::respond(
+            &mut stream,
+            "426 Upgrade Required",
+            &format!("Upgrade: websocket\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"),
+            &format!("this is a pluresdb-sync relay: connect with a WebSocket using the {SUBPROTOCOL} subprotocol\n"),
+        )
+        .await;
+        return;
+    }
+    if !head.subprotocols.iter().any(|p| p == SUBPROTOCOL) {
+        shared.metrics.drop(Drop::BadUpgrade);
+        http::respond(
+            &mut stream,
+            "400 Bad Request",
+            "",
+            &format!(
+                "unsupported WebSocket subprotocol {:?}: this relay speaks {SUBPROTOCOL}\n",
+                head.subprotocols.join(", ")
+            ),
+        )
+        .await;
+        return;
+    }
+    if !shared.config.auth_tokens.is_empty()
+        && !token_ok(&shared.config.auth_tokens, head.bearer.as_deref())
+    {
+        shared.metrics.drop(Drop::Unauthorized);
+        http::respond(
+            &mut stream,
+            "401 Unauthorized",
+            "WWW-Authenticate: Bearer\r\n",
+            "this relay needs a valid bearer token\n",
+        )
+        .await;
+        return;
+    }
+    if slot.over_limit {
+        shared.metrics.drop(Drop::PerIpLimit);
+        http::respond(
+            &mut stream,
+            "429 Too Many Requests",
+            "",
+            &format!(
+                "more than {} connections from {}\n",
+                shared.config.max_connections_per_ip,
+                peer.ip()
+            ),
+        )
+        .await;
+        return;
+    }
+    let max = shared.config.max_frame_bytes;
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(16 * 1024 + 2 * max);
+    // The closure's error type is fixed by tungstenite's `Callback` trait.
+    #[allow(clippy::result_large_err)]
+    let callback = |_: &tungstenite::handshake::server::Request,
+                    mut resp: tungstenite::handshake::server::Response| {
+        resp.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            tungstenite::http::HeaderValue::from_static(SUBPROTOCOL),
+        );
+        Ok(resp)
+    };
+    let ws = match tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::accept_hdr_async_with_config(
+            Prefixed::new(buf, stream),
+            callback,
+            Some(ws_config),
+        ),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            shared.metrics.drop(Drop::BadUpgrade);
+            tracing::debug!(%peer, error = %e, "websocket upgrade failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.drop(Drop::HandshakeTimeout);
+            return;
+        }
+    };
+    shared
+        .metrics
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
+    run(&shared, ws).await;
+    shared
+        .metrics
+        .connections_open
+        .fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
+}
+
+/// Constant-time comparison against every configured token.
+fn token_ok(tokens: &[String], given: Option<&str>) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = given else { return false };
+    let mut ok = subtle::Choice::from(0);
+    for t in tokens {
+        // ct_eq on slices of different lengths is false without looking at contents; the
+        // token lengths are not secret enough to matter.
+        ok |= t.as_bytes().ct_eq(given.as_bytes());
+    }
+    bool::from(ok)
+}
+
+struct Conn<'a> {
+    shared: &'a Arc<Shared>,
+    id: ConnId,
+    me: Member,
+    rooms: HashSet<RoomId>,
+}
+
+async fn run<S>(shared: &Arc<Shared>, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.config;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (sink, mut stream) = ws.split();
+    let (tx, rx) = mpsc::channel::<Message>(cfg.send_queue_frames);
+    let (kill_tx, kill_rx) = watch::channel(None);
+    let kill_tx: Kill = Arc::new(kill_tx);
+    let mut writer = tokio::spawn(writer(sink, rx, kill_rx.clone()));
+    let mut conn = Conn {
+        shared,
+        id,
+        me: Member {
+            tx,
+            kill: kill_tx.clone(),
+        },
+        rooms: HashSet::new(),
+    };
+    let welcome = Frame::Relay(RelayFrame::Welcome {
+        conn: id,
+        max_frame: cfg.max_frame_bytes as u32,
+        max_rooms: cfg.max_rooms_per_connection as u32,
+        max_peers: cfg.max_peers_per_room as u32,
+    });
+    let _ = conn
+        .me
+        .tx
+        .try_send(Message::Binary(welcome.encode().into()));
+
+    let started = Instant::now();
+    let mut last_rx = started;
+    let mut last_ping = started;
+    let mut ever_joined = false;
+    let mut ping_nonce = 0u64;
+    let mut shutdown = shared.shutdown.clone();
+    let mut killed = kill_rx;
+    loop {
+        let idle_at = last_rx + cfg.idle_timeout;
+        let ping_at = last_rx.max(last_ping) + cfg.ping_interval;
+        let mut wake = idle_at.min(ping_at);
+        if !ever_joined {
+            wake = wake.min(started + cfg.join_timeout);
+        }
+        tokio::select! {
+            _ = killed.changed() => break,
+            _ = shutdown.changed() => {
+                kill(&kill_tx, close_code::GOING_AWAY, "relay shutting down".into());
+                break;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if !ever_joined && now >= started + cfg.join_timeout {
+                    shared.metrics.drop(Drop::JoinTimeout);
+                    kill(&kill_tx, close_code::TIMEOUT, format!("no room joined within {} ms", cfg.join_timeout.as_millis()));
+                    break;
+                }
+                if now >= idle_at {
+                    shared.metrics.drop(Drop::IdleTimeout);
+                    kill(&kill_tx, close_code::TIMEOUT, format!("nothing received for {} ms", cfg.idle_timeout.as_millis()));
+                    break;
+                }
+                if now >= ping_at {
+                    ping_nonce += 1;
+                    let _ = conn.me.tx.try_send(Message::Binary(Frame::Ping(ping_nonce).encode().into()));
+                    last_ping = now;
+                }
+            }
+            msg = stream.next() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    Ok(Message::Binary(data)) => {
+                        last_rx = Instant::now();
+                        shared.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+                        match conn.frame(&data).await {
+                            Ok(joined) => ever_joined |= joined,
+                            Err((code, reason)) => {
+                                kill(&kill_tx, code, reason);
+                                break;
+                            }
+                        }
+                    }
+                    Ok(Message::Text(_)) => {
+                        shared.metrics.drop(Drop::TextFrame);
+                        kill(&kill_tx, close_code::TEXT_FRAME, "text frames are not part of the relay protocol; send binary frames".into());
+                        break;
+                    }
+                    Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                    Ok(Message::Close(_)) => break,
+                    Err(tungstenite::Error::Capacity(e)) => {
+                        shared.metrics.drop(Drop::Oversized);
+                        let reason = match e {
+                            tungstenite::error::CapacityError::MessageTooLong { size, max_size } => {
+                                format!("relay frame of {size} bytes exceeds the {max_size}-byte limit")
+                            }
+                            other => other.to_string(),
+                        };
+                        kill(&kill_tx, close_code::FRAME_TOO_LARGE, reason);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(conn = id, error = %e, "relay connection read failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    conn.leave_all().await;
+    kill(&kill_tx, 1000, String::new());
+    drop(conn);
+    if tokio::time::timeout(CLOSE_WRITE_TIMEOUT * 2, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+async fn writer<S>(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    mut kill: watch::Receiver<Option<(u16, String)>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        tokio::select! {
+            biased;
+            _ = kill.changed() => break,
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                let batch = async {
+                    sink.feed(m).await?;
+                    for _ in 0..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => sink.feed(m).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    sink.flush().await
+                };
+                tokio::select! {
+                    r = batch => if r.is_err() { return },
+                    _ = kill.changed() => break,
+                }
+            }
+        }
+    }
+    let reason = kill.borrow().clone();
+    if let Some((code, text)) = reason {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: protocol::truncate_utf8(&text, 123).into(),
+        };
+        let _ =
+            tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
+}
+
+impl Conn<'_> {
+    /// Handles one frame. `Ok(true)` after a successful JOIN; `Err` closes the connection.
+    async fn frame(&mut self, data: &[u8]) -> Result<bool, (u16, String)> {
+        let m = &self.shared.metrics;
+        let frame = protocol::decode(data).map_err(|e| {
+            m.drop(if e.close_code() == close_code::UNKNOWN_TYPE {
+                Drop::UnknownType
+            } else {
+                Drop::Malformed
+            });
+            (e.close_code(), e.to_string())
+        })?;
+        let max_payload = self.shared.config.max_frame_bytes - DELIVER_OVERHEAD;
+        match frame {
+            Frame::Relay(r) => {
+                m.drop(Drop::UnknownType);
+                let t = Frame::Relay(r).encode()[0];
+                Err((
+                    close_code::UNKNOWN_TYPE,
+                    format!("relay frame type {t:#04x} is only sent by the relay"),
+                ))
+            }
+            Frame::Ping(n) => {
+                self.reply(Frame::Pong(n)).await;
+                Ok(false)
+            }
+            Frame::Pong(_) => Ok(false),
+            Frame::Client(ClientFrame::Join { room }) => self.join(room).await,
+            Frame::Client(ClientFrame::Leave { room }) => {
+                if self.rooms.remove(&room) {
+                    self.leave(room).await;
+                } else {
+                    self.error(
+                        error_code::NOT_IN_ROOM,
+                        kind::LEAVE,
+                        room,
+                        Drop::NotInRoom,
+                        "leave of a room not joined".into(),
+                    )
+                    .await;
+                }
+                Ok(false)
+            }
+            Frame::Client(ClientFrame::Send { room, to, payload }) => {
+                if payload.len() > max_payload {
+                    m.drop(Drop::Oversized);
+                    return Err((
+                        close_code::FRAME_TOO_LARGE,
+                        format!(
+                            "payload of {} bytes exceeds the {max_payload}-byte limit",
+                            payload.len()
+                        ),
+                    ));
+                }
+                if !self.rooms.contains(&room) {
+                    self.error(
+                        error_code::NOT_IN_ROOM,
+                        kind::SEND,
+                        room,
+                        Drop::NotInRoom,
+                        "send to a room not joined".into(),
+                    )
+                    .await;
+                    return Ok(false);
+                }
+                let target = self
+                    .shared
+                    .rooms()
+                    .get(&room)
+                    .and_then(|r| r.get(&to))
+                    .cloned();
+                match target.filter(|_| to != self.id) {
+                    Some(t) => {
+                        let frame: Bytes =
+                            protocol::encode_deliver(&room, self.id, false, &payload).into();
+                        self.forward(&t, frame).await;
+                    }
+                    None => {
+                        self.error(
+                            error_code::UNKNOWN_PEER,
+                            kind::SEND,
+                            room,
+                            Drop::UnknownPeer,
+                            format!("connection {to} is not in this room"),
+                        )
+                        .await;
+                    }
+                }
+                Ok(false)
+            }
+            Frame::Client(ClientFrame::Broadcast { room, payload }) => {
+                if payload.len() > max_payload {
+                    m.drop(Drop::Oversized);
+                    return Err((
+                        close_code::FRAME_TOO_LARGE,
+                        format!(
+                            "payload of {} bytes exceeds the {max_payload}-byte limit",
+                            payload.len()
+                        ),
+                    ));
+                }
+                if !self.rooms.contains(&room) {
+                    self.error(
+                        error_code::NOT_IN_ROOM,
+                        kind::BROADCAST,
+                        room,
+                        Drop::NotInRoom,
+                        "broadcast to a room not joined".into(),
+                    )
+                    .await;
+                    return Ok(false);
+                }
+                let targets = self.members(&room);
+                let frame: Bytes = protocol::encode_deliver(&room, self.id, true, &payload).into();
+                for t in targets {
+                    self.forward(&t, frame.clone()).await;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn members(&self, room: &RoomId) -> Vec<Member> {
+        self.shared
+            .rooms()
+            .get(room)
+            .map(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != self.id)
+                    .map(|(_, m)| m.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn join(&mut self, room: RoomId) -> Result<bool, (u16, String)> {
+        let cfg = &self.shared.config;
+        if self.rooms.contains(&room) {
+            self.error(
+                error_code::ALREADY_JOINED,
+                kind::JOIN,
+                room,
+                Drop::AlreadyJoined,
+                "room already joined".into(),
+            )
+            .await;
+            return Ok(false);
+        }
+        if self.rooms.len() >= cfg.max_rooms_per_connection {
+            self.error(
+                error_code::TOO_MANY_ROOMS,
+                kind::JOIN,
+                room,
+                Drop::TooManyRooms,
+                format!(
+                    "at most {} rooms per connection",
+                    cfg.max_rooms_per_connection
+                ),
+            )
+            .await;
+            return Ok(false);
+        }
+        let joined = {
+            let mut rooms = self.shared.rooms();
+            let members = rooms.entry(room).or_default();
+            if members.len() >= cfg.max_peers_per_room {
+                Err(members.len())
+            } else {
+                let peers: Vec<ConnId> = members.keys().copied().collect();
+                let others: Vec<Member> = members.values().cloned().collect();
+                members.insert(self.id, self.me.clone());
+                Ok((peers, others))
+            }
+        };
+        let (peers, others) = match joined {
+            Ok(v) => v,
+            Err(full) => {
+                self.error(
+                    error_code::ROOM_FULL,
+                    kind::JOIN,
+                    room,
+                    Drop::RoomFull,
+                    format!("room has {full} members, the limit"),
+                )
+                .await;
+                return Ok(false);
+            }
+        };
+        self.rooms.insert(room);
+        self.reply(Frame::Relay(RelayFrame::Joined { room, peers }))
+            .await;
+        let notice: Bytes = Frame::Relay(RelayFrame::PeerJoined {
+            room,
+            peer: self.id,
+        })
+        .encode()
+        .into();
+        for o in others {
+            self.notify(&o, notice.clone()).await;
+        }
+        Ok(true)
+    }
+
+    async fn leave(&mut self, room: RoomId) {
+        let others = {
+            let mut rooms = self.shared.rooms();
+            let Some(members) = rooms.get_mut(&room) else {
+                return;
+            };
+            members.remove(&self.id);
+            let others: Vec<Member> = members.values().cloned().collect();
+            if members.is_empty() {
+                rooms.remove(&room);
+            }
+            others
+        };
+        let notice: Bytes = Frame::Relay(RelayFrame::PeerLeft {
+            room,
+            peer: self.id,
+        })
+        .encode()
+        .into();
+        for o in others {
+            self.notify(&o, notice.clone()).await;
+        }
+    }
+
+    async fn leave_all(&mut self) {
+        for room in std::mem::take(&mut self.rooms) {
+            self.leave(room).await;
+        }
+    }
+
+    /// Queues a DELIVER, waiting at most the slow-consumer timeout for room.
+    async fn forward(&self, to: &Member, frame: Bytes) {
+        let len = frame.len();
+        if self.notify(to, frame).await {
+            self.shared.metrics.forwarded(len);
+        }
+    }
+
+    /// Queues a frame to another member; closes that member if its queue stays full.
+    async fn notify(&self, to: &Member, frame: Bytes) -> bool {
+        match to
+            .tx
+            .send_timeout(
+                Message::Binary(frame),
+                self.shared.config.slow_consumer_timeout,
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.shared.metrics.drop(Drop::SlowConsumer);
+                kill(
+                    &to.kill,
+                    close_code::SLOW_CONSUMER,
+                    format!(
+                        "send queue full ({} frames) for {} ms",
+                        self.shared.config.send_queue_frames,
+                        self.shared.config.slow_consumer_timeout.as_millis()
+                    ),
+                );
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
+    }
+
+    async fn reply(&self, frame: Frame) {
+        self.notify(&self.me, frame.encode().into()).await;
+    }
+
+    async fn error(&self, code: u16, about: u8, room: RoomId, reason: Drop, message: String) {
+        self.shared.metrics.drop(reason);
+        self.reply(Frame::Relay(RelayFrame::Error {
+            code,
+            about,
+            room,
+            message,
+        }))
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        let tokens = vec!["secret-one".to_owned(), "two".to_owned()];
+        assert!(token_ok(&tokens, Some("two")));
+        assert!(token_ok(&tokens, Some("secret-one")));
+        assert!(!token_ok(&tokens, Some("secret")));
+        assert!(!token_ok(&tokens, Some("")));
+        assert!(!token_ok(&tokens, None));
+    }
+}

@@ -1,0 +1,145 @@
+//! Prometheus text metrics of a relay server.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why the relay dropped a frame or a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Drop {
+    Malformed,
+    UnknownType,
+    TextFrame,
+    Oversized,
+    NotInRoom,
+    UnknownPeer,
+    RoomFull,
+    TooManyRooms,
+    AlreadyJoined,
+    SlowConsumer,
+    IdleTimeout,
+    JoinTimeout,
+    HandshakeTimeout,
+    PerIpLimit,
+    BadUpgrade,
+    Unauthorized,
+}
+
+const DROPS: [(Drop, &str); 16] = [
+    (Drop::Malformed, "malformed"),
+    (Drop::UnknownType, "unknown_type"),
+    (Drop::TextFrame, "text_frame"),
+    (Drop::Oversized, "oversized"),
+    (Drop::NotInRoom, "not_in_room"),
+    (Drop::UnknownPeer, "unknown_peer"),
+    (Drop::RoomFull, "room_full"),
+    (Drop::TooManyRooms, "too_many_rooms"),
+    (Drop::AlreadyJoined, "already_joined"),
+    (Drop::SlowConsumer, "slow_consumer"),
+    (Drop::IdleTimeout, "idle_timeout"),
+    (Drop::JoinTimeout, "join_timeout"),
+    (Drop::HandshakeTimeout, "handshake_timeout"),
+    (Drop::PerIpLimit, "per_ip_limit"),
+    (Drop::BadUpgrade, "bad_upgrade"),
+    (Drop::Unauthorized, "unauthorized"),
+];
+
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) connections_open: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) frames_forwarded: AtomicU64,
+    pub(crate) bytes_forwarded: AtomicU64,
+    pub(crate) frames_received: AtomicU64,
+    drops: [AtomicU64; DROPS.len()],
+}
+
+impl Metrics {
+    pub(crate) fn drop(&self, reason: Drop) {
+        if let Some(i) = DROPS.iter().position(|(d, _)| *d == reason) {
+            self.drops[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn forwarded(&self, bytes: usize) {
+        self.frames_forwarded.fetch_add(1, Ordering::Relaxed);
+        self.bytes_forwarded
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, rooms: usize) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        metric(
+            "pluresdb_relay_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            get(&self.connections_open),
+        );
+        metric(
+            "pluresdb_relay_connections_total",
+            "counter",
+            "WebSocket connections accepted.",
+            get(&self.connections_total),
+        );
+        metric(
+            "pluresdb_relay_rooms",
+            "gauge",
+            "Rooms with at least one member.",
+            rooms as u64,
+        );
+        metric(
+            "pluresdb_relay_frames_received_total",
+            "counter",
+            "Relay frames received from clients.",
+            get(&self.frames_received),
+        );
+        metric(
+            "pluresdb_relay_frames_forwarded_total",
+            "counter",
+            "DELIVER frames queued to receivers.",
+            get(&self.frames_forwarded),
+        );
+        metric(
+            "pluresdb_relay_bytes_forwarded_total",
+            "counter",
+            "Bytes of DELIVER frames queued to receivers.",
+            get(&self.bytes_forwarded),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pluresdb_relay_drops_total Frames or connections refused, by reason.\n# TYPE pluresdb_relay_drops_total counter"
+        );
+        for (i, (_, name)) in DROPS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "pluresdb_relay_drops_total{{reason=\"{name}\"}} {}",
+                get(&self.drops[i])
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.drop(Drop::SlowConsumer);
+        m.drop(Drop::SlowConsumer);
+        m.forwarded(100);
+        let text = m.render(3);
+        assert!(text.contains("pluresdb_relay_rooms 3\n"), "{text}");
+        assert!(text.contains("pluresdb_relay_drops_total{reason=\"slow_consumer\"} 2\n"));
+        assert!(text.contains("pluresdb_relay_bytes_forwarded_total 100\n"));
+        assert!(text.contains("# TYPE pluresdb_relay_connections gauge"));
+    }
+}

@@ -1,0 +1,329 @@
+//! The relay server: rooms of WebSocket clients that forward opaque frames to each other.
+//!
+//! Stateless beyond live sockets: a room is the set of connections that joined it, and goes
+//! away with them. Any relay can serve any client; a restart loses only the live sockets.
+//!
+//! ```no_run
+//! use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> anyhow::Result<()> {
+//! let server = RelayServer::bind("127.0.0.1:0".parse()?, RelayServerConfig::default()).await?;
+//! println!("relay on ws://{}/relay", server.local_addr());
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod conn;
+mod http;
+mod metrics;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use config::*;
+
+use crate::protocol::{ConnId, RoomId};
+use metrics::Metrics;
+
+/// A member of a room, as other connections see it.
+#[derive(Clone, Debug)]
+struct Member {
+    tx: tokio::sync::mpsc::Sender<tokio_tungstenite::tungstenite::Message>,
+    kill: Arc<watch::Sender<Option<(u16, String)>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: RelayServerConfig,
+    rooms: Mutex<HashMap<RoomId, HashMap<ConnId, Member>>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    next_id: std::sync::atomic::AtomicU64,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn rooms(&self) -> MutexGuard<'_, HashMap<RoomId, HashMap<ConnId, Member>>> {
+        // A panic while holding the lock cannot leave the map inconsistent in a way that
+        // matters more than losing the relay, so poisoning is ignored.
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn metrics_text(&self) -> String {
+        let rooms = self.rooms().len();
+        self.metrics.render(rooms)
+    }
+}
+
+/// Counts a connection against its IP's limit until dropped.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    over_limit: bool,
+}
+
+impl IpSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Self {
+        let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        *n += 1;
+        let over_limit = *n > shared.config.max_connections_per_ip;
+        Self {
+            shared: shared.clone(),
+            ip,
+            over_limit,
+        }
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A running relay server. Dropping it stops accepting and aborts every connection;
+/// [`RelayServer::shutdown`] first tells clients to go away (close code 1001).
+#[derive(Debug)]
+pub struct RelayServer {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RelayServer {
+    /// Binds `addr` (port 0 picks a free port) and starts serving.
+    pub async fn bind(addr: SocketAddr, config: RelayServerConfig) -> io::Result<Self> {
+        Self::bind_with_tls(addr, config, None).await
+    }
+
+    /// Like [`RelayServer::bind`], serving `wss://` with `tls` (see [`tls_config_from_pem`]).
+    pub async fn bind_with_tls(
+        addr: SocketAddr,
+        config: RelayServerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<Self> {
+        config.check().map_err(io::Error::other)?;
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            rooms: Mutex::default(),
+            per_ip: Mutex::default(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            metrics: Metrics::default(),
+            shutdown: shutdown_rx,
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            tls.map(tokio_rustls::TlsAcceptor::from),
+        ));
+        Ok(Self {
+            local_addr,
+            metrics_addr: None,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Also serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`.
+    pub async fn serve_metrics(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        self.metrics_addr = Some(bound);
+        self.tasks
+            .spawn(metrics_loop(listener, self.shared.clone()));
+        Ok(bound)
+    }
+
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The metrics listener's address, when [`RelayServer::serve_metrics`] was called.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The current metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &RelayServerConfig {
+        &self.shared.config
+    }
+
+    /// Closes every connection with code 1001 (going away), waiting at most 2 s, and stops.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while self
+                .shared
+                .metrics
+                .connections_open
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        self.tasks.shutdown().await;
+    }
+
+    /// Serves until the process ends.
+    pub async fn run_forever(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let mut conns = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let slot = IpSlot::take(&shared, peer.ip());
+                    match &tls {
+                        None => {
+                            conns.spawn(conn::handle(shared.clone(), stream, peer, slot));
+                        }
+                        Some(acceptor) => {
+                            let (acceptor, shared) = (acceptor.clone(), shared.clone());
+                            conns.spawn(async move {
+                                let limit = shared.config.handshake_timeout;
+                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => conn::handle(shared, tls, peer, slot).await,
+                                    Ok(Err(e)) => {
+                                        shared.metrics.drop(metrics::Drop::BadUpgrade);
+                                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    }
+                                    Err(_) => shared.metrics.drop(metrics::Drop::HandshakeTimeout),
+                                }
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "relay accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = shutdown.changed() => {
+                // Connections see the same signal and close themselves; wait for them.
+                while conns.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+}
+
+async fn metrics_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    conns.spawn(serve_metrics_request(stream, shared.clone()));
+                }
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_metrics_request(mut stream: TcpStream, shared: Arc<Shared>) {
+    let head = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        http::read_head(&mut stream),
+    )
+    .await;
+    let Ok(Ok((head, _))) = head else { return };
+    match head.path.as_str() {
+        "/metrics" => {
+            let body = shared.metrics_text();
+            http::respond(&mut stream, "200 OK", "", &body).await;
+        }
+        "/healthz" => http::respond(&mut stream, "200 OK", "", "ok").await,
+        _ => {
+            http::respond(
+                &mut stream,
+                "404 Not Found",
+                "",
+                "try /metrics or /healthz\n",
+            )
+            .await
+        }
+    }
+}
+
+/// A rustls server configuration (ring, TLS 1.2 and 1.3) from PEM files: a certificate chain
+/// and its private key (PKCS#8, PKCS#1 or SEC1).
+pub fn tls_config_from_pem(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, crate::RelayError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |name: &'static str, path: &std::path::Path, reason: String| {
+        crate::RelayError::InvalidSetting {
+            name,
+            value: path.display().to_string(),
+            reason,
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "tls_cert",
+            cert_path,
+            "no certificate in the file".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,259 @@
+//! RelayTransport specifics beyond the conformance kit, against a real relay on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use pluresdb_sync_core::testkit::fresh_topic;
+use pluresdb_sync_core::{Error, Identity, Transport, TransportConfig, TransportMode};
+use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use pluresdb_sync_transport_relay::{RelayError, RelayTransport};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn relay() -> (RelayServer, String) {
+    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
+        .await
+        .unwrap();
+    let url = format!("ws://{}/relay", server.local_addr());
+    (server, url)
+}
+
+async fn wait_for_error(t: &RelayTransport, needle: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(e) = t.recent_errors().into_iter().find(|e| e.contains(needle)) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no error containing {needle:?}: {:?}",
+            t.recent_errors()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn encryption_mismatch_is_a_clear_error_on_both_sides() {
+    let (_server, url) = relay().await;
+    let mut on = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut off = RelayTransport::builder()
+        .relay_url(&url)
+        .encryption(false)
+        .build()
+        .unwrap();
+    let topic = fresh_topic("mismatch");
+    let mut on_rx = on.connect(topic).await.unwrap();
+    let mut off_rx = off.connect(topic).await.unwrap();
+    let e1 = wait_for_error(&on, "encryption").await;
+    let e2 = wait_for_error(&off, "encryption").await;
+    assert!(
+        e1.contains("encryption off") && e1.contains("has it on"),
+        "{e1}"
+    );
+    assert!(
+        e2.contains("encryption on") && e2.contains("has it off"),
+        "{e2}"
+    );
+    assert!(on_rx.try_recv().is_err());
+    assert!(off_rx.try_recv().is_err());
+    on.disconnect().await.unwrap();
+    off.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn identity_comes_from_the_keygen_file() {
+    let (_server, url) = relay().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("id.key");
+    let id = Identity::generate().unwrap();
+    id.save(&path, false).unwrap();
+    let mut a = RelayTransport::builder()
+        .relay_url(&url)
+        .identity_file(&path)
+        .build()
+        .unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    assert_eq!(a.peer_id(), id.peer_id());
+    let topic = fresh_topic("identity");
+    let _a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let conn = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(conn.peer_id(), id.peer_id());
+    let err = RelayTransport::builder()
+        .relay_url(&url)
+        .identity_file(dir.path().join("missing"))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[tokio::test]
+async fn from_config_is_cheap_and_checks_the_url() {
+    let config = TransportConfig {
+        mode: TransportMode::Relay,
+        relay_url: Some("ws://127.0.0.1:1/relay".into()),
+        ..Default::default()
+    };
+    let t = RelayTransport::from_config(&config).unwrap();
+    assert_eq!(t.name(), "relay");
+    let missing = TransportConfig {
+        mode: TransportMode::Relay,
+        ..Default::default()
+    };
+    let err = RelayTransport::from_config(&missing).unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::MissingRelayUrl)
+    ));
+    let err = RelayTransport::builder().build().unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<RelayError>(),
+        Some(RelayError::NoRelayUrl)
+    ));
+    let err = RelayTransport::builder()
+        .relay_url("http://x")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("http://x"), "{err}");
+}
+
+#[tokio::test]
+async fn unreachable_relay_is_a_clear_error_and_failover_uses_the_next_url() {
+    let (_server, url) = relay().await;
+    // A port that was just free: nothing listens there.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("ws://{}/relay", l.local_addr().unwrap())
+    };
+    let mut only_dead = RelayTransport::builder()
+        .relay_url(&dead)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let err = only_dead.announce(fresh_topic("dead")).await.unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<RelayError>(),
+            Some(RelayError::Connect { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&dead), "{err}");
+
+    let mut a = RelayTransport::builder()
+        .relay_urls([dead.clone(), url.clone()])
+        .build()
+        .unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let topic = fresh_topic("failover");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let _b_rx = b.connect(topic).await.unwrap();
+    let conn = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(conn.peer_id(), b.peer_id());
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_a_relay_is_named() {
+    // A plain HTTP server (the relay's metrics port) does not upgrade.
+    let (mut server, _) = relay().await;
+    let metrics = server
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut t = RelayTransport::builder()
+        .relay_url(format!("ws://{metrics}/relay"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let err = t
+        .announce(fresh_topic("not-relay"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot connect to relay"), "{err}");
+}
+
+#[tokio::test]
+async fn peers_on_different_topics_never_meet() {
+    let (_server, url) = relay().await;
+    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut a_rx = a.connect(fresh_topic("x")).await.unwrap();
+    let mut b_rx = b.connect(fresh_topic("y")).await.unwrap();
+    let c = fresh_topic("z");
+    let mut a_rx2 = a.connect(c).await.unwrap();
+    let mut b_rx2 = b.connect(c).await.unwrap();
+    // Both meet on the shared topic, which proves the link works...
+    tokio::time::timeout(T, a_rx2.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(T, b_rx2.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // ...and nothing arrived on the other ones.
+    assert!(a_rx.try_recv().is_err());
+    assert!(b_rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn wss_with_rustls_on_both_ends() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let tls =
+        pluresdb_sync_transport_relay::server::tls_config_from_pem(&cert_path, &key_path).unwrap();
+    let server = RelayServer::bind_with_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        RelayServerConfig::default(),
+        Some(tls),
+    )
+    .await
+    .unwrap();
+    let url = format!("wss://{}/relay", server.local_addr());
+    let der = cert.cert.der().to_vec();
+    let mut a = RelayTransport::builder()
+        .relay_url(&url)
+        .add_root_certificate(der.clone())
+        .build()
+        .unwrap();
+    let mut b = RelayTransport::builder()
+        .relay_url(&url)
+        .add_root_certificate(der)
+        .build()
+        .unwrap();
+    let topic = fresh_topic("wss");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    ca.send(b"over tls").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, cb.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"over tls"
+    );
+
+    // Without trusting the certificate the client refuses the relay.
+    let mut untrusting = RelayTransport::builder()
+        .relay_url(&url)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let err = untrusting.announce(topic).await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    let missing = pluresdb_sync_transport_relay::server::tls_config_from_pem(
+        &dir.path().join("nope.pem"),
+        &key_path,
+    )
+    .unwrap_err();
+    assert!(missing.to_string().contains("nope.pem"), "{missing}");
+}
