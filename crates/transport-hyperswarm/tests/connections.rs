@@ -66,7 +66,8 @@ async fn lost_peer_ends_receive_then_is_redialled_when_back() {
     proxy_a.set_blackhole(true);
     proxy_b.set_blackhole(true);
     let lost = Instant::now();
-    // The receiver drains what already arrived, then sees the end (idle timeout 3 s).
+    // The receiver drains what already arrived, then sees the end (idle timeout 3 s; the
+    // bounds below are hang guards with room for a loaded CI machine, not timings).
     loop {
         match tokio::time::timeout(Duration::from_secs(15), cb.receive())
             .await
@@ -83,7 +84,7 @@ async fn lost_peer_ends_receive_then_is_redialled_when_back() {
         .unwrap();
     assert!(err.to_string().contains("closed"), "{err}");
     assert!(
-        lost.elapsed() < Duration::from_secs(12),
+        lost.elapsed() < Duration::from_secs(25),
         "{:?}",
         lost.elapsed()
     );
