@@ -1,5 +1,6 @@
 //! `pluresdb-sync`: the command-line face of pluresdb-sync.
 
+mod demo;
 mod peer;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Two replicas on this machine find each other and sync over each transport (a relay
+    /// server and a DHT testnet run in-process on loopback); prints what happens and a table.
+    Demo(demo::DemoArgs),
     /// Join a topic: print what peers send, send each stdin line to every peer.
     Peer(peer::PeerArgs),
     /// Print the peer id of an existing identity key file.
@@ -81,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote identity key to {}", path.display());
             println!("{}", identity.peer_id());
         }
+        Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
         Command::Peer(args) => runtime()?.block_on(peer::run(args))?,
         Command::PeerId { key } => {
             let path = key_path(key)?;

@@ -138,3 +138,32 @@ fn peer_reports_config_errors() {
     assert!(!bad_topic.status.success());
     assert!(String::from_utf8_lossy(&bad_topic.stderr).contains("64 hex digits"));
 }
+
+/// The README's main job: both transports connect, sync events and bulk data, and close.
+#[test]
+fn demo_runs_every_transport_end_to_end() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["demo", "--timeout-ms", "60000"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for mode in ["relay", "hyperswarm"] {
+        assert!(
+            err.contains(&format!("[{mode}] B applied 1000 events from A")),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("[{mode}] A left; B saw the connection close")),
+            "{err}"
+        );
+    }
+    let table = stdout(&out);
+    let rows: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert!(
+        rows[1].starts_with("relay") && rows[2].starts_with("hyperswarm"),
+        "{table}"
+    );
+}
