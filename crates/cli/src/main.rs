@@ -1,5 +1,6 @@
 //! `pluresdb-sync`: the command-line face of pluresdb-sync.
 
+mod bench;
 mod demo;
 mod peer;
 
@@ -41,6 +42,8 @@ enum Command {
     /// Two replicas on this machine find each other and sync over each transport (a relay
     /// server and a DHT testnet run in-process on loopback); prints what happens and a table.
     Demo(demo::DemoArgs),
+    /// Benchmarks against baselines measured in the same run (use a --release build).
+    Bench(bench::BenchArgs),
     /// Join a topic: print what peers send, send each stdin line to every peer.
     Peer(peer::PeerArgs),
     /// Print the peer id of an existing identity key file.
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote identity key to {}", path.display());
             println!("{}", identity.peer_id());
         }
+        Command::Bench(args) => runtime()?.block_on(bench::run(args))?,
         Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
         Command::Peer(args) => runtime()?.block_on(peer::run(args))?,
         Command::PeerId { key } => {

@@ -167,3 +167,57 @@ fn demo_runs_every_transport_end_to_end() {
         "{table}"
     );
 }
+
+/// The benchmarks in miniature, so they keep working (numbers from debug builds mean nothing).
+#[test]
+fn benchmarks_run_in_miniature() {
+    let relay = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["bench", "relay", "--connections", "50", "--rounds", "1"])
+        .args(["--messages", "500", "--latency-secs", "0.2"])
+        .output()
+        .unwrap();
+    let table = stdout(&relay);
+    assert!(
+        relay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relay.stderr)
+    );
+    for row in [
+        "message rate, 64 B",
+        "message rate, 16384 B",
+        "latency p99",
+        "RSS per idle",
+    ] {
+        assert!(table.contains(row), "{table}");
+    }
+
+    let hs = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args([
+            "bench",
+            "hyperswarm",
+            "--mib",
+            "2",
+            "--rounds",
+            "1",
+            "--joins",
+            "1",
+        ])
+        .args(["--idle-secs", "0.2", "--mesh", "3"])
+        .output()
+        .unwrap();
+    let table = stdout(&hs);
+    assert!(
+        hs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hs.stderr)
+    );
+    for row in [
+        "plain TCP",
+        "raw quinn",
+        "hyperswarm",
+        "time to first message",
+        "(3 links)",
+    ] {
+        assert!(table.contains(row), "{table}");
+    }
+}

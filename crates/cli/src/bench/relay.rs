@@ -1,0 +1,371 @@
+//! `pluresdb-sync bench relay`.
+//!
+//! - Message rate: one client streams N messages that cross the server once. Baseline: a plain
+//!   tokio-tungstenite echo server (client -> server -> same client). Relay: the relay server
+//!   (client A -> relay -> client B, raw relay frames, no Noise: this measures the server).
+//! - Added latency: the same paths paced at half the baseline's 64 B message rate; every
+//!   message carries its send time; the relay's p50/p99 minus the baseline's.
+//! - Memory per idle connection: a relay server *process* is spawned; N WebSocket clients each
+//!   join their own room; the server's RSS growth divided by N.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use pluresdb_sync_transport_relay::protocol::{
+    self, ClientFrame, ConnId, Frame, RelayFrame, RoomId, SUBPROTOCOL,
+};
+use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{median, quantile, raise_fd_limit, rss_bytes};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Options of `pluresdb-sync bench relay`.
+#[derive(Debug, Args)]
+pub(crate) struct RelayBenchArgs {
+    /// Idle connections for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Rounds of each throughput measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Messages per throughput round at 64 B (16 KiB rounds send a tenth as many).
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Seconds of paced traffic for the latency measurement.
+    #[arg(long, default_value_t = 3.0)]
+    latency_secs: f64,
+}
+
+pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
+    let echo = spawn_echo_server().await?;
+    let relay = RelayServer::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        RelayServerConfig::default(),
+    )
+    .await?;
+    let relay_url = format!("ws://{}/relay", relay.local_addr());
+    let echo_url = format!("ws://{echo}/");
+
+    let mut rows = Vec::new();
+    let mut base_rate_64 = 0.0;
+    for (size, count) in [
+        (64, args.messages),
+        (16 * 1024, (args.messages / 10).max(1)),
+    ] {
+        let (mut base, mut ours) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds.max(1) {
+            base.push(echo_rate(&echo_url, size, count).await?);
+            ours.push(relay_rate(&relay_url, size, count).await?);
+            eprintln!(
+                "  {size} B round {round}: echo {:.0} msg/s, relay {:.0} msg/s",
+                base[round], ours[round]
+            );
+        }
+        let (b, o) = (median(&mut base), median(&mut ours));
+        if size == 64 {
+            base_rate_64 = b;
+        }
+        rows.push((format!("message rate, {size} B (msg/s)"), b, o));
+    }
+
+    let rate = base_rate_64 / 2.0;
+    let secs = args.latency_secs;
+    eprintln!("latency at half load ({rate:.0} msg/s for {secs} s)");
+    let base = echo_latency(&echo_url, rate, secs).await?;
+    let ours = relay_latency(&relay_url, rate, secs).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    relay.shutdown().await;
+
+    eprintln!(
+        "memory per idle connection ({} connections)",
+        args.connections
+    );
+    let per_conn = idle_memory(args.connections).await?;
+
+    println!(
+        "{:<34} {:>14} {:>14} {:>8}",
+        "relay benchmark", "baseline", "relay", "ratio"
+    );
+    for (name, b, o) in &rows {
+        println!("{name:<34} {b:>14.0} {o:>14.0} {:>8.2}", o / b);
+    }
+    for (name, q) in [("latency p50 (ms)", 0.5), ("latency p99 (ms)", 0.99)] {
+        let (b, o) = (ms(quantile(&base, q)), ms(quantile(&ours, q)));
+        println!("{name:<34} {b:>14.3} {o:>14.3}   added {:.3} ms", o - b);
+    }
+    println!(
+        "{:<34} {:>14} {:>14.0}   ({} connections)",
+        "RSS per idle connection (bytes)", "-", per_conn, args.connections
+    );
+    Ok(())
+}
+
+/// A plain tokio-tungstenite server that sends every binary message back.
+async fn spawn_echo_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let (sink, stream) = ws.split();
+                let _ = stream
+                    .try_filter(|m| std::future::ready(m.is_binary()))
+                    .forward(sink)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn ws_connect(url: &str, subprotocol: bool) -> anyhow::Result<Ws> {
+    let mut request = url.into_client_request()?;
+    if subprotocol {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse()?);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(ws)
+}
+
+/// Reads relay frames until `pick` returns a value.
+async fn expect<T>(
+    ws: &mut Ws,
+    mut pick: impl FnMut(RelayFrame) -> Option<T>,
+) -> anyhow::Result<T> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("relay did not answer")?
+            .context("relay closed")??;
+        if let Message::Binary(bytes) = msg
+            && let Ok(Frame::Relay(frame)) = protocol::decode(&bytes)
+            && let Some(v) = pick(frame)
+        {
+            return Ok(v);
+        }
+    }
+}
+
+/// A relay client that joined `room`: its socket and connection id.
+async fn relay_client(url: &str, room: RoomId) -> anyhow::Result<(Ws, ConnId)> {
+    let mut ws = ws_connect(url, true).await?;
+    let id = expect(&mut ws, |f| match f {
+        RelayFrame::Welcome { conn, .. } => Some(conn),
+        _ => None,
+    })
+    .await?;
+    ws.send(Message::Binary(
+        Frame::Client(ClientFrame::Join { room }).encode().into(),
+    ))
+    .await?;
+    expect(&mut ws, |f| {
+        matches!(f, RelayFrame::Joined { .. }).then_some(())
+    })
+    .await?;
+    Ok((ws, id))
+}
+
+fn random_room() -> RoomId {
+    let mut room = [0u8; 32];
+    let _ = getrandom::fill(&mut room);
+    room
+}
+
+/// Sends `count` messages on `tx` (built by `frame`) while counting `count` binary messages on
+/// `rx`; returns messages per second.
+async fn stream_rate(
+    mut tx: impl SinkExt<Message, Error = tokio_tungstenite::tungstenite::Error>
+    + Unpin
+    + Send
+    + 'static,
+    mut rx: impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    count: usize,
+    frame: Vec<u8>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let frame = bytes::Bytes::from(frame);
+    let sender = tokio::spawn(async move {
+        for _ in 0..count {
+            tx.feed(Message::Binary(frame.clone())).await?;
+        }
+        tx.flush().await?;
+        anyhow::Ok(tx)
+    });
+    let mut got = 0;
+    while got < count {
+        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await {
+            Ok(Some(Ok(Message::Binary(_)))) => got += 1,
+            Ok(Some(Ok(_))) => {}
+            other => bail!("after {got} of {count} messages: {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    sender.await??;
+    Ok(count as f64 / elapsed.as_secs_f64())
+}
+
+async fn echo_rate(url: &str, size: usize, count: usize) -> anyhow::Result<f64> {
+    let (tx, rx) = ws_connect(url, false).await?.split();
+    stream_rate(tx, rx, count, vec![7; size]).await
+}
+
+async fn relay_rate(url: &str, size: usize, count: usize) -> anyhow::Result<f64> {
+    let room = random_room();
+    let (a, _) = relay_client(url, room).await?;
+    let (b, b_id) = relay_client(url, room).await?;
+    let (tx, _a_rx) = a.split();
+    let (_b_tx, rx) = b.split();
+    stream_rate(
+        tx,
+        rx,
+        count,
+        protocol::encode_send(&room, b_id, &vec![7; size]),
+    )
+    .await
+}
+
+/// Sends 64 B messages at `rate` per second for `secs`, each stamped with its send time;
+/// returns the sorted one-way latencies seen by the receiver.
+async fn paced_latency(
+    mut tx: impl SinkExt<Message, Error = tokio_tungstenite::tungstenite::Error>
+    + Unpin
+    + Send
+    + 'static,
+    mut rx: impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    rate: f64,
+    secs: f64,
+    header: Vec<u8>,
+) -> anyhow::Result<Vec<Duration>> {
+    let epoch = Instant::now();
+    let total = (rate * secs).max(1.0) as usize;
+    let header_len = header.len();
+    let sender = tokio::spawn(async move {
+        // Bursts every millisecond: tokio timers cannot tick once per message at these rates.
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut sent = 0usize;
+        while sent < total {
+            tick.tick().await;
+            let due = ((epoch.elapsed().as_secs_f64() * rate) as usize).min(total);
+            while sent < due {
+                let mut msg = header.clone();
+                msg.extend_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+                msg.resize(header_len + 64, 0);
+                tx.feed(Message::Binary(msg.into())).await?;
+                sent += 1;
+            }
+            tx.flush().await?;
+        }
+        anyhow::Ok(tx)
+    });
+    let offset = if header_len > 0 {
+        protocol::DELIVER_OVERHEAD
+    } else {
+        0
+    };
+    let mut latencies = Vec::with_capacity(total);
+    while latencies.len() < total {
+        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await {
+            Ok(Some(Ok(Message::Binary(m)))) => {
+                let stamp = m
+                    .get(offset..offset + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .context("a message without its timestamp")?;
+                latencies.push(epoch.elapsed().saturating_sub(Duration::from_nanos(stamp)));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => bail!("after {} of {total} messages: {other:?}", latencies.len()),
+        }
+    }
+    sender.await??;
+    latencies.sort();
+    Ok(latencies)
+}
+
+async fn echo_latency(url: &str, rate: f64, secs: f64) -> anyhow::Result<Vec<Duration>> {
+    let (tx, rx) = ws_connect(url, false).await?.split();
+    paced_latency(tx, rx, rate, secs, Vec::new()).await
+}
+
+async fn relay_latency(url: &str, rate: f64, secs: f64) -> anyhow::Result<Vec<Duration>> {
+    let room = random_room();
+    let (a, _) = relay_client(url, room).await?;
+    let (b, b_id) = relay_client(url, room).await?;
+    let (tx, _a_rx) = a.split();
+    let (_b_tx, rx) = b.split();
+    // SEND header; the payload (timestamp + padding) follows it.
+    let header = protocol::encode_send(&room, b_id, &[]);
+    paced_latency(tx, rx, rate, secs, header).await
+}
+
+/// Spawns `pluresdb-sync relay` and measures its RSS growth per idle, joined connection.
+async fn idle_memory(connections: usize) -> anyhow::Result<f64> {
+    let limit = raise_fd_limit();
+    if limit < (connections as u64) + 256 {
+        bail!(
+            "the open-file limit is {limit}; {connections} connections need more (raise the hard limit)"
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["relay", "--listen", "127.0.0.1:0"])
+        .args(["--max-connections-per-ip", &(connections + 16).to_string()])
+        .args(["--join-timeout-ms", "600000", "--idle-timeout-ms", "600000"])
+        .args(["--ping-interval-ms", "300000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the relay server")?;
+    let pid = child.id().context("relay exited at once")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("relay did not start")??
+            .context("relay exited")?;
+        if let Some(rest) = line.strip_prefix("relay listening on ") {
+            break rest.to_owned();
+        }
+    };
+    // One warm-up connection so one-time allocations are not counted per connection.
+    let warm = relay_client(&url, random_room()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(pid).context("cannot read the relay's RSS")?;
+
+    let mut clients = Vec::with_capacity(connections);
+    let mut pending = futures_util::stream::iter(0..connections)
+        .map(|_| relay_client(&url, random_room()))
+        .buffer_unordered(128);
+    while let Some(client) = pending.next().await {
+        clients.push(client?);
+        if clients.len() % 2_000 == 0 {
+            eprintln!("  {} connections open", clients.len());
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_bytes(pid).context("cannot read the relay's RSS")?;
+    drop(clients);
+    drop(warm);
+    let _ = child.kill().await;
+    Ok(after.saturating_sub(before) as f64 / connections as f64)
+}
