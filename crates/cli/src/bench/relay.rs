@@ -3,7 +3,7 @@
 //! - Message rate: one client streams N messages that cross the server once. Baseline: a plain
 //!   tokio-tungstenite echo server (client -> server -> same client). Relay: the relay server
 //!   (client A -> relay -> client B, raw relay frames, no Noise: this measures the server).
-//! - Added latency: the same paths paced at half the baseline's 64 B message rate; every
+//! - Added latency: the same paths paced at half the relay's 64 B message rate; every
 //!   message carries its send time; the relay's p50/p99 minus the baseline's.
 //! - Memory per idle connection: a relay server *process* is spawned; N WebSocket clients each
 //!   join their own room; the server's RSS growth divided by N.
@@ -57,7 +57,7 @@ pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
     let echo_url = format!("ws://{echo}/");
 
     let mut rows = Vec::new();
-    let mut base_rate_64 = 0.0;
+    let mut relay_rate_64 = 0.0;
     for (size, count) in [
         (64, args.messages),
         (16 * 1024, (args.messages / 10).max(1)),
@@ -73,12 +73,13 @@ pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
         }
         let (b, o) = (median(&mut base), median(&mut ours));
         if size == 64 {
-            base_rate_64 = b;
+            relay_rate_64 = o;
         }
         rows.push((format!("message rate, {size} B (msg/s)"), b, o));
     }
 
-    let rate = base_rate_64 / 2.0;
+    // Half of the relay's own capacity; both paths carry the same paced load.
+    let rate = relay_rate_64 / 2.0;
     let secs = args.latency_secs;
     eprintln!("latency at half load ({rate:.0} msg/s for {secs} s)");
     let base = echo_latency(&echo_url, rate, secs).await?;
