@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dht_cmd;
 mod peer;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmarks against baselines measured in the same run (use a --release build).
     Bench(bench::BenchArgs),
+    /// Run a mainline DHT node for Hyperswarm-mode peers of a private network to bootstrap from.
+    Dht(dht_cmd::DhtArgs),
     /// Join a topic: print what peers send, send each stdin line to every peer.
     Peer(peer::PeerArgs),
     /// Print the peer id of an existing identity key file.
@@ -89,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", identity.peer_id());
         }
         Command::Bench(args) => runtime()?.block_on(bench::run(args))?,
+        Command::Dht(args) => runtime()?.block_on(dht_cmd::run(args))?,
         Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
         Command::Peer(args) => runtime()?.block_on(peer::run(args))?,
         Command::PeerId { key } => {

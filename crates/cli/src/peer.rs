@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use pluresdb_sync::{
-    Connection, TopicHash, TransportConfig, TransportMode, derive_topic, topic::parse_topic_hex,
-    try_create_transport,
+    Connection, HyperswarmBuilder, Identity, RelayTransport, TopicHash, TransportConfig,
+    TransportMode, derive_topic, topic::parse_topic_hex, try_create_transport,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Mutex, mpsc};
@@ -37,6 +37,13 @@ pub(crate) struct PeerArgs {
     /// Turn off end-to-end encryption (every peer must agree).
     #[arg(long)]
     no_encryption: bool,
+    /// Identity key file (from `pluresdb-sync keygen`); a new random identity without it.
+    #[arg(long, value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
+    /// DHT bootstrap nodes, host:port, comma-separated (Hyperswarm mode) [default:
+    /// $PLURESDB_SYNC_BOOTSTRAP, else the public mainline DHT].
+    #[arg(long, value_name = "NODES", value_delimiter = ',')]
+    bootstrap: Vec<String>,
 }
 
 impl PeerArgs {
@@ -60,12 +67,15 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
         timeout_ms: args.timeout_ms,
         encryption: !args.no_encryption,
     };
-    let mut transport = try_create_transport(config)?;
+    let mut transport = build_transport(&args, config)?;
     eprintln!(
         "joining topic {} over {} (type lines to send them to every peer; Ctrl-D to leave)",
         hex_short(&topic),
         transport.name()
     );
+    if let Some(key) = &args.key {
+        eprintln!("identity {}", short(&Identity::load(key)?.peer_id()));
+    }
     let mut incoming = transport.connect(topic).await.context("connect")?;
     let outboxes: Outboxes = Arc::default();
 
@@ -74,9 +84,11 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             while let Some(conn) = incoming.recv().await {
                 let peer = conn.peer_id().to_owned();
-                eprintln!("peer {} connected", short(&peer));
                 let (tx, rx) = mpsc::channel(OUTBOX_LINES);
+                // Registered before it is announced, so a line typed on seeing
+                // "connected" reaches this peer.
                 outboxes.lock().await.insert(peer.clone(), tx);
+                eprintln!("peer {} connected", short(&peer));
                 let outboxes = outboxes.clone();
                 tokio::spawn(async move {
                     serve(conn, rx).await;
@@ -103,6 +115,39 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
         .context("disconnect timed out")??;
     accept.abort();
     Ok(())
+}
+
+/// The transport for `config`, with the identity and bootstrap options that the facade's
+/// `TransportConfig` does not carry.
+fn build_transport(
+    args: &PeerArgs,
+    config: TransportConfig,
+) -> anyhow::Result<Box<dyn pluresdb_sync::Transport>> {
+    config.validate()?;
+    let identity = args.key.as_deref().map(Identity::load).transpose()?;
+    Ok(match config.mode {
+        TransportMode::Hyperswarm => {
+            let mut builder = HyperswarmBuilder::from_config(&config);
+            if !args.bootstrap.is_empty() {
+                builder = builder.bootstrap(args.bootstrap.clone());
+            }
+            if let Some(identity) = identity {
+                builder = builder.identity(identity);
+            }
+            Box::new(builder.build()?)
+        }
+        TransportMode::Relay => {
+            let mut builder = RelayTransport::builder()
+                .relay_url(config.relay_url.clone().unwrap_or_default())
+                .encryption(config.encryption)
+                .timeout(config.timeout());
+            if let Some(identity) = identity {
+                builder = builder.identity(identity);
+            }
+            Box::new(builder.build()?)
+        }
+        TransportMode::Disabled => try_create_transport(config)?,
+    })
 }
 
 async fn broadcast(outboxes: &Outboxes, msg: Arc<[u8]>) {
