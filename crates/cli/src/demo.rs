@@ -248,35 +248,20 @@ async fn relay(timeout: Duration) -> anyhow::Result<Outcome> {
 }
 
 async fn hyperswarm(timeout: Duration) -> anyhow::Result<Outcome> {
-    use pluresdb_sync::HyperswarmTransport;
-    use std::net::{Ipv4Addr, SocketAddrV4};
-
-    // A private mainline DHT on loopback: the demo never touches the public network.
-    let testnet = tokio::task::spawn_blocking(|| {
-        mainline::Testnet::builder(5)
-            .bind_address(Ipv4Addr::LOCALHOST)
-            .build()
-    })
-    .await?
-    .context("starting a local DHT testnet")?;
+    let dht = crate::loopback::LoopbackDht::start().await?;
     eprintln!(
-        "[hyperswarm] local mainline DHT testnet of 5 nodes on {}; replicas announce a \
+        "[hyperswarm] local mainline DHT testnet of {} nodes on {}; replicas announce a \
          domain-separated info-hash, dial over QUIC and authenticate with Noise XX",
-        testnet.bootstrap.first().map_or("?", String::as_str)
+        crate::loopback::TESTNET_NODES,
+        dht.first_node()
     );
     let make = || {
-        HyperswarmTransport::builder()
-            .bootstrap(testnet.bootstrap.clone())
-            .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .dht_server_mode(true)
-            .dht_request_timeout(Duration::from_millis(250))
+        dht.builder()
             .request_timeout(timeout)
-            .lookup_interval(Duration::from_secs(1))
             .build()
             .map(|t| Box::new(t) as Box<dyn Transport>)
     };
     let outcome = exchange("hyperswarm", make()?, make()?, timeout).await?;
-    // The testnet's nodes are blocking threads; stop them off the async workers.
-    tokio::task::spawn_blocking(move || drop(testnet)).await?;
+    dht.stop().await?;
     Ok(outcome)
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod dht_cmd;
+mod loopback;
 mod peer;
 
 use std::path::PathBuf;

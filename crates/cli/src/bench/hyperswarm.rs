@@ -11,7 +11,7 @@
 //! - Memory per connection: RSS growth when N transports form a full mesh, divided by the
 //!   N(N-1)/2 links (each link counts both of its ends).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,23 +48,8 @@ pub(crate) struct HyperswarmBenchArgs {
 
 pub(super) async fn run(args: HyperswarmBenchArgs) -> anyhow::Result<()> {
     let bytes = args.mib.max(1) * 1024 * 1024;
-    let testnet = tokio::task::spawn_blocking(|| {
-        mainline::Testnet::builder(5)
-            .bind_address(Ipv4Addr::LOCALHOST)
-            .build()
-    })
-    .await?
-    .context("starting the DHT testnet")?;
-    let bootstrap = testnet.bootstrap.clone();
-    let make = || -> anyhow::Result<HyperswarmTransport> {
-        Ok(HyperswarmTransport::builder()
-            .bootstrap(bootstrap.clone())
-            .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .dht_server_mode(true)
-            .dht_request_timeout(Duration::from_millis(250))
-            .lookup_interval(Duration::from_secs(1))
-            .build()?)
-    };
+    let dht = crate::loopback::LoopbackDht::start().await?;
+    let make = || -> anyhow::Result<HyperswarmTransport> { Ok(dht.builder().build()?) };
 
     // Idle CPU baseline: the testnet alone.
     let idle = Duration::from_secs_f64(args.idle_secs);
@@ -123,7 +108,7 @@ pub(super) async fn run(args: HyperswarmBenchArgs) -> anyhow::Result<()> {
 
     eprintln!("memory per connection (full mesh of {})", args.mesh);
     let (per_conn, links) = memory_per_connection(&make, args.mesh).await?;
-    tokio::task::spawn_blocking(move || drop(testnet)).await?;
+    dht.stop().await?;
 
     println!(
         "{:<36} {:>10} {:>18}",
