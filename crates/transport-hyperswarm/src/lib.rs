@@ -42,9 +42,11 @@
 mod config;
 mod conn;
 mod error;
+mod krpc;
 mod node;
 mod noise;
 mod quic;
+mod socket;
 mod wire;
 
 use std::net::SocketAddr;
@@ -60,7 +62,7 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
 };
 pub use error::HyperswarmError;
-pub use node::{DIAL_BACKOFF, MAX_CONCURRENT_DIALS, MAX_LOOKUP_CANDIDATES};
+pub use node::{DIAL_BACKOFF, MAX_CONCURRENT_DIALS, MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
 
@@ -107,6 +109,17 @@ impl HyperswarmTransport {
     /// The DHT bootstrap nodes in use (`None`: the public mainline bootstrap nodes).
     pub fn bootstrap_nodes(&self) -> Option<&[String]> {
         self.settings.bootstrap.as_deref()
+    }
+
+    /// The data socket's public (reflexive) address as DHT nodes see it, once learned (see
+    /// the crate docs).
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.node.get().and_then(|n| n.public_addr())
+    }
+
+    /// How many hole-punch probes the data socket received (diagnostics).
+    pub fn probes_received(&self) -> u64 {
+        self.node.get().map_or(0, |n| n.probes_received())
     }
 
     /// The data socket's local address, once networking has started.
