@@ -52,7 +52,10 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 const REFLEXIVE_PINGS: usize = 4;
 
 /// How long to wait for their replies.
-const REFLEXIVE_TIMEOUT: Duration = Duration::from_secs(2);
+const REFLEXIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Re-announce interval while the public address is still unknown.
+const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
 
 /// After the first reply, how much longer the others may take.
 const REFLEXIVE_GRACE: Duration = Duration::from_millis(200);
@@ -343,7 +346,14 @@ impl Node {
         let node = self.clone();
         let handle = self.spawn(async move {
             loop {
-                tokio::time::sleep(node.settings.announce_interval).await;
+                // Until the public address is known, retry soon: the announced port may be
+                // the wrong one behind a NAT that does not keep ports.
+                let wait = if node.public_addr().is_some() {
+                    node.settings.announce_interval
+                } else {
+                    node.settings.announce_interval.min(UNKNOWN_ADDR_RETRY)
+                };
+                tokio::time::sleep(wait).await;
                 if let Err(e) = node.announce_once(topic).await {
                     tracing::warn!(error = %e, "re-announcing on the DHT failed; retrying later");
                 }
@@ -593,14 +603,18 @@ impl Node {
     /// Learns the data socket's public address: KRPC pings sent from the data socket to a
     /// few DHT nodes, whose replies carry our address as they saw it (BEP 42 `ip`).
     async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
-        let nodes: Vec<SocketAddrV4> = self
-            .dht
-            .to_bootstrap()
-            .await
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .take(REFLEXIVE_PINGS)
-            .collect();
+        let mut candidates = self.dht.to_bootstrap().await;
+        // Right after start the routing table may still be empty: fall back to the
+        // configured bootstrap nodes given as IPv4 addresses.
+        if let Some(bootstrap) = &self.settings.bootstrap {
+            candidates.extend(bootstrap.iter().cloned());
+        }
+        let mut nodes: Vec<SocketAddrV4> = Vec::new();
+        for node in candidates.iter().filter_map(|s| s.parse().ok()) {
+            if !nodes.contains(&node) && nodes.len() < REFLEXIVE_PINGS {
+                nodes.push(node);
+            }
+        }
         let (tx, mut rx) = mpsc::channel(REFLEXIVE_PINGS);
         let mut txids = Vec::new();
         for node in nodes {
