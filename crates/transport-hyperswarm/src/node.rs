@@ -1000,3 +1000,44 @@ fn refused_or(
         _ => other.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_backoff_climbs_the_tiers_and_resets() {
+        let mut st = State::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let before = Instant::now();
+            st.dial_failed(addr);
+            let next = st.addrs[&addr].next_try.unwrap();
+            waits.push((next - before).as_secs());
+        }
+        assert_eq!(waits, [1, 5, 30, 120, 120, 120]);
+        assert!(st.in_backoff(addr, Instant::now()));
+        st.verified(addr, [1; 32]);
+        assert!(!st.in_backoff(addr, Instant::now()));
+        assert_eq!(st.addrs[&addr].failures, 0);
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded() {
+        let mut st = State::default();
+        for i in 0..(MAX_TRACKED_ADDRS as u32 * 2) {
+            let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1));
+            st.verified(addr, [0; 32]);
+            assert!(st.addrs.len() <= MAX_TRACKED_ADDRS);
+        }
+    }
+
+    #[test]
+    fn info_hash_is_the_derived_prefix() {
+        let topic = [7u8; 32];
+        let derived = derive_from_topic(&topic, Domain::DhtInfoHash);
+        assert_eq!(info_hash(&topic).as_bytes()[..], derived[..20]);
+        assert_ne!(info_hash(&topic).as_bytes()[..], topic[..20]);
+    }
+}

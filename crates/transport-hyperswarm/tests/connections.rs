@@ -175,3 +175,37 @@ async fn joined_idle_transports_do_not_spin() {
     a.disconnect().await.unwrap();
     b.disconnect().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_transport_closes_its_connections() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("drop");
+    let mut a = dht.transport();
+    let mut b = dht.transport();
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    let _ca = next_conn(&mut ra, Duration::from_secs(30)).await;
+    let mut cb = next_conn(&mut rb, Duration::from_secs(30)).await;
+    drop(a);
+    // Not the idle timeout: the drop sends CONNECTION_CLOSE right away.
+    let started = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(10), cb.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The dropped transport's receiver ended too.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), ra.recv())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    b.disconnect().await.unwrap();
+}
