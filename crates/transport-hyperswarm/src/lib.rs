@@ -69,6 +69,19 @@ pub use quic::SOCKET_BUFFER_BYTES;
 use config::Settings;
 use node::Node;
 
+/// An endpoint found on the DHT that could not be reached (see
+/// [`HyperswarmTransport::dial_failures`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DialFailure {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// Consecutive failures (the retry backoff follows [`DIAL_BACKOFF`]).
+    pub failures: u32,
+    /// The last error, e.g. `handshake with 10.0.0.1:4000 failed: no answer within 10000 ms`.
+    pub error: String,
+}
+
 /// The transport's name.
 const NAME: &str = "hyperswarm";
 
@@ -115,6 +128,16 @@ impl HyperswarmTransport {
     /// the crate docs).
     pub fn public_addr(&self) -> Option<SocketAddr> {
         self.node.get().and_then(|n| n.public_addr())
+    }
+
+    /// Endpoints listed on the DHT that could not be reached lately (by `connect`'s dialler
+    /// or `lookup`'s check), with the last error: how a pair of peers that cannot punch
+    /// through their NATs shows up. Empty before networking starts.
+    pub fn dial_failures(&self) -> Vec<DialFailure> {
+        self.node
+            .get()
+            .map(|n| n.dial_failures())
+            .unwrap_or_default()
     }
 
     /// How many hole-punch probes the data socket received (diagnostics).

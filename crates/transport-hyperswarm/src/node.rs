@@ -96,6 +96,7 @@ struct AddrState {
     failures: u32,
     next_try: Option<Instant>,
     last_failure: Option<Instant>,
+    last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -138,8 +139,9 @@ impl State {
         self.addrs.entry(addr).or_default()
     }
 
-    fn dial_failed(&mut self, addr: SocketAddr) {
+    fn dial_failed(&mut self, addr: SocketAddr, error: String) {
         let a = self.addr_mut(addr);
+        a.last_error = Some(error);
         a.failures = a.failures.saturating_add(1);
         let tier = (a.failures as usize - 1).min(DIAL_BACKOFF.len() - 1);
         let now = Instant::now();
@@ -153,6 +155,7 @@ impl State {
         a.failures = 0;
         a.next_try = None;
         a.last_failure = None;
+        a.last_error = None;
         a.peer = Some((peer, Instant::now()));
     }
 }
@@ -478,8 +481,13 @@ impl Node {
                     st.self_addrs.insert(addr);
                 }
                 Err(e) => {
-                    tracing::debug!(%addr, error = %e, "dial failed");
-                    st.dial_failed(addr);
+                    let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
+                    if failures == 2 {
+                        tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
+                    } else {
+                        tracing::debug!(%addr, error = %e, failures, "dial failed");
+                    }
+                    st.dial_failed(addr, e.to_string());
                 }
             }
         });
@@ -572,6 +580,22 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map(SocketAddr::V4)
+    }
+
+    pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
+        let st = self.state();
+        let mut out: Vec<crate::DialFailure> = st
+            .addrs
+            .iter()
+            .filter(|(addr, a)| a.failures > 0 && !st.self_addrs.contains(*addr))
+            .map(|(addr, a)| crate::DialFailure {
+                addr: *addr,
+                failures: a.failures,
+                error: a.last_error.clone().unwrap_or_default(),
+            })
+            .collect();
+        out.sort_by_key(|f| f.addr);
+        out
     }
 
     pub(crate) fn probes_received(&self) -> u64 {
@@ -955,7 +979,7 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
-                    st.dial_failed(addr);
+                    st.dial_failed(addr, e.to_string());
                 }
             }
         }
@@ -1012,7 +1036,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..6 {
             let before = Instant::now();
-            st.dial_failed(addr);
+            st.dial_failed(addr, "test".into());
             let next = st.addrs[&addr].next_try.unwrap();
             waits.push((next - before).as_secs());
         }

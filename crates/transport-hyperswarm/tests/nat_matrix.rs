@@ -389,6 +389,17 @@ fn nat_matrix_root() {
     for (x, y, ok, ra, rb) in &results {
         let must = !matches!((x, y), (Nat::Eim, Nat::Sym) | (Nat::Sym, Nat::Sym));
         assert_eq!(*ok, must, "{} x {}: a {ra}, b {rb}", x.name(), y.name());
+        if !must {
+            // Not silence: each side names the endpoint it could not reach and why.
+            for r in [ra, rb] {
+                assert!(
+                    r.contains("handshake with") && r.contains("no answer within"),
+                    "{} x {}: no clear dial error: {r}",
+                    x.name(),
+                    y.name()
+                );
+            }
+        }
     }
 }
 
@@ -449,11 +460,14 @@ fn child_peer() {
                 // Let the remote read our hello before we go.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            _ => println!(
-                "RESULT no connection within {} ms (public {:?})",
-                wait.as_millis(),
-                t.public_addr()
-            ),
+            _ => {
+                let failures = t.dial_failures();
+                println!(
+                    "RESULT no connection within {} ms (public {:?}); dial failures: {failures:?}",
+                    wait.as_millis(),
+                    t.public_addr()
+                );
+            }
         }
         t.disconnect().await.unwrap();
     });
