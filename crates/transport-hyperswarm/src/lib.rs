@@ -42,9 +42,11 @@
 mod config;
 mod conn;
 mod error;
+mod krpc;
 mod node;
 mod noise;
 mod quic;
+mod socket;
 mod wire;
 
 use std::net::SocketAddr;
@@ -60,12 +62,25 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
 };
 pub use error::HyperswarmError;
-pub use node::{DIAL_BACKOFF, MAX_CONCURRENT_DIALS, MAX_LOOKUP_CANDIDATES};
+pub use node::{DIAL_BACKOFF, MAX_CONCURRENT_DIALS, MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
 
 use config::Settings;
 use node::Node;
+
+/// An endpoint found on the DHT that could not be reached (see
+/// [`HyperswarmTransport::dial_failures`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DialFailure {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// Consecutive failures (the retry backoff follows [`DIAL_BACKOFF`]).
+    pub failures: u32,
+    /// The last error, e.g. `handshake with 10.0.0.1:4000 failed: no answer within 10000 ms`.
+    pub error: String,
+}
 
 /// The transport's name.
 const NAME: &str = "hyperswarm";
@@ -107,6 +122,27 @@ impl HyperswarmTransport {
     /// The DHT bootstrap nodes in use (`None`: the public mainline bootstrap nodes).
     pub fn bootstrap_nodes(&self) -> Option<&[String]> {
         self.settings.bootstrap.as_deref()
+    }
+
+    /// The data socket's public (reflexive) address as DHT nodes see it, once learned (see
+    /// the crate docs).
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.node.get().and_then(|n| n.public_addr())
+    }
+
+    /// Endpoints listed on the DHT that could not be reached lately (by `connect`'s dialler
+    /// or `lookup`'s check), with the last error: how a pair of peers that cannot punch
+    /// through their NATs shows up. Empty before networking starts.
+    pub fn dial_failures(&self) -> Vec<DialFailure> {
+        self.node
+            .get()
+            .map(|n| n.dial_failures())
+            .unwrap_or_default()
+    }
+
+    /// How many hole-punch probes the data socket received (diagnostics).
+    pub fn probes_received(&self) -> u64 {
+        self.node.get().map_or(0, |n| n.probes_received())
     }
 
     /// The data socket's local address, once networking has started.

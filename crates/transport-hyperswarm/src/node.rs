@@ -1,7 +1,7 @@
 //! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::HyperswarmError;
 use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
 use crate::conn::{HsConnection, closed_with, code};
+use crate::krpc;
 use crate::noise::{self, Role};
 use crate::quic;
+use crate::socket::{DataSocket, PROBE};
 use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN, Verdict};
 
 /// Backoff after failed dials to one address, by number of consecutive failures: stale DHT
@@ -41,6 +43,24 @@ pub(crate) const MAX_TRACKED_ADDRS: usize = 4096;
 
 /// How long a verified address → peer mapping is trusted by `lookup` without re-checking.
 pub(crate) const IDENTIFY_TTL: Duration = Duration::from_secs(30);
+
+/// Interval between hole-punch probes to a peer while dialling it: often enough that the
+/// remote's QUIC Initial finds the NAT mapping open, rare enough to be negligible traffic.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// DHT nodes asked for the data socket's public address each time (a majority decides).
+const REFLEXIVE_PINGS: usize = 4;
+
+/// How long to wait for their replies.
+const REFLEXIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Re-announce interval while the public address is still unknown.
+const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
+
+/// After the first reply, how much longer the others may take.
+const REFLEXIVE_GRACE: Duration = Duration::from_millis(200);
+
+type PendingPing = (SocketAddr, mpsc::Sender<Option<SocketAddrV4>>);
 
 /// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
 pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
@@ -76,6 +96,7 @@ struct AddrState {
     failures: u32,
     next_try: Option<Instant>,
     last_failure: Option<Instant>,
+    last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -118,8 +139,9 @@ impl State {
         self.addrs.entry(addr).or_default()
     }
 
-    fn dial_failed(&mut self, addr: SocketAddr) {
+    fn dial_failed(&mut self, addr: SocketAddr, error: String) {
         let a = self.addr_mut(addr);
+        a.last_error = Some(error);
         a.failures = a.failures.saturating_add(1);
         let tier = (a.failures as usize - 1).min(DIAL_BACKOFF.len() - 1);
         let now = Instant::now();
@@ -133,6 +155,7 @@ impl State {
         a.failures = 0;
         a.next_try = None;
         a.last_failure = None;
+        a.last_error = None;
         a.peer = Some((peer, Instant::now()));
     }
 }
@@ -152,6 +175,12 @@ pub(crate) struct Node {
     settings: Arc<Settings>,
     public_key: [u8; 32],
     endpoint: quinn::Endpoint,
+    /// The UDP socket under `endpoint`, for probes and KRPC pings.
+    data: Arc<DataSocket>,
+    /// KRPC pings in flight: transaction id -> (node pinged, where to report its reply).
+    pings: Mutex<HashMap<[u8; 4], PendingPing>>,
+    /// The data socket's public address as DHT nodes reported it.
+    public: Mutex<Option<SocketAddrV4>>,
     local_addr: SocketAddr,
     dht: AsyncDht,
     state: Mutex<State>,
@@ -216,11 +245,15 @@ impl Node {
         let (socket, dht) = started;
         let endpoint =
             quic::endpoint(&settings, socket).map_err(|e| start_failed(e.to_string()))?;
+        let (endpoint, data, diverted) = endpoint;
         let local_addr = endpoint.local_addr()?;
         let node = Arc::new(Node {
             public_key: settings.identity.public_bytes(),
             settings,
             endpoint,
+            data,
+            pings: Mutex::new(HashMap::new()),
+            public: Mutex::new(None),
             local_addr,
             dht: dht.as_async(),
             state: Mutex::new(State::default()),
@@ -230,6 +263,8 @@ impl Node {
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
+        let handler = node.clone();
+        node.spawn(async move { handler.handle_diverted(diverted).await });
         tracing::debug!(addr = %local_addr, peer = %node.settings.identity.peer_id(), "hyperswarm node started");
         Ok(node)
     }
@@ -314,7 +349,14 @@ impl Node {
         let node = self.clone();
         let handle = self.spawn(async move {
             loop {
-                tokio::time::sleep(node.settings.announce_interval).await;
+                // Until the public address is known, retry soon: the announced port may be
+                // the wrong one behind a NAT that does not keep ports.
+                let wait = if node.public_addr().is_some() {
+                    node.settings.announce_interval
+                } else {
+                    node.settings.announce_interval.min(UNKNOWN_ADDR_RETRY)
+                };
+                tokio::time::sleep(wait).await;
                 if let Err(e) = node.announce_once(topic).await {
                     tracing::warn!(error = %e, "re-announcing on the DHT failed; retrying later");
                 }
@@ -329,9 +371,11 @@ impl Node {
     }
 
     async fn announce_once(&self, topic: TopicHash) -> anyhow::Result<()> {
+        let public = self.learn_public_addr().await;
         let port = self
             .settings
             .announce_port
+            .or(public.map(|p| p.port()))
             .unwrap_or(self.local_addr.port());
         let what = || {
             format!(
@@ -437,8 +481,13 @@ impl Node {
                     st.self_addrs.insert(addr);
                 }
                 Err(e) => {
-                    tracing::debug!(%addr, error = %e, "dial failed");
-                    st.dial_failed(addr);
+                    let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
+                    if failures == 2 {
+                        tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
+                    } else {
+                        tracing::debug!(%addr, error = %e, failures, "dial failed");
+                    }
+                    st.dial_failed(addr, e.to_string());
                 }
             }
         });
@@ -501,6 +550,21 @@ impl Node {
                 }
             }
         };
+        // Hole punching: while dialling, also send probes, so that our NAT maps and lets in
+        // the remote's packets (it probes and dials us at the same time).
+        let data = self.data.clone();
+        let probing = async move {
+            loop {
+                data.send_raw(addr, PROBE);
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+        };
+        let work = async {
+            tokio::select! {
+                result = work => result,
+                never = probing => never,
+            }
+        };
         match tokio::time::timeout(self.settings.handshake_timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(fail(format!(
@@ -511,10 +575,138 @@ impl Node {
         }
     }
 
+    pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
+        self.public
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(SocketAddr::V4)
+    }
+
+    pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
+        let st = self.state();
+        let mut out: Vec<crate::DialFailure> = st
+            .addrs
+            .iter()
+            .filter(|(addr, a)| a.failures > 0 && !st.self_addrs.contains(*addr))
+            .map(|(addr, a)| crate::DialFailure {
+                addr: *addr,
+                failures: a.failures,
+                error: a.last_error.clone().unwrap_or_default(),
+            })
+            .collect();
+        out.sort_by_key(|f| f.addr);
+        out
+    }
+
+    pub(crate) fn probes_received(&self) -> u64 {
+        self.data
+            .counters
+            .probes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Handles datagrams the data socket kept from quinn: KRPC replies to our pings.
+    async fn handle_diverted(self: Arc<Self>, mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
+        while let Some((from, bytes)) = rx.recv().await {
+            let Ok(reply) = krpc::decode_reply(&bytes) else {
+                continue;
+            };
+            let Ok(txid) = <[u8; 4]>::try_from(reply.txid.as_slice()) else {
+                continue;
+            };
+            let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
+            // Only the node we pinged may answer (a forged reply from elsewhere is ignored).
+            if pings.get(&txid).is_some_and(|(to, _)| *to == from)
+                && let Some((_, tx)) = pings.remove(&txid)
+            {
+                let _ = tx.try_send(reply.seen_as);
+            }
+        }
+    }
+
+    /// Learns the data socket's public address: KRPC pings sent from the data socket to a
+    /// few DHT nodes, whose replies carry our address as they saw it (BEP 42 `ip`).
+    async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
+        let mut candidates = self.dht.to_bootstrap().await;
+        // Right after start the routing table may still be empty: fall back to the
+        // configured bootstrap nodes given as IPv4 addresses.
+        if let Some(bootstrap) = &self.settings.bootstrap {
+            candidates.extend(bootstrap.iter().cloned());
+        }
+        let mut nodes: Vec<SocketAddrV4> = Vec::new();
+        for node in candidates.iter().filter_map(|s| s.parse().ok()) {
+            if !nodes.contains(&node) && nodes.len() < REFLEXIVE_PINGS {
+                nodes.push(node);
+            }
+        }
+        let (tx, mut rx) = mpsc::channel(REFLEXIVE_PINGS);
+        let mut txids = Vec::new();
+        for node in nodes {
+            let id = mainline::Id::random();
+            let bytes = id.as_bytes();
+            let txid = [bytes[0], bytes[1], bytes[2], bytes[3]];
+            self.pings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(txid, (SocketAddr::V4(node), tx.clone()));
+            self.data
+                .send_raw(SocketAddr::V4(node), &krpc::encode_ping(txid, *bytes));
+            txids.push(txid);
+        }
+        drop(tx);
+        let mut seen: Vec<SocketAddrV4> = Vec::new();
+        let mut deadline = tokio::time::Instant::now() + REFLEXIVE_TIMEOUT;
+        while seen.len() < txids.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Some(addr))) => {
+                    seen.push(addr);
+                    // The first answer came: give the others only a moment more.
+                    deadline = deadline.min(tokio::time::Instant::now() + REFLEXIVE_GRACE);
+                }
+                Ok(Some(None)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        {
+            let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
+            for txid in &txids {
+                pings.remove(txid);
+            }
+        }
+        // The most reported address wins; several different ones mean the NAT maps each
+        // destination differently ("symmetric"), where punching will likely fail.
+        let mut best: Option<(SocketAddrV4, usize)> = None;
+        for a in &seen {
+            let votes = seen.iter().filter(|b| *b == a).count();
+            if best.is_none_or(|(_, v)| votes > v) {
+                best = Some((*a, votes));
+            }
+        }
+        let public = best.map(|(a, _)| a)?;
+        if seen.iter().any(|a| *a != public) {
+            tracing::warn!(
+                ?seen,
+                "DHT nodes see this socket at different addresses: endpoint-dependent NAT \
+                 mapping, direct connections will likely fail"
+            );
+        }
+        *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(public);
+        self.state().self_addrs.insert(SocketAddr::V4(public));
+        Some(public)
+    }
+
     async fn accept_loop(self: Arc<Self>) {
+        let slots = Arc::new(Semaphore::new(quic::MAX_INCOMING_HANDSHAKES));
         while let Some(incoming) = self.endpoint.accept().await {
+            // Bounded: beyond this many handshakes in progress, new ones are refused.
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(addr = %incoming.remote_address(), "too many handshakes; refused");
+                incoming.refuse();
+                continue;
+            };
             let node = self.clone();
             self.spawn(async move {
+                let _permit = permit;
                 let addr = incoming.remote_address();
                 let limit = node.settings.handshake_timeout;
                 match tokio::time::timeout(limit, node.respond(incoming)).await {
@@ -787,7 +979,7 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
-                    st.dial_failed(addr);
+                    st.dial_failed(addr, e.to_string());
                 }
             }
         }
@@ -830,5 +1022,46 @@ fn refused_or(
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) => refused(addr, c.error_code),
         _ => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_backoff_climbs_the_tiers_and_resets() {
+        let mut st = State::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let before = Instant::now();
+            st.dial_failed(addr, "test".into());
+            let next = st.addrs[&addr].next_try.unwrap();
+            waits.push((next - before).as_secs());
+        }
+        assert_eq!(waits, [1, 5, 30, 120, 120, 120]);
+        assert!(st.in_backoff(addr, Instant::now()));
+        st.verified(addr, [1; 32]);
+        assert!(!st.in_backoff(addr, Instant::now()));
+        assert_eq!(st.addrs[&addr].failures, 0);
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded() {
+        let mut st = State::default();
+        for i in 0..(MAX_TRACKED_ADDRS as u32 * 2) {
+            let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1));
+            st.verified(addr, [0; 32]);
+            assert!(st.addrs.len() <= MAX_TRACKED_ADDRS);
+        }
+    }
+
+    #[test]
+    fn info_hash_is_the_derived_prefix() {
+        let topic = [7u8; 32];
+        let derived = derive_from_topic(&topic, Domain::DhtInfoHash);
+        assert_eq!(info_hash(&topic).as_bytes()[..], derived[..20]);
+        assert_ne!(info_hash(&topic).as_bytes()[..], topic[..20]);
     }
 }

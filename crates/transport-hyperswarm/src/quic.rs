@@ -15,7 +15,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use quinn::Runtime;
+
 use crate::config::Settings;
+use crate::socket::DataSocket;
 use crate::wire::ALPN;
 
 /// UDP socket buffer size: the default 208 KiB drops 0.3–1.8% of packets at full speed on
@@ -44,8 +47,15 @@ pub(crate) fn bind_socket(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// The endpoint, the data socket under it (for raw sends) and the diverted datagrams.
+pub(crate) type Started = (
+    quinn::Endpoint,
+    Arc<DataSocket>,
+    tokio::sync::mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+);
+
 /// Creates the QUIC endpoint (client and server) on `socket`.
-pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result<quinn::Endpoint> {
+pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result<Started> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let transport = Arc::new(transport_config(settings)?);
 
@@ -76,14 +86,16 @@ pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result
     // Non-QUIC datagrams (hole-punch probes) are told apart by the QUIC fixed bit, so it
     // must not be greased.
     endpoint_config.grease_quic_bit(false);
-    let mut endpoint = quinn::Endpoint::new(
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let (data, diverted) = DataSocket::new(runtime.wrap_udp_socket(socket)?);
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
+        data.clone(),
+        runtime,
     )?;
     endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    Ok((endpoint, data, diverted))
 }
 
 fn transport_config(settings: &Settings) -> anyhow::Result<quinn::TransportConfig> {

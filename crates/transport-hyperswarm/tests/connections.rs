@@ -134,3 +134,87 @@ async fn max_peers_bounds_the_connections() {
         o.disconnect().await.unwrap();
     }
 }
+
+/// User + system CPU time of this process, from /proc (clock ticks of 10 ms).
+#[cfg(target_os = "linux")]
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_idle_transports_do_not_spin() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("idle");
+    let mut a = dht.transport();
+    let mut b = dht.transport();
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    let _ca = next_conn(&mut ra, Duration::from_secs(30)).await;
+    let _cb = next_conn(&mut rb, Duration::from_secs(30)).await;
+    // Let the first lookups settle, then measure the whole process (the DHT testnet too).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, wall0) = (cpu_time(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (cpu, wall) = (cpu_time() - cpu0, wall0.elapsed());
+    let share = cpu.as_secs_f64() / wall.as_secs_f64();
+    eprintln!(
+        "idle: {cpu:?} CPU in {wall:?} ({:.2}% of a core)",
+        share * 100.0
+    );
+    assert!(
+        share < 0.10,
+        "idle transports used {:.1}% of a core",
+        share * 100.0
+    );
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_transport_closes_its_connections() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("drop");
+    // A long idle timeout, so an end seen within the bound below can only be the close the
+    // drop sent, with room for a loaded machine.
+    let patient = || {
+        dht.builder()
+            .keep_alive(Duration::from_millis(500), Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let mut a = patient();
+    let mut b = patient();
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    let _ca = next_conn(&mut ra, Duration::from_secs(30)).await;
+    let mut cb = next_conn(&mut rb, Duration::from_secs(30)).await;
+    drop(a);
+    // Not the idle timeout: the drop sends CONNECTION_CLOSE right away.
+    let started = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(30), cb.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // The dropped transport's receiver ended too.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), ra.recv())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    b.disconnect().await.unwrap();
+}

@@ -110,11 +110,16 @@ async fn stale_and_bogus_dht_entries_are_skipped() {
     .expect("lookup stalled on bogus DHT entries");
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].id, real.peer_id());
-    let found = tokio::time::timeout(Duration::from_secs(60), seeker.lookup(topic))
-        .await
-        .expect("a second lookup stalled on entries already known to be dead")
-        .unwrap();
-    assert_eq!(found.len(), 1, "{found:?}");
+    // The first lookups may not have seen every entry yet; once all were tried, a lookup
+    // does not wait for dead entries again.
+    let guard = Duration::from_secs(60);
+    for _ in 0..2 {
+        let found = tokio::time::timeout(guard, seeker.lookup(topic))
+            .await
+            .expect("a later lookup stalled on entries already known to be dead")
+            .unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,310 @@
+//! The data socket as quinn sees it: a wrapper that takes non-QUIC datagrams (hole-punch
+//! probes, KRPC replies telling our public address) out of every received batch before
+//! quinn sees them, so one UDP socket carries QUIC, probes and address discovery.
+//!
+//! Classification uses the QUIC "fixed bit" (0x40 of the first byte), which this endpoint
+//! never greases (`grease_quic_bit(false)`): probes start with 0x00. KRPC messages start with
+//! `d` (0x64, fixed bit set), so they are recognised by their bencoded shape. Every GRO
+//! segment of a batch is checked, not only the first.
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::mpsc;
+
+/// A hole-punch probe: starts with 0x00 (QUIC fixed bit clear).
+pub(crate) const PROBE: &[u8] = b"\x00pluresdb-sync/punch/v1";
+
+/// How many diverted datagrams may wait for the node's handler; more are dropped (they are
+/// best-effort by nature), so a flood cannot grow memory.
+pub(crate) const DIVERT_QUEUE: usize = 256;
+
+/// What a received datagram is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// For quinn.
+    Quic,
+    /// A hole-punch probe.
+    Probe,
+    /// A bencoded KRPC message (a DHT node's reply to our ping).
+    Krpc,
+    /// Neither: dropped.
+    Garbage,
+}
+
+/// Classifies one datagram. Pure.
+pub(crate) fn classify(d: &[u8]) -> Kind {
+    let Some(&first) = d.first() else {
+        return Kind::Garbage;
+    };
+    if d.starts_with(PROBE) {
+        return Kind::Probe;
+    }
+    if first == b'd' && d.last() == Some(&b'e') && d.windows(5).any(|w| w == b"1:y1:") {
+        return Kind::Krpc;
+    }
+    if first & 0x40 == 0 {
+        return Kind::Garbage;
+    }
+    Kind::Quic
+}
+
+/// Removes every non-QUIC segment from the first `n` entries of a received batch, handing
+/// each to `divert`, and compacts what is left. Returns the number of entries left.
+pub(crate) fn filter_batch(
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [RecvMeta],
+    n: usize,
+    mut divert: impl FnMut(SocketAddr, Kind, &[u8]),
+) -> usize {
+    let mut kept = 0;
+    for i in 0..n.min(bufs.len()).min(meta.len()) {
+        let m = meta[i];
+        let len = m.len.min(bufs[i].len());
+        let stride = if m.stride == 0 { len.max(1) } else { m.stride };
+        let buf = &mut bufs[i][..len];
+        let (mut read, mut write) = (0, 0);
+        while read < len {
+            let end = (read + stride).min(len);
+            match classify(&buf[read..end]) {
+                Kind::Quic => {
+                    if write != read {
+                        buf.copy_within(read..end, write);
+                    }
+                    write += end - read;
+                }
+                kind => divert(m.addr, kind, &buf[read..end]),
+            }
+            read = end;
+        }
+        if write == 0 {
+            continue;
+        }
+        if kept != i {
+            let (head, tail) = bufs.split_at_mut(i);
+            head[kept][..write].copy_from_slice(&tail[0][..write]);
+        }
+        meta[kept] = RecvMeta { len: write, ..m };
+        kept += 1;
+    }
+    kept
+}
+
+/// Counters of what the data socket diverted.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) probes: AtomicU64,
+    pub(crate) garbage: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+/// The data socket handed to quinn.
+pub(crate) struct DataSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    diverted: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl DataSocket {
+    pub(crate) fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+    ) -> (Arc<Self>, mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
+        let (tx, rx) = mpsc::channel(DIVERT_QUEUE);
+        let socket = Arc::new(Self {
+            inner,
+            diverted: tx,
+            counters: Arc::default(),
+        });
+        (socket, rx)
+    }
+
+    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it).
+    pub(crate) fn send_raw(&self, to: SocketAddr, bytes: &[u8]) {
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: bytes,
+            segment_size: None,
+            src_ip: None,
+        };
+        if let Err(e) = self.inner.try_send(&transmit) {
+            tracing::trace!(%to, error = %e, "raw datagram not sent");
+        }
+    }
+}
+
+impl fmt::Debug for DataSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataSocket")
+            .field("local_addr", &self.inner.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncUdpSocket for DataSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            let kept = filter_batch(bufs, meta, n, |from, kind, bytes| match kind {
+                Kind::Garbage => {
+                    self.counters.garbage.fetch_add(1, Ordering::Relaxed);
+                }
+                Kind::Probe => {
+                    self.counters.probes.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    if self.diverted.try_send((from, bytes.to_vec())).is_err() {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+            // Everything was diverted: poll again (registers the waker when nothing is left).
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn quic(len: usize, tag: u8) -> Vec<u8> {
+        let mut v = vec![tag; len];
+        v[0] = 0x40 | (tag & 0x3f);
+        v
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(PROBE), Kind::Probe);
+        assert_eq!(classify(b"d1:t4:abcd1:y1:re"), Kind::Krpc);
+        assert_eq!(classify(&quic(1200, 3)), Kind::Quic);
+        assert_eq!(classify(&[0x00, 1, 2]), Kind::Garbage);
+        assert_eq!(classify(&[]), Kind::Garbage);
+        // A QUIC short header that happens to start with 'd' is still QUIC.
+        assert_eq!(classify(b"d\x01\x02\x03"), Kind::Quic);
+    }
+
+    /// Runs filter_batch over `batches` (each a list of segments sharing a stride) and
+    /// returns the kept segments per entry and the diverted ones.
+    fn run(batches: Vec<Vec<Vec<u8>>>) -> (Vec<Vec<Vec<u8>>>, Vec<Vec<u8>>) {
+        let mut storage: Vec<Vec<u8>> = vec![vec![0u8; 8192]; batches.len() + 1];
+        let mut meta = vec![RecvMeta::default(); storage.len()];
+        let mut strides = Vec::new();
+        for (i, segs) in batches.iter().enumerate() {
+            let stride = segs.first().map_or(1, Vec::len);
+            let mut at = 0;
+            for s in segs {
+                storage[i][at..at + s.len()].copy_from_slice(s);
+                at += s.len();
+            }
+            meta[i] = RecvMeta {
+                len: at,
+                stride,
+                ..RecvMeta::default()
+            };
+            strides.push(stride);
+        }
+        let mut diverted = Vec::new();
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let kept = filter_batch(&mut bufs, &mut meta, batches.len(), |_, _, b| {
+            diverted.push(b.to_vec())
+        });
+        let out = (0..kept)
+            .map(|i| {
+                bufs[i][..meta[i].len]
+                    .chunks(meta[i].stride)
+                    .map(<[u8]>::to_vec)
+                    .collect()
+            })
+            .collect();
+        (out, diverted)
+    }
+
+    #[test]
+    fn diverts_middle_and_last_segments_and_drops_empty_entries() {
+        let (q1, q2, q3) = (quic(100, 1), quic(100, 2), quic(40, 3));
+        let mut probe = PROBE.to_vec();
+        probe.resize(100, 0);
+        let (kept, diverted) = run(vec![
+            vec![q1.clone(), probe.clone(), q2.clone(), q3.clone()],
+            vec![probe.clone()],
+            vec![q2.clone()],
+        ]);
+        assert_eq!(kept, vec![vec![q1, q2.clone(), q3], vec![q2]]);
+        assert_eq!(diverted, vec![probe.clone(), probe]);
+    }
+
+    proptest! {
+        #[test]
+        fn keeps_exactly_the_quic_segments_in_order(
+            plan in proptest::collection::vec(proptest::collection::vec(any::<bool>(), 1..6), 1..5),
+            stride in 20usize..200,
+        ) {
+            let mut probe = PROBE.to_vec();
+            probe.resize(stride, 0);
+            let mut tag = 0u8;
+            let mut expected = Vec::new();
+            let mut batches = Vec::new();
+            for entry in &plan {
+                let mut segs = Vec::new();
+                let mut kept = Vec::new();
+                for &is_quic in entry {
+                    tag = tag.wrapping_add(1);
+                    if is_quic {
+                        let q = quic(stride, tag);
+                        kept.push(q.clone());
+                        segs.push(q);
+                    } else {
+                        segs.push(probe.clone());
+                    }
+                }
+                if !kept.is_empty() { expected.push(kept); }
+                batches.push(segs);
+            }
+            let (got, diverted) = run(batches);
+            prop_assert_eq!(got, expected);
+            prop_assert!(diverted.iter().all(|d| d == &probe));
+        }
+    }
+}
