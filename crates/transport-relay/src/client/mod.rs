@@ -6,7 +6,6 @@ mod peer;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,10 +23,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::RelayError;
 use crate::protocol::{self, Frame, RelayFrame, SUBPROTOCOL};
-use connection::LinkState;
 use driver::{Cmd, Driver};
 
-pub use driver::{CLIENT_IDLE_TIMEOUT, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES};
+pub use driver::{
+    CLIENT_IDLE_TIMEOUT, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES, RECONNECT_INITIAL_DELAY,
+    RECONNECT_MAX_DELAY,
+};
 
 /// The largest frame the client accepts from a relay (the relay's own limit is announced in
 /// WELCOME and is usually 64 KiB; this only bounds what a hostile relay can make us read).
@@ -45,7 +46,6 @@ pub(crate) struct Settings {
 
 struct Link {
     cmds: mpsc::Sender<Cmd>,
-    state: Arc<LinkState>,
     task: JoinHandle<()>,
 }
 
@@ -215,7 +215,7 @@ impl RelayTransport {
     async fn cmds(&self) -> anyhow::Result<mpsc::Sender<Cmd>> {
         let mut slot = self.slot.lock().await;
         if let Slot::Up(link) = &*slot
-            && link.state.alive.load(std::sync::atomic::Ordering::Acquire)
+            && !link.task.is_finished()
         {
             return Ok(link.cmds.clone());
         }
@@ -289,9 +289,6 @@ impl Transport for RelayTransport {
             if link.cmds.send(Cmd::Disconnect { done }).await.is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
             }
-            link.state
-                .alive
-                .store(false, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
@@ -301,43 +298,37 @@ impl Transport for RelayTransport {
     }
 }
 
-/// Connects to the first relay that answers, in order.
+/// Connects to the first relay that answers and starts the task that owns the link.
 async fn open_link(
     settings: &Arc<Settings>,
     errors: &Arc<Mutex<VecDeque<String>>>,
 ) -> anyhow::Result<Link> {
+    let socket = connect_any(settings, 0).await?;
+    let (cmds, cmd_rx) = mpsc::channel(64);
+    let driver = Driver::new(settings.clone(), errors.clone());
+    let task = tokio::spawn(driver.supervise(socket, cmd_rx));
+    Ok(Link { cmds, task })
+}
+
+/// Tries every relay URL once, starting at index `start` (wrapping), each within the timeout.
+pub(crate) async fn connect_any(
+    settings: &Settings,
+    start: usize,
+) -> Result<driver::Socket, RelayError> {
+    let n = settings.urls.len();
     let mut last = None;
-    for url in &settings.urls {
+    for i in 0..n {
+        let index = (start + i) % n;
+        let url = &settings.urls[index];
         match tokio::time::timeout(settings.timeout, connect_one(settings, url)).await {
-            Ok(Ok((ws, welcome_conn, max_frame))) => {
-                let shown = display_url(url);
-                let (sink, stream) = ws.split();
-                let (out, out_rx) = mpsc::channel(driver::OUTBOUND_QUEUE_FRAMES);
-                let state = Arc::new(LinkState {
-                    max_frame: AtomicUsize::new(max_frame),
-                    alive: AtomicBool::new(true),
+            Ok(Ok((ws, me, max_frame))) => {
+                return Ok(driver::Socket {
+                    ws,
+                    me,
+                    max_frame,
+                    url_index: index,
+                    url: display_url(url),
                 });
-                let (cmds, cmd_rx) = mpsc::channel(64);
-                let drv = Driver::new(
-                    settings.clone(),
-                    shown,
-                    welcome_conn,
-                    out,
-                    state.clone(),
-                    errors.clone(),
-                );
-                let task = tokio::spawn(async move {
-                    let writer = tokio::spawn(driver::writer(sink, out_rx));
-                    drv.run(stream, cmd_rx).await;
-                    // The driver dropped its sender; connections may still hold theirs.
-                    if tokio::time::timeout(Duration::from_secs(2), writer)
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!("relay writer did not finish in time");
-                    }
-                });
-                return Ok(Link { cmds, state, task });
             }
             Ok(Err(e)) => last = Some(e),
             Err(_) => {
@@ -348,7 +339,7 @@ async fn open_link(
             }
         }
     }
-    Err(last.unwrap_or(RelayError::NoRelayUrl).into())
+    Err(last.unwrap_or(RelayError::NoRelayUrl))
 }
 
 fn display_url(url: &url::Url) -> String {
