@@ -180,7 +180,7 @@ where
         .metrics
         .connections_open
         .fetch_add(1, Ordering::Relaxed);
-    run(&shared, ws).await;
+    run(&shared, ws, &slot).await;
     shared
         .metrics
         .connections_open
@@ -208,7 +208,7 @@ struct Conn<'a> {
     rooms: HashSet<RoomId>,
 }
 
-async fn run<S>(shared: &Arc<Shared>, ws: WebSocketStream<S>)
+async fn run<S>(shared: &Arc<Shared>, ws: WebSocketStream<S>, slot: &IpSlot)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -246,12 +246,20 @@ where
     let mut ping_nonce = 0u64;
     let mut shutdown = shared.shutdown.clone();
     let mut killed = kill_rx;
+    // Reads pause until this instant when the IP is over its byte rate (TCP then pushes back
+    // on the client; nothing is buffered here).
+    let mut read_at = started;
     loop {
-        let idle_at = last_rx + cfg.idle_timeout;
-        let ping_at = last_rx.max(last_ping) + cfg.ping_interval;
+        // A paused reader is not idle: the pause counts as activity.
+        let idle_at = last_rx.max(read_at) + cfg.idle_timeout;
+        let ping_at = last_rx.max(last_ping).max(read_at) + cfg.ping_interval;
         let mut wake = idle_at.min(ping_at);
         if !ever_joined {
             wake = wake.min(started + cfg.join_timeout);
+        }
+        let reading = Instant::now() >= read_at;
+        if !reading {
+            wake = wake.min(read_at);
         }
         tokio::select! {
             _ = killed.changed() => break,
@@ -271,17 +279,22 @@ where
                     kill(&kill_tx, close_code::TIMEOUT, format!("nothing received for {} ms", cfg.idle_timeout.as_millis()));
                     break;
                 }
-                if now >= ping_at {
+                if now >= ping_at && now >= read_at {
                     ping_nonce += 1;
                     let _ = conn.me.tx.try_send(Message::Binary(Frame::Ping(ping_nonce).encode().into()));
                     last_ping = now;
                 }
             }
-            msg = stream.next() => {
+            msg = stream.next(), if reading => {
                 let Some(msg) = msg else { break };
                 match msg {
                     Ok(Message::Binary(data)) => {
                         last_rx = Instant::now();
+                        let pause = slot.charge(data.len());
+                        if !pause.is_zero() {
+                            shared.metrics.drop(Drop::RateLimited);
+                            read_at = last_rx + pause;
+                        }
                         shared.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
                         match conn.frame(&data).await {
                             Ok(joined) => ever_joined |= joined,
