@@ -30,6 +30,9 @@ pub(crate) const OUTBOUND_QUEUE_FRAMES: usize = 256;
 pub const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Silence from the relay after which the client gives the socket up.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most peer sessions (pending or established) per topic. An honest relay caps rooms far
+/// lower (256 by default); this bounds what a hostile relay inventing peers can make us hold.
+pub(crate) const MAX_SESSIONS_PER_TOPIC: usize = 1024;
 /// First wait before reconnecting to a lost relay (jittered ±25%).
 pub const RECONNECT_INITIAL_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect rounds: a restarted relay is found within 10 s, and
@@ -459,17 +462,20 @@ impl Driver {
                     return;
                 };
                 t.joined = true;
-                t.members.extend(peers.iter().copied());
+                t.members
+                    .extend(peers.iter().copied().take(MAX_SESSIONS_PER_TOPIC));
                 for w in t.waiting.drain(..) {
                     let _ = w.send(Ok(()));
                 }
                 // The newcomer starts every handshake, so each pair makes exactly one attempt.
-                for peer in peers {
+                for peer in peers.into_iter().take(MAX_SESSIONS_PER_TOPIC) {
                     self.start_session(room, peer).await;
                 }
             }
             RelayFrame::PeerJoined { room, peer } => {
-                if let Some(t) = self.topics.get_mut(&room) {
+                if let Some(t) = self.topics.get_mut(&room)
+                    && t.members.len() < MAX_SESSIONS_PER_TOPIC
+                {
                     t.members.insert(peer);
                 }
             }
@@ -593,6 +599,15 @@ impl Driver {
         let Some(t) = self.topics.get_mut(&room) else {
             return;
         };
+        if matches!(k, kind::HS1 | kind::HELLO)
+            && !t.sessions.contains_key(&from)
+            && t.sessions.len() >= MAX_SESSIONS_PER_TOPIC
+        {
+            return self.record(RelayError::Session {
+                conn: from,
+                reason: format!("ignored: already {MAX_SESSIONS_PER_TOPIC} sessions on this topic"),
+            });
+        }
         match k {
             kind::HS1 => {
                 if !encryption {
