@@ -474,3 +474,93 @@ async fn reconnects_with_backoff_to_a_restarted_relay() {
         b"restarted"
     );
 }
+
+/// A minimal HTTP CONNECT proxy on loopback that demands basic auth `user:p@ss`
+/// (`dXNlcjpwQHNz`) and counts the tunnels it opened.
+async fn connect_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = tunnels.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap().to_owned();
+                if !head.contains("Proxy-Authorization: Basic dXNlcjpwQHNz\r\n") {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (format!("http://user:p%40ss@{addr}"), tunnels)
+}
+
+#[tokio::test]
+async fn tunnels_through_an_http_connect_proxy_with_basic_auth() {
+    let (_server, url) = relay().await;
+    let (proxy, tunnels) = connect_proxy().await;
+    let build = || {
+        RelayTransport::builder()
+            .relay_url(&url)
+            .proxy(&proxy)
+            .build()
+            .unwrap()
+    };
+    let (mut a, mut b) = (build(), build());
+    let topic = fresh_topic("proxy");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    ca.send(b"through the proxy").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, cb.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"through the proxy"
+    );
+    assert_eq!(tunnels.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let bad = proxy.replace("p%40ss", "wrong");
+    let mut refused = RelayTransport::builder()
+        .relay_url(&url)
+        .proxy(&bad)
+        .build()
+        .unwrap();
+    let err = refused.announce(topic).await.unwrap_err().to_string();
+    assert!(err.contains("407") && err.contains("proxy"), "{err}");
+    assert!(
+        !err.contains("wrong"),
+        "the proxy password leaked into {err}"
+    );
+    let err = RelayTransport::builder()
+        .relay_url(&url)
+        .proxy("socks5://x:1")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("socks5://x:1"), "{err}");
+}

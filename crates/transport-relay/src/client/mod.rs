@@ -3,6 +3,7 @@
 mod connection;
 mod driver;
 mod peer;
+mod proxy;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -42,6 +43,19 @@ pub(crate) struct Settings {
     pub(crate) timeout: Duration,
     pub(crate) auth_token: Option<String>,
     pub(crate) extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub(crate) proxy: ProxyChoice,
+}
+
+/// Which forward proxy the client tunnels through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ProxyChoice {
+    /// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY`, minus `NO_PROXY` (the default).
+    #[default]
+    FromEnv,
+    /// This proxy for every relay URL.
+    Url(url::Url),
+    /// Connect directly.
+    Direct,
 }
 
 struct Link {
@@ -89,9 +103,24 @@ pub struct RelayTransportBuilder {
     timeout: Option<Duration>,
     auth_token: Option<String>,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    proxy: Option<String>,
+    direct: bool,
 }
 
 impl RelayTransportBuilder {
+    /// Tunnels through this HTTP proxy (`http://[user:pass@]host:port`, HTTP CONNECT) instead of
+    /// the one from `HTTPS_PROXY`/`HTTP_PROXY` (which are honoured by default, with `NO_PROXY`).
+    pub fn proxy(mut self, url: impl Into<String>) -> Self {
+        self.proxy = Some(url.into());
+        self
+    }
+
+    /// Connects directly, ignoring proxy environment variables.
+    pub fn no_proxy(mut self) -> Self {
+        self.direct = true;
+        self
+    }
+
     /// Adds a relay URL (`ws://` or `wss://`). Several URLs are tried in order.
     /// A user name in the URL (`wss://TOKEN@relay.example/relay`) is sent as the bearer token.
     pub fn relay_url(mut self, url: impl Into<String>) -> Self {
@@ -163,6 +192,21 @@ impl RelayTransportBuilder {
         if timeout.is_zero() {
             return Err(Error::ZeroTimeout.into());
         }
+        let proxy = match (self.direct, self.proxy) {
+            (true, _) => ProxyChoice::Direct,
+            (false, Some(p)) => {
+                let parsed = url::Url::parse(&p)
+                    .ok()
+                    .filter(|u| u.scheme() == "http" && u.host_str().is_some())
+                    .ok_or_else(|| RelayError::InvalidSetting {
+                        name: "proxy",
+                        value: p.clone(),
+                        reason: "expected http://[user:pass@]host:port".into(),
+                    })?;
+                ProxyChoice::Url(parsed)
+            }
+            (false, None) => ProxyChoice::FromEnv,
+        };
         Ok(RelayTransport {
             settings: Arc::new(Settings {
                 urls,
@@ -171,6 +215,7 @@ impl RelayTransportBuilder {
                 timeout,
                 auth_token: self.auth_token,
                 extra_roots: self.extra_roots,
+                proxy,
             }),
             slot: tokio::sync::Mutex::new(Slot::Idle),
             errors: Arc::default(),
@@ -384,22 +429,40 @@ async fn connect_one(
     } else {
         None
     };
-    let (mut ws, resp) =
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(resp) => fail(format!(
-                    "HTTP {}: {}",
-                    resp.status(),
-                    resp.body()
-                        .as_deref()
-                        .map(|b| String::from_utf8_lossy(&b[..b.len().min(200)])
-                            .trim()
-                            .to_owned())
-                        .unwrap_or_default()
-                )),
-                other => fail(other.to_string()),
-            })?;
+    let proxy = match &settings.proxy {
+        ProxyChoice::Direct => None,
+        ProxyChoice::Url(p) => Some(p.clone()),
+        ProxyChoice::FromEnv => proxy::proxy_from_env(url, |k| std::env::var(k).ok()),
+    };
+    let handshake = match proxy {
+        None => {
+            tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
+                .await
+        }
+        Some(p) => {
+            let host = url.host_str().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = url.port_or_known_default().unwrap_or(443);
+            let tunnel = proxy::connect_via(&p, host, port)
+                .await
+                .map_err(|e| fail(format!("via proxy {}: {e}", display_url(&p))))?;
+            tokio_tungstenite::client_async_tls_with_config(req, tunnel, Some(config), connector)
+                .await
+        }
+    };
+    let (mut ws, resp) = handshake.map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => fail(format!(
+            "HTTP {}: {}",
+            resp.status(),
+            resp.body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(200)])
+                    .trim()
+                    .to_owned())
+                .unwrap_or_default()
+        )),
+        other => fail(other.to_string()),
+    })?;
     let chosen = resp
         .headers()
         .get("sec-websocket-protocol")
