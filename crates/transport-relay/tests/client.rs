@@ -564,3 +564,31 @@ async fn tunnels_through_an_http_connect_proxy_with_basic_auth() {
         .unwrap_err();
     assert!(err.to_string().contains("socks5://x:1"), "{err}");
 }
+
+#[tokio::test]
+async fn dropping_a_transport_closes_its_socket_even_with_live_connections() {
+    let (_server, url) = relay().await;
+    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let topic = fresh_topic("drop-transport");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut held = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    drop(b);
+    assert_eq!(
+        tokio::time::timeout(T, ca.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        tokio::time::timeout(T, held.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    assert!(held.send(b"x").await.is_err());
+}

@@ -171,7 +171,9 @@ impl Driver {
             } = socket;
             let (sink, stream) = ws.split();
             let (out, out_rx) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
-            let mut writer = tokio::spawn(writer(sink, out_rx));
+            // Aborted when this future is dropped (transport dropped), so the socket closes even
+            // while the application still holds connections.
+            let mut writer = AbortOnDrop(tokio::spawn(writer(sink, out_rx)));
             self.url = url;
             self.me = me;
             self.out = out;
@@ -191,22 +193,22 @@ impl Driver {
                 Outcome::Disconnect(done) => {
                     self.link.disconnected.store(true, Ordering::Release);
                     self.out = dead_sender();
-                    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+                    if tokio::time::timeout(Duration::from_secs(2), &mut writer.0)
                         .await
                         .is_err()
                     {
-                        writer.abort();
+                        writer.0.abort();
                     }
                     self.finish();
                     let _ = done.send(());
                     return;
                 }
                 Outcome::Dropped => {
-                    writer.abort();
+                    writer.0.abort();
                     self.finish();
                     return;
                 }
-                Outcome::Lost => writer.abort(),
+                Outcome::Lost => writer.0.abort(),
             }
             self.out = dead_sender();
             let mut delay = RECONNECT_INITIAL_DELAY;
@@ -922,4 +924,12 @@ fn jitter(d: Duration) -> Duration {
     // 0.75 .. 1.25
     let factor = 0.75 + f64::from(r) / f64::from(u16::MAX) / 2.0;
     d.mul_f64(factor)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
