@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pluresdb_sync::{Identity, derive_topic};
 
+mod bench_cmd;
 mod relay_cmd;
 
 /// Peer discovery and secure transports for PluresDB replication.
@@ -43,6 +44,8 @@ enum Command {
     },
     /// Run a relay server (WebSocket rooms for relay mode).
     Relay(Box<relay_cmd::RelayArgs>),
+    /// Measure a transport against a baseline in the same run.
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", Identity::load(&path)?.peer_id());
         }
         Command::Relay(args) => relay_cmd::run(*args)?,
+        Command::Bench(args) => bench_cmd::run(args)?,
     }
     Ok(())
 }
