@@ -633,12 +633,15 @@ impl Conn<'_> {
 
     /// Queues a frame to another member; closes that member if its queue stays full.
     async fn notify(&self, to: &Member, frame: Bytes) -> bool {
+        // The common case needs no timer.
+        let msg = match to.tx.try_send(Message::Binary(frame)) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(m)) => m,
+        };
         match to
             .tx
-            .send_timeout(
-                Message::Binary(frame),
-                self.shared.config.slow_consumer_timeout,
-            )
+            .send_timeout(msg, self.shared.config.slow_consumer_timeout)
             .await
         {
             Ok(()) => true,
