@@ -97,7 +97,7 @@ fn us(d: Duration) -> String {
     format!("{} us", d.as_micros())
 }
 
-/// A plain tokio-tungstenite server that echoes every binary message back.
+/// A plain tokio-tungstenite server that echoes every binary message back (batching flushes).
 async fn spawn_echo() -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -108,9 +108,18 @@ async fn spawn_echo() -> anyhow::Result<SocketAddr> {
                 let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
                 };
-                let (mut tx, mut rx) = ws.split();
-                while let Some(Ok(m)) = rx.next().await {
-                    if m.is_binary() && tx.send(m).await.is_err() {
+                let (mut tx, rx) = ws.split();
+                // Batch writes like the relay does, so the baseline is not handicapped by a
+                // flush per message.
+                let mut rx = rx.ready_chunks(64);
+                while let Some(batch) = rx.next().await {
+                    for m in batch {
+                        let Ok(m) = m else { return };
+                        if m.is_binary() && tx.feed(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    if tx.flush().await.is_err() {
                         return;
                     }
                 }
