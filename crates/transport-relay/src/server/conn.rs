@@ -19,8 +19,8 @@ use super::http::{self, HeadError, Prefixed};
 use super::metrics::Drop;
 use super::{IpSlot, Member, Shared};
 use crate::protocol::{
-    self, ClientFrame, ConnId, DELIVER_OVERHEAD, Frame, RelayFrame, RoomId, SUBPROTOCOL,
-    close_code, error_code, kind,
+    self, ClientFrame, ConnId, DELIVER_OVERHEAD, ForwardView, Frame, RelayFrame, RoomId,
+    SUBPROTOCOL, close_code, error_code, kind,
 };
 
 /// How long the writer may take to put a close frame on the wire.
@@ -393,6 +393,18 @@ async fn writer<S>(
 impl Conn<'_> {
     /// Handles one frame. `Ok(true)` after a successful JOIN; `Err` closes the connection.
     async fn frame(&mut self, data: &[u8]) -> Result<bool, (u16, String)> {
+        // SEND and BROADCAST are viewed in place: the payload is copied once, into DELIVER.
+        match protocol::decode_forward(data) {
+            Some(ForwardView::Send { room, to, payload }) => {
+                self.send_to(room, to, payload).await?;
+                return Ok(false);
+            }
+            Some(ForwardView::Broadcast { room, payload }) => {
+                self.broadcast(room, payload).await?;
+                return Ok(false);
+            }
+            None => {}
+        }
         let m = &self.shared.metrics;
         let frame = protocol::decode(data).map_err(|e| {
             m.drop(if e.close_code() == close_code::UNKNOWN_TYPE {
@@ -402,7 +414,6 @@ impl Conn<'_> {
             });
             (e.close_code(), e.to_string())
         })?;
-        let max_payload = self.shared.config.max_frame_bytes - DELIVER_OVERHEAD;
         match frame {
             Frame::Relay(r) => {
                 m.drop(Drop::UnknownType);
@@ -434,82 +445,88 @@ impl Conn<'_> {
                 Ok(false)
             }
             Frame::Client(ClientFrame::Send { room, to, payload }) => {
-                if payload.len() > max_payload {
-                    m.drop(Drop::Oversized);
-                    return Err((
-                        close_code::FRAME_TOO_LARGE,
-                        format!(
-                            "payload of {} bytes exceeds the {max_payload}-byte limit",
-                            payload.len()
-                        ),
-                    ));
-                }
-                if !self.rooms.contains(&room) {
-                    self.error(
-                        error_code::NOT_IN_ROOM,
-                        kind::SEND,
-                        room,
-                        Drop::NotInRoom,
-                        "send to a room not joined".into(),
-                    )
-                    .await;
-                    return Ok(false);
-                }
-                let target = self
-                    .shared
-                    .rooms()
-                    .get(&room)
-                    .and_then(|r| r.get(&to))
-                    .cloned();
-                match target.filter(|_| to != self.id) {
-                    Some(t) => {
-                        let frame: Bytes =
-                            protocol::encode_deliver(&room, self.id, false, &payload).into();
-                        self.forward(&t, frame).await;
-                    }
-                    None => {
-                        self.error(
-                            error_code::UNKNOWN_PEER,
-                            kind::SEND,
-                            room,
-                            Drop::UnknownPeer,
-                            format!("connection {to} is not in this room"),
-                        )
-                        .await;
-                    }
-                }
-                Ok(false)
+                self.send_to(room, to, &payload).await.map(|()| false)
             }
             Frame::Client(ClientFrame::Broadcast { room, payload }) => {
-                if payload.len() > max_payload {
-                    m.drop(Drop::Oversized);
-                    return Err((
-                        close_code::FRAME_TOO_LARGE,
-                        format!(
-                            "payload of {} bytes exceeds the {max_payload}-byte limit",
-                            payload.len()
-                        ),
-                    ));
-                }
-                if !self.rooms.contains(&room) {
-                    self.error(
-                        error_code::NOT_IN_ROOM,
-                        kind::BROADCAST,
-                        room,
-                        Drop::NotInRoom,
-                        "broadcast to a room not joined".into(),
-                    )
-                    .await;
-                    return Ok(false);
-                }
-                let targets = self.members(&room);
-                let frame: Bytes = protocol::encode_deliver(&room, self.id, true, &payload).into();
-                for t in targets {
-                    self.forward(&t, frame.clone()).await;
-                }
-                Ok(false)
+                self.broadcast(room, &payload).await.map(|()| false)
             }
         }
+    }
+
+    fn check_payload(&self, len: usize) -> Result<(), (u16, String)> {
+        let max_payload = self.shared.config.max_frame_bytes - DELIVER_OVERHEAD;
+        if len > max_payload {
+            self.shared.metrics.drop(Drop::Oversized);
+            return Err((
+                close_code::FRAME_TOO_LARGE,
+                format!("payload of {len} bytes exceeds the {max_payload}-byte limit"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn send_to(
+        &mut self,
+        room: RoomId,
+        to: ConnId,
+        payload: &[u8],
+    ) -> Result<(), (u16, String)> {
+        self.check_payload(payload.len())?;
+        if !self.rooms.contains(&room) {
+            self.error(
+                error_code::NOT_IN_ROOM,
+                kind::SEND,
+                room,
+                Drop::NotInRoom,
+                "send to a room not joined".into(),
+            )
+            .await;
+            return Ok(());
+        }
+        let target = self
+            .shared
+            .rooms()
+            .get(&room)
+            .and_then(|r| r.get(&to))
+            .cloned();
+        match target.filter(|_| to != self.id) {
+            Some(t) => {
+                let frame: Bytes = protocol::encode_deliver(&room, self.id, false, payload).into();
+                self.forward(&t, frame).await;
+            }
+            None => {
+                self.error(
+                    error_code::UNKNOWN_PEER,
+                    kind::SEND,
+                    room,
+                    Drop::UnknownPeer,
+                    format!("connection {to} is not in this room"),
+                )
+                .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn broadcast(&mut self, room: RoomId, payload: &[u8]) -> Result<(), (u16, String)> {
+        self.check_payload(payload.len())?;
+        if !self.rooms.contains(&room) {
+            self.error(
+                error_code::NOT_IN_ROOM,
+                kind::BROADCAST,
+                room,
+                Drop::NotInRoom,
+                "broadcast to a room not joined".into(),
+            )
+            .await;
+            return Ok(());
+        }
+        let targets = self.members(&room);
+        let frame: Bytes = protocol::encode_deliver(&room, self.id, true, payload).into();
+        for t in targets {
+            self.forward(&t, frame.clone()).await;
+        }
+        Ok(())
     }
 
     fn members(&self, room: &RoomId) -> Vec<Member> {
