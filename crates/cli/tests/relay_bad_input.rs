@@ -22,7 +22,7 @@ const T: Duration = Duration::from_secs(30);
 
 /// A relay process; killed when dropped.
 struct Relay {
-    _child: Child,
+    child: Child,
     addr: SocketAddr,
     metrics: SocketAddr,
 }
@@ -58,7 +58,7 @@ impl Relay {
             }
         }
         Self {
-            _child: child,
+            child,
             addr: addr.unwrap(),
             metrics: metrics.unwrap(),
         }
@@ -742,4 +742,24 @@ async fn per_ip_byte_rate_pauses_reads_without_dropping() {
             .await,
         0
     );
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_going_away_and_exits_cleanly() {
+    let mut relay = Relay::start(&[]).await;
+    let (mut ws, _) = client(relay.addr).await;
+    join(&mut ws, [4; 32]).await;
+    let pid = relay.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, reason) = closed(&mut ws).await;
+    assert_eq!(code, close_code::GOING_AWAY, "{reason}");
+    let exit = tokio::time::timeout(T, relay.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }
