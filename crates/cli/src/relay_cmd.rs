@@ -56,6 +56,9 @@ pub(crate) struct RelayArgs {
     /// Milliseconds a full queue may block forwarding before its reader is closed [default: 5000].
     #[arg(long)]
     slow_consumer_timeout_ms: Option<u64>,
+    /// Bytes per second each client IP may send; reads pause beyond it [default: no limit].
+    #[arg(long)]
+    max_bytes_per_sec_per_ip: Option<u64>,
 }
 
 impl RelayArgs {
@@ -91,6 +94,9 @@ impl RelayArgs {
         }
         if let Some(v) = self.slow_consumer_timeout_ms {
             b = b.slow_consumer_timeout(ms(v));
+        }
+        if let Some(v) = self.max_bytes_per_sec_per_ip {
+            b = b.max_bytes_per_sec_per_ip(Some(v));
         }
         if let Some(path) = &self.auth_token_file {
             let text = std::fs::read_to_string(path)

@@ -22,7 +22,7 @@ const T: Duration = Duration::from_secs(30);
 
 /// A relay process; killed when dropped.
 struct Relay {
-    _child: Child,
+    child: Child,
     addr: SocketAddr,
     metrics: SocketAddr,
 }
@@ -58,7 +58,7 @@ impl Relay {
             }
         }
         Self {
-            _child: child,
+            child,
             addr: addr.unwrap(),
             metrics: metrics.unwrap(),
         }
@@ -690,4 +690,76 @@ async fn a_thousand_connect_disconnect_cycles() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(relay.metric("pluresdb_relay_rooms").await, 1);
+}
+
+#[tokio::test]
+async fn per_ip_byte_rate_pauses_reads_without_dropping() {
+    // 512 KiB/s with a 512 KiB burst: 2 MiB takes at least ~3 s to get through.
+    let relay = Relay::start(&["--max-bytes-per-sec-per-ip", "524288"]).await;
+    let room = [0x77; 32];
+    let (mut tx, _) = client(relay.addr).await;
+    let (mut rx, rx_id) = client(relay.addr).await;
+    join(&mut tx, room).await;
+    join(&mut rx, room).await;
+    let chunk = vec![1u8; 60_000];
+    let frames = 35; // 2.1 MB
+    let started = std::time::Instant::now();
+    let sender = async {
+        for _ in 0..frames {
+            let f = pluresdb_sync_transport_relay::protocol::encode_send(&room, rx_id, &chunk);
+            tx.send(Message::Binary(f.into())).await.unwrap();
+        }
+    };
+    let receiver = async {
+        let mut got = 0;
+        while got < frames {
+            if let Frame::Relay(RelayFrame::Deliver { payload, .. }) = next_data(&mut rx).await {
+                assert_eq!(payload.len(), chunk.len());
+                got += 1;
+            }
+        }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join(sender, receiver),
+    )
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(2500),
+        "2.1 MB passed in {elapsed:?}"
+    );
+    assert!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"rate_limited\"}")
+            .await
+            >= 1
+    );
+    assert_eq!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"slow_consumer\"}")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_going_away_and_exits_cleanly() {
+    let mut relay = Relay::start(&[]).await;
+    let (mut ws, _) = client(relay.addr).await;
+    join(&mut ws, [4; 32]).await;
+    let pid = relay.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, reason) = closed(&mut ws).await;
+    assert_eq!(code, close_code::GOING_AWAY, "{reason}");
+    let exit = tokio::time::timeout(T, relay.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }

@@ -43,6 +43,6 @@ pub mod server;
 
 pub use client::{
     CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES,
-    RelayTransport, RelayTransportBuilder,
+    RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, RelayTransport, RelayTransportBuilder,
 };
 pub use error::RelayError;

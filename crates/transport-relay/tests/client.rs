@@ -257,3 +257,338 @@ async fn wss_with_rustls_on_both_ends() {
     .unwrap_err();
     assert!(missing.to_string().contains("nope.pem"), "{missing}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_loss_closes_sessions_then_failover_rejoins_and_peers_meet_again() {
+    let (first, url1) = relay().await;
+    let (_second, url2) = relay().await;
+    let build = || {
+        RelayTransport::builder()
+            .relay_urls([url1.clone(), url2.clone()])
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let (mut a, mut b) = (build(), build());
+    let topic = fresh_topic("failover-rejoin");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    ca.send(b"before").await.unwrap();
+    assert_eq!(cb.receive().await.unwrap().unwrap(), b"before");
+
+    first.shutdown().await;
+    // Lost peers: both old connections end cleanly.
+    assert_eq!(
+        tokio::time::timeout(T, ca.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        tokio::time::timeout(T, cb.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    assert!(ca.send(b"late").await.is_err());
+    // Both fail over to the second relay, rejoin, and meet again with new connections.
+    let mut ca2 = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb2 = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(ca2.peer_id(), b.peer_id());
+    assert_eq!(cb2.peer_id(), a.peer_id());
+    cb2.send(b"after").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, ca2.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"after"
+    );
+    assert!(
+        a.recent_errors().iter().any(|e| e.contains("1001")),
+        "{:?}",
+        a.recent_errors()
+    );
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_returning_peer_gets_a_new_connection() {
+    let (_server, url) = relay().await;
+    let id = Identity::generate().unwrap();
+    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = RelayTransport::builder()
+        .relay_url(&url)
+        .identity(id.clone())
+        .build()
+        .unwrap();
+    let topic = fresh_topic("returning");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let _b_rx = b.connect(topic).await.unwrap();
+    let mut first = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    drop(_b_rx);
+    drop(b); // Gone without a goodbye: the relay reports it left.
+    assert_eq!(
+        tokio::time::timeout(T, first.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    let mut b2 = RelayTransport::builder()
+        .relay_url(&url)
+        .identity(id.clone())
+        .build()
+        .unwrap();
+    let mut b2_rx = b2.connect(topic).await.unwrap();
+    let mut again = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(again.peer_id(), id.peer_id());
+    let mut cb = tokio::time::timeout(T, b2_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    cb.send(b"back").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, again.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"back"
+    );
+}
+
+#[tokio::test]
+async fn bearer_token_from_the_builder_or_the_url() {
+    let server = RelayServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        RelayServerConfig::builder()
+            .auth_tokens(vec!["s3cret".into()])
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let topic = fresh_topic("auth");
+    let mut none = RelayTransport::builder()
+        .relay_url(format!("ws://{addr}/relay"))
+        .build()
+        .unwrap();
+    let err = none.announce(topic).await.unwrap_err().to_string();
+    assert!(err.contains("401"), "{err}");
+    let mut wrong = RelayTransport::builder()
+        .relay_url(format!("ws://{addr}/relay"))
+        .auth_token("nope")
+        .build()
+        .unwrap();
+    assert!(
+        wrong
+            .announce(topic)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("401")
+    );
+    let mut by_builder = RelayTransport::builder()
+        .relay_url(format!("ws://{addr}/relay"))
+        .auth_token("s3cret")
+        .build()
+        .unwrap();
+    by_builder.announce(topic).await.unwrap();
+    let mut by_url = RelayTransport::builder()
+        .relay_url(format!("ws://s3cret@{addr}/relay"))
+        .build()
+        .unwrap();
+    by_url.announce(topic).await.unwrap();
+    let found = tokio::time::timeout(T, async {
+        loop {
+            let peers = by_url.lookup(topic).await.unwrap();
+            if !peers.is_empty() {
+                return peers;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(found[0].id, by_builder.peer_id());
+    // The token never shows in errors.
+    let mut bad_url = RelayTransport::builder()
+        .relay_url(format!("ws://hunter2@{addr}/relay"))
+        .build()
+        .unwrap();
+    let err = bad_url.announce(topic).await.unwrap_err().to_string();
+    assert!(err.contains("401") && !err.contains("hunter2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_with_backoff_to_a_restarted_relay() {
+    let (server, url) = relay().await;
+    let addr = server.local_addr();
+    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let topic = fresh_topic("restart");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    server.shutdown().await;
+    assert_eq!(
+        tokio::time::timeout(T, ca.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    // Wait until both have failed at least one reconnect attempt, then bring the relay back.
+    for t in [&a, &b] {
+        let deadline = Instant::now() + T;
+        while !t
+            .recent_errors()
+            .iter()
+            .any(|e| e.contains("cannot connect"))
+        {
+            assert!(Instant::now() < deadline, "{:?}", t.recent_errors());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _restarted = RelayServer::bind(addr, RelayServerConfig::default())
+        .await
+        .unwrap();
+    let mut ca2 = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb2 = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    ca2.send(b"restarted").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, cb2.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"restarted"
+    );
+}
+
+/// A minimal HTTP CONNECT proxy on loopback that demands basic auth `user:p@ss`
+/// (`dXNlcjpwQHNz`) and counts the tunnels it opened.
+async fn connect_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = tunnels.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap().to_owned();
+                if !head.contains("Proxy-Authorization: Basic dXNlcjpwQHNz\r\n") {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (format!("http://user:p%40ss@{addr}"), tunnels)
+}
+
+#[tokio::test]
+async fn tunnels_through_an_http_connect_proxy_with_basic_auth() {
+    let (_server, url) = relay().await;
+    let (proxy, tunnels) = connect_proxy().await;
+    let build = || {
+        RelayTransport::builder()
+            .relay_url(&url)
+            .proxy(&proxy)
+            .build()
+            .unwrap()
+    };
+    let (mut a, mut b) = (build(), build());
+    let topic = fresh_topic("proxy");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    ca.send(b"through the proxy").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, cb.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"through the proxy"
+    );
+    assert_eq!(tunnels.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let bad = proxy.replace("p%40ss", "wrong");
+    let mut refused = RelayTransport::builder()
+        .relay_url(&url)
+        .proxy(&bad)
+        .build()
+        .unwrap();
+    let err = refused.announce(topic).await.unwrap_err().to_string();
+    assert!(err.contains("407") && err.contains("proxy"), "{err}");
+    assert!(
+        !err.contains("wrong"),
+        "the proxy password leaked into {err}"
+    );
+    let err = RelayTransport::builder()
+        .relay_url(&url)
+        .proxy("socks5://x:1")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("socks5://x:1"), "{err}");
+}
+
+#[tokio::test]
+async fn dropping_a_transport_closes_its_socket_even_with_live_connections() {
+    let (_server, url) = relay().await;
+    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let topic = fresh_topic("drop-transport");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut held = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    drop(b);
+    assert_eq!(
+        tokio::time::timeout(T, ca.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        tokio::time::timeout(T, held.receive())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    assert!(held.send(b"x").await.is_err());
+}

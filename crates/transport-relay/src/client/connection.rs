@@ -19,6 +19,8 @@ pub(crate) struct LinkState {
     pub(crate) max_frame: AtomicUsize,
     /// False once the relay socket is gone or the transport disconnected.
     pub(crate) alive: AtomicBool,
+    /// True once the application disconnected the transport.
+    pub(crate) disconnected: AtomicBool,
 }
 
 /// Shared between a session in the socket task and its `Connection`.
@@ -61,13 +63,13 @@ impl std::fmt::Debug for RelayConnection {
 
 impl RelayConnection {
     fn closed_error(&self) -> anyhow::Error {
-        if self.link.alive.load(Ordering::Acquire) {
+        if self.link.disconnected.load(Ordering::Acquire) {
+            Error::TransportDisconnected { transport: "relay" }.into()
+        } else {
             Error::ConnectionClosed {
                 peer_id: self.peer_id.clone(),
             }
             .into()
-        } else {
-            Error::TransportDisconnected { transport: "relay" }.into()
         }
     }
 

@@ -1,7 +1,7 @@
 //! The task that owns one relay socket: rooms, peer sessions, handshakes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,14 @@ pub(crate) const OUTBOUND_QUEUE_FRAMES: usize = 256;
 pub const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Silence from the relay after which the client gives the socket up.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most peer sessions (pending or established) per topic. An honest relay caps rooms far
+/// lower (256 by default); this bounds what a hostile relay inventing peers can make us hold.
+pub(crate) const MAX_SESSIONS_PER_TOPIC: usize = 1024;
+/// First wait before reconnecting to a lost relay (jittered ±25%).
+pub const RECONNECT_INITIAL_DELAY: Duration = Duration::from_millis(100);
+/// Longest wait between reconnect rounds: a restarted relay is found within 10 s, and
+/// thousands of clients do not hammer it in lockstep.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
 /// Recent session errors kept for [`crate::RelayTransport::recent_errors`].
 pub(crate) const MAX_RECENT_ERRORS: usize = 32;
 
@@ -101,29 +109,149 @@ pub(crate) struct Driver {
     my_peer_id: String,
 }
 
+/// A connected relay socket, as `connect_any` returns it.
+pub(crate) struct Socket {
+    pub(crate) ws: WsStream,
+    pub(crate) me: ConnId,
+    pub(crate) max_frame: usize,
+    pub(crate) url_index: usize,
+    pub(crate) url: String,
+}
+
+enum Outcome {
+    Lost,
+    Disconnect(oneshot::Sender<()>),
+    Dropped,
+}
+
+/// A sender whose receiver is gone: sends fail at once. Stands in while no socket is up.
+fn dead_sender() -> mpsc::Sender<Message> {
+    mpsc::channel(1).0
+}
+
+fn dead_link() -> Arc<LinkState> {
+    Arc::new(LinkState {
+        max_frame: AtomicUsize::new(protocol::DEFAULT_MAX_FRAME_BYTES),
+        alive: AtomicBool::new(false),
+        disconnected: AtomicBool::new(false),
+    })
+}
+
 impl Driver {
-    pub(crate) fn new(
-        settings: Arc<Settings>,
-        url: String,
-        me: ConnId,
-        out: mpsc::Sender<Message>,
-        link: Arc<LinkState>,
-        errors: Arc<Mutex<VecDeque<String>>>,
-    ) -> Self {
+    pub(crate) fn new(settings: Arc<Settings>, errors: Arc<Mutex<VecDeque<String>>>) -> Self {
         let (ctl_tx, ctl_rx) = mpsc::channel(1024);
         let my_peer_id = settings.identity.peer_id();
         Self {
             settings,
-            url,
-            me,
-            out,
-            link,
+            url: String::new(),
+            me: 0,
+            out: dead_sender(),
+            link: dead_link(),
             errors,
             ctl_tx,
             ctl_rx,
             topics: HashMap::new(),
             next_session: 1,
             my_peer_id,
+        }
+    }
+
+    /// Owns the relay link until the transport disconnects or is dropped: runs each socket,
+    /// and when one is lost closes every session (their connections read `None`), reconnects
+    /// with exponential backoff (next URL first) and rejoins every room.
+    pub(crate) async fn supervise(mut self, first: Socket, mut cmds: mpsc::Receiver<Cmd>) {
+        let mut socket = first;
+        loop {
+            let Socket {
+                ws,
+                me,
+                max_frame,
+                url_index,
+                url,
+            } = socket;
+            let (sink, stream) = ws.split();
+            let (out, out_rx) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
+            // Aborted when this future is dropped (transport dropped), so the socket closes even
+            // while the application still holds connections.
+            let mut writer = AbortOnDrop(tokio::spawn(writer(sink, out_rx)));
+            self.url = url;
+            self.me = me;
+            self.out = out;
+            self.link = Arc::new(LinkState {
+                max_frame: AtomicUsize::new(max_frame),
+                alive: AtomicBool::new(true),
+                disconnected: AtomicBool::new(false),
+            });
+            let rooms: Vec<RoomId> = self.topics.keys().copied().collect();
+            for room in rooms {
+                self.send_frame(Frame::Client(ClientFrame::Join { room }))
+                    .await;
+            }
+            let outcome = self.run_socket(stream, &mut cmds).await;
+            self.socket_lost();
+            match outcome {
+                Outcome::Disconnect(done) => {
+                    self.link.disconnected.store(true, Ordering::Release);
+                    self.out = dead_sender();
+                    if tokio::time::timeout(Duration::from_secs(2), &mut writer.0)
+                        .await
+                        .is_err()
+                    {
+                        writer.0.abort();
+                    }
+                    self.finish();
+                    let _ = done.send(());
+                    return;
+                }
+                Outcome::Dropped => {
+                    writer.0.abort();
+                    self.finish();
+                    return;
+                }
+                Outcome::Lost => writer.0.abort(),
+            }
+            self.out = dead_sender();
+            let mut delay = RECONNECT_INITIAL_DELAY;
+            let mut start = url_index + 1;
+            socket = loop {
+                let wake = Instant::now() + jitter(delay);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => break,
+                        cmd = cmds.recv() => match cmd {
+                            None => return self.finish(),
+                            Some(Cmd::Disconnect { done }) => {
+                                self.link.disconnected.store(true, Ordering::Release);
+                                self.finish();
+                                let _ = done.send(());
+                                return;
+                            }
+                            Some(cmd) => self.command(cmd).await,
+                        },
+                        Some(ctl) = self.ctl_rx.recv() => self.ctl(ctl),
+                    }
+                }
+                match super::connect_any(&self.settings, start).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        self.record(e);
+                        delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+                        start = 0;
+                    }
+                }
+            };
+        }
+    }
+
+    fn ctl(&mut self, ctl: Ctl) {
+        match ctl {
+            Ctl::Closed { room, conn, id } => {
+                if let Some(t) = self.topics.get_mut(&room)
+                    && t.sessions.get(&conn).is_some_and(|s| s.id == id)
+                {
+                    t.sessions.remove(&conn);
+                }
+            }
         }
     }
 
@@ -146,22 +274,21 @@ impl Driver {
         let _ = self.out.send(Message::Binary(frame.into())).await;
     }
 
-    /// Runs until the transport disconnects, is dropped, or the relay socket ends.
-    pub(crate) async fn run(
-        mut self,
+    /// Runs one socket until it ends, the transport disconnects, or the transport is dropped.
+    async fn run_socket(
+        &mut self,
         mut stream: SplitStream<WsStream>,
-        mut cmds: mpsc::Receiver<Cmd>,
-    ) {
+        cmds: &mut mpsc::Receiver<Cmd>,
+    ) -> Outcome {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_rx = Instant::now();
         let mut last_ping = last_rx;
-        let mut disconnect_done = None;
         loop {
             tokio::select! {
                 msg = stream.next() => {
                     let Some(Ok(msg)) = msg else {
                         self.record(RelayError::Protocol { url: self.url.clone(), reason: "the relay connection ended".into() });
-                        break;
+                        return Outcome::Lost;
                     };
                     last_rx = Instant::now();
                     match msg {
@@ -171,39 +298,30 @@ impl Driver {
                             Ok(_) => {}
                             Err(e) => {
                                 self.record(RelayError::Protocol { url: self.url.clone(), reason: e.to_string() });
-                                break;
+                                return Outcome::Lost;
                             }
                         },
                         Message::Close(c) => {
                             self.record(RelayError::Protocol { url: self.url.clone(), reason: format!("the relay closed the connection: {}", c.map(|c| format!("{} {}", u16::from(c.code), c.reason)).unwrap_or_default()) });
-                            break;
+                            return Outcome::Lost;
                         }
                         _ => {}
                     }
                 }
                 cmd = cmds.recv() => match cmd {
-                    None => break,
+                    None => return Outcome::Dropped,
                     Some(Cmd::Disconnect { done }) => {
                         let _ = self.out.try_send(Message::Close(None));
-                        disconnect_done = Some(done);
-                        break;
+                        return Outcome::Disconnect(done);
                     }
                     Some(cmd) => self.command(cmd).await,
                 },
-                Some(ctl) = self.ctl_rx.recv() => match ctl {
-                    Ctl::Closed { room, conn, id } => {
-                        if let Some(t) = self.topics.get_mut(&room)
-                            && t.sessions.get(&conn).is_some_and(|s| s.id == id)
-                        {
-                            t.sessions.remove(&conn);
-                        }
-                    }
-                },
+                Some(ctl) = self.ctl_rx.recv() => self.ctl(ctl),
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if now.duration_since(last_rx) >= CLIENT_IDLE_TIMEOUT {
                         self.record(RelayError::Protocol { url: self.url.clone(), reason: format!("nothing received for {} s", CLIENT_IDLE_TIMEOUT.as_secs()) });
-                        break;
+                        return Outcome::Lost;
                     }
                     if now.duration_since(last_rx.max(last_ping)) >= CLIENT_PING_INTERVAL {
                         last_ping = now;
@@ -213,22 +331,30 @@ impl Driver {
                 }
             }
         }
-        self.shutdown();
-        if let Some(done) = disconnect_done {
-            let _ = done.send(());
+    }
+
+    /// The socket is gone: every session ends (its connection reads `None`); rooms are kept
+    /// for the rejoin.
+    fn socket_lost(&mut self) {
+        self.link.alive.store(false, Ordering::Release);
+        for t in self.topics.values_mut() {
+            for (_, s) in t.sessions.drain() {
+                s.close();
+            }
+            t.unclaimed.clear();
+            t.members.clear();
+            t.joined = false;
         }
     }
 
-    fn shutdown(&mut self) {
-        self.link.alive.store(false, Ordering::Release);
+    /// The transport is done: end every receiver and fail every waiting join.
+    fn finish(&mut self) {
+        self.socket_lost();
         for (_, t) in self.topics.drain() {
-            for (_, s) in t.sessions {
-                s.close();
-            }
             for w in t.waiting {
                 let _ = w.send(Err(RelayError::Protocol {
                     url: self.url.clone(),
-                    reason: "the relay connection ended".into(),
+                    reason: "the transport disconnected".into(),
                 }));
             }
         }
@@ -338,17 +464,20 @@ impl Driver {
                     return;
                 };
                 t.joined = true;
-                t.members.extend(peers.iter().copied());
+                t.members
+                    .extend(peers.iter().copied().take(MAX_SESSIONS_PER_TOPIC));
                 for w in t.waiting.drain(..) {
                     let _ = w.send(Ok(()));
                 }
                 // The newcomer starts every handshake, so each pair makes exactly one attempt.
-                for peer in peers {
+                for peer in peers.into_iter().take(MAX_SESSIONS_PER_TOPIC) {
                     self.start_session(room, peer).await;
                 }
             }
             RelayFrame::PeerJoined { room, peer } => {
-                if let Some(t) = self.topics.get_mut(&room) {
+                if let Some(t) = self.topics.get_mut(&room)
+                    && t.members.len() < MAX_SESSIONS_PER_TOPIC
+                {
                     t.members.insert(peer);
                 }
             }
@@ -472,6 +601,15 @@ impl Driver {
         let Some(t) = self.topics.get_mut(&room) else {
             return;
         };
+        if matches!(k, kind::HS1 | kind::HELLO)
+            && !t.sessions.contains_key(&from)
+            && t.sessions.len() >= MAX_SESSIONS_PER_TOPIC
+        {
+            return self.record(RelayError::Session {
+                conn: from,
+                reason: format!("ignored: already {MAX_SESSIONS_PER_TOPIC} sessions on this topic"),
+            });
+        }
         match k {
             kind::HS1 => {
                 if !encryption {
@@ -773,4 +911,25 @@ pub(crate) async fn writer(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// `d` ±25%, so that clients of a restarted relay do not all return at once.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() {
+        u16::from_le_bytes(b)
+    } else {
+        0x8000
+    };
+    // 0.75 .. 1.25
+    let factor = 0.75 + f64::from(r) / f64::from(u16::MAX) / 2.0;
+    d.mul_f64(factor)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -3,10 +3,10 @@
 mod connection;
 mod driver;
 mod peer;
+mod proxy;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,10 +24,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::RelayError;
 use crate::protocol::{self, Frame, RelayFrame, SUBPROTOCOL};
-use connection::LinkState;
 use driver::{Cmd, Driver};
 
-pub use driver::{CLIENT_IDLE_TIMEOUT, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES};
+pub use driver::{
+    CLIENT_IDLE_TIMEOUT, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES, RECONNECT_INITIAL_DELAY,
+    RECONNECT_MAX_DELAY,
+};
 
 /// The largest frame the client accepts from a relay (the relay's own limit is announced in
 /// WELCOME and is usually 64 KiB; this only bounds what a hostile relay can make us read).
@@ -41,11 +43,23 @@ pub(crate) struct Settings {
     pub(crate) timeout: Duration,
     pub(crate) auth_token: Option<String>,
     pub(crate) extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub(crate) proxy: ProxyChoice,
+}
+
+/// Which forward proxy the client tunnels through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ProxyChoice {
+    /// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY`, minus `NO_PROXY` (the default).
+    #[default]
+    FromEnv,
+    /// This proxy for every relay URL.
+    Url(url::Url),
+    /// Connect directly.
+    Direct,
 }
 
 struct Link {
     cmds: mpsc::Sender<Cmd>,
-    state: Arc<LinkState>,
     task: JoinHandle<()>,
 }
 
@@ -89,9 +103,24 @@ pub struct RelayTransportBuilder {
     timeout: Option<Duration>,
     auth_token: Option<String>,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    proxy: Option<String>,
+    direct: bool,
 }
 
 impl RelayTransportBuilder {
+    /// Tunnels through this HTTP proxy (`http://[user:pass@]host:port`, HTTP CONNECT) instead of
+    /// the one from `HTTPS_PROXY`/`HTTP_PROXY` (which are honoured by default, with `NO_PROXY`).
+    pub fn proxy(mut self, url: impl Into<String>) -> Self {
+        self.proxy = Some(url.into());
+        self
+    }
+
+    /// Connects directly, ignoring proxy environment variables.
+    pub fn no_proxy(mut self) -> Self {
+        self.direct = true;
+        self
+    }
+
     /// Adds a relay URL (`ws://` or `wss://`). Several URLs are tried in order.
     /// A user name in the URL (`wss://TOKEN@relay.example/relay`) is sent as the bearer token.
     pub fn relay_url(mut self, url: impl Into<String>) -> Self {
@@ -163,6 +192,21 @@ impl RelayTransportBuilder {
         if timeout.is_zero() {
             return Err(Error::ZeroTimeout.into());
         }
+        let proxy = match (self.direct, self.proxy) {
+            (true, _) => ProxyChoice::Direct,
+            (false, Some(p)) => {
+                let parsed = url::Url::parse(&p)
+                    .ok()
+                    .filter(|u| u.scheme() == "http" && u.host_str().is_some())
+                    .ok_or_else(|| RelayError::InvalidSetting {
+                        name: "proxy",
+                        value: p.clone(),
+                        reason: "expected http://[user:pass@]host:port".into(),
+                    })?;
+                ProxyChoice::Url(parsed)
+            }
+            (false, None) => ProxyChoice::FromEnv,
+        };
         Ok(RelayTransport {
             settings: Arc::new(Settings {
                 urls,
@@ -171,6 +215,7 @@ impl RelayTransportBuilder {
                 timeout,
                 auth_token: self.auth_token,
                 extra_roots: self.extra_roots,
+                proxy,
             }),
             slot: tokio::sync::Mutex::new(Slot::Idle),
             errors: Arc::default(),
@@ -215,7 +260,7 @@ impl RelayTransport {
     async fn cmds(&self) -> anyhow::Result<mpsc::Sender<Cmd>> {
         let mut slot = self.slot.lock().await;
         if let Slot::Up(link) = &*slot
-            && link.state.alive.load(std::sync::atomic::Ordering::Acquire)
+            && !link.task.is_finished()
         {
             return Ok(link.cmds.clone());
         }
@@ -289,9 +334,6 @@ impl Transport for RelayTransport {
             if link.cmds.send(Cmd::Disconnect { done }).await.is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
             }
-            link.state
-                .alive
-                .store(false, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
@@ -301,43 +343,37 @@ impl Transport for RelayTransport {
     }
 }
 
-/// Connects to the first relay that answers, in order.
+/// Connects to the first relay that answers and starts the task that owns the link.
 async fn open_link(
     settings: &Arc<Settings>,
     errors: &Arc<Mutex<VecDeque<String>>>,
 ) -> anyhow::Result<Link> {
+    let socket = connect_any(settings, 0).await?;
+    let (cmds, cmd_rx) = mpsc::channel(64);
+    let driver = Driver::new(settings.clone(), errors.clone());
+    let task = tokio::spawn(driver.supervise(socket, cmd_rx));
+    Ok(Link { cmds, task })
+}
+
+/// Tries every relay URL once, starting at index `start` (wrapping), each within the timeout.
+pub(crate) async fn connect_any(
+    settings: &Settings,
+    start: usize,
+) -> Result<driver::Socket, RelayError> {
+    let n = settings.urls.len();
     let mut last = None;
-    for url in &settings.urls {
+    for i in 0..n {
+        let index = (start + i) % n;
+        let url = &settings.urls[index];
         match tokio::time::timeout(settings.timeout, connect_one(settings, url)).await {
-            Ok(Ok((ws, welcome_conn, max_frame))) => {
-                let shown = display_url(url);
-                let (sink, stream) = ws.split();
-                let (out, out_rx) = mpsc::channel(driver::OUTBOUND_QUEUE_FRAMES);
-                let state = Arc::new(LinkState {
-                    max_frame: AtomicUsize::new(max_frame),
-                    alive: AtomicBool::new(true),
+            Ok(Ok((ws, me, max_frame))) => {
+                return Ok(driver::Socket {
+                    ws,
+                    me,
+                    max_frame,
+                    url_index: index,
+                    url: display_url(url),
                 });
-                let (cmds, cmd_rx) = mpsc::channel(64);
-                let drv = Driver::new(
-                    settings.clone(),
-                    shown,
-                    welcome_conn,
-                    out,
-                    state.clone(),
-                    errors.clone(),
-                );
-                let task = tokio::spawn(async move {
-                    let writer = tokio::spawn(driver::writer(sink, out_rx));
-                    drv.run(stream, cmd_rx).await;
-                    // The driver dropped its sender; connections may still hold theirs.
-                    if tokio::time::timeout(Duration::from_secs(2), writer)
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!("relay writer did not finish in time");
-                    }
-                });
-                return Ok(Link { cmds, state, task });
             }
             Ok(Err(e)) => last = Some(e),
             Err(_) => {
@@ -348,7 +384,7 @@ async fn open_link(
             }
         }
     }
-    Err(last.unwrap_or(RelayError::NoRelayUrl).into())
+    Err(last.unwrap_or(RelayError::NoRelayUrl))
 }
 
 fn display_url(url: &url::Url) -> String {
@@ -393,22 +429,40 @@ async fn connect_one(
     } else {
         None
     };
-    let (mut ws, resp) =
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(resp) => fail(format!(
-                    "HTTP {}: {}",
-                    resp.status(),
-                    resp.body()
-                        .as_deref()
-                        .map(|b| String::from_utf8_lossy(&b[..b.len().min(200)])
-                            .trim()
-                            .to_owned())
-                        .unwrap_or_default()
-                )),
-                other => fail(other.to_string()),
-            })?;
+    let proxy = match &settings.proxy {
+        ProxyChoice::Direct => None,
+        ProxyChoice::Url(p) => Some(p.clone()),
+        ProxyChoice::FromEnv => proxy::proxy_from_env(url, |k| std::env::var(k).ok()),
+    };
+    let handshake = match proxy {
+        None => {
+            tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
+                .await
+        }
+        Some(p) => {
+            let host = url.host_str().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = url.port_or_known_default().unwrap_or(443);
+            let tunnel = proxy::connect_via(&p, host, port)
+                .await
+                .map_err(|e| fail(format!("via proxy {}: {e}", display_url(&p))))?;
+            tokio_tungstenite::client_async_tls_with_config(req, tunnel, Some(config), connector)
+                .await
+        }
+    };
+    let (mut ws, resp) = handshake.map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => fail(format!(
+            "HTTP {}: {}",
+            resp.status(),
+            resp.body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(200)])
+                    .trim()
+                    .to_owned())
+                .unwrap_or_default()
+        )),
+        other => fail(other.to_string()),
+    })?;
     let chosen = resp
         .headers()
         .get("sec-websocket-protocol")

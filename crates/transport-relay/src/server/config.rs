@@ -26,6 +26,11 @@ pub const DEFAULT_SEND_QUEUE_FRAMES: usize = 256;
 /// Default wait for room in a full send queue before the receiver is closed as a slow
 /// consumer. Senders are paused (backpressure) meanwhile, never buffered without bound.
 pub const DEFAULT_SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default per-IP read rate: off. The right rate depends on the relay's uplink and users;
+/// memory stays bounded without it (per-connection queues), so operators opt in with
+/// `--max-bytes-per-sec-per-ip`.
+pub const DEFAULT_MAX_BYTES_PER_SEC_PER_IP: Option<u64> = None;
+
 /// The relay server's limits. Build with [`RelayServerConfig::builder`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -52,6 +57,8 @@ pub struct RelayServerConfig {
     pub slow_consumer_timeout: Duration,
     /// Accepted bearer tokens (empty: an open relay).
     pub auth_tokens: Vec<String>,
+    /// Bytes per second one IP may send (token bucket; reads pause, nothing is buffered).
+    pub max_bytes_per_sec_per_ip: Option<u64>,
 }
 
 impl Default for RelayServerConfig {
@@ -68,6 +75,7 @@ impl Default for RelayServerConfig {
             send_queue_frames: DEFAULT_SEND_QUEUE_FRAMES,
             slow_consumer_timeout: DEFAULT_SLOW_CONSUMER_TIMEOUT,
             auth_tokens: Vec::new(),
+            max_bytes_per_sec_per_ip: DEFAULT_MAX_BYTES_PER_SEC_PER_IP,
         }
     }
 }
@@ -144,6 +152,13 @@ impl RelayServerConfig {
                 ),
             );
         }
+        if self.max_bytes_per_sec_per_ip == Some(0) {
+            return bad(
+                "max_bytes_per_sec_per_ip",
+                "0".into(),
+                "must be greater than zero (leave it unset for no limit)".into(),
+            );
+        }
         if self.auth_tokens.iter().any(String::is_empty) {
             return bad(
                 "auth_tokens",
@@ -193,6 +208,8 @@ impl RelayServerConfigBuilder {
         slow_consumer_timeout: Duration,
         /// Bearer tokens a client must present (default none: an open relay).
         auth_tokens: Vec<String>,
+        /// [`DEFAULT_MAX_BYTES_PER_SEC_PER_IP`].
+        max_bytes_per_sec_per_ip: Option<u64>,
     }
 
     /// The checked configuration.

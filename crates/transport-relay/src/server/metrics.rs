@@ -22,9 +22,10 @@ pub(crate) enum Drop {
     PerIpLimit,
     BadUpgrade,
     Unauthorized,
+    RateLimited,
 }
 
-const DROPS: [(Drop, &str); 16] = [
+const DROPS: [(Drop, &str); 17] = [
     (Drop::Malformed, "malformed"),
     (Drop::UnknownType, "unknown_type"),
     (Drop::TextFrame, "text_frame"),
@@ -41,6 +42,7 @@ const DROPS: [(Drop, &str); 16] = [
     (Drop::PerIpLimit, "per_ip_limit"),
     (Drop::BadUpgrade, "bad_upgrade"),
     (Drop::Unauthorized, "unauthorized"),
+    (Drop::RateLimited, "rate_limited"),
 ];
 
 #[derive(Debug, Default)]

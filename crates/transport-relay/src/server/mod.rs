@@ -34,6 +34,8 @@ pub use config::*;
 use crate::protocol::{ConnId, RoomId};
 use metrics::Metrics;
 
+type IpEntry = (usize, Arc<Mutex<Bucket>>);
+
 /// A member of a room, as other connections see it.
 #[derive(Clone, Debug)]
 struct Member {
@@ -45,7 +47,8 @@ struct Member {
 struct Shared {
     config: RelayServerConfig,
     rooms: Mutex<HashMap<RoomId, HashMap<ConnId, Member>>>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections and the shared byte-rate bucket of each client IP.
+    per_ip: Mutex<HashMap<IpAddr, IpEntry>>,
     next_id: std::sync::atomic::AtomicU64,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
@@ -69,18 +72,75 @@ struct IpSlot {
     shared: Arc<Shared>,
     ip: IpAddr,
     over_limit: bool,
+    /// The IP's byte-rate bucket, shared by all its connections.
+    bucket: Arc<Mutex<Bucket>>,
 }
 
 impl IpSlot {
     fn take(shared: &Arc<Shared>, ip: IpAddr) -> Self {
         let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
+        let (n, bucket) = map.entry(ip).or_insert_with(|| {
+            let rate = shared.config.max_bytes_per_sec_per_ip.unwrap_or(0);
+            (
+                0,
+                Arc::new(Mutex::new(Bucket::new(rate, shared.config.max_frame_bytes))),
+            )
+        });
         *n += 1;
         let over_limit = *n > shared.config.max_connections_per_ip;
         Self {
             shared: shared.clone(),
             ip,
             over_limit,
+            bucket: bucket.clone(),
+        }
+    }
+
+    /// Charges `bytes` read; returns how long to pause reading (zero when within the rate).
+    fn charge(&self, bytes: usize) -> std::time::Duration {
+        if self.shared.config.max_bytes_per_sec_per_ip.is_none() {
+            return std::time::Duration::ZERO;
+        }
+        self.bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(bytes as f64, std::time::Instant::now())
+    }
+}
+
+/// A token bucket of bytes: `rate` per second, holding at most one second's worth (and at
+/// least two frames, so one frame can always pass).
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64, max_frame: usize) -> Self {
+        let rate = rate as f64;
+        let capacity = rate.max(2.0 * max_frame as f64);
+        Self {
+            rate,
+            capacity,
+            tokens: capacity,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self, bytes: f64, now: std::time::Instant) -> std::time::Duration {
+        if self.rate <= 0.0 {
+            return std::time::Duration::ZERO;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity) - bytes;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
         }
     }
 }
@@ -88,7 +148,7 @@ impl IpSlot {
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut map = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some((n, _)) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
                 map.remove(&self.ip);
@@ -326,4 +386,27 @@ pub fn tls_config_from_pem(
     .with_single_cert(certs, key)
     .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bucket_pauses_after_the_burst_and_refills_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, 100); // capacity 1000 bytes
+        b.last = t0;
+        assert_eq!(b.take(1000.0, t0), Duration::ZERO);
+        let wait = b.take(500.0, t0);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        // One second later the debt is paid and 500 more are available.
+        assert_eq!(b.take(500.0, t0 + Duration::from_secs(1)), Duration::ZERO);
+        // Never more than the capacity after a long idle.
+        let wait = b.take(1500.0, t0 + Duration::from_secs(100));
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        let mut off = Bucket::new(0, 100);
+        assert_eq!(off.take(1e9, t0), Duration::ZERO);
+    }
 }
