@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod bench_hyperswarm;
 use pluresdb_sync::{Identity, derive_topic};
 
 /// Peer discovery and secure transports for PluresDB replication.
@@ -33,12 +35,24 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Measure a transport against baselines on loopback.
+    Bench {
+        #[command(subcommand)]
+        target: BenchTarget,
+    },
     /// Print the peer id of an existing identity key file.
     PeerId {
         /// The key file [default: as for keygen].
         #[arg(short, long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchTarget {
+    /// Hyperswarm mode: throughput against raw quinn, rustls over TCP and TCP; join time;
+    /// idle CPU; memory per connection.
+    Hyperswarm(bench_hyperswarm::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +87,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote identity key to {}", path.display());
             println!("{}", identity.peer_id());
         }
+        Command::Bench {
+            target: BenchTarget::Hyperswarm(args),
+        } => bench_hyperswarm::run(args)?,
         Command::PeerId { key } => {
             let path = key_path(key)?;
             println!("{}", Identity::load(&path)?.peer_id());
