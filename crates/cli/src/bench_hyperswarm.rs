@@ -167,43 +167,43 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     a.disconnect().await?;
     b.disconnect().await?;
 
-    // Memory per connection: start every node first, then connect them all to a hub.
+    // Memory per connection: start every node first, then join them all to one topic,
+    // which makes a full mesh of n nodes: n(n-1)/2 connections, n(n-1) connection ends.
     let topic = derive_topic(&format!("bench-mem-{:?}", Instant::now()));
-    let mut hub = transport(&bootstrap)?;
-    let mut peers = Vec::new();
-    for _ in 0..args.connections {
+    let n = args.connections + 1;
+    let mut nodes = Vec::new();
+    for _ in 0..n {
         let t = transport(&bootstrap)?;
         t.lookup(topic).await?;
-        peers.push(t);
+        nodes.push(t);
     }
-    hub.lookup(topic).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_bytes()?;
-    let mut hub_rx = hub.connect(topic).await?;
-    let mut held = Vec::new();
-    let mut peer_rx = Vec::new();
-    for p in &mut peers {
-        peer_rx.push(p.connect(topic).await?);
+    let mut receivers = Vec::new();
+    for t in &mut nodes {
+        receivers.push(t.connect(topic).await?);
     }
-    while held.len() < args.connections {
-        let c = tokio::time::timeout(Duration::from_secs(60), hub_rx.recv())
-            .await?
-            .context("hub receiver ended")?;
-        held.push(c);
+    let mut held = Vec::new();
+    for rx in &mut receivers {
+        for _ in 0..n - 1 {
+            let c = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await?
+                .context("a receiver ended")?;
+            held.push(c);
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_bytes()?;
-    let per = (after.saturating_sub(before)) as f64 / (2 * args.connections) as f64;
+    let ends = n * (n - 1);
+    let per = (after.saturating_sub(before)) as f64 / ends as f64;
     println!(
-        "memory: {:.0} KiB per connection end ({} connections, both ends in this process; includes the peers' discovery work)",
-        per / 1024.0,
-        args.connections
+        "memory: {:.0} KiB per connection end ({n} nodes in a full mesh, {ends} ends in this process)",
+        per / 1024.0
     );
-    hub.disconnect().await?;
-    for p in &mut peers {
-        p.disconnect().await?;
+    drop(held);
+    for t in &mut nodes {
+        t.disconnect().await?;
     }
-    drop(peer_rx);
     Ok(())
 }
 
