@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
 use pluresdb_sync::{Identity, derive_topic};
 
 mod relay_cmd;

@@ -42,7 +42,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_LOOKUP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The first interval between DHT lookups after joining.
-pub const FIRST_LOOKUP_INTERVAL: Duration = Duration::from_millis(500);
+pub const FIRST_LOOKUP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Default interval between re-announcements: other DHT implementations expire peers after
 /// about 30 minutes, so refresh well within that.

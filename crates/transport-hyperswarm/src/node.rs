@@ -660,6 +660,10 @@ impl Node {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(Some(addr))) => {
                     seen.push(addr);
+                    // Two nodes agreeing settles it (a majority of the usual four can wait).
+                    if seen.iter().filter(|a| **a == addr).count() >= 2 {
+                        break;
+                    }
                     // The first answer came: give the others only a moment more.
                     deadline = deadline.min(tokio::time::Instant::now() + REFLEXIVE_GRACE);
                 }
