@@ -296,29 +296,31 @@ impl Nats {
                 }
             }
         };
-        let mut ready = match existing {
-            Ok(r) => Some(r),
-            Err(tx) => {
-                nats.follow(shared, room).await;
-                let _ = tx.send(true);
-                None
+        match existing {
+            Ok(mut ready) => {
+                nats.announce(room, conn).await;
+                let wait = shared.config.nats_membership_wait * 4;
+                let _ = tokio::time::timeout(wait, ready.wait_for(|v| *v)).await;
             }
-        };
-        if let Some(r) = ready.as_mut() {
-            let wait = shared.config.nats_membership_wait * 4;
-            let _ = tokio::time::timeout(wait, r.wait_for(|v| *v)).await;
+            Err(tx) => {
+                nats.follow(shared, room, conn).await;
+                let _ = tx.send(true);
+            }
         }
-        let announce = Frame::Relay(RelayFrame::PeerJoined { room, peer: conn }).encode();
-        nats.publish(nats.room_subject(&room), announce.into())
-            .await;
         nats.rooms()
             .get(&room)
             .map(|r| r.members.iter().copied().collect())
             .unwrap_or_default()
     }
 
-    /// Subscribes to the room and collects the other nodes' members.
-    async fn follow(&self, shared: &Arc<Shared>, room: RoomId) {
+    async fn announce(&self, room: RoomId, conn: ConnId) {
+        let announce = Frame::Relay(RelayFrame::PeerJoined { room, peer: conn }).encode();
+        self.publish(self.room_subject(&room), announce.into())
+            .await;
+    }
+
+    /// Subscribes to the room, announces `conn` and collects the other nodes' members.
+    async fn follow(&self, shared: &Arc<Shared>, room: RoomId, conn: ConnId) {
         let sub = match self.client.subscribe(self.room_subject(&room)).await {
             Ok(s) => s,
             Err(e) => {
@@ -345,8 +347,11 @@ impl Nats {
                 return;
             }
         };
-        // The server has our subscriptions before anyone can answer.
+        // The server has our subscriptions before anyone can answer or announce.
         let _ = tokio::time::timeout(NATS_PUBLISH_TIMEOUT, self.client.flush()).await;
+        // Announce before asking, so a node asking at the same moment either gets our answer
+        // or our announcement.
+        self.announce(room, conn).await;
         let ask = Frame::Client(crate::protocol::ClientFrame::Join { room }).encode();
         self.publish_with_reply(self.room_subject(&room), Some(inbox), ask.into())
             .await;
