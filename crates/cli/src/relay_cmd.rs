@@ -144,9 +144,17 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let nats = config.nats_url.is_some();
         let mut relay = RelayServer::bind_with_tls(args.listen, config, tls)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+            .map_err(|e| {
+                // A NATS failure names its URL itself; anything else is the listener.
+                if nats && e.to_string().contains("NATS") {
+                    anyhow::Error::new(e)
+                } else {
+                    anyhow::Error::new(e).context(format!("cannot listen on {}", args.listen))
+                }
+            })?;
         // Scripts and tests read the bound address from these lines.
         println!("relay listening on {scheme}://{}/relay", relay.local_addr());
         if let Some(addr) = args.metrics {
