@@ -105,14 +105,68 @@ async fn node(nats: &Nats) -> RelayServer {
         .unwrap()
 }
 
+/// A relay node on its own runtime and thread, so that it can be killed hard: every task
+/// stops where it is (no LEAVE, no 1001, no NATS goodbye), its sockets close.
+struct KillableNode {
+    addr: SocketAddr,
+    kill: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KillableNode {
+    async fn start(nats: &Nats) -> Self {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
+        let url = nats.url();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let server = rt.block_on(async {
+                let config = RelayServerConfig::builder()
+                    .nats_url(Some(url))
+                    .build()
+                    .unwrap();
+                RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
+                    .await
+                    .unwrap()
+            });
+            addr_tx.send(server.local_addr()).unwrap();
+            let _ = kill_rx.recv();
+            // Drop every task without running it again, then the server.
+            rt.shutdown_background();
+            drop(server);
+        });
+        let addr = tokio::time::timeout(T, addr_rx).await.unwrap().unwrap();
+        Self {
+            addr,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/relay", self.addr)
+    }
+
+    async fn kill(mut self) {
+        drop(self.kill.take());
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
 fn url(server: &RelayServer) -> String {
     format!("ws://{}/relay", server.local_addr())
 }
 
 /// Transport i talks to node i % 2.
 struct TwoNodes {
-    _nats: Nats,
-    nodes: Vec<RelayServer>,
+    nodes: std::sync::Arc<Vec<RelayServer>>,
 }
 
 #[async_trait]
@@ -136,13 +190,39 @@ async fn peers_on_two_nodes_pass_the_conformance_checks() {
     let Some(nats) = Nats::start().await else {
         return;
     };
-    let nodes = vec![node(&nats).await, node(&nats).await];
-    let kit = ConformanceKit::new(TwoNodes { _nats: nats, nodes });
-    kit.message_boundaries().await.unwrap();
-    kit.ordering().await.unwrap();
-    kit.remote_close().await.unwrap();
-    kit.one_connection_per_peer(4).await.unwrap();
-    kit.disconnect_ends_everything().await.unwrap();
+    let nodes = std::sync::Arc::new(vec![node(&nats).await, node(&nats).await]);
+    let kit = ConformanceKit::new(TwoNodes {
+        nodes: nodes.clone(),
+    });
+    for (name, r) in [
+        ("message_boundaries", kit.message_boundaries().await),
+        ("ordering", kit.ordering().await),
+        ("remote_close", kit.remote_close().await),
+        (
+            "one_connection_per_peer(4)",
+            kit.one_connection_per_peer(4).await,
+        ),
+        (
+            "disconnect_ends_everything",
+            kit.disconnect_ends_everything().await,
+        ),
+    ] {
+        if let Err(e) = r {
+            let m: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    n.metrics_text()
+                        .lines()
+                        .filter(|l| l.starts_with("pluresdb_relay_nats") || l.contains("slow"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .collect();
+            panic!("{name}: {e:#}\nnode metrics:\n{}", m.join("\n--\n"));
+        }
+    }
+    drop(kit);
+    nats.stop().await;
 }
 
 async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
@@ -164,12 +244,12 @@ async fn clients_of_a_killed_node_fail_over_to_another() {
     let Some(nats) = Nats::start().await else {
         return;
     };
-    let doomed = node(&nats).await;
+    let doomed = KillableNode::start(&nats).await;
     let survivor = node(&nats).await;
     let topic = derive_topic("nats-failover");
     // A knows both relays, the doomed one first; B uses the survivor.
     let mut a = RelayTransport::builder()
-        .relay_urls([url(&doomed), url(&survivor)])
+        .relay_urls([doomed.url(), url(&survivor)])
         .timeout(T)
         .build()
         .unwrap();
@@ -187,7 +267,7 @@ async fn clients_of_a_killed_node_fail_over_to_another() {
     assert_eq!(ab.peer_id(), b.peer_id());
 
     // Kill the node without goodbye: sockets drop, no 1001, no NATS goodbye.
-    drop(doomed);
+    doomed.kill().await;
 
     // A's session ends; A reconnects to the survivor; both see a new connection.
     let closed = tokio::time::timeout(T, ab.receive()).await.unwrap();
@@ -429,5 +509,61 @@ async fn losing_nats_sends_clients_away_and_refuses_new_ones() {
         Frame::Relay(RelayFrame::Joined { .. })
     ));
     relay.shutdown().await;
+    nats.stop().await;
+}
+
+async fn joined(ws: &mut Ws, room: [u8; 32]) -> Vec<u64> {
+    send(ws, Frame::Client(ClientFrame::Join { room })).await;
+    match next(ws).await {
+        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
+        other => panic!("expected JOINED, got {other:?}"),
+    }
+}
+
+/// Skips PEER_JOINED notices until the PEER_LEFT of `who`; returns how long it took.
+async fn left(ws: &mut Ws, who: u64) -> Duration {
+    let t0 = std::time::Instant::now();
+    loop {
+        match next(ws).await {
+            Frame::Relay(RelayFrame::PeerLeft { peer, .. }) if peer == who => {
+                return t0.elapsed();
+            }
+            Frame::Relay(RelayFrame::PeerJoined { .. }) => {}
+            other => panic!("expected PEER_LEFT of {who}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_dead_node_are_forgotten_and_a_clean_stop_says_goodbye() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let room = [9u8; 32];
+    let survivor = node(&nats).await;
+    let (mut y, _) = raw(survivor.local_addr()).await;
+    assert!(joined(&mut y, room).await.is_empty());
+
+    // Killed without any goodbye (no LEAVE, no 1001): forgotten after missed heartbeats.
+    let dead = KillableNode::start(&nats).await;
+    let (mut x, x_id) = raw(dead.addr).await;
+    joined(&mut x, room).await;
+    dead.kill().await;
+    let took = left(&mut y, x_id).await;
+    assert!(
+        took >= Duration::from_secs(2),
+        "PEER_LEFT after {took:?} came before any heartbeat could be missed"
+    );
+
+    // A clean shutdown: its members leave at once.
+    let stopping = node(&nats).await;
+    let (mut z, z_id) = raw(stopping.local_addr()).await;
+    joined(&mut z, room).await;
+    let t0 = std::time::Instant::now();
+    stopping.shutdown().await;
+    left(&mut y, z_id).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(x);
+    survivor.shutdown().await;
     nats.stop().await;
 }

@@ -568,6 +568,16 @@ impl Driver {
     }
 
     async fn start_session(&mut self, room: RoomId, peer: ConnId) {
+        // A handshake with this peer is already under way (or done): the peer started first,
+        // e.g. its HS1 arrived before our JOINED, which relay nodes sharing rooms over NATS
+        // can do. Starting another would replace a working session.
+        if self
+            .topics
+            .get(&room)
+            .is_some_and(|t| t.sessions.contains_key(&peer))
+        {
+            return;
+        }
         let encryption = self.settings.encryption;
         let id = self.next_session;
         self.next_session += 1;
