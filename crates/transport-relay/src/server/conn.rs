@@ -769,7 +769,7 @@ impl Conn<'_> {
             others
         };
         if let Some(n) = self.shared.nats.as_ref() {
-            n.leave(room, self.id, last).await;
+            n.leave(self.shared, room, self.id, last).await;
         }
         let notice: Bytes = Frame::Relay(RelayFrame::PeerLeft {
             room,

@@ -423,15 +423,26 @@ impl Nats {
         }
     }
 
-    /// A local connection left `room`; `last` when no local member remains.
-    pub(crate) async fn leave(&self, room: RoomId, conn: ConnId, last: bool) {
+    /// A local connection left `room`; `last` when no local member remained.
+    pub(crate) async fn leave(&self, shared: &Shared, room: RoomId, conn: ConnId, last: bool) {
         let notice = Frame::Relay(RelayFrame::PeerLeft { room, peer: conn }).encode();
         self.publish(self.room_subject(&room), notice.into()).await;
-        if last && let Some(r) = self.rooms().remove(&room) {
-            // Dropping the subscriber unsubscribes.
-            if let Some(t) = r.task {
-                t.abort();
+        if !last {
+            return;
+        }
+        let removed = {
+            // Under the local rooms' lock (always taken before ours), so a connection joining
+            // meanwhile either keeps the room followed or follows it anew.
+            let local = shared.rooms();
+            if local.contains_key(&room) {
+                None
+            } else {
+                self.rooms().remove(&room)
             }
+        };
+        // Aborting the task drops the subscriber, which unsubscribes.
+        if let Some(t) = removed.and_then(|r| r.task) {
+            t.abort();
         }
     }
 
