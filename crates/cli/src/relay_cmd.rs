@@ -59,6 +59,13 @@ pub(crate) struct RelayArgs {
     /// Bytes per second each client IP may send; reads pause beyond it [default: no limit].
     #[arg(long)]
     max_bytes_per_sec_per_ip: Option<u64>,
+    /// Scale out over NATS: rooms span every relay on the same NATS server(s)
+    /// (`nats://host:4222`, comma-separated) [default: a single relay].
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// Prefix of the NATS subjects [default: pluresdb.relay.v1].
+    #[arg(long)]
+    nats_subject_prefix: Option<String>,
 }
 
 impl RelayArgs {
@@ -98,6 +105,12 @@ impl RelayArgs {
         if let Some(v) = self.max_bytes_per_sec_per_ip {
             b = b.max_bytes_per_sec_per_ip(Some(v));
         }
+        if let Some(url) = &self.nats {
+            b = b.nats_url(Some(url.clone()));
+        }
+        if let Some(p) = &self.nats_subject_prefix {
+            b = b.nats_subject_prefix(p.clone());
+        }
         if let Some(path) = &self.auth_token_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?;
@@ -131,9 +144,17 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let nats = config.nats_url.is_some();
         let mut relay = RelayServer::bind_with_tls(args.listen, config, tls)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+            .map_err(|e| {
+                // A NATS failure names its URL itself; anything else is the listener.
+                if nats && e.to_string().contains("NATS") {
+                    anyhow::Error::new(e)
+                } else {
+                    anyhow::Error::new(e).context(format!("cannot listen on {}", args.listen))
+                }
+            })?;
         // Scripts and tests read the bound address from these lines.
         println!("relay listening on {scheme}://{}/relay", relay.local_addr());
         if let Some(addr) = args.metrics {

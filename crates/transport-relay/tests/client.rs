@@ -592,3 +592,117 @@ async fn dropping_a_transport_closes_its_socket_even_with_live_connections() {
     );
     assert!(held.send(b"x").await.is_err());
 }
+
+/// A fake relay for two clients that tells each of the other only by PEER_JOINED (JOINED
+/// lists nobody), as two joins racing on two NATS relay nodes can, then forwards SENDs.
+async fn relay_that_only_announces() -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use pluresdb_sync_transport_relay::protocol::{
+        ClientFrame, Frame, RelayFrame, SUBPROTOCOL, decode, encode_deliver,
+    };
+    use tokio_tungstenite::tungstenite::{self, Message};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut sinks = Vec::new();
+        let mut streams = Vec::new();
+        let mut room = [0u8; 32];
+        for id in [1u64, 2] {
+            let (s, _) = listener.accept().await.unwrap();
+            #[allow(clippy::result_large_err)]
+            let cb = |_: &tungstenite::handshake::server::Request,
+                      mut resp: tungstenite::handshake::server::Response| {
+                resp.headers_mut()
+                    .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
+                Ok(resp)
+            };
+            let ws = tokio_tungstenite::accept_hdr_async(s, cb).await.unwrap();
+            let (mut sink, mut stream) = ws.split();
+            let welcome = Frame::Relay(RelayFrame::Welcome {
+                conn: id,
+                max_frame: 65536,
+                max_rooms: 64,
+                max_peers: 256,
+            });
+            sink.send(Message::Binary(welcome.encode().into()))
+                .await
+                .unwrap();
+            loop {
+                let Some(Ok(Message::Binary(b))) = stream.next().await else {
+                    return;
+                };
+                if let Ok(Frame::Client(ClientFrame::Join { room: r })) = decode(&b) {
+                    room = r;
+                    break;
+                }
+            }
+            sinks.push(sink);
+            streams.push(stream);
+        }
+        for (i, sink) in sinks.iter_mut().enumerate() {
+            let other = 2 - i as u64;
+            for f in [
+                Frame::Relay(RelayFrame::Joined {
+                    room,
+                    peers: Vec::new(),
+                }),
+                Frame::Relay(RelayFrame::PeerJoined { room, peer: other }),
+            ] {
+                sink.send(Message::Binary(f.encode().into())).await.unwrap();
+            }
+        }
+        let mut sinks = sinks.into_iter();
+        let (to_1, to_2) = (sinks.next().unwrap(), sinks.next().unwrap());
+        let mut streams = streams.into_iter();
+        let (from_1, from_2) = (streams.next().unwrap(), streams.next().unwrap());
+        let pump = |mut from: futures_util::stream::SplitStream<_>,
+                    mut to: futures_util::stream::SplitSink<_, Message>,
+                    me: u64| async move {
+            while let Some(Ok(m)) = from.next().await {
+                if let Message::Binary(b) = m
+                    && let Ok(Frame::Client(ClientFrame::Send { room, payload, .. })) = decode(&b)
+                {
+                    let d = encode_deliver(&room, me, false, &payload);
+                    if to.send(Message::Binary(d.into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        // Client 1's SENDs go to client 2 and the other way round.
+        tokio::join!(pump(from_1, to_2, 1), pump(from_2, to_1, 2));
+    });
+    format!("ws://{addr}/relay")
+}
+
+#[tokio::test]
+async fn peers_told_of_each_other_only_by_peer_joined_still_meet_once() {
+    let url = relay_that_only_announces().await;
+    let topic = fresh_topic("peer-joined-fallback");
+    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let (a_in, b_in) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut a_in, mut b_in) = (a_in.unwrap(), b_in.unwrap());
+    let t0 = Instant::now();
+    let mut ab = tokio::time::timeout(T, a_in.recv()).await.unwrap().unwrap();
+    let mut ba = tokio::time::timeout(T, b_in.recv()).await.unwrap().unwrap();
+    // Nobody starts at once; both fall back after PEER_JOINED_FALLBACK (3 s).
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(ab.peer_id(), b.peer_id());
+    assert_eq!(ba.peer_id(), a.peer_id());
+    ab.send(b"hello").await.unwrap();
+    let got = tokio::time::timeout(T, ba.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"hello"[..]));
+    // Exactly one connection each: no second one shows up.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), a_in.recv())
+            .await
+            .is_err()
+    );
+    assert!(b_in.try_recv().is_err());
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}

@@ -40,6 +40,12 @@ pub const RECONNECT_INITIAL_DELAY: Duration = Duration::from_millis(100);
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
 /// Recent session errors kept for [`crate::RelayTransport::recent_errors`].
 pub(crate) const MAX_RECENT_ERRORS: usize = 32;
+/// How long a client that learned of a peer by PEER_JOINED waits for that peer's handshake
+/// before starting one itself. With one relay the newcomer always starts at once; with relay
+/// nodes sharing rooms over NATS, a join racing another join on another node can leave both
+/// sides told of the other only by PEER_JOINED. Both starting is resolved by the lower
+/// connection id, so a late fallback costs at most one extra handshake message.
+pub(crate) const PEER_JOINED_FALLBACK: Duration = Duration::from_secs(3);
 
 pub(crate) type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -93,6 +99,8 @@ struct TopicState {
     sessions: HashMap<ConnId, Session>,
     unclaimed: Vec<RelayConnection>,
     members: HashSet<ConnId>,
+    /// Peers announced by PEER_JOINED that have not sent anything yet, with when.
+    announced: HashMap<ConnId, Instant>,
 }
 
 pub(crate) struct Driver {
@@ -328,6 +336,7 @@ impl Driver {
                         let _ = self.out.try_send(Message::Binary(Frame::Ping(1).encode().into()));
                     }
                     self.expire_handshakes(now);
+                    self.announced_fallback(now).await;
                 }
             }
         }
@@ -343,6 +352,7 @@ impl Driver {
             }
             t.unclaimed.clear();
             t.members.clear();
+            t.announced.clear();
             t.joined = false;
         }
     }
@@ -357,6 +367,26 @@ impl Driver {
                     reason: "the transport disconnected".into(),
                 }));
             }
+        }
+    }
+
+    /// Starts the handshake with peers announced by PEER_JOINED that stayed silent.
+    async fn announced_fallback(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for (room, t) in &mut self.topics {
+            t.announced.retain(|peer, at| {
+                if t.sessions.contains_key(peer) {
+                    return false;
+                }
+                if now.duration_since(*at) >= PEER_JOINED_FALLBACK {
+                    due.push((*room, *peer));
+                    return false;
+                }
+                true
+            });
+        }
+        for (room, peer) in due {
+            self.start_session(room, peer).await;
         }
     }
 
@@ -415,6 +445,7 @@ impl Driver {
                         sessions: HashMap::new(),
                         unclaimed: Vec::new(),
                         members: HashSet::new(),
+                        announced: HashMap::new(),
                     },
                 );
                 self.send_frame(Frame::Client(ClientFrame::Join { room }))
@@ -466,6 +497,9 @@ impl Driver {
                 t.joined = true;
                 t.members
                     .extend(peers.iter().copied().take(MAX_SESSIONS_PER_TOPIC));
+                for p in &peers {
+                    t.announced.remove(p);
+                }
                 for w in t.waiting.drain(..) {
                     let _ = w.send(Ok(()));
                 }
@@ -477,13 +511,17 @@ impl Driver {
             RelayFrame::PeerJoined { room, peer } => {
                 if let Some(t) = self.topics.get_mut(&room)
                     && t.members.len() < MAX_SESSIONS_PER_TOPIC
+                    && peer != self.me
+                    && t.members.insert(peer)
+                    && !t.sessions.contains_key(&peer)
                 {
-                    t.members.insert(peer);
+                    t.announced.insert(peer, Instant::now());
                 }
             }
             RelayFrame::PeerLeft { room, peer } => {
                 if let Some(t) = self.topics.get_mut(&room) {
                     t.members.remove(&peer);
+                    t.announced.remove(&peer);
                     if let Some(s) = t.sessions.remove(&peer) {
                         s.close();
                     }
@@ -530,6 +568,16 @@ impl Driver {
     }
 
     async fn start_session(&mut self, room: RoomId, peer: ConnId) {
+        // A handshake with this peer is already under way (or done): the peer started first,
+        // e.g. its HS1 arrived before our JOINED, which relay nodes sharing rooms over NATS
+        // can do. Starting another would replace a working session.
+        if self
+            .topics
+            .get(&room)
+            .is_some_and(|t| t.sessions.contains_key(&peer))
+        {
+            return;
+        }
         let encryption = self.settings.encryption;
         let id = self.next_session;
         self.next_session += 1;
@@ -601,6 +649,8 @@ impl Driver {
         let Some(t) = self.topics.get_mut(&room) else {
             return;
         };
+        // The peer is engaging: no fallback handshake towards it.
+        t.announced.remove(&from);
         if matches!(k, kind::HS1 | kind::HELLO)
             && !t.sessions.contains_key(&from)
             && t.sessions.len() >= MAX_SESSIONS_PER_TOPIC

@@ -31,6 +31,14 @@ pub const DEFAULT_SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(5);
 /// `--max-bytes-per-sec-per-ip`.
 pub const DEFAULT_MAX_BYTES_PER_SEC_PER_IP: Option<u64> = None;
 
+/// Default NATS subject prefix: versioned, so an incompatible bus format gets a new prefix
+/// and old and new nodes never misread each other.
+pub const DEFAULT_NATS_SUBJECT_PREFIX: &str = "pluresdb.relay.v1";
+/// Default time a node collects the other nodes' answers when a room gets its first local
+/// member (only then; later joins use what the node already follows). NATS round trips
+/// inside one data centre take well under a millisecond; this leaves room for loaded nodes.
+pub const DEFAULT_NATS_MEMBERSHIP_WAIT: Duration = Duration::from_millis(250);
+
 /// The relay server's limits. Build with [`RelayServerConfig::builder`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -59,6 +67,13 @@ pub struct RelayServerConfig {
     pub auth_tokens: Vec<String>,
     /// Bytes per second one IP may send (token bucket; reads pause, nothing is buffered).
     pub max_bytes_per_sec_per_ip: Option<u64>,
+    /// NATS server(s) to scale out over (`nats://host:4222`, comma-separated); `None`: a
+    /// single relay.
+    pub nats_url: Option<String>,
+    /// The prefix of every NATS subject this relay uses.
+    pub nats_subject_prefix: String,
+    /// How long a node collects other nodes' members of a room it starts following.
+    pub nats_membership_wait: Duration,
 }
 
 impl Default for RelayServerConfig {
@@ -76,6 +91,9 @@ impl Default for RelayServerConfig {
             slow_consumer_timeout: DEFAULT_SLOW_CONSUMER_TIMEOUT,
             auth_tokens: Vec::new(),
             max_bytes_per_sec_per_ip: DEFAULT_MAX_BYTES_PER_SEC_PER_IP,
+            nats_url: None,
+            nats_subject_prefix: DEFAULT_NATS_SUBJECT_PREFIX.to_owned(),
+            nats_membership_wait: DEFAULT_NATS_MEMBERSHIP_WAIT,
         }
     }
 }
@@ -137,6 +155,7 @@ impl RelayServerConfig {
             ("ping_interval", self.ping_interval),
             ("idle_timeout", self.idle_timeout),
             ("slow_consumer_timeout", self.slow_consumer_timeout),
+            ("nats_membership_wait", self.nats_membership_wait),
         ] {
             if v.is_zero() {
                 return bad(name, format!("{v:?}"), "must be greater than zero".into());
@@ -157,6 +176,32 @@ impl RelayServerConfig {
                 "max_bytes_per_sec_per_ip",
                 "0".into(),
                 "must be greater than zero (leave it unset for no limit)".into(),
+            );
+        }
+        let p = &self.nats_subject_prefix;
+        if p.is_empty()
+            || p.starts_with('.')
+            || p.ends_with('.')
+            || p.contains("..")
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            return bad(
+                "nats_subject_prefix",
+                format!("{p:?}"),
+                "must be dot-separated tokens of letters, digits, '-' and '_'".into(),
+            );
+        }
+        if self
+            .nats_url
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty())
+        {
+            return bad(
+                "nats_url",
+                "\"\"".into(),
+                "must name a NATS server, e.g. nats://127.0.0.1:4222".into(),
             );
         }
         if self.auth_tokens.iter().any(String::is_empty) {
@@ -210,6 +255,12 @@ impl RelayServerConfigBuilder {
         auth_tokens: Vec<String>,
         /// [`DEFAULT_MAX_BYTES_PER_SEC_PER_IP`].
         max_bytes_per_sec_per_ip: Option<u64>,
+        /// NATS server URL(s) to scale out over (default none: a single relay).
+        nats_url: Option<String>,
+        /// [`DEFAULT_NATS_SUBJECT_PREFIX`].
+        nats_subject_prefix: String,
+        /// [`DEFAULT_NATS_MEMBERSHIP_WAIT`].
+        nats_membership_wait: Duration,
     }
 
     /// The checked configuration.

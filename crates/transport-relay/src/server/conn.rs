@@ -126,6 +126,17 @@ where
         .await;
         return;
     }
+    if shared.nats.as_ref().is_some_and(|n| !*n.up.borrow()) {
+        shared.metrics.drop(Drop::NatsDown);
+        http::respond(
+            &mut stream,
+            "503 Service Unavailable",
+            "Retry-After: 1\r\n",
+            "this relay has lost its NATS connection; try another relay\n",
+        )
+        .await;
+        return;
+    }
     if slot.over_limit {
         shared.metrics.drop(Drop::PerIpLimit);
         http::respond(
@@ -253,6 +264,7 @@ where
     let mut ping_nonce = 0u64;
     let mut shutdown = shared.shutdown.clone();
     let mut killed = kill_rx;
+    let mut nats_up = shared.nats.as_ref().map(|n| n.up.clone());
     // Reads pause until this instant when the IP is over its byte rate (TCP then pushes back
     // on the client; nothing is buffered here).
     let mut read_at = started;
@@ -272,6 +284,13 @@ where
             _ = killed.changed() => break,
             _ = shutdown.changed() => {
                 kill(&kill_tx, close_code::GOING_AWAY, "relay shutting down".into());
+                break;
+            }
+            // A node cut off from the bus cannot reach the other nodes' members: send its
+            // clients to another relay.
+            () = nats_lost(&mut nats_up) => {
+                shared.metrics.drop(Drop::NatsDown);
+                kill(&kill_tx, close_code::GOING_AWAY, "relay lost its NATS connection; reconnect to another relay".into());
                 break;
             }
             _ = tokio::time::sleep_until(wake) => {
@@ -390,6 +409,97 @@ async fn writer<S>(
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
 }
 
+/// Resolves when the NATS connection is down; never without NATS.
+async fn nats_lost(up: &mut Option<watch::Receiver<bool>>) {
+    match up {
+        Some(up) => {
+            if up.wait_for(|up| !*up).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Queues a frame to a member; closes that member if its queue stays full longer than the
+/// slow-consumer timeout.
+async fn queue(shared: &Shared, to: &Member, frame: Bytes) -> bool {
+    // The common case needs no timer.
+    let msg = match to.tx.try_send(Message::Binary(frame)) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Full(m)) => m,
+    };
+    match to
+        .tx
+        .send_timeout(msg, shared.config.slow_consumer_timeout)
+        .await
+    {
+        Ok(()) => true,
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            shared.metrics.drop(Drop::SlowConsumer);
+            kill(
+                &to.kill,
+                close_code::SLOW_CONSUMER,
+                format!(
+                    "send queue full ({} frames) for {} ms",
+                    shared.config.send_queue_frames,
+                    shared.config.slow_consumer_timeout.as_millis()
+                ),
+            );
+            false
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+    }
+}
+
+fn local_targets(shared: &Shared, room: &RoomId) -> Vec<Member> {
+    shared
+        .rooms()
+        .get(room)
+        .map(|r| r.values().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Sends a membership notice from the bus to every local member of `room`.
+pub(super) async fn notify_room(shared: &Shared, room: &RoomId, frame: Bytes) {
+    for m in local_targets(shared, room) {
+        queue(shared, &m, frame.clone()).await;
+    }
+}
+
+/// Forwards a broadcast DELIVER from another node to every local member of `room`.
+pub(super) async fn forward_room(shared: &Shared, room: &RoomId, from: ConnId, frame: Bytes) {
+    let len = frame.len();
+    for m in local_targets(shared, room) {
+        if queue(shared, &m, frame.clone()).await {
+            shared.metrics.forwarded(len);
+        }
+    }
+    let _ = from;
+}
+
+/// Forwards a direct DELIVER from another node to local connection `to`, if it is in `room`.
+pub(super) async fn forward_one(shared: &Shared, room: &RoomId, to: ConnId, frame: Bytes) -> bool {
+    let target = shared.rooms().get(room).and_then(|r| r.get(&to)).cloned();
+    let Some(t) = target else { return false };
+    let len = frame.len();
+    let ok = queue(shared, &t, frame).await;
+    if ok {
+        shared.metrics.forwarded(len);
+    }
+    ok
+}
+
+/// The local members of `room`.
+pub(super) fn local_members(shared: &Shared, room: &RoomId) -> Vec<ConnId> {
+    shared
+        .rooms()
+        .get(room)
+        .map(|r| r.keys().copied().collect())
+        .unwrap_or_default()
+}
+
 impl Conn<'_> {
     /// Handles one frame. `Ok(true)` after a successful JOIN; `Err` closes the connection.
     async fn frame(&mut self, data: &[u8]) -> Result<bool, (u16, String)> {
@@ -494,6 +604,18 @@ impl Conn<'_> {
                 let frame: Bytes = protocol::encode_deliver(&room, self.id, false, payload).into();
                 self.forward(&t, frame).await;
             }
+            None if to != self.id
+                && self
+                    .shared
+                    .nats
+                    .as_ref()
+                    .is_some_and(|n| n.is_remote_member(&room, to)) =>
+            {
+                let frame: Bytes = protocol::encode_deliver(&room, self.id, false, payload).into();
+                if let Some(n) = self.shared.nats.as_ref() {
+                    n.send_to(to, frame).await;
+                }
+            }
             None => {
                 self.error(
                     error_code::UNKNOWN_PEER,
@@ -525,6 +647,11 @@ impl Conn<'_> {
         let frame: Bytes = protocol::encode_deliver(&room, self.id, true, payload).into();
         for t in targets {
             self.forward(&t, frame.clone()).await;
+        }
+        if let Some(n) = self.shared.nats.as_ref()
+            && n.remote_count(&room) > 0
+        {
+            n.broadcast(&room, frame).await;
         }
         Ok(())
     }
@@ -569,11 +696,20 @@ impl Conn<'_> {
             .await;
             return Ok(false);
         }
+        let remote = self
+            .shared
+            .nats
+            .as_ref()
+            .map_or(0, |n| n.remote_count(&room));
         let joined = {
             let mut rooms = self.shared.rooms();
             let members = rooms.entry(room).or_default();
-            if members.len() >= cfg.max_peers_per_room {
-                Err(members.len())
+            let total = members.len() + remote;
+            if total >= cfg.max_peers_per_room {
+                if members.is_empty() {
+                    rooms.remove(&room);
+                }
+                Err(total)
             } else {
                 let peers: Vec<ConnId> = members.keys().copied().collect();
                 let others: Vec<Member> = members.values().cloned().collect();
@@ -596,6 +732,13 @@ impl Conn<'_> {
             }
         };
         self.rooms.insert(room);
+        let mut peers = peers;
+        if self.shared.nats.is_some() {
+            let remote = super::nats::Nats::join(self.shared, room, self.id).await;
+            peers.extend(remote);
+            // Local and remote members are capped separately; JOINED must fit a frame.
+            peers.truncate(cfg.max_peers_per_room.saturating_sub(1));
+        }
         self.reply(Frame::Relay(RelayFrame::Joined { room, peers }))
             .await;
         let notice: Bytes = Frame::Relay(RelayFrame::PeerJoined {
@@ -611,6 +754,7 @@ impl Conn<'_> {
     }
 
     async fn leave(&mut self, room: RoomId) {
+        let mut last = false;
         let others = {
             let mut rooms = self.shared.rooms();
             let Some(members) = rooms.get_mut(&room) else {
@@ -620,9 +764,13 @@ impl Conn<'_> {
             let others: Vec<Member> = members.values().cloned().collect();
             if members.is_empty() {
                 rooms.remove(&room);
+                last = true;
             }
             others
         };
+        if let Some(n) = self.shared.nats.as_ref() {
+            n.leave(self.shared, room, self.id, last).await;
+        }
         let notice: Bytes = Frame::Relay(RelayFrame::PeerLeft {
             room,
             peer: self.id,
@@ -650,33 +798,7 @@ impl Conn<'_> {
 
     /// Queues a frame to another member; closes that member if its queue stays full.
     async fn notify(&self, to: &Member, frame: Bytes) -> bool {
-        // The common case needs no timer.
-        let msg = match to.tx.try_send(Message::Binary(frame)) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(m)) => m,
-        };
-        match to
-            .tx
-            .send_timeout(msg, self.shared.config.slow_consumer_timeout)
-            .await
-        {
-            Ok(()) => true,
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                self.shared.metrics.drop(Drop::SlowConsumer);
-                kill(
-                    &to.kill,
-                    close_code::SLOW_CONSUMER,
-                    format!(
-                        "send queue full ({} frames) for {} ms",
-                        self.shared.config.send_queue_frames,
-                        self.shared.config.slow_consumer_timeout.as_millis()
-                    ),
-                );
-                false
-            }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
-        }
+        queue(self.shared, to, frame).await
     }
 
     async fn reply(&self, frame: Frame) {

@@ -23,9 +23,10 @@ pub(crate) enum Drop {
     BadUpgrade,
     Unauthorized,
     RateLimited,
+    NatsDown,
 }
 
-const DROPS: [(Drop, &str); 17] = [
+const DROPS: [(Drop, &str); 18] = [
     (Drop::Malformed, "malformed"),
     (Drop::UnknownType, "unknown_type"),
     (Drop::TextFrame, "text_frame"),
@@ -43,6 +44,7 @@ const DROPS: [(Drop, &str); 17] = [
     (Drop::BadUpgrade, "bad_upgrade"),
     (Drop::Unauthorized, "unauthorized"),
     (Drop::RateLimited, "rate_limited"),
+    (Drop::NatsDown, "nats_down"),
 ];
 
 #[derive(Debug, Default)]
@@ -68,7 +70,7 @@ impl Metrics {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, rooms: usize) -> String {
+    pub(crate) fn render(&self, rooms: usize, nats: Option<&super::nats::NatsMetrics>) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -124,6 +126,58 @@ impl Metrics {
                 get(&self.drops[i])
             );
         }
+        if let Some(n) = nats {
+            for (name, kind, help, v) in [
+                (
+                    "pluresdb_relay_nats_up",
+                    "gauge",
+                    "1 while the NATS connection is up.",
+                    &n.up,
+                ),
+                (
+                    "pluresdb_relay_nats_published_total",
+                    "counter",
+                    "Messages published to NATS.",
+                    &n.published,
+                ),
+                (
+                    "pluresdb_relay_nats_received_total",
+                    "counter",
+                    "Messages received from NATS.",
+                    &n.received,
+                ),
+                (
+                    "pluresdb_relay_nats_publish_errors_total",
+                    "counter",
+                    "Publishes that failed or timed out.",
+                    &n.publish_errors,
+                ),
+                (
+                    "pluresdb_relay_nats_dropped_total",
+                    "counter",
+                    "Bus messages dropped: malformed, for an unknown connection, or over a member cap.",
+                    &n.dropped,
+                ),
+                (
+                    "pluresdb_relay_nats_slow_consumer_total",
+                    "counter",
+                    "Times the NATS client dropped messages because a subscription buffer was full.",
+                    &n.slow_consumer,
+                ),
+                (
+                    "pluresdb_relay_nats_disconnects_total",
+                    "counter",
+                    "Times the NATS connection was lost.",
+                    &n.disconnects,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                    get(v)
+                );
+            }
+        }
         out
     }
 }
@@ -138,7 +192,7 @@ mod tests {
         m.drop(Drop::SlowConsumer);
         m.drop(Drop::SlowConsumer);
         m.forwarded(100);
-        let text = m.render(3);
+        let text = m.render(3, None);
         assert!(text.contains("pluresdb_relay_rooms 3\n"), "{text}");
         assert!(text.contains("pluresdb_relay_drops_total{reason=\"slow_consumer\"} 2\n"));
         assert!(text.contains("pluresdb_relay_bytes_forwarded_total 100\n"));

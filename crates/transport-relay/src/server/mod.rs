@@ -19,6 +19,12 @@ mod config;
 mod conn;
 mod http;
 mod metrics;
+mod nats;
+
+pub use nats::{
+    NATS_CLIENT_CAPACITY, NATS_CONNECT_TIMEOUT, NATS_HEARTBEAT_INTERVAL, NATS_MAX_NODES,
+    NATS_NODE_TIMEOUT, NATS_PUBLISH_TIMEOUT, NATS_SUBSCRIPTION_CAPACITY,
+};
 
 use std::collections::HashMap;
 use std::io;
@@ -52,6 +58,8 @@ struct Shared {
     next_id: std::sync::atomic::AtomicU64,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
+    /// The bus to the other relay nodes, with `nats_url`.
+    nats: Option<nats::Nats>,
 }
 
 impl Shared {
@@ -63,7 +71,8 @@ impl Shared {
 
     fn metrics_text(&self) -> String {
         let rooms = self.rooms().len();
-        self.metrics.render(rooms)
+        self.metrics
+            .render(rooms, self.nats.as_ref().map(|n| &*n.metrics))
     }
 }
 
@@ -181,6 +190,13 @@ impl RelayServer {
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> io::Result<Self> {
         config.check().map_err(io::Error::other)?;
+        let nats = match &config.nats_url {
+            Some(url) => Some(nats::Nats::connect(url, &config.nats_subject_prefix).await?),
+            None => None,
+        };
+        // With NATS, the high 32 bits of a connection id are this node's random id, so ids
+        // are unique across nodes.
+        let first_id = nats.as_ref().map_or(1, |n| (u64::from(n.node) << 32) | 1);
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -188,10 +204,12 @@ impl RelayServer {
             config,
             rooms: Mutex::default(),
             per_ip: Mutex::default(),
-            next_id: std::sync::atomic::AtomicU64::new(1),
+            next_id: std::sync::atomic::AtomicU64::new(first_id),
             metrics: Metrics::default(),
             shutdown: shutdown_rx,
+            nats,
         });
+        nats::Nats::start(&shared).await?;
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(
             listener,
@@ -252,6 +270,9 @@ impl RelayServer {
             }
         })
         .await;
+        if let Some(n) = self.shared.nats.as_ref() {
+            n.stop().await;
+        }
         self.tasks.shutdown().await;
     }
 

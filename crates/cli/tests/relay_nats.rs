@@ -1,0 +1,141 @@
+//! `pluresdb-sync relay --nats` as real processes on a real nats-server (Debian package
+//! `nats-server`): two relay processes share a room; an unreachable NATS fails the start
+//! clearly. Without nats-server these tests skip, except with `CI=true`, where they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use pluresdb_sync::{Transport, derive_topic};
+use pluresdb_sync_transport_relay::RelayTransport;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const T: Duration = Duration::from_secs(30);
+
+fn nats_server() -> Option<&'static str> {
+    let found = [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nats-server is missing (Debian package nats-server; scripts/test installs it)"
+        );
+        eprintln!("skipping: nats-server is not installed");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_nats(bin: &str) -> (Child, u16) {
+    let port = free_port();
+    let child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(T, async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("nats-server did not start listening");
+    (child, port)
+}
+
+/// A relay process on NATS; returns it and its ws:// URL.
+async fn relay(nats_port: u16) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["relay", "--listen", "127.0.0.1:0", "--nats"])
+        .arg(format!("nats://127.0.0.1:{nats_port}"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(T, lines.next_line())
+            .await
+            .expect("relay did not print its address")
+            .unwrap()
+            .expect("relay exited early");
+        if let Some(rest) = line.strip_prefix("relay listening on ") {
+            return (child, rest.to_owned());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relay_processes_share_a_room_over_nats() {
+    let Some(bin) = nats_server() else { return };
+    let (_nats, port) = start_nats(bin).await;
+    let (_r1, url1) = relay(port).await;
+    let (_r2, url2) = relay(port).await;
+    let topic = derive_topic("cli-nats");
+    let mut a = RelayTransport::builder()
+        .relay_url(url1)
+        .timeout(T)
+        .build()
+        .unwrap();
+    let mut b = RelayTransport::builder()
+        .relay_url(url2)
+        .timeout(T)
+        .build()
+        .unwrap();
+    let mut a_in = a.connect(topic).await.unwrap();
+    let mut b_in = b.connect(topic).await.unwrap();
+    let mut ab = tokio::time::timeout(T, a_in.recv()).await.unwrap().unwrap();
+    let mut ba = tokio::time::timeout(T, b_in.recv()).await.unwrap().unwrap();
+    assert_eq!(ab.peer_id(), b.peer_id());
+    ab.send(b"over two relay processes").await.unwrap();
+    let got = tokio::time::timeout(T, ba.receive())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"over two relay processes");
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn relay_with_unreachable_nats_exits_with_a_clear_error() {
+    let port = free_port();
+    let out = tokio::time::timeout(
+        T,
+        Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+            .args(["relay", "--listen", "127.0.0.1:0", "--nats"])
+            .arg(format!("nats://127.0.0.1:{port}"))
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot connect to NATS at nats://127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("cannot listen"), "{err}");
+}

@@ -1,0 +1,569 @@
+//! Relay scale-out over a REAL nats-server (Debian package `nats-server`, started by each test
+//! on a free loopback port): clients on different relay nodes reach each other, fail over
+//! when a node dies, and a node started later learns existing members.
+//!
+//! Without `nats-server` (`/usr/sbin/nats-server` on Debian) these tests skip, except with `CI=true`, where they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::{SinkExt, StreamExt};
+use pluresdb_sync_core::testkit::{ConformanceKit, TransportFactory};
+use pluresdb_sync_core::{Connection, Transport, derive_topic};
+use pluresdb_sync_transport_relay::RelayTransport;
+use pluresdb_sync_transport_relay::protocol::{
+    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, decode,
+};
+use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const T: Duration = Duration::from_secs(30);
+/// Where Debian installs it (`/usr/sbin`), then elsewhere.
+const NATS_SERVER_PATHS: [&str; 3] = [
+    "/usr/sbin/nats-server",
+    "/usr/bin/nats-server",
+    "/usr/local/bin/nats-server",
+];
+
+fn nats_server() -> Option<&'static str> {
+    NATS_SERVER_PATHS
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+/// A nats-server child process on 127.0.0.1; killed on drop.
+struct Nats {
+    child: Child,
+    port: u16,
+}
+
+impl Nats {
+    /// Starts nats-server on a free port, or `None` (skip) when it is not installed.
+    async fn start() -> Option<Self> {
+        if nats_server().is_none() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "nats-server is missing (Debian package nats-server; scripts/test installs it)"
+            );
+            eprintln!("skipping: nats-server is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Some(Self::start_on(port).await)
+    }
+
+    async fn start_on(port: u16) -> Self {
+        let child = Command::new(nats_server().expect("checked"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Wait until it accepts connections.
+        tokio::time::timeout(T, async {
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("nats-server did not start listening");
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn node(nats: &Nats) -> RelayServer {
+    let config = RelayServerConfig::builder()
+        .nats_url(Some(nats.url()))
+        .build()
+        .unwrap();
+    RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+/// A relay node on its own runtime and thread, so that it can be killed hard: every task
+/// stops where it is (no LEAVE, no 1001, no NATS goodbye), its sockets close.
+struct KillableNode {
+    addr: SocketAddr,
+    kill: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KillableNode {
+    async fn start(nats: &Nats) -> Self {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
+        let url = nats.url();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let server = rt.block_on(async {
+                let config = RelayServerConfig::builder()
+                    .nats_url(Some(url))
+                    .build()
+                    .unwrap();
+                RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
+                    .await
+                    .unwrap()
+            });
+            addr_tx.send(server.local_addr()).unwrap();
+            let _ = kill_rx.recv();
+            // Drop every task without running it again, then the server.
+            rt.shutdown_background();
+            drop(server);
+        });
+        let addr = tokio::time::timeout(T, addr_rx).await.unwrap().unwrap();
+        Self {
+            addr,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/relay", self.addr)
+    }
+
+    async fn kill(mut self) {
+        drop(self.kill.take());
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+fn url(server: &RelayServer) -> String {
+    format!("ws://{}/relay", server.local_addr())
+}
+
+/// Transport i talks to node i % 2.
+struct TwoNodes {
+    nodes: std::sync::Arc<Vec<RelayServer>>,
+}
+
+#[async_trait]
+impl TransportFactory for TwoNodes {
+    async fn create(&self, n: usize) -> anyhow::Result<Vec<Box<dyn Transport>>> {
+        (0..n)
+            .map(|i| {
+                Ok(Box::new(
+                    RelayTransport::builder()
+                        .relay_url(url(&self.nodes[i % self.nodes.len()]))
+                        .timeout(T)
+                        .build()?,
+                ) as Box<dyn Transport>)
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_on_two_nodes_pass_the_conformance_checks() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let nodes = std::sync::Arc::new(vec![node(&nats).await, node(&nats).await]);
+    let kit = ConformanceKit::new(TwoNodes {
+        nodes: nodes.clone(),
+    });
+    for (name, r) in [
+        ("message_boundaries", kit.message_boundaries().await),
+        ("ordering", kit.ordering().await),
+        ("remote_close", kit.remote_close().await),
+        (
+            "one_connection_per_peer(4)",
+            kit.one_connection_per_peer(4).await,
+        ),
+        (
+            "disconnect_ends_everything",
+            kit.disconnect_ends_everything().await,
+        ),
+    ] {
+        if let Err(e) = r {
+            let m: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    n.metrics_text()
+                        .lines()
+                        .filter(|l| l.starts_with("pluresdb_relay_nats") || l.contains("slow"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .collect();
+            panic!("{name}: {e:#}\nnode metrics:\n{}", m.join("\n--\n"));
+        }
+    }
+    drop(kit);
+    nats.stop().await;
+}
+
+async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
+    tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()
+}
+
+async fn exchange(a: &mut Box<dyn Connection>, b: &mut Box<dyn Connection>, msg: &[u8]) {
+    a.send(msg).await.unwrap();
+    let got = tokio::time::timeout(T, b.receive())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_fail_over_to_another() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let doomed = KillableNode::start(&nats).await;
+    let survivor = node(&nats).await;
+    let topic = derive_topic("nats-failover");
+    // A knows both relays, the doomed one first; B uses the survivor.
+    let mut a = RelayTransport::builder()
+        .relay_urls([doomed.url(), url(&survivor)])
+        .timeout(T)
+        .build()
+        .unwrap();
+    let mut b = RelayTransport::builder()
+        .relay_url(url(&survivor))
+        .timeout(T)
+        .build()
+        .unwrap();
+    let mut a_in = a.connect(topic).await.unwrap();
+    let mut b_in = b.connect(topic).await.unwrap();
+    let mut ab = recv(&mut a_in).await;
+    let mut ba = recv(&mut b_in).await;
+    exchange(&mut ab, &mut ba, b"before").await;
+    exchange(&mut ba, &mut ab, b"before, back").await;
+    assert_eq!(ab.peer_id(), b.peer_id());
+
+    // Kill the node without goodbye: sockets drop, no 1001, no NATS goodbye.
+    doomed.kill().await;
+
+    // A's session ends; A reconnects to the survivor; both see a new connection.
+    let closed = tokio::time::timeout(T, ab.receive()).await.unwrap();
+    assert!(matches!(closed, Ok(None) | Err(_)), "{closed:?}");
+    let mut ab2 = recv(&mut a_in).await;
+    let mut ba2 = recv(&mut b_in).await;
+    assert_eq!(ab2.peer_id(), b.peer_id());
+    assert_eq!(ba2.peer_id(), a.peer_id());
+    exchange(&mut ab2, &mut ba2, b"after failover").await;
+    exchange(&mut ba2, &mut ab2, b"after failover, back").await;
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+    survivor.shutdown().await;
+    nats.stop().await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw(addr: SocketAddr) -> (Ws, u64) {
+    let mut req = format!("ws://{addr}/relay").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
+    let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .unwrap();
+    match next(&mut ws).await {
+        Frame::Relay(RelayFrame::Welcome { conn, .. }) => (ws, conn),
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
+
+async fn next(ws: &mut Ws) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(T, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            return decode(&b).unwrap();
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, f: Frame) {
+    ws.send(Message::Binary(f.encode().into())).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_later_learns_existing_members() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let first = node(&nats).await;
+    let room = [7u8; 32];
+    let (mut x, x_id) = raw(first.local_addr()).await;
+    let (mut x2, x2_id) = raw(first.local_addr()).await;
+    for ws in [&mut x, &mut x2] {
+        send(ws, Frame::Client(ClientFrame::Join { room })).await;
+        assert!(matches!(
+            next(ws).await,
+            Frame::Relay(RelayFrame::Joined { .. })
+        ));
+    }
+    assert!(matches!(
+        next(&mut x).await,
+        Frame::Relay(RelayFrame::PeerJoined { peer, .. }) if peer == x2_id
+    ));
+
+    // A node that did not exist when X joined.
+    let later = node(&nats).await;
+    let (mut y, y_id) = raw(later.local_addr()).await;
+    assert_ne!(
+        y_id >> 32,
+        x_id >> 32,
+        "connection ids carry distinct node ids"
+    );
+    send(&mut y, Frame::Client(ClientFrame::Join { room })).await;
+    match next(&mut y).await {
+        Frame::Relay(RelayFrame::Joined { room: r, mut peers }) => {
+            assert_eq!(r, room);
+            peers.sort_unstable();
+            let mut want = vec![x_id, x2_id];
+            want.sort_unstable();
+            assert_eq!(peers, want);
+        }
+        other => panic!("expected JOINED, got {other:?}"),
+    }
+    for ws in [&mut x, &mut x2] {
+        assert!(matches!(
+            next(ws).await,
+            Frame::Relay(RelayFrame::PeerJoined { peer, .. }) if peer == y_id
+        ));
+    }
+
+    // Direct send across nodes, both ways, and a broadcast.
+    send(
+        &mut y,
+        Frame::Client(ClientFrame::Send {
+            room,
+            to: x_id,
+            payload: b"to x".to_vec(),
+        }),
+    )
+    .await;
+    assert_eq!(
+        next(&mut x).await,
+        Frame::Relay(RelayFrame::Deliver {
+            room,
+            from: y_id,
+            broadcast: false,
+            payload: b"to x".to_vec()
+        })
+    );
+    send(
+        &mut x,
+        Frame::Client(ClientFrame::Broadcast {
+            room,
+            payload: b"all".to_vec(),
+        }),
+    )
+    .await;
+    for ws in [&mut y, &mut x2] {
+        assert_eq!(
+            next(ws).await,
+            Frame::Relay(RelayFrame::Deliver {
+                room,
+                from: x_id,
+                broadcast: true,
+                payload: b"all".to_vec()
+            })
+        );
+    }
+
+    // Y leaves: X and X2 hear it.
+    send(&mut y, Frame::Client(ClientFrame::Leave { room })).await;
+    for ws in [&mut x, &mut x2] {
+        assert!(matches!(
+            next(ws).await,
+            Frame::Relay(RelayFrame::PeerLeft { peer, .. }) if peer == y_id
+        ));
+    }
+    let m = later.metrics_text();
+    assert!(m.contains("pluresdb_relay_nats_up 1\n"), "{m}");
+    assert!(
+        !m.contains("pluresdb_relay_nats_published_total 0\n"),
+        "{m}"
+    );
+    assert!(!m.contains("pluresdb_relay_nats_received_total 0\n"), "{m}");
+    later.shutdown().await;
+    first.shutdown().await;
+    nats.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_nats_fails_the_start_clearly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = RelayServerConfig::builder()
+        .nats_url(Some(format!("nats://127.0.0.1:{port}")))
+        .build()
+        .unwrap();
+    let err = RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot connect to NATS at nats://127.0.0.1:"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_nats_sends_clients_away_and_refuses_new_ones() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let port = nats.port;
+    let relay = node(&nats).await;
+    let (mut x, _) = raw(relay.local_addr()).await;
+    send(&mut x, Frame::Client(ClientFrame::Join { room: [1; 32] })).await;
+    assert!(matches!(
+        next(&mut x).await,
+        Frame::Relay(RelayFrame::Joined { .. })
+    ));
+    nats.stop().await;
+    // The client is told to go elsewhere (1001 with a reason).
+    let close = tokio::time::timeout(T, async {
+        loop {
+            match x.next().await {
+                Some(Ok(Message::Close(c))) => return c,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(u16::from(close.code), 1001);
+    assert!(close.reason.contains("NATS"), "{}", close.reason);
+    // New clients get 503 while NATS is down.
+    let mut req = format!("ws://{}/relay", relay.local_addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503)
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    let m = relay.metrics_text();
+    assert!(m.contains("pluresdb_relay_nats_up 0\n"), "{m}");
+    assert!(
+        m.contains("pluresdb_relay_nats_disconnects_total 1\n"),
+        "{m}"
+    );
+
+    // NATS comes back on the same port: the relay reconnects and serves again.
+    let nats = Nats::start_on(port).await;
+    tokio::time::timeout(T, async {
+        while !relay.metrics_text().contains("pluresdb_relay_nats_up 1\n") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the relay did not reconnect to NATS");
+    let (mut y, _) = raw(relay.local_addr()).await;
+    send(&mut y, Frame::Client(ClientFrame::Join { room: [1; 32] })).await;
+    assert!(matches!(
+        next(&mut y).await,
+        Frame::Relay(RelayFrame::Joined { .. })
+    ));
+    relay.shutdown().await;
+    nats.stop().await;
+}
+
+async fn joined(ws: &mut Ws, room: [u8; 32]) -> Vec<u64> {
+    send(ws, Frame::Client(ClientFrame::Join { room })).await;
+    match next(ws).await {
+        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
+        other => panic!("expected JOINED, got {other:?}"),
+    }
+}
+
+/// Skips PEER_JOINED notices until the PEER_LEFT of `who`; returns how long it took.
+async fn left(ws: &mut Ws, who: u64) -> Duration {
+    let t0 = std::time::Instant::now();
+    loop {
+        match next(ws).await {
+            Frame::Relay(RelayFrame::PeerLeft { peer, .. }) if peer == who => {
+                return t0.elapsed();
+            }
+            Frame::Relay(RelayFrame::PeerJoined { .. }) => {}
+            other => panic!("expected PEER_LEFT of {who}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_dead_node_are_forgotten_and_a_clean_stop_says_goodbye() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let room = [9u8; 32];
+    let survivor = node(&nats).await;
+    let (mut y, _) = raw(survivor.local_addr()).await;
+    assert!(joined(&mut y, room).await.is_empty());
+
+    // Killed without any goodbye (no LEAVE, no 1001): forgotten after missed heartbeats.
+    let dead = KillableNode::start(&nats).await;
+    let (mut x, x_id) = raw(dead.addr).await;
+    joined(&mut x, room).await;
+    dead.kill().await;
+    let took = left(&mut y, x_id).await;
+    assert!(
+        took >= Duration::from_secs(2),
+        "PEER_LEFT after {took:?} came before any heartbeat could be missed"
+    );
+
+    // A clean shutdown: its members leave at once.
+    let stopping = node(&nats).await;
+    let (mut z, z_id) = raw(stopping.local_addr()).await;
+    joined(&mut z, room).await;
+    let t0 = std::time::Instant::now();
+    stopping.shutdown().await;
+    left(&mut y, z_id).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(x);
+    survivor.shutdown().await;
+    nats.stop().await;
+}
