@@ -223,3 +223,87 @@ fn env_child() {
         );
     }
 }
+
+/// A DHT answering with hundreds of dead endpoints (mainline keeps at most 500 per info-hash)
+/// must not stop discovery, and a connected pair keeps talking meanwhile.
+///
+/// KNOWN FAILURE (issue 5, bad input): with ~480 dead entries a newcomer often finds no real
+/// peer within 30 s, because dead candidates hold the 16 dial slots for a handshake timeout
+/// each. The connected pair is unaffected. Run with `--run-ignored only` after fixing the
+/// candidate scheduling (e.g. try fresh/recent candidates first, shorter first-probe timeout).
+#[ignore = "known failure: dead DHT candidates starve discovery (see doc comment)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_bogus_dht_peers_do_not_stop_discovery_or_traffic() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("bogus-flood");
+    let info_hash = {
+        use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+        mainline::Id::from_bytes(&derive_from_topic(&topic, Domain::DhtInfoHash)[..20]).unwrap()
+    };
+    // A good pair, connected before the flood.
+    let mut a = dht.transport();
+    let mut b = dht.transport();
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    let mut ca = common::next_conn(&mut ra, Duration::from_secs(30)).await;
+    let mut cb = common::next_conn(&mut rb, Duration::from_secs(30)).await;
+
+    let raw = mainline::Dht::builder()
+        .bootstrap(&dht.testnet.bootstrap)
+        .bind_address(Ipv4Addr::LOCALHOST)
+        .port(0)
+        .server_mode()
+        .request_timeout(Duration::from_millis(250))
+        .build()
+        .unwrap()
+        .as_async();
+    const BOGUS: usize = 480;
+    // The first announce waits for the raw node to bootstrap; then batches in parallel.
+    raw.announce_peer(info_hash, Some(common::free_udp_port()))
+        .await
+        .unwrap();
+    let mut announced = 1;
+    while announced < BOGUS {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let raw = raw.clone();
+            let port = common::free_udp_port();
+            batch.spawn(async move { raw.announce_peer(info_hash, Some(port)).await.is_ok() });
+        }
+        let landed = batch.join_all().await.into_iter().filter(|ok| *ok).count();
+        assert!(landed > 0, "a batch of bogus announces failed entirely");
+        announced += landed;
+    }
+
+    // A newcomer still finds real peers and lists no bogus one, and the pair's traffic flows
+    // throughout.
+    let seeker = dht.transport();
+    let lookup = tokio::spawn(async move {
+        let found = lookup_until(&seeker, topic, |p| !p.is_empty()).await;
+        (seeker, found)
+    });
+    let mut exchanged = 0u32;
+    while !lookup.is_finished() {
+        ca.send(&exchanged.to_be_bytes()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), cb.receive())
+            .await
+            .expect("the good pair stalled during the flood")
+            .unwrap();
+        assert_eq!(got.as_deref(), Some(&exchanged.to_be_bytes()[..]));
+        exchanged += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_seeker, found) = tokio::time::timeout(Duration::from_secs(5), lookup)
+        .await
+        .unwrap()
+        .unwrap();
+    let real = [a.peer_id(), b.peer_id()];
+    assert!(
+        found.iter().all(|p| real.contains(&p.id)),
+        "bogus entries were listed as peers: {found:?}"
+    );
+    assert!(exchanged > 0);
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
