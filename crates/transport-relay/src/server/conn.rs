@@ -613,7 +613,9 @@ impl Conn<'_> {
             {
                 let frame: Bytes = protocol::encode_deliver(&room, self.id, false, payload).into();
                 if let Some(n) = self.shared.nats.as_ref() {
-                    n.send_to(to, frame).await;
+                    // Boxed: the NATS futures are large and would otherwise enlarge every
+                    // connection's task, with or without NATS.
+                    Box::pin(n.send_to(to, frame)).await;
                 }
             }
             None => {
@@ -651,7 +653,7 @@ impl Conn<'_> {
         if let Some(n) = self.shared.nats.as_ref()
             && n.remote_count(&room) > 0
         {
-            n.broadcast(&room, frame).await;
+            Box::pin(n.broadcast(&room, frame)).await;
         }
         Ok(())
     }
@@ -734,7 +736,7 @@ impl Conn<'_> {
         self.rooms.insert(room);
         let mut peers = peers;
         if self.shared.nats.is_some() {
-            let remote = super::nats::Nats::join(self.shared, room, self.id).await;
+            let remote = Box::pin(super::nats::Nats::join(self.shared, room, self.id)).await;
             peers.extend(remote);
             // Local and remote members are capped separately; JOINED must fit a frame.
             peers.truncate(cfg.max_peers_per_room.saturating_sub(1));
@@ -769,7 +771,7 @@ impl Conn<'_> {
             others
         };
         if let Some(n) = self.shared.nats.as_ref() {
-            n.leave(self.shared, room, self.id, last).await;
+            Box::pin(n.leave(self.shared, room, self.id, last)).await;
         }
         let notice: Bytes = Frame::Relay(RelayFrame::PeerLeft {
             room,
