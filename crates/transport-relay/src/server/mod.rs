@@ -45,7 +45,7 @@ type IpEntry = (usize, Arc<Mutex<Bucket>>);
 /// A member of a room, as other connections see it.
 #[derive(Clone, Debug)]
 struct Member {
-    tx: tokio::sync::mpsc::Sender<tokio_tungstenite::tungstenite::Message>,
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
     kill: Arc<watch::Sender<Option<(u16, String)>>>,
 }
 
