@@ -72,17 +72,15 @@ async fn lookup_lists_each_announced_peer_once_with_its_endpoint_and_not_itself(
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_and_bogus_dht_entries_are_skipped() {
-    common::init_tracing();
-    let dht = LocalDht::new();
-    let topic = fresh_topic("stale");
-    // Bogus entries: endpoints where nobody answers, announced straight into the DHT under
-    // the topic's info-hash, as a stale or hostile DHT would return them.
-    let info_hash = {
-        use pluresdb_sync_core::topic::{Domain, derive_from_topic};
-        mainline::Id::from_bytes(&derive_from_topic(&topic, Domain::DhtInfoHash)[..20]).unwrap()
-    };
+/// A raw DHT node on the testnet and the topic's info-hash, for announcing endpoints where
+/// nobody answers, as a stale or hostile DHT would return them.
+fn bogus_announcer(
+    dht: &LocalDht,
+    topic: &[u8; 32],
+) -> (mainline::async_dht::AsyncDht, mainline::Id) {
+    use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+    let info_hash =
+        mainline::Id::from_bytes(&derive_from_topic(topic, Domain::DhtInfoHash)[..20]).unwrap();
     let raw = mainline::Dht::builder()
         .bootstrap(&dht.testnet.bootstrap)
         .bind_address(Ipv4Addr::LOCALHOST)
@@ -92,6 +90,17 @@ async fn stale_and_bogus_dht_entries_are_skipped() {
         .build()
         .unwrap()
         .as_async();
+    (raw, info_hash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_and_bogus_dht_entries_are_skipped() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    let topic = fresh_topic("stale");
+    // Bogus entries: endpoints where nobody answers, announced straight into the DHT under
+    // the topic's info-hash, as a stale or hostile DHT would return them.
+    let (raw, info_hash) = bogus_announcer(&dht, &topic);
     for _ in 0..20 {
         raw.announce_peer(info_hash, Some(common::free_udp_port()))
             .await
@@ -237,10 +246,6 @@ async fn hundreds_of_bogus_dht_peers_do_not_stop_discovery_or_traffic() {
     common::init_tracing();
     let dht = LocalDht::new();
     let topic = fresh_topic("bogus-flood");
-    let info_hash = {
-        use pluresdb_sync_core::topic::{Domain, derive_from_topic};
-        mainline::Id::from_bytes(&derive_from_topic(&topic, Domain::DhtInfoHash)[..20]).unwrap()
-    };
     // A good pair, connected before the flood.
     let mut a = dht.transport();
     let mut b = dht.transport();
@@ -249,15 +254,7 @@ async fn hundreds_of_bogus_dht_peers_do_not_stop_discovery_or_traffic() {
     let mut ca = common::next_conn(&mut ra, Duration::from_secs(30)).await;
     let mut cb = common::next_conn(&mut rb, Duration::from_secs(30)).await;
 
-    let raw = mainline::Dht::builder()
-        .bootstrap(&dht.testnet.bootstrap)
-        .bind_address(Ipv4Addr::LOCALHOST)
-        .port(0)
-        .server_mode()
-        .request_timeout(Duration::from_millis(250))
-        .build()
-        .unwrap()
-        .as_async();
+    let (raw, info_hash) = bogus_announcer(&dht, &topic);
     const BOGUS: usize = 480;
     // The first announce waits for the raw node to bootstrap; then batches in parallel.
     raw.announce_peer(info_hash, Some(common::free_udp_port()))
