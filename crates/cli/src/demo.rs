@@ -59,8 +59,8 @@ pub(crate) async fn exchange(
     say(format!(
         "connected in {} ms: A sees peer {}…, B sees peer {}…",
         connect.as_millis(),
-        &ca.peer_id()[..8.min(ca.peer_id().len())],
-        &cb.peer_id()[..8.min(cb.peer_id().len())]
+        crate::peer::short(ca.peer_id()),
+        crate::peer::short(cb.peer_id())
     ));
 
     // 1. Events: A publishes upserts, B decodes them into its own broadcaster.
