@@ -50,7 +50,7 @@ pub(crate) struct RelayArgs {
     /// Milliseconds of silence before the relay closes [default: 45000].
     #[arg(long)]
     idle_timeout_ms: Option<u64>,
-    /// Frames queued per connection [default: 256].
+    /// Entries queued per connection: a frame, or up to 16 KiB of small frames [default: 256].
     #[arg(long)]
     send_queue_frames: Option<usize>,
     /// Milliseconds a full queue may block forwarding before its reader is closed [default: 5000].

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use pluresdb_sync_transport_relay::protocol::{
-    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, decode, error_code,
+    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, decode, error_code,
 };
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,6 +49,16 @@ async fn next(ws: &mut Ws) -> Frame {
             .unwrap();
         if let Message::Binary(b) = msg {
             return decode(&b).unwrap();
+        }
+    }
+}
+
+/// The next frame that is not a PEER_JOINED notice.
+async fn next_but_joins(ws: &mut Ws) -> Frame {
+    loop {
+        match next(ws).await {
+            Frame::Relay(RelayFrame::PeerJoined { .. }) => {}
+            other => return other,
         }
     }
 }
@@ -196,5 +206,109 @@ async fn rooms_route_by_relay_assigned_ids() {
         "{text}"
     );
     assert!(text.contains("pluresdb_relay_rooms 1"), "{text}");
+    server.shutdown().await;
+}
+
+/// The relay handles what a client pipelines in bursts and gathers DELIVERs per receiver:
+/// every receiver still sees frames in the order they were sent, whatever other frame kinds
+/// sit between them, and frames sent just before a protocol error are still delivered.
+#[tokio::test]
+async fn pipelined_frames_keep_their_order_and_survive_a_protocol_error() {
+    let mut server =
+        RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
+            .await
+            .unwrap();
+    let metrics = server
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let room = [4u8; 32];
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (mut ws, id) = client(addr).await;
+        send(&mut ws, Frame::Client(ClientFrame::Join { room })).await;
+        assert!(matches!(
+            next(&mut ws).await,
+            Frame::Relay(RelayFrame::Joined { .. })
+        ));
+        clients.push((ws, id));
+    }
+    let (mut c, c_id) = clients.pop().unwrap();
+    let (mut b, b_id) = clients.pop().unwrap();
+    let (mut a, a_id) = clients.pop().unwrap();
+
+    // What A pipelines, in one write: what B and C must each see, in order.
+    let mut frames = Vec::new();
+    let (mut to_b, mut to_c) = (Vec::new(), Vec::new());
+    for i in 0..600u32 {
+        let to = if i % 7 == 3 { c_id } else { b_id };
+        let payload = i.to_be_bytes().to_vec();
+        if to == b_id { &mut to_b } else { &mut to_c }.push((false, payload.clone()));
+        frames.push(Frame::Client(ClientFrame::Send { room, to, payload }));
+        if i == 300 {
+            let payload = b"everyone".to_vec();
+            to_b.push((true, payload.clone()));
+            to_c.push((true, payload.clone()));
+            frames.push(Frame::Client(ClientFrame::Broadcast { room, payload }));
+            // An error reply to A in the middle changes nothing for B and C.
+            frames.push(Frame::Client(ClientFrame::Leave { room: [5; 32] }));
+        }
+    }
+    for f in &frames {
+        a.feed(Message::Binary(f.encode().into())).await.unwrap();
+    }
+    // A frame type no one sends: a protocol error that closes A.
+    a.feed(Message::Binary(vec![0x7e, 1, 2].into()))
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+
+    for (ws, expected) in [(&mut b, &to_b), (&mut c, &to_c)] {
+        for (broadcast, payload) in expected {
+            assert_eq!(
+                next_but_joins(ws).await,
+                Frame::Relay(RelayFrame::Deliver {
+                    room,
+                    from: a_id,
+                    broadcast: *broadcast,
+                    payload: payload.clone(),
+                })
+            );
+        }
+        let left = loop {
+            match next(ws).await {
+                Frame::Relay(RelayFrame::PeerJoined { .. }) => {}
+                other => break other,
+            }
+        };
+        assert_eq!(
+            left,
+            Frame::Relay(RelayFrame::PeerLeft { room, peer: a_id })
+        );
+    }
+    assert!(matches!(
+        next_but_joins(&mut a).await,
+        Frame::Relay(RelayFrame::Error {
+            code: error_code::NOT_IN_ROOM,
+            ..
+        })
+    ));
+    let close = loop {
+        match tokio::time::timeout(T, a.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(f)))) => break f,
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), close_code::UNKNOWN_TYPE, "{close:?}");
+    let text = http_get(metrics, "/metrics").await;
+    let forwarded = to_b.len() + to_c.len();
+    assert!(
+        text.contains(&format!(
+            "pluresdb_relay_frames_forwarded_total {forwarded}\n"
+        )),
+        "{text}"
+    );
     server.shutdown().await;
 }

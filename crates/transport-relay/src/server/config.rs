@@ -21,7 +21,9 @@ pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(15);
 /// Default silence after which the relay closes a connection (three ping intervals).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
-/// Default send queue per connection, in frames: at 64 KiB frames at most 16 MiB per socket.
+/// Default send queue per connection, in entries. An entry is one frame, or the small frames
+/// one sender's burst produced for this receiver gathered up to 16 KiB; either way at most
+/// 64 KiB, so at most 16 MiB per socket.
 pub const DEFAULT_SEND_QUEUE_FRAMES: usize = 256;
 /// Default wait for room in a full send queue before the receiver is closed as a slow
 /// consumer. Senders are paused (backpressure) meanwhile, never buffered without bound.
@@ -59,7 +61,7 @@ pub struct RelayServerConfig {
     pub ping_interval: Duration,
     /// Silence before the relay closes.
     pub idle_timeout: Duration,
-    /// Frames queued per connection.
+    /// Entries queued per connection (a frame, or a batch of small frames of at most 16 KiB).
     pub send_queue_frames: usize,
     /// How long a forward waits on a full queue before closing the receiver.
     pub slow_consumer_timeout: Duration,

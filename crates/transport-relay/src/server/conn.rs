@@ -2,12 +2,13 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -17,6 +18,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::http::{self, HeadError, Prefixed};
 use super::metrics::Drop;
+use super::outbox::{Batch, BatchBuilder};
 use super::{IpSlot, Member, Shared};
 use crate::protocol::{
     self, ClientFrame, ConnId, DELIVER_OVERHEAD, ForwardView, Frame, RelayFrame, RoomId,
@@ -219,11 +221,39 @@ fn token_ok(tokens: &[String], given: Option<&str>) -> bool {
     bool::from(ok)
 }
 
+/// Most frames handled per wake-up of a connection's reader before its timers and kill
+/// signals are looked at again.
+const READ_BURST: usize = 256;
+
+/// Most receivers one burst gathers DELIVERs for before queueing them all (bounds the
+/// gathered bytes to this many batches).
+const MAX_PENDING_RECEIVERS: usize = 16;
+
+/// The reader's clock.
+struct Reads {
+    /// When the last frame arrived.
+    last_rx: Instant,
+    /// Reads pause until this instant when the IP is over its byte rate (TCP then pushes back
+    /// on the client; nothing is buffered here).
+    read_at: Instant,
+    ever_joined: bool,
+}
+
 struct Conn<'a> {
     shared: &'a Arc<Shared>,
     id: ConnId,
     me: Member,
     rooms: HashSet<RoomId>,
+    /// DELIVERs of the current burst not yet queued, per receiver (see `outbox`).
+    pending: Vec<Pending>,
+}
+
+/// DELIVERs gathered for one receiver in one room during a burst.
+struct Pending {
+    room: RoomId,
+    to: ConnId,
+    member: Member,
+    frames: BatchBuilder,
 }
 
 async fn run<S>(shared: &Arc<Shared>, ws: WebSocketStream<S>, slot: &IpSlot)
@@ -233,10 +263,10 @@ where
     let cfg = &shared.config;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (sink, mut stream) = ws.split();
-    // The queue holds the frames' bytes, not tungstenite `Message`s: a queue block (32 slots,
-    // allocated with the channel) of 32-byte `Bytes` instead of larger `Message`s saves about
-    // 1 KiB per idle connection.
-    let (tx, rx) = mpsc::channel::<Bytes>(cfg.send_queue_frames);
+    // The queue holds batches of frame bytes, not tungstenite `Message`s: a queue block (32
+    // slots, allocated with the channel) of 32-byte `Batch`es instead of larger `Message`s
+    // saves about 1 KiB per idle connection.
+    let (tx, rx) = mpsc::channel::<Batch>(cfg.send_queue_frames);
     let (kill_tx, kill_rx) = watch::channel(None);
     let kill_tx: Kill = Arc::new(kill_tx);
     let mut writer = tokio::spawn(writer(sink, rx, kill_rx.clone()));
@@ -248,6 +278,7 @@ where
             kill: kill_tx.clone(),
         },
         rooms: HashSet::new(),
+        pending: Vec::new(),
     };
     let welcome = Frame::Relay(RelayFrame::Welcome {
         conn: id,
@@ -255,30 +286,30 @@ where
         max_rooms: cfg.max_rooms_per_connection as u32,
         max_peers: cfg.max_peers_per_room as u32,
     });
-    let _ = conn.me.tx.try_send(welcome.encode().into());
+    let _ = conn.me.tx.try_send(Batch::one(&welcome.encode()));
 
     let started = Instant::now();
-    let mut last_rx = started;
+    let mut reads = Reads {
+        last_rx: started,
+        read_at: started,
+        ever_joined: false,
+    };
     let mut last_ping = started;
-    let mut ever_joined = false;
     let mut ping_nonce = 0u64;
     let mut shutdown = shared.shutdown.clone();
     let mut killed = kill_rx;
     let mut nats_up = shared.nats.as_ref().map(|n| n.up.clone());
-    // Reads pause until this instant when the IP is over its byte rate (TCP then pushes back
-    // on the client; nothing is buffered here).
-    let mut read_at = started;
-    loop {
+    'conn: loop {
         // A paused reader is not idle: the pause counts as activity.
-        let idle_at = last_rx.max(read_at) + cfg.idle_timeout;
-        let ping_at = last_rx.max(last_ping).max(read_at) + cfg.ping_interval;
+        let idle_at = reads.last_rx.max(reads.read_at) + cfg.idle_timeout;
+        let ping_at = reads.last_rx.max(last_ping).max(reads.read_at) + cfg.ping_interval;
         let mut wake = idle_at.min(ping_at);
-        if !ever_joined {
+        if !reads.ever_joined {
             wake = wake.min(started + cfg.join_timeout);
         }
-        let reading = Instant::now() >= read_at;
+        let reading = Instant::now() >= reads.read_at;
         if !reading {
-            wake = wake.min(read_at);
+            wake = wake.min(reads.read_at);
         }
         tokio::select! {
             _ = killed.changed() => break,
@@ -295,7 +326,7 @@ where
             }
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
-                if !ever_joined && now >= started + cfg.join_timeout {
+                if !reads.ever_joined && now >= started + cfg.join_timeout {
                     shared.metrics.drop(Drop::JoinTimeout);
                     kill(&kill_tx, close_code::TIMEOUT, format!("no room joined within {} ms", cfg.join_timeout.as_millis()));
                     break;
@@ -305,57 +336,45 @@ where
                     kill(&kill_tx, close_code::TIMEOUT, format!("nothing received for {} ms", cfg.idle_timeout.as_millis()));
                     break;
                 }
-                if now >= ping_at && now >= read_at {
+                if now >= ping_at && now >= reads.read_at {
                     ping_nonce += 1;
-                    let _ = conn.me.tx.try_send(Frame::Ping(ping_nonce).encode().into());
+                    let _ = conn.me.tx.try_send(Batch::one(&Frame::Ping(ping_nonce).encode()));
                     last_ping = now;
                 }
             }
             msg = stream.next(), if reading => {
-                let Some(msg) = msg else { break };
-                match msg {
-                    Ok(Message::Binary(data)) => {
-                        last_rx = Instant::now();
-                        let pause = slot.charge(data.len());
-                        if !pause.is_zero() {
-                            shared.metrics.drop(Drop::RateLimited);
-                            read_at = last_rx + pause;
-                        }
-                        shared.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
-                        match conn.frame(&data).await {
-                            Ok(joined) => ever_joined |= joined,
-                            Err((code, reason)) => {
-                                kill(&kill_tx, code, reason);
-                                break;
-                            }
-                        }
+                // Frames already buffered or readable are handled in one burst, without
+                // re-arming the select's timers per frame.
+                let mut next = msg;
+                let mut burst = 0;
+                loop {
+                    // Only a binary frame's bytes are held across the await: the reader's
+                    // future (one per connection) stays small.
+                    let data = match next.map(|m| conn.binary(m, &kill_tx)) {
+                        Some(Ok(data)) => Some(data),
+                        Some(Err(ControlFlow::Continue(()))) => None,
+                        Some(Err(ControlFlow::Break(()))) | None => break 'conn,
+                    };
+                    if let Some(data) = data
+                        && conn.frame_bytes(data, slot, &mut reads, &kill_tx).await.is_break()
+                    {
+                        break 'conn;
                     }
-                    Ok(Message::Text(_)) => {
-                        shared.metrics.drop(Drop::TextFrame);
-                        kill(&kill_tx, close_code::TEXT_FRAME, "text frames are not part of the relay protocol; send binary frames".into());
+                    burst += 1;
+                    if burst >= READ_BURST || reads.read_at > reads.last_rx {
                         break;
                     }
-                    Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-                    Ok(Message::Close(_)) => break,
-                    Err(tungstenite::Error::Capacity(e)) => {
-                        shared.metrics.drop(Drop::Oversized);
-                        let reason = match e {
-                            tungstenite::error::CapacityError::MessageTooLong { size, max_size } => {
-                                format!("relay frame of {size} bytes exceeds the {max_size}-byte limit")
-                            }
-                            other => other.to_string(),
-                        };
-                        kill(&kill_tx, close_code::FRAME_TOO_LARGE, reason);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(conn = id, error = %e, "relay connection read failed");
-                        break;
+                    match stream.next().now_or_never() {
+                        Some(m) => next = m,
+                        None => break,
                     }
                 }
+                conn.flush().await;
             }
         }
     }
+    // Frames the client sent before it went away (or broke the protocol) still go out.
+    conn.flush().await;
     conn.leave_all().await;
     kill(&kill_tx, 1000, String::new());
     drop(conn);
@@ -369,7 +388,7 @@ where
 
 async fn writer<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Batch>,
     mut kill: watch::Receiver<Option<(u16, String)>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -381,10 +400,10 @@ async fn writer<S>(
             m = rx.recv() => {
                 let Some(m) = m else { break };
                 let batch = async {
-                    sink.feed(Message::Binary(m)).await?;
+                    feed(&mut sink, m).await?;
                     for _ in 0..WRITE_BATCH {
                         match rx.try_recv() {
-                            Ok(m) => sink.feed(Message::Binary(m)).await?,
+                            Ok(m) => feed(&mut sink, m).await?,
                             Err(_) => break,
                         }
                     }
@@ -403,10 +422,31 @@ async fn writer<S>(
             code: code.into(),
             reason: protocol::truncate_utf8(&text, 123).into(),
         };
-        let _ =
-            tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+        // What was queued before the close (replies, errors) goes first, if the client
+        // takes it within the timeout; a slow consumer gets only the close attempt.
+        let goodbye = async {
+            while let Ok(m) = rx.try_recv() {
+                feed(&mut sink, m).await?;
+            }
+            sink.send(Message::Close(Some(frame))).await
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, goodbye).await;
     }
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
+}
+
+/// Hands a batch's frames to the WebSocket sink (which writes whenever its buffer fills).
+async fn feed<S>(
+    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    batch: Batch,
+) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for frame in batch.frames() {
+        sink.feed(Message::Binary(frame)).await?;
+    }
+    Ok(())
 }
 
 /// Resolves when the NATS connection is down; never without NATS.
@@ -423,7 +463,7 @@ async fn nats_lost(up: &mut Option<watch::Receiver<bool>>) {
 
 /// Queues a frame to a member; closes that member if its queue stays full longer than the
 /// slow-consumer timeout.
-async fn queue(shared: &Shared, to: &Member, frame: Bytes) -> bool {
+async fn queue(shared: &Shared, to: &Member, frame: Batch) -> bool {
     // The common case needs no timer.
     let msg = match to.tx.try_send(frame) {
         Ok(()) => return true,
@@ -463,6 +503,7 @@ fn local_targets(shared: &Shared, room: &RoomId) -> Vec<Member> {
 
 /// Sends a membership notice from the bus to every local member of `room`.
 pub(super) async fn notify_room(shared: &Shared, room: &RoomId, frame: Bytes) {
+    let frame = Batch::one(&frame);
     for m in local_targets(shared, room) {
         queue(shared, &m, frame.clone()).await;
     }
@@ -471,9 +512,10 @@ pub(super) async fn notify_room(shared: &Shared, room: &RoomId, frame: Bytes) {
 /// Forwards a broadcast DELIVER from another node to every local member of `room`.
 pub(super) async fn forward_room(shared: &Shared, room: &RoomId, from: ConnId, frame: Bytes) {
     let len = frame.len();
+    let frame = Batch::one(&frame);
     for m in local_targets(shared, room) {
         if queue(shared, &m, frame.clone()).await {
-            shared.metrics.forwarded(len);
+            shared.metrics.forwarded(1, len);
         }
     }
     let _ = from;
@@ -484,9 +526,9 @@ pub(super) async fn forward_one(shared: &Shared, room: &RoomId, to: ConnId, fram
     let target = shared.rooms().get(room).and_then(|r| r.get(&to)).cloned();
     let Some(t) = target else { return false };
     let len = frame.len();
-    let ok = queue(shared, &t, frame).await;
+    let ok = queue(shared, &t, Batch::one(&frame)).await;
     if ok {
-        shared.metrics.forwarded(len);
+        shared.metrics.forwarded(1, len);
     }
     ok
 }
@@ -501,19 +543,93 @@ pub(super) fn local_members(shared: &Shared, room: &RoomId) -> Vec<ConnId> {
 }
 
 impl Conn<'_> {
+    /// The bytes of a binary WebSocket message; `Err(Continue)` for messages to skip,
+    /// `Err(Break)` when the connection ends (after `kill` when the client is at fault).
+    fn binary(
+        &self,
+        msg: Result<Message, tungstenite::Error>,
+        kill_tx: &Kill,
+    ) -> Result<Bytes, ControlFlow<()>> {
+        let shared = self.shared;
+        match msg {
+            Ok(Message::Binary(data)) => Ok(data),
+            Ok(Message::Text(_)) => {
+                shared.metrics.drop(Drop::TextFrame);
+                kill(
+                    kill_tx,
+                    close_code::TEXT_FRAME,
+                    "text frames are not part of the relay protocol; send binary frames".into(),
+                );
+                Err(ControlFlow::Break(()))
+            }
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
+                Err(ControlFlow::Continue(()))
+            }
+            Ok(Message::Close(_)) => Err(ControlFlow::Break(())),
+            Err(tungstenite::Error::Capacity(e)) => {
+                shared.metrics.drop(Drop::Oversized);
+                let reason = match e {
+                    tungstenite::error::CapacityError::MessageTooLong { size, max_size } => {
+                        format!("relay frame of {size} bytes exceeds the {max_size}-byte limit")
+                    }
+                    other => other.to_string(),
+                };
+                kill(kill_tx, close_code::FRAME_TOO_LARGE, reason);
+                Err(ControlFlow::Break(()))
+            }
+            Err(e) => {
+                tracing::debug!(conn = self.id, error = %e, "relay connection read failed");
+                Err(ControlFlow::Break(()))
+            }
+        }
+    }
+
+    /// Handles one binary message: rate accounting, then the frame. `Break` ends the
+    /// connection (after `kill`).
+    async fn frame_bytes(
+        &mut self,
+        data: Bytes,
+        slot: &IpSlot,
+        reads: &mut Reads,
+        kill_tx: &Kill,
+    ) -> ControlFlow<()> {
+        let shared = self.shared;
+        reads.last_rx = Instant::now();
+        let pause = slot.charge(data.len());
+        if !pause.is_zero() {
+            shared.metrics.drop(Drop::RateLimited);
+            reads.read_at = reads.last_rx + pause;
+        }
+        shared
+            .metrics
+            .frames_received
+            .fetch_add(1, Ordering::Relaxed);
+        match self.frame(&data).await {
+            Ok(joined) => {
+                reads.ever_joined |= joined;
+                ControlFlow::Continue(())
+            }
+            Err((code, reason)) => {
+                kill(kill_tx, code, reason);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
     /// Handles one frame. `Ok(true)` after a successful JOIN; `Err` closes the connection.
     async fn frame(&mut self, data: &[u8]) -> Result<bool, (u16, String)> {
         // SEND and BROADCAST are viewed in place: the payload is copied once, into DELIVER.
-        match protocol::decode_forward(data) {
-            Some(ForwardView::Send { room, to, payload }) => {
-                self.send_to(room, to, payload).await?;
-                return Ok(false);
-            }
-            Some(ForwardView::Broadcast { room, payload }) => {
-                self.broadcast(room, payload).await?;
-                return Ok(false);
-            }
-            None => {}
+        // Consecutive SENDs gather their DELIVERs per receiver; anything else first queues
+        // what was gathered, so every receiver sees frames in the order they were sent.
+        let view = protocol::decode_forward(data);
+        if let Some(ForwardView::Send { room, to, payload }) = view {
+            self.send_to(room, to, payload).await?;
+            return Ok(false);
+        }
+        self.flush().await;
+        if let Some(ForwardView::Broadcast { room, payload }) = view {
+            self.broadcast(room, payload).await?;
+            return Ok(false);
         }
         let m = &self.shared.metrics;
         let frame = protocol::decode(data).map_err(|e| {
@@ -593,6 +709,15 @@ impl Conn<'_> {
             .await;
             return Ok(());
         }
+        // A receiver already written to in this burst needs no second lookup.
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.to == to && p.room == room)
+        {
+            self.stage(i, payload).await;
+            return Ok(());
+        }
         let target = self
             .shared
             .rooms()
@@ -600,9 +725,17 @@ impl Conn<'_> {
             .and_then(|r| r.get(&to))
             .cloned();
         match target.filter(|_| to != self.id) {
-            Some(t) => {
-                let frame: Bytes = protocol::encode_deliver(&room, self.id, false, payload).into();
-                self.forward(&t, frame).await;
+            Some(member) => {
+                if self.pending.len() >= MAX_PENDING_RECEIVERS {
+                    self.flush().await;
+                }
+                self.pending.push(Pending {
+                    room,
+                    to,
+                    member,
+                    frames: BatchBuilder::default(),
+                });
+                self.stage(self.pending.len() - 1, payload).await;
             }
             None if to != self.id
                 && self
@@ -646,14 +779,17 @@ impl Conn<'_> {
             return Ok(());
         }
         let targets = self.members(&room);
-        let frame: Bytes = protocol::encode_deliver(&room, self.id, true, payload).into();
+        let frame = protocol::encode_deliver(&room, self.id, true, payload);
+        let batch = Batch::one(&frame);
         for t in targets {
-            self.forward(&t, frame.clone()).await;
+            if self.notify(&t, batch.clone()).await {
+                self.shared.metrics.forwarded(1, frame.len());
+            }
         }
         if let Some(n) = self.shared.nats.as_ref()
             && n.remote_count(&room) > 0
         {
-            Box::pin(n.broadcast(&room, frame)).await;
+            Box::pin(n.broadcast(&room, frame.into())).await;
         }
         Ok(())
     }
@@ -743,12 +879,13 @@ impl Conn<'_> {
         }
         self.reply(Frame::Relay(RelayFrame::Joined { room, peers }))
             .await;
-        let notice: Bytes = Frame::Relay(RelayFrame::PeerJoined {
-            room,
-            peer: self.id,
-        })
-        .encode()
-        .into();
+        let notice = Batch::one(
+            &Frame::Relay(RelayFrame::PeerJoined {
+                room,
+                peer: self.id,
+            })
+            .encode(),
+        );
         for o in others {
             self.notify(&o, notice.clone()).await;
         }
@@ -773,12 +910,13 @@ impl Conn<'_> {
         if let Some(n) = self.shared.nats.as_ref() {
             Box::pin(n.leave(self.shared, room, self.id, last)).await;
         }
-        let notice: Bytes = Frame::Relay(RelayFrame::PeerLeft {
-            room,
-            peer: self.id,
-        })
-        .encode()
-        .into();
+        let notice = Batch::one(
+            &Frame::Relay(RelayFrame::PeerLeft {
+                room,
+                peer: self.id,
+            })
+            .encode(),
+        );
         for o in others {
             self.notify(&o, notice.clone()).await;
         }
@@ -790,21 +928,41 @@ impl Conn<'_> {
         }
     }
 
-    /// Queues a DELIVER, waiting at most the slow-consumer timeout for room.
-    async fn forward(&self, to: &Member, frame: Bytes) {
-        let len = frame.len();
-        if self.notify(to, frame).await {
-            self.shared.metrics.forwarded(len);
+    /// Adds a DELIVER to `pending[i]`, first queueing that receiver's batch if it is full.
+    async fn stage(&mut self, i: usize, payload: &[u8]) {
+        if !self.pending[i].frames.fits(payload.len()) {
+            let p = &mut self.pending[i];
+            let (frames, bytes) = (p.frames.frames(), p.frames.frame_bytes());
+            let batch = p.frames.take();
+            let member = p.member.clone();
+            if self.notify(&member, batch).await {
+                self.shared.metrics.forwarded(frames, bytes);
+            }
+        }
+        let (id, p) = (self.id, &mut self.pending[i]);
+        p.frames.push_deliver(&p.room, id, false, payload);
+    }
+
+    /// Queues every receiver's gathered DELIVERs, waiting at most the slow-consumer timeout
+    /// for each.
+    async fn flush(&mut self) {
+        // Receivers are independent: the order among them does not matter.
+        while let Some(mut p) = self.pending.pop() {
+            let (frames, bytes) = (p.frames.frames(), p.frames.frame_bytes());
+            let (member, batch) = (p.member, p.frames.take());
+            if frames > 0 && self.notify(&member, batch).await {
+                self.shared.metrics.forwarded(frames, bytes);
+            }
         }
     }
 
-    /// Queues a frame to another member; closes that member if its queue stays full.
-    async fn notify(&self, to: &Member, frame: Bytes) -> bool {
+    /// Queues frames to another member; closes that member if its queue stays full.
+    async fn notify(&self, to: &Member, frame: Batch) -> bool {
         queue(self.shared, to, frame).await
     }
 
     async fn reply(&self, frame: Frame) {
-        self.notify(&self.me, frame.encode().into()).await;
+        self.notify(&self.me, Batch::one(&frame.encode())).await;
     }
 
     async fn error(&self, code: u16, about: u8, room: RoomId, reason: Drop, message: String) {

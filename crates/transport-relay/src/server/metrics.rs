@@ -64,8 +64,9 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn forwarded(&self, bytes: usize) {
-        self.frames_forwarded.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn forwarded(&self, frames: usize, bytes: usize) {
+        self.frames_forwarded
+            .fetch_add(frames as u64, Ordering::Relaxed);
         self.bytes_forwarded
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
@@ -191,11 +192,15 @@ mod tests {
         let m = Metrics::default();
         m.drop(Drop::SlowConsumer);
         m.drop(Drop::SlowConsumer);
-        m.forwarded(100);
+        m.forwarded(2, 100);
         let text = m.render(3, None);
         assert!(text.contains("pluresdb_relay_rooms 3\n"), "{text}");
         assert!(text.contains("pluresdb_relay_drops_total{reason=\"slow_consumer\"} 2\n"));
         assert!(text.contains("pluresdb_relay_bytes_forwarded_total 100\n"));
+        assert!(
+            text.contains("pluresdb_relay_frames_forwarded_total 2\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE pluresdb_relay_connections gauge"));
     }
 }

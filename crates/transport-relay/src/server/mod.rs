@@ -20,6 +20,7 @@ mod conn;
 mod http;
 mod metrics;
 mod nats;
+mod outbox;
 
 pub use nats::{
     NATS_CLIENT_CAPACITY, NATS_CONNECT_TIMEOUT, NATS_HEARTBEAT_INTERVAL, NATS_MAX_NODES,
@@ -45,7 +46,7 @@ type IpEntry = (usize, Arc<Mutex<Bucket>>);
 /// A member of a room, as other connections see it.
 #[derive(Clone, Debug)]
 struct Member {
-    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tx: tokio::sync::mpsc::Sender<outbox::Batch>,
     kill: Arc<watch::Sender<Option<(u16, String)>>>,
 }
 
