@@ -237,6 +237,18 @@ struct Reads {
     /// on the client; nothing is buffered here).
     read_at: Instant,
     ever_joined: bool,
+    /// Binary frames not yet added to the metric (added once per burst: the counter is
+    /// shared by every connection).
+    received: u64,
+}
+
+impl Reads {
+    fn count(&mut self, shared: &Shared) {
+        shared
+            .metrics
+            .frames_received
+            .fetch_add(std::mem::take(&mut self.received), Ordering::Relaxed);
+    }
 }
 
 struct Conn<'a> {
@@ -293,6 +305,7 @@ where
         last_rx: started,
         read_at: started,
         ever_joined: false,
+        received: 0,
     };
     let mut last_ping = started;
     let mut ping_nonce = 0u64;
@@ -347,6 +360,7 @@ where
                 // re-arming the select's timers per frame.
                 let mut next = msg;
                 let mut burst = 0;
+                reads.last_rx = Instant::now();
                 loop {
                     // Only a binary frame's bytes are held across the await: the reader's
                     // future (one per connection) stays small.
@@ -369,10 +383,12 @@ where
                         None => break,
                     }
                 }
+                reads.count(shared);
                 conn.flush().await;
             }
         }
     }
+    reads.count(shared);
     // Frames the client sent before it went away (or broke the protocol) still go out.
     conn.flush().await;
     conn.leave_all().await;
@@ -594,16 +610,12 @@ impl Conn<'_> {
         kill_tx: &Kill,
     ) -> ControlFlow<()> {
         let shared = self.shared;
-        reads.last_rx = Instant::now();
         let pause = slot.charge(data.len());
         if !pause.is_zero() {
             shared.metrics.drop(Drop::RateLimited);
-            reads.read_at = reads.last_rx + pause;
+            reads.read_at = Instant::now() + pause;
         }
-        shared
-            .metrics
-            .frames_received
-            .fetch_add(1, Ordering::Relaxed);
+        reads.received += 1;
         match self.frame(&data).await {
             Ok(joined) => {
                 reads.ever_joined |= joined;
@@ -698,6 +710,16 @@ impl Conn<'_> {
         payload: &[u8],
     ) -> Result<(), (u16, String)> {
         self.check_payload(payload.len())?;
+        // A receiver already written to in this burst needs no second lookup (any LEAVE in
+        // between would have queued and cleared what was gathered).
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.to == to && p.room == room)
+        {
+            self.stage(i, payload).await;
+            return Ok(());
+        }
         if !self.rooms.contains(&room) {
             self.error(
                 error_code::NOT_IN_ROOM,
@@ -707,15 +729,6 @@ impl Conn<'_> {
                 "send to a room not joined".into(),
             )
             .await;
-            return Ok(());
-        }
-        // A receiver already written to in this burst needs no second lookup.
-        if let Some(i) = self
-            .pending
-            .iter()
-            .position(|p| p.to == to && p.room == room)
-        {
-            self.stage(i, payload).await;
             return Ok(());
         }
         let target = self
