@@ -42,6 +42,9 @@
 mod config;
 mod conn;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod krpc;
 mod node;
 mod noise;
