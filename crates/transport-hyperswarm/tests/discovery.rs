@@ -109,8 +109,8 @@ async fn stale_and_bogus_dht_entries_are_skipped() {
     let mut real = dht.transport();
     real.announce(topic).await.unwrap();
     let seeker = dht.transport();
-    // Dead entries must not stall discovery: each costs at most one handshake timeout (they
-    // are checked in parallel) and is then in backoff. Generous hang guards, not timings.
+    // Dead entries must not stall discovery: each costs at most one first-answer timeout
+    // (they are checked in parallel) and is then in backoff. Generous hang guards, not timings.
     let found = tokio::time::timeout(
         Duration::from_secs(60),
         lookup_until(&seeker, topic, |p| !p.is_empty()),
