@@ -25,7 +25,8 @@ pub const DEFAULT_MAX_PEERS: usize = 64;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default time limit of one QUIC + Noise handshake: a few round trips even on a slow path,
-/// short enough that a stale DHT entry does not hold a dial slot for long.
+/// and time for a peer behind a NAT to punch back. (A dead DHT entry holds a dial slot only
+/// for [`FIRST_ANSWER_TIMEOUT`](crate::FIRST_ANSWER_TIMEOUT).)
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default QUIC keep-alive interval: keeps NAT mappings open (most expire UDP after 30 s or

@@ -42,6 +42,9 @@
 mod config;
 mod conn;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod krpc;
 mod node;
 mod noise;
@@ -62,7 +65,10 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
 };
 pub use error::HyperswarmError;
-pub use node::{DIAL_BACKOFF, MAX_CONCURRENT_DIALS, MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL};
+pub use node::{
+    DIAL_BACKOFF, FIRST_ANSWER_TIMEOUT, LOOKUP_CHECK_BUDGET, MAX_CONCURRENT_DIALS,
+    MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL,
+};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
 

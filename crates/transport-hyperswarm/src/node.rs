@@ -1,6 +1,7 @@
 //! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use mainline::async_dht::AsyncDht;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +33,28 @@ pub const DIAL_BACKOFF: [Duration; 4] = [
     Duration::from_secs(120),
 ];
 
-/// Most dials and identify exchanges in flight at once.
-pub const MAX_CONCURRENT_DIALS: usize = 16;
+/// Most dials and identify checks in flight at once (one pool for `lookup` and `connect`).
+/// A dial in progress costs one QUIC connection attempt (a few KiB); a dead DHT entry holds
+/// its slot for at most [`FIRST_ANSWER_TIMEOUT`]. 64 slots get through the ~500 entries
+/// mainline keeps per info-hash in about 8 such timeouts, so a flood of dead entries does
+/// not keep the live ones waiting long, while the memory and packet rate stay small.
+pub const MAX_CONCURRENT_DIALS: usize = 64;
+
+/// How long a dial to an address not verified before waits for the QUIC handshake (the
+/// first answer); after that, the whole exchange still has the handshake timeout. A live
+/// peer answers a QUIC Initial within one round trip: well under a second on loopback, a LAN
+/// or the internet. With the 100 ms initial RTT estimate, quinn resends a lost Initial after
+/// ~0.3 s and ~0.9 s, so a peer up to ~500 ms away answers in time even when two Initials are
+/// lost. Dead DHT entries (most of what a stale or hostile DHT returns) thus free their dial
+/// slot after this, not after the full handshake timeout. Addresses verified before keep the
+/// full handshake timeout (a peer behind a NAT may answer only once it punches back).
+pub const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long `lookup` waits for its identify checks after the DHT query: enough for a live
+/// peer's check to get a slot behind a full set of dead ones ([`FIRST_ANSWER_TIMEOUT`]) and
+/// finish its few round trips. Checks still running then continue in the background; their
+/// results are listed by the next `lookup` at once.
+pub const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
 
 /// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
 pub const MAX_LOOKUP_CANDIDATES: usize = 256;
@@ -47,6 +68,11 @@ pub(crate) const IDENTIFY_TTL: Duration = Duration::from_secs(30);
 /// Interval between hole-punch probes to a peer while dialling it: often enough that the
 /// remote's QUIC Initial finds the NAT mapping open, rare enough to be negligible traffic.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// At most one "cannot reach a peer listed on the DHT" warning per this interval (the others
+/// go to debug): a DHT full of dead entries would otherwise flood the log with hundreds.
+/// `HyperswarmTransport::dial_failures` lists them all.
+const UNREACHABLE_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// DHT nodes asked for the data socket's public address each time (a majority decides).
 const REFLEXIVE_PINGS: usize = 4;
@@ -105,7 +131,33 @@ struct State {
     sessions: HashMap<(TopicHash, [u8; 32]), Session>,
     addrs: HashMap<SocketAddr, AddrState>,
     self_addrs: HashSet<SocketAddr>,
+    /// `Connect` dials in flight (at most [`MAX_CONCURRENT_DIALS`]: added with a slot held).
     dialing: HashSet<(TopicHash, SocketAddr)>,
+    /// `lookup`'s identify checks in flight, so that no two run for one address (at most
+    /// [`MAX_CONCURRENT_DIALS`]: added with a slot held).
+    checking: HashSet<(TopicHash, SocketAddr)>,
+}
+
+/// How urgently a DHT candidate is dialled; candidates in backoff are not dialled at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Tier {
+    /// A peer was verified at this address and it has not failed since.
+    Verified,
+    /// Never tried.
+    New,
+    /// Failed before; its backoff has passed.
+    Retry,
+}
+
+/// Orders candidates for dialling: by tier, then in an order random to everyone else (a
+/// keyed hash of the address), so that whoever fills the DHT with dead entries cannot
+/// predict which are tried first and park the dial slots in front of the live peers. Pure.
+fn schedule(
+    mut candidates: Vec<(Tier, SocketAddr)>,
+    order: &impl std::hash::BuildHasher,
+) -> Vec<SocketAddr> {
+    candidates.sort_by_cached_key(|(tier, addr)| (*tier, order.hash_one(addr)));
+    candidates.into_iter().map(|(_, addr)| addr).collect()
 }
 
 impl State {
@@ -125,6 +177,37 @@ impl State {
             .get(&addr)
             .and_then(|a| a.next_try)
             .is_some_and(|t| t > now)
+    }
+
+    /// The candidate's tier, or `None` when it is not to be dialled now: in backoff, or (for
+    /// `lookup`, which may be polled often) failed within [`IDENTIFY_TTL`], since the dialer
+    /// retries such addresses on its own backoff.
+    fn tier(&self, addr: SocketAddr, now: Instant, purpose: Purpose) -> Option<Tier> {
+        let Some(a) = self.addrs.get(&addr) else {
+            return Some(Tier::New);
+        };
+        if a.next_try.is_some_and(|t| t > now) {
+            return None;
+        }
+        let failed_lately = a
+            .last_failure
+            .is_some_and(|t| now.duration_since(t) < IDENTIFY_TTL);
+        if purpose == Purpose::Identify && failed_lately {
+            return None;
+        }
+        Some(if a.peer.is_some() {
+            Tier::Verified
+        } else if a.failures == 0 {
+            Tier::New
+        } else {
+            Tier::Retry
+        })
+    }
+
+    /// The peer verified at `addr` within [`IDENTIFY_TTL`].
+    fn fresh_peer(&self, addr: SocketAddr, now: Instant) -> Option<[u8; 32]> {
+        let (peer, at) = self.addrs.get(&addr)?.peer?;
+        (now.duration_since(at) < IDENTIFY_TTL).then_some(peer)
     }
 
     fn addr_mut(&mut self, addr: SocketAddr) -> &mut AddrState {
@@ -187,6 +270,10 @@ pub(crate) struct Node {
     tasks: Mutex<JoinSet<()>>,
     shutdown: CancellationToken,
     dial_slots: Arc<Semaphore>,
+    /// Woken whenever a dial or identify check ends (its slot is free, its result stored).
+    dial_ended: Notify,
+    /// When the last unreachable-peer warning was logged.
+    last_unreachable_warning: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -260,6 +347,8 @@ impl Node {
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
             dial_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DIALS)),
+            dial_ended: Notify::new(),
+            last_unreachable_warning: Mutex::new(None),
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
@@ -420,25 +509,69 @@ impl Node {
         Ok(rx)
     }
 
-    /// Looks the topic up periodically and dials every new address.
+    /// Looks the topic up periodically and dials every new address: as the DHT's answers
+    /// arrive, each batch in [`schedule`] order while dial slots are free; what found no
+    /// slot is dialled after the query, in schedule order again, as slots free up, for at
+    /// most [`LOOKUP_CHECK_BUDGET`]. The rest waits for the next round.
     async fn discover(self: Arc<Self>, topic: TopicHash) {
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
+            let order = RandomState::new();
             let mut stream = self.dht.get_peers(info_hash(&topic));
             let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
-            let mut seen = 0usize;
-            while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+            let mut seen: HashSet<SocketAddr> = HashSet::new();
+            let mut leftover: Vec<SocketAddr> = Vec::new();
+            'query: while let Ok(Some(batch)) =
+                tokio::time::timeout_at(deadline, stream.next()).await
+            {
+                let mut fresh = Vec::new();
                 for addr in batch {
-                    seen += 1;
-                    if seen > MAX_LOOKUP_CANDIDATES {
+                    if seen.len() >= MAX_LOOKUP_CANDIDATES {
                         break;
                     }
-                    self.maybe_dial(topic, SocketAddr::V4(addr));
+                    if seen.insert(SocketAddr::V4(addr)) {
+                        fresh.push(SocketAddr::V4(addr));
+                    }
                 }
+                for addr in self.dial_order(topic, fresh, &order) {
+                    match self.dial_slots.clone().try_acquire_owned() {
+                        Ok(permit) => self.maybe_dial(topic, addr, permit),
+                        Err(_) => leftover.push(addr),
+                    }
+                }
+                if seen.len() >= MAX_LOOKUP_CANDIDATES {
+                    break 'query;
+                }
+            }
+            drop(stream);
+            let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
+            for addr in self.dial_order(topic, leftover, &order) {
+                let slot = self.dial_slots.clone().acquire_owned();
+                let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
+                    break;
+                };
+                self.maybe_dial(topic, addr, permit);
             }
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(self.settings.lookup_interval);
         }
+    }
+
+    /// The candidates worth a `Connect` dial, in [`schedule`] order.
+    fn dial_order(
+        &self,
+        topic: TopicHash,
+        candidates: Vec<SocketAddr>,
+        order: &RandomState,
+    ) -> Vec<SocketAddr> {
+        let st = self.state();
+        let now = Instant::now();
+        let ranked = candidates
+            .into_iter()
+            .filter(|addr| !self.is_self_addr(&st, *addr) && st.session_at(&topic, *addr).is_none())
+            .filter_map(|addr| st.tier(addr, now, Purpose::Connect).map(|t| (t, addr)))
+            .collect();
+        schedule(ranked, order)
     }
 
     fn is_self_addr(&self, st: &State, addr: SocketAddr) -> bool {
@@ -450,7 +583,14 @@ impl Node {
         ours && (addr.ip() == self.local_addr.ip() || addr.ip().is_loopback())
     }
 
-    fn maybe_dial(self: &Arc<Self>, topic: TopicHash, addr: SocketAddr) {
+    /// Dials `addr` in the background with the dial slot `permit`, unless it is not worth it
+    /// (anymore): ourselves, connected, in backoff, being dialled or checked, or full.
+    fn maybe_dial(
+        self: &Arc<Self>,
+        topic: TopicHash,
+        addr: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
         {
             let mut st = self.state();
             let now = Instant::now();
@@ -458,6 +598,7 @@ impl Node {
                 || st.session_at(&topic, addr).is_some()
                 || st.in_backoff(addr, now)
                 || st.dialing.contains(&(topic, addr))
+                || st.checking.contains(&(topic, addr))
                 || st.live_sessions() >= self.settings.max_peers
                 || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
             {
@@ -465,31 +606,76 @@ impl Node {
             }
             st.dialing.insert((topic, addr));
         }
-        let Ok(permit) = self.dial_slots.clone().try_acquire_owned() else {
-            self.state().dialing.remove(&(topic, addr));
-            return;
-        };
         let node = self.clone();
         self.spawn(async move {
-            let _permit = permit;
             let result = node.dial(addr, topic, Purpose::Connect).await;
-            let mut st = node.state();
-            st.dialing.remove(&(topic, addr));
-            match result {
-                Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => st.verified(addr, peer),
-                Ok(Outcome::Myself) => {
-                    st.self_addrs.insert(addr);
-                }
-                Err(e) => {
-                    let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
-                    if failures == 2 {
-                        tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
-                    } else {
-                        tracing::debug!(%addr, error = %e, failures, "dial failed");
+            drop(permit);
+            {
+                let mut st = node.state();
+                st.dialing.remove(&(topic, addr));
+                match result {
+                    Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => st.verified(addr, peer),
+                    Ok(Outcome::Myself) => {
+                        st.self_addrs.insert(addr);
                     }
-                    st.dial_failed(addr, e.to_string());
+                    Err(e) => {
+                        let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
+                        if failures == 2 && node.may_warn_unreachable() {
+                            tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
+                        } else {
+                            tracing::debug!(%addr, error = %e, failures, "dial failed");
+                        }
+                        st.dial_failed(addr, e.to_string());
+                    }
                 }
             }
+            node.dial_ended.notify_waiters();
+        });
+    }
+
+    fn may_warn_unreachable(&self) -> bool {
+        let mut last = self
+            .last_unreachable_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < UNREACHABLE_WARN_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
+    /// Runs an identify check of `addr` in the background with the dial slot `permit`; its
+    /// result lands in the address state (listed by this and later lookups).
+    fn start_check(
+        self: &Arc<Self>,
+        topic: TopicHash,
+        addr: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        if !self.state().checking.insert((topic, addr)) {
+            return;
+        }
+        let node = self.clone();
+        self.spawn(async move {
+            let result = node.dial(addr, topic, Purpose::Identify).await;
+            drop(permit);
+            {
+                let mut st = node.state();
+                st.checking.remove(&(topic, addr));
+                match result {
+                    Ok(Outcome::Known(peer) | Outcome::Connected(peer)) => st.verified(addr, peer),
+                    Ok(Outcome::Myself) => {
+                        st.self_addrs.insert(addr);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
+                        st.dial_failed(addr, e.to_string());
+                    }
+                }
+            }
+            node.dial_ended.notify_waiters();
         });
     }
 
@@ -507,12 +693,25 @@ impl Node {
             .map(|t| t.psk)
             .ok_or_else(|| anyhow::anyhow!("topic not joined"))?;
         let fail = |reason: String| HyperswarmError::Handshake { addr, reason };
+        // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
+        let known = self
+            .state()
+            .addrs
+            .get(&addr)
+            .is_some_and(|a| a.peer.is_some());
+        let first_answer = if known {
+            self.settings.handshake_timeout
+        } else {
+            FIRST_ANSWER_TIMEOUT.min(self.settings.handshake_timeout)
+        };
         let work = async {
-            let conn = self
+            let connecting = self
                 .endpoint
                 .connect(addr, quic::SERVER_NAME)
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(e.to_string()))?;
+            let conn = tokio::time::timeout(first_answer, connecting)
                 .await
+                .map_err(|_| fail(format!("no answer within {} ms", first_answer.as_millis())))?
                 .map_err(|e| fail(format!("QUIC: {e}")))?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
             let prologue = noise::prologue(&conn)?;
@@ -902,6 +1101,11 @@ impl Node {
     }
 
     /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
+    ///
+    /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
+    /// the others are checked in [`schedule`] order, as dial slots allow. Returns when its
+    /// checks are done or after [`LOOKUP_CHECK_BUDGET`], with what is verified by then;
+    /// checks still running finish in the background for the next lookup.
     pub(crate) async fn lookup(
         self: &Arc<Self>,
         topic: TopicHash,
@@ -923,68 +1127,77 @@ impl Node {
                 }
             }
         }
+        drop(stream);
         if !got_any_batch && !self.dht_reachable().await {
             return Err(self.timeout_error(format!(
                 "looking up peers on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
                 self.bootstrap_text()
             )));
         }
-        let mut found: Vec<PeerInfo> = Vec::new();
-        let mut checks = JoinSet::new();
-        {
+        let budget =
+            tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET.min(self.settings.request_timeout);
+        // `watched`: every candidate whose result this lookup reports; `queue`: the ones it
+        // has to check itself.
+        let (watched, mut queue) = {
             let st = self.state();
             let now = Instant::now();
+            let mut watched = Vec::new();
+            let mut to_check = Vec::new();
             for addr in candidates {
                 if self.is_self_addr(&st, addr) {
                     continue;
                 }
-                if let Some(peer) = st.session_at(&topic, addr) {
-                    push_unique(&mut found, peer, addr, true);
-                    continue;
+                let listed =
+                    st.session_at(&topic, addr).is_some() || st.fresh_peer(addr, now).is_some();
+                let running =
+                    st.checking.contains(&(topic, addr)) || st.dialing.contains(&(topic, addr));
+                if listed || running {
+                    watched.push(addr);
+                } else if let Some(tier) = st.tier(addr, now, Purpose::Identify) {
+                    watched.push(addr);
+                    to_check.push((tier, addr));
                 }
-                let known = st.addrs.get(&addr).and_then(|a| a.peer);
-                if let Some((peer, at)) = known
-                    && now.duration_since(at) < IDENTIFY_TTL
-                {
-                    push_unique(&mut found, peer, addr, false);
-                    continue;
-                }
-                // `lookup` may be polled often: an address that failed lately is not worth a
-                // handshake timeout on every call. (The dialer retries it on its backoff.)
-                let failed_lately = st
-                    .addrs
-                    .get(&addr)
-                    .and_then(|a| a.last_failure)
-                    .is_some_and(|t| now.duration_since(t) < IDENTIFY_TTL);
-                if failed_lately || st.in_backoff(addr, now) {
-                    continue;
-                }
-                let node = self.clone();
-                let slots = self.dial_slots.clone();
-                checks.spawn(async move {
-                    let Ok(_permit) = slots.acquire_owned().await else {
-                        return (addr, Err(anyhow::anyhow!("shut down")));
-                    };
-                    (addr, node.dial(addr, topic, Purpose::Identify).await)
-                });
+            }
+            (
+                watched,
+                VecDeque::from(schedule(to_check, &RandomState::new())),
+            )
+        };
+        loop {
+            // Registered before looking at the state, so no ending dial is missed.
+            let ended = self.dial_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            while let Some(&addr) = queue.front() {
+                let Ok(permit) = self.dial_slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                queue.pop_front();
+                self.start_check(topic, addr, permit);
+            }
+            let pending = !queue.is_empty() || {
+                let st = self.state();
+                watched.iter().any(|a| {
+                    st.checking.contains(&(topic, *a)) || st.dialing.contains(&(topic, *a))
+                })
+            };
+            if !pending {
+                break;
+            }
+            tokio::select! {
+                _ = &mut ended => {}
+                _ = tokio::time::sleep_until(budget) => break,
             }
         }
-        while let Some(joined) = checks.join_next().await {
-            let Ok((addr, result)) = joined else { continue };
-            let mut st = self.state();
-            match result {
-                Ok(Outcome::Known(peer) | Outcome::Connected(peer)) => {
-                    st.verified(addr, peer);
-                    let connected = st.sessions.get(&(topic, peer)).is_some_and(Session::alive);
-                    push_unique(&mut found, peer, addr, connected);
-                }
-                Ok(Outcome::Myself) => {
-                    st.self_addrs.insert(addr);
-                }
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
-                    st.dial_failed(addr, e.to_string());
-                }
+        let st = self.state();
+        let now = Instant::now();
+        let mut found: Vec<PeerInfo> = Vec::new();
+        for addr in watched {
+            if let Some(peer) = st.session_at(&topic, addr) {
+                push_unique(&mut found, peer, addr, true);
+            } else if let Some(peer) = st.fresh_peer(addr, now) {
+                let connected = st.sessions.get(&(topic, peer)).is_some_and(Session::alive);
+                push_unique(&mut found, peer, addr, connected);
             }
         }
         Ok(found)
@@ -1049,6 +1262,63 @@ mod tests {
         st.verified(addr, [1; 32]);
         assert!(!st.in_backoff(addr, Instant::now()));
         assert_eq!(st.addrs[&addr].failures, 0);
+    }
+
+    #[test]
+    fn schedule_orders_by_tier_then_unpredictably() {
+        let addr = |i: u32| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1));
+        let tiers = [Tier::Retry, Tier::New, Tier::Verified];
+        let candidates: Vec<(Tier, SocketAddr)> =
+            (0..300).map(|i| (tiers[i as usize % 3], addr(i))).collect();
+        let tier_of: HashMap<SocketAddr, Tier> = candidates.iter().map(|(t, a)| (*a, *t)).collect();
+        let first = schedule(candidates.clone(), &RandomState::new());
+        assert_eq!(first.len(), candidates.len());
+        let got: HashSet<SocketAddr> = first.iter().copied().collect();
+        assert_eq!(got.len(), candidates.len());
+        let ranks: Vec<Tier> = first.iter().map(|a| tier_of[a]).collect();
+        assert!(ranks.is_sorted(), "tiers out of order: {ranks:?}");
+        assert_eq!(ranks[0], Tier::Verified);
+        assert_eq!(ranks[299], Tier::Retry);
+        // Within a tier, neither the input order nor the previous schedule's order.
+        let second = schedule(candidates.clone(), &RandomState::new());
+        assert_ne!(first, second);
+        let verified_in_input: Vec<SocketAddr> = candidates
+            .iter()
+            .filter(|(t, _)| *t == Tier::Verified)
+            .map(|(_, a)| *a)
+            .collect();
+        assert_ne!(first[..100], verified_in_input[..]);
+    }
+
+    #[test]
+    fn tiers_follow_the_address_history() {
+        let mut st = State::default();
+        let now = Instant::now();
+        let (new, live, dead) = (
+            "10.0.0.1:1".parse().unwrap(),
+            "10.0.0.2:1".parse().unwrap(),
+            "10.0.0.3:1".parse().unwrap(),
+        );
+        st.verified(live, [1; 32]);
+        st.dial_failed(dead, "test".into());
+        for purpose in [Purpose::Identify, Purpose::Connect] {
+            assert_eq!(st.tier(new, now, purpose), Some(Tier::New));
+            assert_eq!(st.tier(live, now, purpose), Some(Tier::Verified));
+            assert_eq!(st.tier(dead, now, purpose), None, "in backoff");
+        }
+        // After its backoff the dialer retries a dead address (last); `lookup` waits for
+        // the identify TTL since its last failure.
+        let later = now + DIAL_BACKOFF[0] + Duration::from_millis(1);
+        assert_eq!(st.tier(dead, later, Purpose::Connect), Some(Tier::Retry));
+        assert_eq!(st.tier(dead, later, Purpose::Identify), None);
+        let much_later = now + IDENTIFY_TTL + Duration::from_millis(1);
+        assert_eq!(
+            st.tier(dead, much_later, Purpose::Identify),
+            Some(Tier::Retry)
+        );
+        assert_eq!(st.fresh_peer(live, now), Some([1; 32]));
+        assert_eq!(st.fresh_peer(live, much_later), None);
+        assert_eq!(st.fresh_peer(dead, now), None);
     }
 
     #[test]
