@@ -4,33 +4,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, TopicHash, Transport};
-use pluresdb_sync_transport_relay::protocol::{
-    ClientFrame, Frame, RelayFrame, RoomId, SUBPROTOCOL, decode,
-};
-use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use pluresdb_sync_transport_relay::protocol::{ClientFrame, Frame, RelayFrame, RoomId};
+use pluresdb_sync_transport_relay::server::RelayServer;
 use pluresdb_sync_transport_relay::{FLOW_WINDOW_BYTES, RelayTransport, SESSION_VERSION};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const T: Duration = Duration::from_secs(30);
+mod common;
+use common::{T, Ws, accept, joined, next, raw, recv, relay, send, wait_for_error};
+
 const WINDOW: usize = FLOW_WINDOW_BYTES as usize;
 
-async fn relay() -> (RelayServer, String) {
-    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
-        .await
-        .unwrap();
-    let url = format!("ws://{}/relay", server.local_addr());
-    (server, url)
-}
-
-fn transport(url: &str, encryption: bool) -> RelayTransport {
+fn transport_with(url: &str, encryption: bool) -> RelayTransport {
     RelayTransport::builder()
         .relay_url(url)
         .encryption(encryption)
@@ -46,7 +35,7 @@ async fn conns(
 ) -> HashMap<String, Box<dyn Connection>> {
     let mut out = HashMap::new();
     while out.len() < n {
-        let c = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        let c = accept(rx).await;
         out.insert(c.peer_id().to_owned(), c);
     }
     out
@@ -57,14 +46,6 @@ fn msg(i: usize, len: usize) -> Vec<u8> {
     let mut m = vec![(i % 251) as u8; len];
     m[..4].copy_from_slice(&(i as u32).to_be_bytes());
     m
-}
-
-async fn recv(c: &mut Box<dyn Connection>) -> Vec<u8> {
-    tokio::time::timeout(T, c.receive())
-        .await
-        .expect("receive timed out")
-        .unwrap()
-        .expect("connection closed")
 }
 
 /// `n` messages of `len` bytes from `x` to `y` and then back, each checked in order.
@@ -111,9 +92,9 @@ async fn a_reader_that_never_reads_blocks_only_its_own_sender() {
     const TOTAL: usize = 3 * WINDOW / LEN;
     let (_server, url) = relay().await;
     let (mut a, mut b, mut c) = (
-        transport(&url, true),
-        transport(&url, true),
-        transport(&url, true),
+        transport_with(&url, true),
+        transport_with(&url, true),
+        transport_with(&url, true),
     );
     let topic = fresh_topic("never-reads");
     let (mut a_rx, mut b_rx, mut c_rx) = (
@@ -191,14 +172,14 @@ async fn a_reader_that_never_reads_blocks_only_its_own_sender() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_cancelled_mid_message_is_dropped_whole() {
     let (_server, url) = relay().await;
-    let (mut a, mut b) = (transport(&url, true), transport(&url, true));
+    let (mut a, mut b) = (transport_with(&url, true), transport_with(&url, true));
     let topic = fresh_topic("cancelled-send");
     let (mut a_rx, mut b_rx) = (
         a.connect(topic).await.unwrap(),
         b.connect(topic).await.unwrap(),
     );
-    let mut ab = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut ba = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ab = accept(&mut a_rx).await;
+    let mut ba = accept(&mut b_rx).await;
     // 16 MiB is four windows: the send blocks part way through, and is cancelled there.
     let big = msg(1, pluresdb_sync_core::MAX_MESSAGE_BYTES);
     assert!(
@@ -223,67 +204,38 @@ async fn a_send_cancelled_mid_message_is_dropped_whole() {
 
 /// A raw relay client that speaks the end-to-end protocol unencrypted, as the test wants.
 struct Raw {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: Ws,
     room: RoomId,
     key: [u8; 32],
 }
 
 impl Raw {
     /// Connects and joins `topic`'s room; returns the members already there.
-    async fn join(url: &str, topic: &TopicHash) -> (Self, Vec<u64>) {
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
-        let (ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
-            .await
-            .unwrap()
-            .unwrap();
+    async fn join(server: &RelayServer, topic: &TopicHash) -> (Self, Vec<u64>) {
+        let (mut ws, _) = raw(server.local_addr()).await;
         let room = derive_from_topic(topic, Domain::RelayRoom);
-        let mut raw = Self {
-            ws,
-            room,
-            key: rand_key(),
-        };
-        raw.frame(Frame::Client(ClientFrame::Join { room })).await;
-        loop {
-            if let Frame::Relay(RelayFrame::Joined { peers, .. }) = raw.next().await {
-                return (raw, peers);
-            }
-        }
-    }
-
-    async fn frame(&mut self, f: Frame) {
-        self.ws
-            .send(Message::Binary(f.encode().into()))
-            .await
-            .unwrap();
+        let peers = joined(&mut ws, room).await;
+        let key = pluresdb_sync_core::Identity::generate()
+            .unwrap()
+            .public_bytes();
+        (Self { ws, room, key }, peers)
     }
 
     async fn send(&mut self, to: u64, payload: Vec<u8>) {
         let room = self.room;
-        self.frame(Frame::Client(ClientFrame::Send { room, to, payload }))
-            .await;
-    }
-
-    async fn next(&mut self) -> Frame {
-        loop {
-            let m = tokio::time::timeout(T, self.ws.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            if let Message::Binary(b) = m {
-                return decode(&b).unwrap();
-            }
-        }
+        send(
+            &mut self.ws,
+            Frame::Client(ClientFrame::Send { room, to, payload }),
+        )
+        .await;
     }
 
     /// The next DELIVER payload, and who sent it.
     async fn deliver(&mut self) -> (u64, Vec<u8>) {
         loop {
-            if let Frame::Relay(RelayFrame::Deliver { from, payload, .. }) = self.next().await {
+            if let Frame::Relay(RelayFrame::Deliver { from, payload, .. }) =
+                next(&mut self.ws).await
+            {
                 return (from, payload);
             }
         }
@@ -301,41 +253,20 @@ impl Raw {
     }
 }
 
-fn rand_key() -> [u8; 32] {
-    let id = pluresdb_sync_core::Identity::generate().unwrap();
-    id.public_bytes()
-}
-
-/// Waits until `t` reported an error containing `needle`.
-async fn wait_for_error(t: &RelayTransport, needle: &str) -> String {
-    let deadline = Instant::now() + T;
-    loop {
-        if let Some(e) = t.recent_errors().into_iter().find(|e| e.contains(needle)) {
-            return e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in {:?}",
-            t.recent_errors()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
     const LEN: usize = 60_000;
-    let (_server, url) = relay().await;
-    let (mut victim, mut honest) = (transport(&url, false), transport(&url, false));
+    let (server, url) = relay().await;
+    let (mut victim, mut honest) = (transport_with(&url, false), transport_with(&url, false));
     let topic = fresh_topic("hostile-credit");
     let mut v_rx = victim.connect(topic).await.unwrap();
     let mut h_rx = honest.connect(topic).await.unwrap();
-    let mut vh = tokio::time::timeout(T, v_rx.recv()).await.unwrap().unwrap();
-    let mut hv = tokio::time::timeout(T, h_rx.recv()).await.unwrap().unwrap();
+    let mut vh = accept(&mut v_rx).await;
+    let mut hv = accept(&mut h_rx).await;
 
     // The hostile peer greets everyone, finds the victim by its HELLO, then floods it with
     // four windows of messages without waiting for any credit.
-    let (mut x, members) = Raw::join(&url, &topic).await;
+    let (mut x, members) = Raw::join(&server, &topic).await;
     assert_eq!(members.len(), 2);
     for m in &members {
         let hello = x.hello(false);
@@ -348,7 +279,7 @@ async fn a_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
             break from;
         }
     };
-    let mut vx = tokio::time::timeout(T, v_rx.recv()).await.unwrap().unwrap();
+    let mut vx = accept(&mut v_rx).await;
     assert_eq!(vx.peer_id(), hex::encode(x.key));
     let frames = 4 * WINDOW / LEN;
     for i in 0..frames {
@@ -391,11 +322,11 @@ async fn a_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
 
 #[tokio::test]
 async fn a_peer_without_flow_control_gets_a_clear_error_not_a_hang() {
-    let (_server, url) = relay().await;
-    let mut victim = transport(&url, false);
+    let (server, url) = relay().await;
+    let mut victim = transport_with(&url, false);
     let topic = fresh_topic("v1-peer");
     let mut v_rx = victim.connect(topic).await.unwrap();
-    let (mut x, members) = Raw::join(&url, &topic).await;
+    let (mut x, members) = Raw::join(&server, &topic).await;
     let [v] = members[..] else {
         panic!("{members:?}")
     };
