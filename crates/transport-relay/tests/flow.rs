@@ -180,7 +180,7 @@ async fn a_send_cancelled_mid_message_is_dropped_whole() {
     );
     let mut ab = accept(&mut a_rx).await;
     let mut ba = accept(&mut b_rx).await;
-    // 16 MiB is four windows: the send blocks part way through, and is cancelled there.
+    // 16 MiB is two windows: the send blocks part way through, and is cancelled there.
     let big = msg(1, pluresdb_sync_core::MAX_MESSAGE_BYTES);
     assert!(
         tokio::time::timeout(Duration::from_secs(1), ab.send(&big))

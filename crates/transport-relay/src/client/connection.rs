@@ -1,9 +1,10 @@
 //! A `Connection` to one remote peer through the relay.
 //!
-//! Flow control: the socket task decrypts each frame of the session, applies CREDIT chunks to
-//! [`RelayConnection::send_limit`] and queues the rest here, charging each queued frame to the
-//! window this side granted (a peer that exceeds it loses the session). `receive` returns
-//! credit as it consumes frames; `send` waits until the peer's window has room.
+//! Flow control: the socket task opens the session's control chunks (CREDIT, CLOSE; their own
+//! nonce sequence), applies CREDIT to [`RelayConnection::send_limit`] and queues the data frames
+//! here, still sealed, charging each to the window this side granted (a peer that exceeds it
+//! loses the session). `receive` decrypts them and returns credit as it consumes them; `send`
+//! waits until the peer's window has room.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -47,18 +48,12 @@ impl SessionFlags {
     }
 }
 
-/// What the socket task queues towards a `Connection` (already decrypted).
+/// What the socket task queues towards a `Connection`.
 #[derive(Debug)]
 pub(crate) enum Inbound {
-    /// Message bytes: `buf[skip..]`; `cost` credit units.
-    Data {
-        last: bool,
-        buf: Vec<u8>,
-        skip: usize,
-        cost: u64,
-    },
-    /// Drop the partial message.
-    Abort { cost: u64 },
+    /// A data peer frame (SEALED or PLAIN: MORE, LAST or ABORT), as received; `cost` credit
+    /// units.
+    Frame { frame: Vec<u8>, cost: u64 },
     /// The remote closed the connection.
     Close,
     /// The session failed (decryption, protocol or flow-control violation): the reason.
@@ -82,7 +77,12 @@ pub(crate) struct RelayConnection {
     /// peer had credit for, and credit returns only as frames leave this queue.
     pub(crate) inbound: mpsc::UnboundedReceiver<Inbound>,
     pub(crate) cipher: Option<Arc<snow::StatelessTransportState>>,
+    /// Next nonce of our data sequence.
     pub(crate) send_nonce: u64,
+    /// Next nonce of our control sequence (from [`peer::CONTROL_NONCE_BASE`]).
+    pub(crate) send_ctl_nonce: u64,
+    /// Next nonce of the peer's data sequence.
+    pub(crate) recv_nonce: u64,
     pub(crate) partial: Vec<u8>,
     pub(crate) flags: Arc<SessionFlags>,
     pub(crate) link: Arc<LinkState>,
@@ -120,37 +120,18 @@ impl RelayConnection {
         }
     }
 
-    /// One SEND frame carrying a chunk with `flag` and `data`. Uses a nonce: only call it when
-    /// the frame will surely be queued (hold a permit).
-    fn frame(&mut self, flag: u8, data: &[u8]) -> anyhow::Result<Message> {
-        let mut buf = Vec::with_capacity(41 + 2 + data.len() + peer::TAG_LEN);
-        buf.push(crate::protocol::kind::SEND);
-        buf.extend_from_slice(&self.room);
-        buf.extend_from_slice(&self.remote.to_be_bytes());
-        match &self.cipher {
-            Some(cipher) => {
-                buf.push(kind::SEALED);
-                let mut plain = Vec::with_capacity(1 + data.len());
-                plain.push(flag);
-                plain.extend_from_slice(data);
-                let start = buf.len();
-                buf.resize(start + plain.len() + peer::TAG_LEN, 0);
-                let n = cipher
-                    .write_message(self.send_nonce, &plain, &mut buf[start..])
-                    .map_err(|e| RelayError::Session {
-                        conn: self.remote,
-                        reason: format!("encryption failed: {e}"),
-                    })?;
-                self.send_nonce += 1;
-                buf.truncate(start + n);
-            }
-            None => {
-                buf.push(kind::PLAIN);
-                buf.push(flag);
-                buf.extend_from_slice(data);
-            }
-        }
-        Ok(Message::Binary(buf.into()))
+    /// One SEND frame carrying a control chunk (CREDIT or CLOSE) with `flag` and `data`, in the
+    /// control nonce sequence. Uses a nonce: only call it when the frame will surely be queued
+    /// (hold a permit).
+    fn control_frame(&mut self, flag: u8, data: &[u8]) -> anyhow::Result<Message> {
+        seal(
+            self.cipher.as_deref(),
+            &mut self.send_ctl_nonce,
+            &self.room,
+            self.remote,
+            flag,
+            data,
+        )
     }
 
     fn mark_closed(&mut self) {
@@ -183,7 +164,7 @@ impl RelayConnection {
         // Raised before the CREDIT leaves, so the socket task never polices the peer with a
         // lower total than the peer may use.
         self.flags.granted.fetch_add(n, Ordering::AcqRel);
-        match self.frame(chunk::CREDIT, &n.to_be_bytes()) {
+        match self.control_frame(chunk::CREDIT, &n.to_be_bytes()) {
             Ok(m) => permit.send(m),
             Err(_) => self.flags.closed.store(true, Ordering::Release),
         }
@@ -238,14 +219,62 @@ impl RelayConnection {
     async fn send_chunk(&mut self, flag: u8, data: &[u8]) -> anyhow::Result<()> {
         let cost = peer::frame_cost(peer::chunk_frame_len(data.len(), self.cipher.is_some()));
         self.wait_credit(cost).await?;
-        let out = self.out.clone();
-        let permit = out.reserve().await.map_err(|_| self.closed_error())?;
+        let Ok(permit) = self.out.reserve().await else {
+            return Err(self.closed_error());
+        };
         // From here on nothing awaits: the nonce is used exactly when the frame is queued.
-        let m = self.frame(flag, data)?;
+        let m = seal(
+            self.cipher.as_deref(),
+            &mut self.send_nonce,
+            &self.room,
+            self.remote,
+            flag,
+            data,
+        )?;
         permit.send(m);
         self.sent += cost;
         Ok(())
     }
+}
+
+/// One SEND frame to `remote` carrying a chunk with `flag` and `data`, sealed with `nonce`
+/// (then advanced) when the session is encrypted.
+fn seal(
+    cipher: Option<&snow::StatelessTransportState>,
+    nonce: &mut u64,
+    room: &RoomId,
+    remote: ConnId,
+    flag: u8,
+    data: &[u8],
+) -> anyhow::Result<Message> {
+    let mut buf = Vec::with_capacity(41 + 2 + data.len() + peer::TAG_LEN);
+    buf.push(crate::protocol::kind::SEND);
+    buf.extend_from_slice(room);
+    buf.extend_from_slice(&remote.to_be_bytes());
+    match cipher {
+        Some(cipher) => {
+            buf.push(kind::SEALED);
+            let mut plain = Vec::with_capacity(1 + data.len());
+            plain.push(flag);
+            plain.extend_from_slice(data);
+            let start = buf.len();
+            buf.resize(start + plain.len() + peer::TAG_LEN, 0);
+            let n = cipher
+                .write_message(*nonce, &plain, &mut buf[start..])
+                .map_err(|e| RelayError::Session {
+                    conn: remote,
+                    reason: format!("encryption failed: {e}"),
+                })?;
+            *nonce += 1;
+            buf.truncate(start + n);
+        }
+        None => {
+            buf.push(kind::PLAIN);
+            buf.push(flag);
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(Message::Binary(buf.into()))
 }
 
 #[async_trait]
@@ -307,15 +336,43 @@ impl Connection for RelayConnection {
                 return Ok(None);
             };
             match item {
-                Inbound::Data {
-                    last,
-                    mut buf,
-                    skip,
-                    cost,
-                } => {
+                Inbound::Frame { frame, cost } => {
                     self.ungranted += cost;
                     self.try_grant();
-                    let data = &buf[skip..];
+                    let (plain, skip) = match (frame.first().copied(), &self.cipher) {
+                        (Some(kind::SEALED), Some(cipher)) => {
+                            let mut out = vec![0u8; frame.len() - 1];
+                            match cipher.read_message(self.recv_nonce, &frame[1..], &mut out) {
+                                Ok(n) => {
+                                    self.recv_nonce += 1;
+                                    out.truncate(n);
+                                    (out, 0)
+                                }
+                                Err(e) => {
+                                    return Err(self.fail(format!("decryption failed: {e}")));
+                                }
+                            }
+                        }
+                        (Some(kind::PLAIN), None) => (frame, 1),
+                        (other, _) => {
+                            return Err(self.fail(format!(
+                                "unexpected peer frame {:#04x} on an established session",
+                                other.unwrap_or(0)
+                            )));
+                        }
+                    };
+                    let last = match peer::decode_chunk(&plain[skip..]) {
+                        Ok(peer::Chunk::Data { last, .. }) => last,
+                        Ok(peer::Chunk::Abort) => {
+                            self.partial = Vec::new();
+                            continue;
+                        }
+                        Ok(peer::Chunk::Credit(_) | peer::Chunk::Close) => {
+                            return Err(self.fail("a control chunk in the data sequence".into()));
+                        }
+                        Err(e) => return Err(self.fail(e)),
+                    };
+                    let data = &plain[skip + 1..];
                     if self.partial.len() + data.len() > MAX_MESSAGE_BYTES {
                         let len = self.partial.len() + data.len();
                         return Err(self.fail(format!(
@@ -323,18 +380,14 @@ impl Connection for RelayConnection {
                         )));
                     }
                     if last && self.partial.is_empty() {
-                        buf.drain(..skip);
-                        return Ok(Some(buf));
+                        let mut plain = plain;
+                        plain.drain(..skip + 1);
+                        return Ok(Some(plain));
                     }
                     self.partial.extend_from_slice(data);
                     if last {
                         return Ok(Some(std::mem::take(&mut self.partial)));
                     }
-                }
-                Inbound::Abort { cost } => {
-                    self.ungranted += cost;
-                    self.try_grant();
-                    self.partial = Vec::new();
                 }
                 Inbound::Close => {
                     self.mark_closed();
@@ -356,7 +409,7 @@ impl Connection for RelayConnection {
             // CLOSE needs no credit: a session can always be closed.
             let out = self.out.clone();
             if let Ok(permit) = out.reserve().await
-                && let Ok(m) = self.frame(chunk::CLOSE, &[])
+                && let Ok(m) = self.control_frame(chunk::CLOSE, &[])
             {
                 permit.send(m);
             }
@@ -375,7 +428,7 @@ impl Drop for RelayConnection {
             // Best effort: the remote learns of the close now instead of when the peer leaves.
             let out = self.out.clone();
             if let Ok(permit) = out.try_reserve()
-                && let Ok(m) = self.frame(chunk::CLOSE, &[])
+                && let Ok(m) = self.control_frame(chunk::CLOSE, &[])
             {
                 permit.send(m);
             }

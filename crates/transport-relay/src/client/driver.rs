@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::Settings;
 use super::connection::{Ctl, Inbound, LinkState, RelayConnection, SessionFlags};
-use super::peer::{self, Chunk, ParamsError, kind};
+use super::peer::{self, Chunk, ParamsError, chunk, kind};
 use crate::RelayError;
 use crate::protocol::{self, ClientFrame, ConnId, Frame, RelayFrame, RoomId};
 
@@ -71,10 +71,12 @@ enum State {
         inbound: mpsc::UnboundedSender<Inbound>,
         flags: Arc<SessionFlags>,
         peer_id: String,
-        /// Decrypts the peer's frames here, so that CREDIT is seen even while the application
-        /// does not read (snow's stateless mode: the connection encrypts with the same state).
+        /// Opens the peer's control chunks here, so that CREDIT is seen even while the
+        /// application does not read (snow's stateless mode: the connection uses the same state
+        /// for its data).
         cipher: Option<Arc<snow::StatelessTransportState>>,
-        recv_nonce: u64,
+        /// Next nonce of the peer's control sequence.
+        recv_ctl_nonce: u64,
         /// Credit units the peer used so far.
         received: u64,
         /// The peer's total grant to us; the connection's `send` waits on it.
@@ -864,8 +866,9 @@ impl Driver {
         }
     }
 
-    /// A frame of an established session: decrypted here, CREDIT applied at once, the rest
-    /// queued for the connection within the window this side granted. Never waits.
+    /// A frame of an established session: control chunks (CREDIT, CLOSE) are opened and
+    /// applied here; data frames are queued, still sealed, for the connection within the window
+    /// this side granted. Never waits.
     fn session_frame(&mut self, room: RoomId, from: ConnId, payload: Vec<u8>) {
         let Some(t) = self.topics.get_mut(&room) else {
             return;
@@ -877,7 +880,7 @@ impl Driver {
                     flags,
                     peer_id,
                     cipher,
-                    recv_nonce,
+                    recv_ctl_nonce,
                     received,
                     credit,
                 },
@@ -890,64 +893,62 @@ impl Driver {
             return;
         }
         let frame_len = payload.len();
-        let opened = match (payload.first().copied(), &*cipher) {
-            (Some(kind::SEALED), Some(cipher)) => {
-                let mut out = vec![0u8; frame_len - 1];
-                match cipher.read_message(*recv_nonce, &payload[1..], &mut out) {
+        let control = match (payload.first().copied(), cipher.as_deref()) {
+            (Some(kind::SEALED), Some(cipher)) if peer::is_control_len(frame_len) => {
+                let mut out = [0u8; 64];
+                match cipher.read_message(*recv_ctl_nonce, &payload[1..], &mut out) {
                     Ok(n) => {
-                        *recv_nonce += 1;
-                        out.truncate(n);
-                        Ok((out, 0))
+                        *recv_ctl_nonce += 1;
+                        Some(peer::decode_chunk(&out[..n]).map(owned_control))
                     }
-                    Err(e) => Err(format!("decryption failed: {e}")),
+                    // Not sealed in the control sequence: a data frame of the same length.
+                    Err(_) => None,
                 }
             }
-            (Some(kind::PLAIN), None) => Ok((payload, 1)),
-            (other, _) => Err(format!(
+            (Some(kind::SEALED), Some(_)) => None,
+            (Some(kind::PLAIN), None) => match payload.get(1) {
+                Some(&chunk::CREDIT | &chunk::CLOSE) => {
+                    Some(peer::decode_chunk(&payload[1..]).map(owned_control))
+                }
+                _ => None,
+            },
+            (other, _) => Some(Err(format!(
                 "unexpected peer frame {:#04x} on an established session",
                 other.unwrap_or(0)
-            )),
+            ))),
         };
-        let failure = match opened {
-            Err(e) => Some(e),
-            Ok((buf, skip)) => match peer::decode_chunk(&buf[skip..]) {
-                Err(e) => Some(e),
-                Ok(Chunk::Credit(n)) => {
-                    credit.send_modify(|limit| *limit = limit.saturating_add(n));
+        let failure = match control {
+            Some(Ok(Some(Control::Credit(n)))) => {
+                credit.send_modify(|limit| *limit = limit.saturating_add(n));
+                None
+            }
+            Some(Ok(Some(Control::Close))) => {
+                let _ = inbound.send(Inbound::Close);
+                if let Some(s) = t.sessions.remove(&from) {
+                    s.close();
+                }
+                return;
+            }
+            Some(Ok(None)) => Some("a data chunk in the control sequence".to_owned()),
+            Some(Err(e)) => Some(e),
+            None => {
+                let cost = peer::frame_cost(frame_len);
+                let granted = flags.granted.load(Ordering::Acquire);
+                if *received + cost > granted {
+                    Some(format!(
+                        "peer {peer_id} sent beyond its flow-control window ({granted} credit units granted, {} used): session closed",
+                        *received + cost
+                    ))
+                } else {
+                    *received += cost;
+                    // Fails only when the connection was dropped; its Ctl::Closed follows.
+                    let _ = inbound.send(Inbound::Frame {
+                        frame: payload,
+                        cost,
+                    });
                     None
                 }
-                Ok(Chunk::Close) => {
-                    let _ = inbound.send(Inbound::Close);
-                    if let Some(s) = t.sessions.remove(&from) {
-                        s.close();
-                    }
-                    return;
-                }
-                Ok(c @ (Chunk::Data { .. } | Chunk::Abort)) => {
-                    let cost = peer::frame_cost(frame_len);
-                    let granted = flags.granted.load(Ordering::Acquire);
-                    if *received + cost > granted {
-                        Some(format!(
-                            "peer {peer_id} sent beyond its flow-control window ({granted} credit units granted, {} used): session closed",
-                            *received + cost
-                        ))
-                    } else {
-                        *received += cost;
-                        let item = match c {
-                            Chunk::Data { last, .. } => Inbound::Data {
-                                last,
-                                buf,
-                                skip: skip + 1,
-                                cost,
-                            },
-                            _ => Inbound::Abort { cost },
-                        };
-                        // Fails only when the connection was dropped; its Ctl::Closed follows.
-                        let _ = inbound.send(item);
-                        None
-                    }
-                }
-            },
+            }
         };
         if let Some(reason) = failure {
             let _ = inbound.send(Inbound::Failed(reason.clone()));
@@ -1035,6 +1036,8 @@ impl Driver {
             inbound,
             cipher: cipher.clone(),
             send_nonce: 0,
+            send_ctl_nonce: peer::CONTROL_NONCE_BASE,
+            recv_nonce: 0,
             partial: Vec::new(),
             flags: flags.clone(),
             link: self.link.clone(),
@@ -1054,7 +1057,7 @@ impl Driver {
                     flags,
                     peer_id,
                     cipher,
-                    recv_nonce: 0,
+                    recv_ctl_nonce: peer::CONTROL_NONCE_BASE,
                     received: 0,
                     credit,
                 },
@@ -1071,6 +1074,21 @@ impl Driver {
             }
             None => t.unclaimed.push(conn),
         }
+    }
+}
+
+/// A control chunk the socket task applies itself.
+enum Control {
+    Credit(u64),
+    Close,
+}
+
+/// The control chunk `c` is, or `None` for a data chunk (MORE, LAST, ABORT).
+fn owned_control(c: Chunk<'_>) -> Option<Control> {
+    match c {
+        Chunk::Credit(n) => Some(Control::Credit(n)),
+        Chunk::Close => Some(Control::Close),
+        Chunk::Data { .. } | Chunk::Abort => None,
     }
 }
 
