@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
-use pluresdb_sync_core::{Connection, TopicHash, Transport};
-use pluresdb_sync_transport_relay::protocol::{ClientFrame, Frame, RelayFrame, RoomId};
+use pluresdb_sync_core::{Connection, Identity, TopicHash, Transport};
+use pluresdb_sync_transport_relay::protocol::{
+    ClientFrame, Frame, RelayFrame, RoomId, SUBPROTOCOL,
+};
 use pluresdb_sync_transport_relay::server::RelayServer;
 use pluresdb_sync_transport_relay::{FLOW_WINDOW_BYTES, RelayTransport, SESSION_VERSION};
 use tokio::sync::mpsc;
@@ -206,6 +208,7 @@ async fn a_send_cancelled_mid_message_is_dropped_whole() {
 struct Raw {
     ws: Ws,
     room: RoomId,
+    id: Identity,
     key: [u8; 32],
 }
 
@@ -215,10 +218,9 @@ impl Raw {
         let (mut ws, _) = raw(server.local_addr()).await;
         let room = derive_from_topic(topic, Domain::RelayRoom);
         let peers = joined(&mut ws, room).await;
-        let key = pluresdb_sync_core::Identity::generate()
-            .unwrap()
-            .public_bytes();
-        (Self { ws, room, key }, peers)
+        let id = Identity::generate().unwrap();
+        let key = id.public_bytes();
+        (Self { ws, room, id, key }, peers)
     }
 
     async fn send(&mut self, to: u64, payload: Vec<u8>) {
@@ -241,6 +243,48 @@ impl Raw {
         }
     }
 
+    /// The next DELIVER payload from `from`.
+    async fn deliver_from(&mut self, from: u64) -> Vec<u8> {
+        loop {
+            let (f, payload) = self.deliver().await;
+            if f == from {
+                return payload;
+            }
+        }
+    }
+
+    /// The Noise XXpsk3 handshake as the initiator with relay connection `to`, sending
+    /// `params` as the payload of message 3 (empty: a session version 1 client). Returns the
+    /// transport state and the responder's static key.
+    async fn noise(
+        &mut self,
+        topic: &TopicHash,
+        to: u64,
+        params: &[u8],
+    ) -> (snow::StatelessTransportState, Vec<u8>) {
+        let mut prologue = SUBPROTOCOL.as_bytes().to_vec();
+        prologue.extend_from_slice(&self.room);
+        let mut hs = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
+            .local_private_key(&self.id.secret_bytes())
+            .unwrap()
+            .psk(3, &derive_from_topic(topic, Domain::NoisePsk))
+            .unwrap()
+            .prologue(&prologue)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        self.send(to, [&[0x01][..], &buf[..n]].concat()).await;
+        let hs2 = self.deliver_from(to).await;
+        assert_eq!(hs2[0], 0x02, "expected HS2, got {hs2:?}");
+        hs.read_message(&hs2[1..], &mut buf).unwrap();
+        let n = hs.write_message(params, &mut buf).unwrap();
+        self.send(to, [&[0x03][..], &buf[..n]].concat()).await;
+        let remote = hs.get_remote_static().unwrap().to_vec();
+        (hs.into_stateless_transport_mode().unwrap(), remote)
+    }
+
     /// An unencrypted HELLO: kind, static key, and (unless `v1`) the session parameters.
     fn hello(&self, v1: bool) -> Vec<u8> {
         let mut m = vec![0x20];
@@ -255,37 +299,78 @@ impl Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
+    ignores_its_window(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
+    ignores_its_window(true).await;
+}
+
+async fn ignores_its_window(encryption: bool) {
     const LEN: usize = 60_000;
     let (server, url) = relay().await;
-    let (mut victim, mut honest) = (transport_with(&url, false), transport_with(&url, false));
+    let (mut victim, mut honest) = (
+        transport_with(&url, encryption),
+        transport_with(&url, encryption),
+    );
     let topic = fresh_topic("hostile-credit");
     let mut v_rx = victim.connect(topic).await.unwrap();
     let mut h_rx = honest.connect(topic).await.unwrap();
     let mut vh = accept(&mut v_rx).await;
     let mut hv = accept(&mut h_rx).await;
 
-    // The hostile peer greets everyone, finds the victim by its HELLO, then floods it with
-    // four windows of messages without waiting for any credit.
+    // The hostile peer greets everyone, finds the victim by its static key, then floods it
+    // with four windows of messages without waiting for any credit.
     let (mut x, members) = Raw::join(&server, &topic).await;
     assert_eq!(members.len(), 2);
-    for m in &members {
-        let hello = x.hello(false);
-        x.send(*m, hello).await;
-    }
     let victim_key = hex::decode(victim.peer_id()).unwrap();
-    let victim_conn = loop {
-        let (from, payload) = x.deliver().await;
-        if payload.first() == Some(&0x20) && payload[1..33] == victim_key[..] {
-            break from;
+    let mut cipher = None;
+    let victim_conn = if encryption {
+        let mut found = None;
+        for m in members {
+            let (c, key) = x
+                .noise(
+                    &topic,
+                    m,
+                    &[&[SESSION_VERSION][..], &FLOW_WINDOW_BYTES.to_be_bytes()].concat(),
+                )
+                .await;
+            if key == victim_key {
+                cipher = Some(c);
+                found = Some(m);
+            }
+        }
+        found.expect("the victim answered the handshake")
+    } else {
+        for m in &members {
+            let hello = x.hello(false);
+            x.send(*m, hello).await;
+        }
+        loop {
+            let (from, payload) = x.deliver().await;
+            if payload.first() == Some(&0x20) && payload[1..33] == victim_key[..] {
+                break from;
+            }
         }
     };
     let mut vx = accept(&mut v_rx).await;
     assert_eq!(vx.peer_id(), hex::encode(x.key));
     let frames = 4 * WINDOW / LEN;
     for i in 0..frames {
-        let mut m = vec![0x21, 1]; // PLAIN, LAST chunk
-        m.extend_from_slice(&msg(i, LEN));
-        x.send(victim_conn, m).await;
+        let mut chunk = vec![1]; // LAST
+        chunk.extend_from_slice(&msg(i, LEN));
+        let frame = match &cipher {
+            Some(c) => {
+                let mut sealed = vec![0u8; 1 + chunk.len() + 16];
+                sealed[0] = 0x10; // SEALED
+                let n = c.write_message(i as u64, &chunk, &mut sealed[1..]).unwrap();
+                sealed.truncate(1 + n);
+                sealed
+            }
+            None => [&[0x21][..], &chunk].concat(), // PLAIN
+        };
+        x.send(victim_conn, frame).await;
     }
 
     let err = wait_for_error(&victim, "flow-control window").await;
@@ -318,6 +403,34 @@ async fn a_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
     );
     victim.disconnect().await.unwrap();
     honest.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_encrypted_peer_without_flow_control_gets_a_clear_error_not_a_hang() {
+    let (server, url) = relay().await;
+    let mut victim = transport_with(&url, true);
+    let topic = fresh_topic("v1-noise-peer");
+    let mut v_rx = victim.connect(topic).await.unwrap();
+    let (mut x, members) = Raw::join(&server, &topic).await;
+    let [v] = members[..] else {
+        panic!("{members:?}")
+    };
+    // A version 1 initiator: nothing in the payload of handshake message 3.
+    let (_, key) = x.noise(&topic, v, &[]).await;
+    assert_eq!(hex::encode(key), victim.peer_id());
+    let reject = x.deliver_from(v).await;
+    assert_eq!(
+        reject,
+        [0x2F, 2, SESSION_VERSION],
+        "REJECT, version mismatch, our version"
+    );
+    let err = wait_for_error(&victim, "session version 1").await;
+    assert!(err.contains("flow control"), "{err}");
+    assert!(
+        v_rx.try_recv().is_err(),
+        "no connection for a peer that was rejected"
+    );
+    victim.disconnect().await.unwrap();
 }
 
 #[tokio::test]
