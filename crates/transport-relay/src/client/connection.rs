@@ -56,7 +56,8 @@ pub(crate) enum Inbound {
     Frame { frame: Vec<u8>, cost: u64 },
     /// The remote closed the connection.
     Close,
-    /// The session failed (decryption, protocol or flow-control violation): the reason.
+    /// The socket task ended the session (a malformed control chunk, an unexpected frame, or a
+    /// flow-control violation): the reason.
     Failed(String),
 }
 
