@@ -71,4 +71,17 @@ pub enum RelayError {
         /// What failed.
         reason: String,
     },
+    /// The two peers speak different end-to-end session versions (version 2 added flow
+    /// control; version 1 clients send no session parameters).
+    #[error(
+        "peer on relay connection {conn} speaks end-to-end session version {remote} but this transport speaks version {local} (version 2 added flow control): run the same pluresdb-sync release on both sides"
+    )]
+    SessionVersionMismatch {
+        /// The remote's relay connection id.
+        conn: u64,
+        /// This transport's session version.
+        local: u8,
+        /// The remote's (1 when it sent no session parameters).
+        remote: u8,
+    },
 }

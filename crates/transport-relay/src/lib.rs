@@ -30,6 +30,11 @@
 //!   talk. The remote's peer id is the static key it proved. `encryption: false` turns this off
 //!   (both sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
 //! - Messages up to 16 MiB are split into relay frames (64 KiB by default) and reassembled.
+//! - Every session has end-to-end flow control: the receiver grants a window of
+//!   [`FLOW_WINDOW_BYTES`] and returns credit as the application reads, and `send` waits when
+//!   the window is full. An application that does not read one connection therefore blocks
+//!   only the peer sending to it, never the transport's other connections and topics; a peer
+//!   that ignores its window loses the session.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -42,7 +47,8 @@ pub mod protocol;
 pub mod server;
 
 pub use client::{
-    CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES,
-    RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, RelayTransport, RelayTransportBuilder,
+    CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, FLOW_FRAME_OVERHEAD,
+    FLOW_WINDOW_BYTES, RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, RelayTransport,
+    RelayTransportBuilder, SESSION_VERSION,
 };
 pub use error::RelayError;

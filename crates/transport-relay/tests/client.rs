@@ -8,35 +8,13 @@ use pluresdb_sync_core::{Error, Identity, Transport, TransportConfig, TransportM
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 use pluresdb_sync_transport_relay::{RelayError, RelayTransport};
 
-const T: Duration = Duration::from_secs(30);
-
-async fn relay() -> (RelayServer, String) {
-    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
-        .await
-        .unwrap();
-    let url = format!("ws://{}/relay", server.local_addr());
-    (server, url)
-}
-
-async fn wait_for_error(t: &RelayTransport, needle: &str) -> String {
-    let deadline = Instant::now() + T;
-    loop {
-        if let Some(e) = t.recent_errors().into_iter().find(|e| e.contains(needle)) {
-            return e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no error containing {needle:?}: {:?}",
-            t.recent_errors()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+mod common;
+use common::{T, accept, next_message, recv, relay, relay_with, transport, wait_for_error};
 
 #[tokio::test]
 async fn encryption_mismatch_is_a_clear_error_on_both_sides() {
     let (_server, url) = relay().await;
-    let mut on = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut on = transport(&url);
     let mut off = RelayTransport::builder()
         .relay_url(&url)
         .encryption(false)
@@ -73,12 +51,12 @@ async fn identity_comes_from_the_keygen_file() {
         .identity_file(&path)
         .build()
         .unwrap();
-    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = transport(&url);
     assert_eq!(a.peer_id(), id.peer_id());
     let topic = fresh_topic("identity");
     let _a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let conn = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let conn = accept(&mut b_rx).await;
     assert_eq!(conn.peer_id(), id.peer_id());
     let err = RelayTransport::builder()
         .relay_url(&url)
@@ -145,11 +123,11 @@ async fn unreachable_relay_is_a_clear_error_and_failover_uses_the_next_url() {
         .relay_urls([dead.clone(), url.clone()])
         .build()
         .unwrap();
-    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut b = transport(&url);
     let topic = fresh_topic("failover");
     let mut a_rx = a.connect(topic).await.unwrap();
     let _b_rx = b.connect(topic).await.unwrap();
-    let conn = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let conn = accept(&mut a_rx).await;
     assert_eq!(conn.peer_id(), b.peer_id());
 }
 
@@ -177,22 +155,16 @@ async fn a_server_that_is_not_a_relay_is_named() {
 #[tokio::test]
 async fn peers_on_different_topics_never_meet() {
     let (_server, url) = relay().await;
-    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
-    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut a = transport(&url);
+    let mut b = transport(&url);
     let mut a_rx = a.connect(fresh_topic("x")).await.unwrap();
     let mut b_rx = b.connect(fresh_topic("y")).await.unwrap();
     let c = fresh_topic("z");
     let mut a_rx2 = a.connect(c).await.unwrap();
     let mut b_rx2 = b.connect(c).await.unwrap();
     // Both meet on the shared topic, which proves the link works...
-    tokio::time::timeout(T, a_rx2.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(T, b_rx2.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    accept(&mut a_rx2).await;
+    accept(&mut b_rx2).await;
     // ...and nothing arrived on the other ones.
     assert!(a_rx.try_recv().is_err());
     assert!(b_rx.try_recv().is_err());
@@ -229,17 +201,10 @@ async fn wss_with_rustls_on_both_ends() {
     let topic = fresh_topic("wss");
     let mut a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca = accept(&mut a_rx).await;
+    let mut cb = accept(&mut b_rx).await;
     ca.send(b"over tls").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, cb.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"over tls"
-    );
+    assert_eq!(recv(&mut cb).await, b"over tls");
 
     // Without trusting the certificate the client refuses the relay.
     let mut untrusting = RelayTransport::builder()
@@ -273,42 +238,23 @@ async fn relay_loss_closes_sessions_then_failover_rejoins_and_peers_meet_again()
     let topic = fresh_topic("failover-rejoin");
     let mut a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca = accept(&mut a_rx).await;
+    let mut cb = accept(&mut b_rx).await;
     ca.send(b"before").await.unwrap();
     assert_eq!(cb.receive().await.unwrap().unwrap(), b"before");
 
     first.shutdown().await;
     // Lost peers: both old connections end cleanly.
-    assert_eq!(
-        tokio::time::timeout(T, ca.receive())
-            .await
-            .unwrap()
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        tokio::time::timeout(T, cb.receive())
-            .await
-            .unwrap()
-            .unwrap(),
-        None
-    );
+    assert_eq!(next_message(&mut ca).await, None);
+    assert_eq!(next_message(&mut cb).await, None);
     assert!(ca.send(b"late").await.is_err());
     // Both fail over to the second relay, rejoin, and meet again with new connections.
-    let mut ca2 = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut cb2 = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca2 = accept(&mut a_rx).await;
+    let mut cb2 = accept(&mut b_rx).await;
     assert_eq!(ca2.peer_id(), b.peer_id());
     assert_eq!(cb2.peer_id(), a.peer_id());
     cb2.send(b"after").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, ca2.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"after"
-    );
+    assert_eq!(recv(&mut ca2).await, b"after");
     assert!(
         a.recent_errors().iter().any(|e| e.contains("1001")),
         "{:?}",
@@ -322,7 +268,7 @@ async fn relay_loss_closes_sessions_then_failover_rejoins_and_peers_meet_again()
 async fn a_returning_peer_gets_a_new_connection() {
     let (_server, url) = relay().await;
     let id = Identity::generate().unwrap();
-    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut a = transport(&url);
     let mut b = RelayTransport::builder()
         .relay_url(&url)
         .identity(id.clone())
@@ -331,50 +277,32 @@ async fn a_returning_peer_gets_a_new_connection() {
     let topic = fresh_topic("returning");
     let mut a_rx = a.connect(topic).await.unwrap();
     let _b_rx = b.connect(topic).await.unwrap();
-    let mut first = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut first = accept(&mut a_rx).await;
     drop(_b_rx);
     drop(b); // Gone without a goodbye: the relay reports it left.
-    assert_eq!(
-        tokio::time::timeout(T, first.receive())
-            .await
-            .unwrap()
-            .unwrap(),
-        None
-    );
+    assert_eq!(next_message(&mut first).await, None);
     let mut b2 = RelayTransport::builder()
         .relay_url(&url)
         .identity(id.clone())
         .build()
         .unwrap();
     let mut b2_rx = b2.connect(topic).await.unwrap();
-    let mut again = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
+    let mut again = accept(&mut a_rx).await;
     assert_eq!(again.peer_id(), id.peer_id());
-    let mut cb = tokio::time::timeout(T, b2_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut cb = accept(&mut b2_rx).await;
     cb.send(b"back").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, again.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"back"
-    );
+    assert_eq!(recv(&mut again).await, b"back");
 }
 
 #[tokio::test]
 async fn bearer_token_from_the_builder_or_the_url() {
-    let server = RelayServer::bind(
-        "127.0.0.1:0".parse().unwrap(),
+    let (server, _) = relay_with(
         RelayServerConfig::builder()
             .auth_tokens(vec!["s3cret".into()])
             .build()
             .unwrap(),
     )
-    .await
-    .unwrap();
+    .await;
     let addr = server.local_addr();
     let topic = fresh_topic("auth");
     let mut none = RelayTransport::builder()
@@ -432,21 +360,15 @@ async fn bearer_token_from_the_builder_or_the_url() {
 async fn reconnects_with_backoff_to_a_restarted_relay() {
     let (server, url) = relay().await;
     let addr = server.local_addr();
-    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
-    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut a = transport(&url);
+    let mut b = transport(&url);
     let topic = fresh_topic("restart");
     let mut a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca = accept(&mut a_rx).await;
+    accept(&mut b_rx).await;
     server.shutdown().await;
-    assert_eq!(
-        tokio::time::timeout(T, ca.receive())
-            .await
-            .unwrap()
-            .unwrap(),
-        None
-    );
+    assert_eq!(next_message(&mut ca).await, None);
     // Wait until both have failed at least one reconnect attempt, then bring the relay back.
     for t in [&a, &b] {
         let deadline = Instant::now() + T;
@@ -462,17 +384,10 @@ async fn reconnects_with_backoff_to_a_restarted_relay() {
     let _restarted = RelayServer::bind(addr, RelayServerConfig::default())
         .await
         .unwrap();
-    let mut ca2 = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut cb2 = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca2 = accept(&mut a_rx).await;
+    let mut cb2 = accept(&mut b_rx).await;
     ca2.send(b"restarted").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, cb2.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"restarted"
-    );
+    assert_eq!(recv(&mut cb2).await, b"restarted");
 }
 
 /// A minimal HTTP CONNECT proxy on loopback that demands basic auth `user:p@ss`
@@ -532,17 +447,10 @@ async fn tunnels_through_an_http_connect_proxy_with_basic_auth() {
     let topic = fresh_topic("proxy");
     let mut a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca = accept(&mut a_rx).await;
+    let mut cb = accept(&mut b_rx).await;
     ca.send(b"through the proxy").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, cb.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"through the proxy"
-    );
+    assert_eq!(recv(&mut cb).await, b"through the proxy");
     assert_eq!(tunnels.load(std::sync::atomic::Ordering::SeqCst), 2);
 
     let bad = proxy.replace("p%40ss", "wrong");
@@ -568,28 +476,16 @@ async fn tunnels_through_an_http_connect_proxy_with_basic_auth() {
 #[tokio::test]
 async fn dropping_a_transport_closes_its_socket_even_with_live_connections() {
     let (_server, url) = relay().await;
-    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
-    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut a = transport(&url);
+    let mut b = transport(&url);
     let topic = fresh_topic("drop-transport");
     let mut a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut held = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca = accept(&mut a_rx).await;
+    let mut held = accept(&mut b_rx).await;
     drop(b);
-    assert_eq!(
-        tokio::time::timeout(T, ca.receive())
-            .await
-            .unwrap()
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        tokio::time::timeout(T, held.receive())
-            .await
-            .unwrap()
-            .unwrap(),
-        None
-    );
+    assert_eq!(next_message(&mut ca).await, None);
+    assert_eq!(next_message(&mut held).await, None);
     assert!(held.send(b"x").await.is_err());
 }
 
@@ -679,22 +575,19 @@ async fn relay_that_only_announces() -> String {
 async fn peers_told_of_each_other_only_by_peer_joined_still_meet_once() {
     let url = relay_that_only_announces().await;
     let topic = fresh_topic("peer-joined-fallback");
-    let mut a = RelayTransport::builder().relay_url(&url).build().unwrap();
-    let mut b = RelayTransport::builder().relay_url(&url).build().unwrap();
+    let mut a = transport(&url);
+    let mut b = transport(&url);
     let (a_in, b_in) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut a_in, mut b_in) = (a_in.unwrap(), b_in.unwrap());
     let t0 = Instant::now();
-    let mut ab = tokio::time::timeout(T, a_in.recv()).await.unwrap().unwrap();
-    let mut ba = tokio::time::timeout(T, b_in.recv()).await.unwrap().unwrap();
+    let mut ab = accept(&mut a_in).await;
+    let mut ba = accept(&mut b_in).await;
     // Nobody starts at once; both fall back after PEER_JOINED_FALLBACK (3 s).
     assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(ab.peer_id(), b.peer_id());
     assert_eq!(ba.peer_id(), a.peer_id());
     ab.send(b"hello").await.unwrap();
-    let got = tokio::time::timeout(T, ba.receive())
-        .await
-        .unwrap()
-        .unwrap();
+    let got = next_message(&mut ba).await;
     assert_eq!(got.as_deref(), Some(&b"hello"[..]));
     // Exactly one connection each: no second one shows up.
     assert!(

@@ -9,20 +9,20 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures_util::{SinkExt, StreamExt};
-use pluresdb_sync_core::testkit::{ConformanceKit, TransportFactory};
+use futures_util::StreamExt;
+use pluresdb_sync_core::testkit::ConformanceKit;
 use pluresdb_sync_core::{Connection, Transport, derive_topic};
 use pluresdb_sync_transport_relay::RelayTransport;
-use pluresdb_sync_transport_relay::protocol::{
-    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, decode,
-};
+use pluresdb_sync_transport_relay::protocol::{ClientFrame, Frame, RelayFrame};
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const T: Duration = Duration::from_secs(30);
+mod common;
+use common::{
+    Factory, T, Ws, accept, free_port, joined, listening, next, raw, recv, relay_with, send,
+    upgrade_request, url, ws_url,
+};
 /// Where Debian installs it (`/usr/sbin`), then elsewhere.
 const NATS_SERVER_PATHS: [&str; 3] = [
     "/usr/sbin/nats-server",
@@ -53,12 +53,7 @@ impl Nats {
             eprintln!("skipping: nats-server is not installed");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Some(Self::start_on(port).await)
+        Some(Self::start_on(free_port()).await)
     }
 
     async fn start_on(port: u16) -> Self {
@@ -69,20 +64,10 @@ impl Nats {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        // Wait until it accepts connections.
-        tokio::time::timeout(T, async {
-            loop {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("nats-server did not start listening");
+        assert!(
+            listening(port, T).await,
+            "nats-server did not start listening"
+        );
         Self { child, port }
     }
 
@@ -100,9 +85,7 @@ async fn node(nats: &Nats) -> RelayServer {
         .nats_url(Some(nats.url()))
         .build()
         .unwrap();
-    RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
+    relay_with(config).await.0
 }
 
 /// A relay node on its own runtime and thread, so that it can be killed hard: every task
@@ -148,7 +131,7 @@ impl KillableNode {
     }
 
     fn url(&self) -> String {
-        format!("ws://{}/relay", self.addr)
+        ws_url(self.addr)
     }
 
     async fn kill(mut self) {
@@ -160,39 +143,16 @@ impl KillableNode {
     }
 }
 
-fn url(server: &RelayServer) -> String {
-    format!("ws://{}/relay", server.local_addr())
-}
-
-/// Transport i talks to node i % 2.
-struct TwoNodes {
-    nodes: std::sync::Arc<Vec<RelayServer>>,
-}
-
-#[async_trait]
-impl TransportFactory for TwoNodes {
-    async fn create(&self, n: usize) -> anyhow::Result<Vec<Box<dyn Transport>>> {
-        (0..n)
-            .map(|i| {
-                Ok(Box::new(
-                    RelayTransport::builder()
-                        .relay_url(url(&self.nodes[i % self.nodes.len()]))
-                        .timeout(T)
-                        .build()?,
-                ) as Box<dyn Transport>)
-            })
-            .collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_on_two_nodes_pass_the_conformance_checks() {
     let Some(nats) = Nats::start().await else {
         return;
     };
     let nodes = std::sync::Arc::new(vec![node(&nats).await, node(&nats).await]);
-    let kit = ConformanceKit::new(TwoNodes {
-        nodes: nodes.clone(),
+    // Transport i talks to node i % 2.
+    let kit = ConformanceKit::new(Factory {
+        servers: nodes.clone(),
+        encryption: true,
     });
     for (name, r) in [
         ("message_boundaries", kit.message_boundaries().await),
@@ -225,17 +185,9 @@ async fn peers_on_two_nodes_pass_the_conformance_checks() {
     nats.stop().await;
 }
 
-async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
-    tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()
-}
-
 async fn exchange(a: &mut Box<dyn Connection>, b: &mut Box<dyn Connection>, msg: &[u8]) {
     a.send(msg).await.unwrap();
-    let got = tokio::time::timeout(T, b.receive())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let got = recv(b).await;
     assert_eq!(got, msg);
 }
 
@@ -260,8 +212,8 @@ async fn clients_of_a_killed_node_fail_over_to_another() {
         .unwrap();
     let mut a_in = a.connect(topic).await.unwrap();
     let mut b_in = b.connect(topic).await.unwrap();
-    let mut ab = recv(&mut a_in).await;
-    let mut ba = recv(&mut b_in).await;
+    let mut ab = accept(&mut a_in).await;
+    let mut ba = accept(&mut b_in).await;
     exchange(&mut ab, &mut ba, b"before").await;
     exchange(&mut ba, &mut ab, b"before, back").await;
     assert_eq!(ab.peer_id(), b.peer_id());
@@ -272,8 +224,8 @@ async fn clients_of_a_killed_node_fail_over_to_another() {
     // A's session ends; A reconnects to the survivor; both see a new connection.
     let closed = tokio::time::timeout(T, ab.receive()).await.unwrap();
     assert!(matches!(closed, Ok(None) | Err(_)), "{closed:?}");
-    let mut ab2 = recv(&mut a_in).await;
-    let mut ba2 = recv(&mut b_in).await;
+    let mut ab2 = accept(&mut a_in).await;
+    let mut ba2 = accept(&mut b_in).await;
     assert_eq!(ab2.peer_id(), b.peer_id());
     assert_eq!(ba2.peer_id(), a.peer_id());
     exchange(&mut ab2, &mut ba2, b"after failover").await;
@@ -282,40 +234,6 @@ async fn clients_of_a_killed_node_fail_over_to_another() {
     b.disconnect().await.unwrap();
     survivor.shutdown().await;
     nats.stop().await;
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn raw(addr: SocketAddr) -> (Ws, u64) {
-    let mut req = format!("ws://{addr}/relay").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
-    let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
-        .await
-        .unwrap()
-        .unwrap();
-    match next(&mut ws).await {
-        Frame::Relay(RelayFrame::Welcome { conn, .. }) => (ws, conn),
-        other => panic!("expected WELCOME, got {other:?}"),
-    }
-}
-
-async fn next(ws: &mut Ws) -> Frame {
-    loop {
-        let msg = tokio::time::timeout(T, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Binary(b) = msg {
-            return decode(&b).unwrap();
-        }
-    }
-}
-
-async fn send(ws: &mut Ws, f: Frame) {
-    ws.send(Message::Binary(f.encode().into())).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,11 +344,7 @@ async fn a_node_started_later_learns_existing_members() {
 
 #[tokio::test]
 async fn an_unreachable_nats_fails_the_start_clearly() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = RelayServerConfig::builder()
         .nats_url(Some(format!("nats://127.0.0.1:{port}")))
         .build()
@@ -475,12 +389,7 @@ async fn losing_nats_sends_clients_away_and_refuses_new_ones() {
     assert_eq!(u16::from(close.code), 1001);
     assert!(close.reason.contains("NATS"), "{}", close.reason);
     // New clients get 503 while NATS is down.
-    let mut req = format!("ws://{}/relay", relay.local_addr())
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
-    match tokio_tungstenite::connect_async(req).await {
+    match tokio_tungstenite::connect_async(upgrade_request(&url(&relay))).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status(), 503)
         }
@@ -510,14 +419,6 @@ async fn losing_nats_sends_clients_away_and_refuses_new_ones() {
     ));
     relay.shutdown().await;
     nats.stop().await;
-}
-
-async fn joined(ws: &mut Ws, room: [u8; 32]) -> Vec<u64> {
-    send(ws, Frame::Client(ClientFrame::Join { room })).await;
-    match next(ws).await {
-        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
-        other => panic!("expected JOINED, got {other:?}"),
-    }
 }
 
 /// Skips PEER_JOINED notices until the PEER_LEFT of `who`; returns how long it took.

@@ -10,10 +10,10 @@ use std::time::Duration;
 use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::{fresh_topic, pattern};
 use pluresdb_sync_transport_relay::RelayTransport;
-use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 use tokio::process::{Child, Command};
 
-const T: Duration = Duration::from_secs(30);
+mod common;
+use common::{T, accept, free_port, listening, recv, relay};
 
 /// The path of a system binary, or `None` (after failing the test in CI).
 fn system_binary(name: &str) -> Option<PathBuf> {
@@ -33,27 +33,12 @@ fn system_binary(name: &str) -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_listening(port: u16, what: &str, log: &Path) {
-    let deadline = tokio::time::Instant::now() + T;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not listen on {port}: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        listening(port, T).await,
+        "{what} did not listen on {port}: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// squid on a free loopback port, memory only, no helpers; killed on drop.
@@ -172,35 +157,15 @@ async fn two_peers_talk(build: impl Fn() -> RelayTransport) {
     let topic = fresh_topic("proxies");
     let mut a_rx = a.connect(topic).await.unwrap();
     let mut b_rx = b.connect(topic).await.unwrap();
-    let mut ca = tokio::time::timeout(T, a_rx.recv()).await.unwrap().unwrap();
-    let mut cb = tokio::time::timeout(T, b_rx.recv()).await.unwrap().unwrap();
+    let mut ca = accept(&mut a_rx).await;
+    let mut cb = accept(&mut b_rx).await;
     let big = pattern(1 << 20, 1);
     ca.send(&big).await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, cb.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        big
-    );
+    assert_eq!(recv(&mut cb).await, big);
     cb.send(b"back").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, ca.receive())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"back"
-    );
+    assert_eq!(recv(&mut ca).await, b"back");
     a.disconnect().await.unwrap();
     b.disconnect().await.unwrap();
-}
-
-async fn relay() -> RelayServer {
-    RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +173,7 @@ async fn squid_forward_proxy_needs_squid() {
     let Some(bin) = system_binary("squid") else {
         return;
     };
-    let server = relay().await;
+    let (server, _) = relay().await;
     let squid = Squid::start(&bin).await;
     let url = format!("ws://{}/relay", server.local_addr());
     let proxy = format!("http://127.0.0.1:{}", squid.port);
@@ -230,7 +195,7 @@ async fn nginx_tls_reverse_proxy_needs_nginx() {
     let Some(bin) = system_binary("nginx") else {
         return;
     };
-    let server = relay().await;
+    let (server, _) = relay().await;
     let nginx = Nginx::start(&bin, server.local_addr()).await;
     let url = format!("wss://127.0.0.1:{}/relay", nginx.port);
     two_peers_talk(|| {
@@ -249,7 +214,7 @@ async fn squid_then_nginx_then_relay_needs_squid_and_nginx() {
     else {
         return;
     };
-    let server = relay().await;
+    let (server, _) = relay().await;
     let nginx = Nginx::start(&nginx_bin, server.local_addr()).await;
     let squid = Squid::start(&squid_bin).await;
     // TLS end to end from the client to nginx, tunnelled through squid.

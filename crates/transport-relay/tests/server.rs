@@ -1,56 +1,25 @@
 //! The relay server against raw WebSocket clients on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::time::Duration;
-
 use futures_util::{SinkExt, StreamExt};
 use pluresdb_sync_transport_relay::protocol::{
-    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, decode, error_code,
+    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, error_code,
 };
-use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-const T: Duration = Duration::from_secs(20);
+mod common;
+use common::{T, Ws, next, raw_connect, relay, send, welcome};
 
 async fn client(addr: std::net::SocketAddr) -> (Ws, u64) {
-    let mut req = format!("ws://{addr}/relay").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
-    let (mut ws, resp) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut ws, resp) = raw_connect(addr).await;
     assert_eq!(
         resp.headers().get("sec-websocket-protocol").unwrap(),
         SUBPROTOCOL
     );
-    match next(&mut ws).await {
-        Frame::Relay(RelayFrame::Welcome {
-            conn, max_frame, ..
-        }) => {
-            assert_eq!(max_frame, 64 * 1024);
-            (ws, conn)
-        }
-        other => panic!("expected WELCOME, got {other:?}"),
-    }
-}
-
-async fn next(ws: &mut Ws) -> Frame {
-    loop {
-        let msg = tokio::time::timeout(T, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Binary(b) = msg {
-            return decode(&b).unwrap();
-        }
-    }
+    let (conn, max_frame) = welcome(&mut ws).await;
+    assert_eq!(max_frame, 64 * 1024);
+    (ws, conn)
 }
 
 /// The next frame that is not a PEER_JOINED notice.
@@ -61,10 +30,6 @@ async fn next_but_joins(ws: &mut Ws) -> Frame {
             other => return other,
         }
     }
-}
-
-async fn send(ws: &mut Ws, f: Frame) {
-    ws.send(Message::Binary(f.encode().into())).await.unwrap();
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -82,10 +47,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn rooms_route_by_relay_assigned_ids() {
-    let mut server =
-        RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
-            .await
-            .unwrap();
+    let (mut server, _) = relay().await;
     let metrics = server
         .serve_metrics("127.0.0.1:0".parse().unwrap())
         .await
@@ -214,10 +176,7 @@ async fn rooms_route_by_relay_assigned_ids() {
 /// sit between them, and frames sent just before a protocol error are still delivered.
 #[tokio::test]
 async fn pipelined_frames_keep_their_order_and_survive_a_protocol_error() {
-    let mut server =
-        RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
-            .await
-            .unwrap();
+    let (mut server, _) = relay().await;
     let metrics = server
         .serve_metrics("127.0.0.1:0".parse().unwrap())
         .await

@@ -9,19 +9,16 @@ use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, PeerInfo, TopicHash};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Settings;
-use super::connection::{Ctl, LinkState, RelayConnection, SessionFlags};
-use super::peer::{self, kind};
+use super::connection::{Ctl, Inbound, LinkState, RelayConnection, SessionFlags};
+use super::peer::{self, Chunk, ParamsError, chunk, kind};
 use crate::RelayError;
 use crate::protocol::{self, ClientFrame, ConnId, Frame, RelayFrame, RoomId};
 
-/// Frames queued towards one `Connection` before the socket task waits for the application
-/// to read (backpressure; the relay closes us as a slow consumer if that lasts).
-pub const INBOUND_QUEUE_FRAMES: usize = 256;
 /// Connections queued on a `connect` receiver; a room holds at most a few hundred peers.
 pub(crate) const CONNECTION_QUEUE: usize = 256;
 /// Frames queued towards the relay socket (shared by every connection of the transport).
@@ -70,10 +67,20 @@ enum State {
     AwaitHs3(Box<snow::HandshakeState>),
     AwaitHello,
     Established {
-        inbound: mpsc::Sender<Vec<u8>>,
+        /// Towards the `Connection`; bounded by the window this side granted (`flags.granted`).
+        inbound: mpsc::UnboundedSender<Inbound>,
         flags: Arc<SessionFlags>,
         peer_id: String,
-        claimed: bool,
+        /// Opens the peer's control chunks here, so that CREDIT is seen even while the
+        /// application does not read (snow's stateless mode: the connection uses the same state
+        /// for its data).
+        cipher: Option<Arc<snow::StatelessTransportState>>,
+        /// Next nonce of the peer's control sequence.
+        recv_ctl_nonce: u64,
+        /// Credit units the peer used so far.
+        received: u64,
+        /// The peer's total grant to us; the connection's `send` waits on it.
+        credit: watch::Sender<u64>,
     },
 }
 
@@ -419,11 +426,6 @@ impl Driver {
                 if let Some(t) = self.topics.get_mut(&room) {
                     if let Some(tx) = conns {
                         t.conns = Some(tx.clone());
-                        for s in t.sessions.values_mut() {
-                            if let State::Established { claimed, .. } = &mut s.state {
-                                *claimed = true;
-                            }
-                        }
                         for c in t.unclaimed.drain(..) {
                             let _ = tx.try_send(Box::new(c));
                         }
@@ -587,7 +589,7 @@ impl Driver {
         };
         let (state, msg) = if encryption {
             let hs = peer::handshake(&self.settings.identity, &t.topic, &room, true)
-                .and_then(|mut hs| peer::write_hs(&mut hs, kind::HS1).map(|m| (hs, m)));
+                .and_then(|mut hs| peer::write_hs(&mut hs, kind::HS1, &[]).map(|m| (hs, m)));
             match hs {
                 Ok((hs, m)) => (State::AwaitHs2(Box::new(hs)), m),
                 Err(e) => {
@@ -615,7 +617,37 @@ impl Driver {
     fn hello(&self) -> Vec<u8> {
         let mut m = vec![kind::HELLO];
         m.extend_from_slice(&self.settings.identity.public_bytes());
+        m.extend_from_slice(&peer::session_params());
         m
+    }
+
+    /// The remote's session parameters are unusable (an older client without flow control, or
+    /// garbage): end the attempt on both sides with a clear error instead of a session that
+    /// would hang on credit that never comes.
+    async fn reject_params(&mut self, room: RoomId, from: ConnId, e: ParamsError) {
+        if let Some(t) = self.topics.get_mut(&room)
+            && let Some(s) = t.sessions.remove(&from)
+        {
+            s.close();
+        }
+        self.send_peer(
+            &room,
+            from,
+            &[
+                kind::REJECT,
+                peer::REJECT_VERSION_MISMATCH,
+                peer::SESSION_VERSION,
+            ],
+        )
+        .await;
+        self.record(match e {
+            ParamsError::Version(remote) => RelayError::SessionVersionMismatch {
+                conn: from,
+                local: peer::SESSION_VERSION,
+                remote,
+            },
+            ParamsError::Invalid(reason) => RelayError::Session { conn: from, reason },
+        });
     }
 
     async fn reject_mismatch(&mut self, room: RoomId, from: ConnId, remote_on: bool) {
@@ -676,7 +708,7 @@ impl Driver {
                 let hs = peer::handshake(&self.settings.identity, &t.topic, &room, false).and_then(
                     |mut hs| {
                         peer::read_hs(&mut hs, body)?;
-                        peer::write_hs(&mut hs, kind::HS2).map(|m| (hs, m))
+                        peer::write_hs(&mut hs, kind::HS2, &peer::session_params()).map(|m| (hs, m))
                     },
                 );
                 match hs {
@@ -714,13 +746,18 @@ impl Driver {
                 else {
                     return;
                 };
-                let r =
-                    peer::read_hs(&mut hs, body).and_then(|()| peer::write_hs(&mut hs, kind::HS3));
+                let r = peer::read_hs(&mut hs, body).and_then(|params| {
+                    let m = peer::write_hs(&mut hs, kind::HS3, &peer::session_params())?;
+                    Ok((params, m))
+                });
                 match r {
-                    Ok(m) => {
-                        self.send_peer(&room, from, &m).await;
-                        self.establish_noise(room, from, id, *hs).await;
-                    }
+                    Ok((params, m)) => match peer::parse_session_params(&params) {
+                        Ok(window) => {
+                            self.send_peer(&room, from, &m).await;
+                            self.establish_noise(room, from, id, *hs, window).await;
+                        }
+                        Err(e) => self.reject_params(room, from, e).await,
+                    },
                     Err(e) => self.record(RelayError::Session {
                         conn: from,
                         reason: format!("handshake message 2 (is the topic the same?): {e}"),
@@ -744,7 +781,10 @@ impl Driver {
                     return;
                 };
                 match peer::read_hs(&mut hs, body) {
-                    Ok(()) => self.establish_noise(room, from, id, *hs).await,
+                    Ok(params) => match peer::parse_session_params(&params) {
+                        Ok(window) => self.establish_noise(room, from, id, *hs, window).await,
+                        Err(e) => self.reject_params(room, from, e).await,
+                    },
                     Err(e) => self.record(RelayError::Session {
                         conn: from,
                         reason: format!("handshake message 3 (is the topic the same?): {e}"),
@@ -755,11 +795,29 @@ impl Driver {
                 if encryption {
                     return self.reject_mismatch(room, from, false).await;
                 }
-                let Ok(key) = <[u8; 32]>::try_from(body) else {
+                if body.len() == 32 {
+                    // A version 1 client: no session parameters, no flow control.
+                    return self
+                        .reject_params(room, from, ParamsError::Version(1))
+                        .await;
+                }
+                let Some(key) = body
+                    .get(..32)
+                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    .filter(|_| body.len() == 32 + peer::SESSION_PARAMS_LEN)
+                else {
                     return self.record(RelayError::Session {
                         conn: from,
-                        reason: format!("HELLO of {} bytes, expected 32", body.len()),
+                        reason: format!(
+                            "HELLO of {} bytes, expected {}",
+                            body.len(),
+                            32 + peer::SESSION_PARAMS_LEN
+                        ),
                     });
+                };
+                let window = match peer::parse_session_params(&body[32..]) {
+                    Ok(w) => w,
+                    Err(e) => return self.reject_params(room, from, e).await,
                 };
                 let awaiting = matches!(
                     t.sessions.get(&from),
@@ -780,49 +838,124 @@ impl Driver {
                         next_id
                     }
                 };
-                self.establish(room, from, id, key, None).await;
+                self.establish(room, from, id, key, None, window).await;
             }
             kind::REJECT => {
                 if let Some(s) = t.sessions.remove(&from) {
                     s.close();
                 }
-                if body.first() == Some(&peer::REJECT_ENCRYPTION_MISMATCH) {
-                    self.record(RelayError::EncryptionMismatch {
-                        conn: from,
-                        local: if encryption { "on" } else { "off" },
-                        remote: if encryption { "off" } else { "on" },
-                    });
+                match body.first() {
+                    Some(&peer::REJECT_ENCRYPTION_MISMATCH) => {
+                        self.record(RelayError::EncryptionMismatch {
+                            conn: from,
+                            local: if encryption { "on" } else { "off" },
+                            remote: if encryption { "off" } else { "on" },
+                        })
+                    }
+                    Some(&peer::REJECT_VERSION_MISMATCH) => {
+                        self.record(RelayError::SessionVersionMismatch {
+                            conn: from,
+                            local: peer::SESSION_VERSION,
+                            remote: body.get(1).copied().unwrap_or(0),
+                        })
+                    }
+                    _ => {}
                 }
             }
-            _ => {
-                let Some(s) = t.sessions.get(&from) else {
-                    return;
-                };
-                let State::Established {
+            _ => self.session_frame(room, from, payload),
+        }
+    }
+
+    /// A frame of an established session: control chunks (CREDIT, CLOSE) are opened and
+    /// applied here; data frames are queued, still sealed, for the connection within the window
+    /// this side granted. Never waits.
+    fn session_frame(&mut self, room: RoomId, from: ConnId, payload: Vec<u8>) {
+        let Some(t) = self.topics.get_mut(&room) else {
+            return;
+        };
+        let Some(Session {
+            state:
+                State::Established {
                     inbound,
-                    claimed,
                     flags,
-                    ..
-                } = &s.state
-                else {
-                    return;
-                };
-                if flags.closed.load(Ordering::Acquire) {
-                    return;
+                    peer_id,
+                    cipher,
+                    recv_ctl_nonce,
+                    received,
+                    credit,
+                },
+            ..
+        }) = t.sessions.get_mut(&from)
+        else {
+            return;
+        };
+        if flags.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let frame_len = payload.len();
+        let control = match (payload.first().copied(), cipher.as_deref()) {
+            (Some(kind::SEALED), Some(cipher)) if peer::is_control_len(frame_len) => {
+                let mut out = [0u8; 64];
+                match cipher.read_message(*recv_ctl_nonce, &payload[1..], &mut out) {
+                    Ok(n) => {
+                        *recv_ctl_nonce += 1;
+                        Some(peer::decode_chunk(&out[..n]).map(owned_control))
+                    }
+                    // Not sealed in the control sequence: a data frame of the same length.
+                    Err(_) => None,
                 }
-                let ok = if *claimed {
-                    let inbound = inbound.clone();
-                    inbound.send(payload).await.is_ok()
-                } else {
-                    inbound.try_send(payload).is_ok()
-                };
-                if !ok
-                    && let Some(t) = self.topics.get_mut(&room)
-                    && let Some(s) = t.sessions.remove(&from)
-                {
+            }
+            (Some(kind::SEALED), Some(_)) => None,
+            (Some(kind::PLAIN), None) => match payload.get(1) {
+                Some(&chunk::CREDIT | &chunk::CLOSE) => {
+                    Some(peer::decode_chunk(&payload[1..]).map(owned_control))
+                }
+                _ => None,
+            },
+            (other, _) => Some(Err(format!(
+                "unexpected peer frame {:#04x} on an established session",
+                other.unwrap_or(0)
+            ))),
+        };
+        let failure = match control {
+            Some(Ok(Some(Control::Credit(n)))) => {
+                credit.send_modify(|limit| *limit = limit.saturating_add(n));
+                None
+            }
+            Some(Ok(Some(Control::Close))) => {
+                let _ = inbound.send(Inbound::Close);
+                if let Some(s) = t.sessions.remove(&from) {
                     s.close();
                 }
+                return;
             }
+            Some(Ok(None)) => Some("a data chunk in the control sequence".to_owned()),
+            Some(Err(e)) => Some(e),
+            None => {
+                let cost = peer::frame_cost(frame_len);
+                let granted = flags.granted.load(Ordering::Acquire);
+                if *received + cost > granted {
+                    Some(format!(
+                        "peer {peer_id} sent beyond its flow-control window ({granted} credit units granted, {} used): session closed",
+                        *received + cost
+                    ))
+                } else {
+                    *received += cost;
+                    // Fails only when the connection was dropped; its Ctl::Closed follows.
+                    let _ = inbound.send(Inbound::Frame {
+                        frame: payload,
+                        cost,
+                    });
+                    None
+                }
+            }
+        };
+        if let Some(reason) = failure {
+            let _ = inbound.send(Inbound::Failed(reason.clone()));
+            if let Some(s) = t.sessions.remove(&from) {
+                s.close();
+            }
+            self.record(RelayError::Session { conn: from, reason });
         }
     }
 
@@ -832,6 +965,7 @@ impl Driver {
         from: ConnId,
         id: u64,
         hs: snow::HandshakeState,
+        window: u32,
     ) {
         let Some(key) = hs
             .get_remote_static()
@@ -844,7 +978,7 @@ impl Driver {
         };
         match hs.into_stateless_transport_mode() {
             Ok(cipher) => {
-                self.establish(room, from, id, key, Some(Arc::new(cipher)))
+                self.establish(room, from, id, key, Some(Arc::new(cipher)), window)
                     .await
             }
             Err(e) => self.record(RelayError::Session {
@@ -861,6 +995,7 @@ impl Driver {
         id: u64,
         key: [u8; 32],
         cipher: Option<Arc<snow::StatelessTransportState>>,
+        window: u32,
     ) {
         let peer_id = hex::encode(key);
         if peer_id == self.my_peer_id {
@@ -888,8 +1023,9 @@ impl Driver {
             }
         }
         t.unclaimed.retain(|c| c.peer_id != peer_id);
-        let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE_FRAMES);
-        let flags = Arc::new(SessionFlags::default());
+        let (inbound_tx, inbound) = mpsc::unbounded_channel();
+        let (credit, send_limit) = watch::channel(u64::from(window));
+        let flags = Arc::new(SessionFlags::new());
         let conn = RelayConnection {
             peer_id: peer_id.clone(),
             room,
@@ -898,15 +1034,19 @@ impl Driver {
             out: self.out.clone(),
             ctl: self.ctl_tx.clone(),
             inbound,
-            cipher,
+            cipher: cipher.clone(),
             send_nonce: 0,
+            send_ctl_nonce: peer::CONTROL_NONCE_BASE,
             recv_nonce: 0,
             partial: Vec::new(),
             flags: flags.clone(),
             link: self.link.clone(),
             closed_reported: false,
+            send_limit,
+            sent: 0,
+            ungranted: 0,
+            mid_message: false,
         };
-        let claimed = t.conns.is_some();
         t.sessions.insert(
             from,
             Session {
@@ -916,7 +1056,10 @@ impl Driver {
                     inbound: inbound_tx,
                     flags,
                     peer_id,
-                    claimed,
+                    cipher,
+                    recv_ctl_nonce: peer::CONTROL_NONCE_BASE,
+                    received: 0,
+                    credit,
                 },
             },
         );
@@ -931,6 +1074,21 @@ impl Driver {
             }
             None => t.unclaimed.push(conn),
         }
+    }
+}
+
+/// A control chunk the socket task applies itself.
+enum Control {
+    Credit(u64),
+    Close,
+}
+
+/// The control chunk `c` is, or `None` for a data chunk (MORE, LAST, ABORT).
+fn owned_control(c: Chunk<'_>) -> Option<Control> {
+    match c {
+        Chunk::Credit(n) => Some(Control::Credit(n)),
+        Chunk::Close => Some(Control::Close),
+        Chunk::Data { .. } | Chunk::Abort => None,
     }
 }
 

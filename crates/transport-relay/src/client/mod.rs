@@ -27,9 +27,9 @@ use crate::protocol::{self, Frame, RelayFrame, SUBPROTOCOL};
 use driver::{Cmd, Driver};
 
 pub use driver::{
-    CLIENT_IDLE_TIMEOUT, CLIENT_PING_INTERVAL, INBOUND_QUEUE_FRAMES, RECONNECT_INITIAL_DELAY,
-    RECONNECT_MAX_DELAY,
+    CLIENT_IDLE_TIMEOUT, CLIENT_PING_INTERVAL, RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY,
 };
+pub use peer::{FLOW_FRAME_OVERHEAD, FLOW_WINDOW_BYTES, SESSION_VERSION};
 
 /// The largest frame the client accepts from a relay (the relay's own limit is announced in
 /// WELCOME and is usually 64 KiB; this only bounds what a hostile relay can make us read).

@@ -1,0 +1,213 @@
+//! Setup shared by the relay integration tests: a relay server on loopback, transports and
+//! their connections, raw protocol clients, and timed waits. Each test binary uses a part.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::{SinkExt, StreamExt};
+use pluresdb_sync_core::testkit::TransportFactory;
+use pluresdb_sync_core::{Connection, Transport};
+use pluresdb_sync_transport_relay::RelayTransport;
+use pluresdb_sync_transport_relay::protocol::{
+    ClientFrame, Frame, RelayFrame, RoomId, SUBPROTOCOL, decode,
+};
+use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+
+/// How long any single network wait may take before the test fails.
+pub(crate) const T: Duration = Duration::from_secs(30);
+
+/// A raw WebSocket to a relay.
+pub(crate) type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The relay URL clients use for a server listening on `addr`.
+pub(crate) fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/relay")
+}
+
+/// The relay URL of `server`.
+pub(crate) fn url(server: &RelayServer) -> String {
+    ws_url(server.local_addr())
+}
+
+/// A relay server with the default configuration on a free loopback port, and its URL.
+pub(crate) async fn relay() -> (RelayServer, String) {
+    relay_with(RelayServerConfig::default()).await
+}
+
+/// A relay server with `config` on a free loopback port, and its URL.
+pub(crate) async fn relay_with(config: RelayServerConfig) -> (RelayServer, String) {
+    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let url = url(&server);
+    (server, url)
+}
+
+/// A transport with default settings (encrypted) on `url`.
+pub(crate) fn transport(url: &str) -> RelayTransport {
+    RelayTransport::builder().relay_url(url).build().unwrap()
+}
+
+/// Builds a transport on relay `i % servers.len()` for the conformance kit.
+pub(crate) struct Factory {
+    pub(crate) servers: Arc<Vec<RelayServer>>,
+    pub(crate) encryption: bool,
+}
+
+#[async_trait]
+impl TransportFactory for Factory {
+    async fn create(&self, n: usize) -> anyhow::Result<Vec<Box<dyn Transport>>> {
+        (0..n)
+            .map(|i| {
+                Ok(Box::new(
+                    RelayTransport::builder()
+                        .relay_url(url(&self.servers[i % self.servers.len()]))
+                        .encryption(self.encryption)
+                        .timeout(T)
+                        .build()?,
+                ) as Box<dyn Transport>)
+            })
+            .collect()
+    }
+}
+
+/// The next connection from a `connect` receiver.
+pub(crate) async fn accept(rx: &mut mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
+    tokio::time::timeout(T, rx.recv())
+        .await
+        .expect("no connection in time")
+        .expect("the connection receiver ended")
+}
+
+/// What the next `receive` returns: a message, or `None` once the connection closed.
+pub(crate) async fn next_message(c: &mut Box<dyn Connection>) -> Option<Vec<u8>> {
+    tokio::time::timeout(T, c.receive())
+        .await
+        .expect("receive timed out")
+        .unwrap()
+}
+
+/// The next message (the connection must still be open).
+pub(crate) async fn recv(c: &mut Box<dyn Connection>) -> Vec<u8> {
+    next_message(c).await.expect("connection closed")
+}
+
+/// Waits until `t` reported an error containing `needle`; returns it.
+pub(crate) async fn wait_for_error(t: &RelayTransport, needle: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(e) = t.recent_errors().into_iter().find(|e| e.contains(needle)) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no error containing {needle:?}: {:?}",
+            t.recent_errors()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether something accepts TCP connections on loopback `port` within `within`.
+pub(crate) async fn listening(port: u16, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A WebSocket upgrade request for `url` that offers the relay subprotocol.
+pub(crate) fn upgrade_request(url: &str) -> Request {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
+    req
+}
+
+/// A raw WebSocket to the relay at `addr`, offering the relay subprotocol, and the upgrade
+/// response.
+pub(crate) async fn raw_connect(
+    addr: SocketAddr,
+) -> (
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    tokio::time::timeout(
+        T,
+        tokio_tungstenite::connect_async(upgrade_request(&ws_url(addr))),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// Reads the WELCOME: the connection id and the announced frame limit.
+pub(crate) async fn welcome(ws: &mut Ws) -> (u64, u32) {
+    match next(ws).await {
+        Frame::Relay(RelayFrame::Welcome {
+            conn, max_frame, ..
+        }) => (conn, max_frame),
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
+
+/// A raw protocol client on the relay at `addr`, after its WELCOME, and its connection id.
+pub(crate) async fn raw(addr: SocketAddr) -> (Ws, u64) {
+    let (mut ws, _) = raw_connect(addr).await;
+    let (conn, _) = welcome(&mut ws).await;
+    (ws, conn)
+}
+
+/// The next relay frame (binary messages only).
+pub(crate) async fn next(ws: &mut Ws) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(T, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            return decode(&b).unwrap();
+        }
+    }
+}
+
+/// Sends one frame.
+pub(crate) async fn send(ws: &mut Ws, f: Frame) {
+    ws.send(Message::Binary(f.encode().into())).await.unwrap();
+}
+
+/// Joins `room`; returns the members JOINED lists.
+pub(crate) async fn joined(ws: &mut Ws, room: RoomId) -> Vec<u64> {
+    send(ws, Frame::Client(ClientFrame::Join { room })).await;
+    match next(ws).await {
+        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
+        other => panic!("expected JOINED, got {other:?}"),
+    }
+}

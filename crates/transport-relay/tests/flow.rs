@@ -1,0 +1,451 @@
+//! End-to-end flow control: a connection whose application does not read blocks only its own
+//! sender; a peer that ignores its window loses the session; a peer without flow control is
+//! named. Real relay server on loopback; the misbehaving peers are raw protocol clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pluresdb_sync_core::testkit::fresh_topic;
+use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+use pluresdb_sync_core::{Connection, Identity, TopicHash, Transport};
+use pluresdb_sync_transport_relay::protocol::{
+    ClientFrame, Frame, RelayFrame, RoomId, SUBPROTOCOL,
+};
+use pluresdb_sync_transport_relay::server::RelayServer;
+use pluresdb_sync_transport_relay::{FLOW_WINDOW_BYTES, RelayTransport, SESSION_VERSION};
+use tokio::sync::mpsc;
+
+mod common;
+use common::{T, Ws, accept, joined, next, raw, recv, relay, send, wait_for_error};
+
+const WINDOW: usize = FLOW_WINDOW_BYTES as usize;
+
+fn transport_with(url: &str, encryption: bool) -> RelayTransport {
+    RelayTransport::builder()
+        .relay_url(url)
+        .encryption(encryption)
+        .timeout(T)
+        .build()
+        .unwrap()
+}
+
+/// The next `n` connections of `rx`, by peer id.
+async fn conns(
+    rx: &mut mpsc::Receiver<Box<dyn Connection>>,
+    n: usize,
+) -> HashMap<String, Box<dyn Connection>> {
+    let mut out = HashMap::new();
+    while out.len() < n {
+        let c = accept(rx).await;
+        out.insert(c.peer_id().to_owned(), c);
+    }
+    out
+}
+
+/// Message `i` of `len` bytes: its index, then a fill that depends on it.
+fn msg(i: usize, len: usize) -> Vec<u8> {
+    let mut m = vec![(i % 251) as u8; len];
+    m[..4].copy_from_slice(&(i as u32).to_be_bytes());
+    m
+}
+
+/// `n` messages of `len` bytes from `x` to `y` and then back, each checked in order.
+async fn exchange(x: &mut Box<dyn Connection>, y: &mut Box<dyn Connection>, n: usize, len: usize) {
+    one_way(x, y, n, len).await;
+    one_way(y, x, n, len).await;
+}
+
+async fn one_way(
+    from: &mut Box<dyn Connection>,
+    to: &mut Box<dyn Connection>,
+    n: usize,
+    len: usize,
+) {
+    let send = async {
+        for i in 0..n {
+            tokio::time::timeout(T, from.send(&msg(i, len)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    };
+    let check = async {
+        for i in 0..n {
+            assert_eq!(recv(to).await, msg(i, len), "message {i}");
+        }
+    };
+    tokio::join!(send, check);
+}
+
+fn assert_no_slow_consumer(t: &RelayTransport) {
+    let errors = t.recent_errors();
+    assert!(
+        !errors
+            .iter()
+            .any(|e| e.contains("4009") || e.contains("flow")),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_blocks_only_its_own_sender() {
+    const LEN: usize = 32 * 1024; // one chunk: a timed-out send leaves nothing behind
+    const TOTAL: usize = 3 * WINDOW / LEN;
+    let (_server, url) = relay().await;
+    let (mut a, mut b, mut c) = (
+        transport_with(&url, true),
+        transport_with(&url, true),
+        transport_with(&url, true),
+    );
+    let topic = fresh_topic("never-reads");
+    let (mut a_rx, mut b_rx, mut c_rx) = (
+        a.connect(topic).await.unwrap(),
+        b.connect(topic).await.unwrap(),
+        c.connect(topic).await.unwrap(),
+    );
+    let (mut a_conns, mut b_conns, mut c_conns) = (
+        conns(&mut a_rx, 2).await,
+        conns(&mut b_rx, 2).await,
+        conns(&mut c_rx, 2).await,
+    );
+    let mut ab = a_conns.remove(&b.peer_id()).unwrap();
+    let mut ac = a_conns.remove(&c.peer_id()).unwrap();
+    let mut ba = b_conns.remove(&a.peer_id()).unwrap();
+    let mut bc = b_conns.remove(&c.peer_id()).unwrap();
+    let mut ca = c_conns.remove(&a.peer_id()).unwrap();
+    let mut cb = c_conns.remove(&b.peer_id()).unwrap();
+
+    // A sends to B, whose application does not read, until send blocks.
+    let mut sent = 0;
+    loop {
+        assert!(
+            sent < TOTAL,
+            "send to a peer that never reads never blocked"
+        );
+        match tokio::time::timeout(Duration::from_secs(2), ab.send(&msg(sent, LEN))).await {
+            Ok(r) => {
+                r.unwrap();
+                sent += 1;
+                assert!(
+                    sent * LEN <= WINDOW,
+                    "{sent} messages of {LEN} bytes went beyond the {WINDOW}-byte window"
+                );
+            }
+            // Blocked with most of the window used: the window is what stopped it.
+            Err(_) if sent * LEN >= WINDOW / 2 => break,
+            Err(_) => {} // a slow machine, not the window: keep going
+        }
+    }
+
+    // Meanwhile every other session of A, B and C flows both ways, more than a window each.
+    exchange(&mut ac, &mut ca, 100, 64 * 1024).await;
+    exchange(&mut bc, &mut cb, 100, 64 * 1024).await;
+    exchange(&mut ac, &mut ca, 2000, 16).await;
+    // A's send to B is still blocked.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), ab.send(&msg(sent, LEN)))
+            .await
+            .is_err()
+    );
+
+    // B reads at last: every message arrives, in order, and A's remaining sends complete.
+    let sender = tokio::spawn(async move {
+        for i in sent..TOTAL {
+            tokio::time::timeout(T, ab.send(&msg(i, LEN)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        ab
+    });
+    for i in 0..TOTAL {
+        assert_eq!(recv(&mut ba).await, msg(i, LEN), "message {i} from A");
+    }
+    let _ab = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    for t in [&a, &b, &c] {
+        assert_no_slow_consumer(t);
+    }
+    for t in [&mut a, &mut b, &mut c] {
+        t.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cancelled_mid_message_is_dropped_whole() {
+    let (_server, url) = relay().await;
+    let (mut a, mut b) = (transport_with(&url, true), transport_with(&url, true));
+    let topic = fresh_topic("cancelled-send");
+    let (mut a_rx, mut b_rx) = (
+        a.connect(topic).await.unwrap(),
+        b.connect(topic).await.unwrap(),
+    );
+    let mut ab = accept(&mut a_rx).await;
+    let mut ba = accept(&mut b_rx).await;
+    // 16 MiB is two windows: the send blocks part way through, and is cancelled there.
+    let big = msg(1, pluresdb_sync_core::MAX_MESSAGE_BYTES);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), ab.send(&big))
+            .await
+            .is_err()
+    );
+    let sender = tokio::spawn(async move {
+        ab.send(b"after").await.unwrap();
+        ab.send(&big).await.unwrap();
+        ab
+    });
+    // B never sees the torn message: the next one arrives whole, then a full 16 MiB one.
+    assert_eq!(recv(&mut ba).await, b"after");
+    assert_eq!(
+        recv(&mut ba).await,
+        msg(1, pluresdb_sync_core::MAX_MESSAGE_BYTES)
+    );
+    tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert_no_slow_consumer(&b);
+}
+
+/// A raw relay client that speaks the end-to-end protocol unencrypted, as the test wants.
+struct Raw {
+    ws: Ws,
+    room: RoomId,
+    id: Identity,
+    key: [u8; 32],
+}
+
+impl Raw {
+    /// Connects and joins `topic`'s room; returns the members already there.
+    async fn join(server: &RelayServer, topic: &TopicHash) -> (Self, Vec<u64>) {
+        let (mut ws, _) = raw(server.local_addr()).await;
+        let room = derive_from_topic(topic, Domain::RelayRoom);
+        let peers = joined(&mut ws, room).await;
+        let id = Identity::generate().unwrap();
+        let key = id.public_bytes();
+        (Self { ws, room, id, key }, peers)
+    }
+
+    async fn send(&mut self, to: u64, payload: Vec<u8>) {
+        let room = self.room;
+        send(
+            &mut self.ws,
+            Frame::Client(ClientFrame::Send { room, to, payload }),
+        )
+        .await;
+    }
+
+    /// The next DELIVER payload, and who sent it.
+    async fn deliver(&mut self) -> (u64, Vec<u8>) {
+        loop {
+            if let Frame::Relay(RelayFrame::Deliver { from, payload, .. }) =
+                next(&mut self.ws).await
+            {
+                return (from, payload);
+            }
+        }
+    }
+
+    /// The next DELIVER payload from `from`.
+    async fn deliver_from(&mut self, from: u64) -> Vec<u8> {
+        loop {
+            let (f, payload) = self.deliver().await;
+            if f == from {
+                return payload;
+            }
+        }
+    }
+
+    /// The Noise XXpsk3 handshake as the initiator with relay connection `to`, sending
+    /// `params` as the payload of message 3 (empty: a session version 1 client). Returns the
+    /// transport state and the responder's static key.
+    async fn noise(
+        &mut self,
+        topic: &TopicHash,
+        to: u64,
+        params: &[u8],
+    ) -> (snow::StatelessTransportState, Vec<u8>) {
+        let mut prologue = SUBPROTOCOL.as_bytes().to_vec();
+        prologue.extend_from_slice(&self.room);
+        let mut hs = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
+            .local_private_key(&self.id.secret_bytes())
+            .unwrap()
+            .psk(3, &derive_from_topic(topic, Domain::NoisePsk))
+            .unwrap()
+            .prologue(&prologue)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        self.send(to, [&[0x01][..], &buf[..n]].concat()).await;
+        let hs2 = self.deliver_from(to).await;
+        assert_eq!(hs2[0], 0x02, "expected HS2, got {hs2:?}");
+        hs.read_message(&hs2[1..], &mut buf).unwrap();
+        let n = hs.write_message(params, &mut buf).unwrap();
+        self.send(to, [&[0x03][..], &buf[..n]].concat()).await;
+        let remote = hs.get_remote_static().unwrap().to_vec();
+        (hs.into_stateless_transport_mode().unwrap(), remote)
+    }
+
+    /// An unencrypted HELLO: kind, static key, and (unless `v1`) the session parameters.
+    fn hello(&self, v1: bool) -> Vec<u8> {
+        let mut m = vec![0x20];
+        m.extend_from_slice(&self.key);
+        if !v1 {
+            m.push(SESSION_VERSION);
+            m.extend_from_slice(&FLOW_WINDOW_BYTES.to_be_bytes());
+        }
+        m
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
+    ignores_its_window(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_peer_that_ignores_its_window_loses_the_session_and_nothing_else() {
+    ignores_its_window(true).await;
+}
+
+async fn ignores_its_window(encryption: bool) {
+    const LEN: usize = 60_000;
+    let (server, url) = relay().await;
+    let (mut victim, mut honest) = (
+        transport_with(&url, encryption),
+        transport_with(&url, encryption),
+    );
+    let topic = fresh_topic("hostile-credit");
+    let mut v_rx = victim.connect(topic).await.unwrap();
+    let mut h_rx = honest.connect(topic).await.unwrap();
+    let mut vh = accept(&mut v_rx).await;
+    let mut hv = accept(&mut h_rx).await;
+
+    // The hostile peer greets everyone, finds the victim by its static key, then floods it
+    // with four windows of messages without waiting for any credit.
+    let (mut x, members) = Raw::join(&server, &topic).await;
+    assert_eq!(members.len(), 2);
+    let victim_key = hex::decode(victim.peer_id()).unwrap();
+    let mut cipher = None;
+    let victim_conn = if encryption {
+        let mut found = None;
+        for m in members {
+            let (c, key) = x
+                .noise(
+                    &topic,
+                    m,
+                    &[&[SESSION_VERSION][..], &FLOW_WINDOW_BYTES.to_be_bytes()].concat(),
+                )
+                .await;
+            if key == victim_key {
+                cipher = Some(c);
+                found = Some(m);
+            }
+        }
+        found.expect("the victim answered the handshake")
+    } else {
+        for m in &members {
+            let hello = x.hello(false);
+            x.send(*m, hello).await;
+        }
+        loop {
+            let (from, payload) = x.deliver().await;
+            if payload.first() == Some(&0x20) && payload[1..33] == victim_key[..] {
+                break from;
+            }
+        }
+    };
+    let mut vx = accept(&mut v_rx).await;
+    assert_eq!(vx.peer_id(), hex::encode(x.key));
+    let frames = 4 * WINDOW / LEN;
+    for i in 0..frames {
+        let mut chunk = vec![1]; // LAST
+        chunk.extend_from_slice(&msg(i, LEN));
+        let frame = match &cipher {
+            Some(c) => {
+                let mut sealed = vec![0u8; 1 + chunk.len() + 16];
+                sealed[0] = 0x10; // SEALED
+                let n = c.write_message(i as u64, &chunk, &mut sealed[1..]).unwrap();
+                sealed.truncate(1 + n);
+                sealed
+            }
+            None => [&[0x21][..], &chunk].concat(), // PLAIN
+        };
+        x.send(victim_conn, frame).await;
+    }
+
+    let err = wait_for_error(&victim, "flow-control window").await;
+    assert!(err.contains(&hex::encode(x.key)), "{err}");
+    // What the victim holds for the hostile peer is what its window allowed, then the error.
+    let mut held = 0;
+    let end = loop {
+        match tokio::time::timeout(T, vx.receive()).await.unwrap() {
+            Ok(Some(m)) => {
+                assert_eq!(m, msg(held / LEN, LEN));
+                held += m.len();
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        held > 0 && held <= WINDOW,
+        "{held} bytes held for the hostile peer"
+    );
+    let end = end.unwrap_err().to_string();
+    assert!(end.contains("flow-control window"), "{end}");
+    assert!(vx.send(b"x").await.is_err());
+
+    // The victim's other session is unaffected, both ways, well beyond a window.
+    exchange(&mut vh, &mut hv, 200, 64 * 1024).await;
+    assert!(
+        !victim.recent_errors().iter().any(|e| e.contains("4009")),
+        "{:?}",
+        victim.recent_errors()
+    );
+    victim.disconnect().await.unwrap();
+    honest.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_without_flow_control_gets_a_clear_error_not_a_hang() {
+    without_flow_control(false).await;
+}
+
+#[tokio::test]
+async fn an_encrypted_peer_without_flow_control_gets_a_clear_error_not_a_hang() {
+    without_flow_control(true).await;
+}
+
+/// A session version 1 peer (no session parameters) is rejected with a clear error on this
+/// side and a REJECT on its side, not left to hang waiting for credit.
+async fn without_flow_control(encryption: bool) {
+    let (server, url) = relay().await;
+    let mut victim = transport_with(&url, encryption);
+    let topic = fresh_topic("v1-peer");
+    let mut v_rx = victim.connect(topic).await.unwrap();
+    let (mut x, members) = Raw::join(&server, &topic).await;
+    let [v] = members[..] else {
+        panic!("{members:?}")
+    };
+    if encryption {
+        // A version 1 initiator: nothing in the payload of handshake message 3.
+        let (_, key) = x.noise(&topic, v, &[]).await;
+        assert_eq!(hex::encode(key), victim.peer_id());
+    } else {
+        // A version 1 HELLO: the static key and nothing else.
+        let hello = x.hello(true);
+        x.send(v, hello).await;
+    }
+    let reject = x.deliver_from(v).await;
+    assert_eq!(
+        reject,
+        [0x2F, 2, SESSION_VERSION],
+        "REJECT, version mismatch, our version"
+    );
+    let err = wait_for_error(&victim, "session version 1").await;
+    assert!(err.contains("flow control"), "{err}");
+    assert!(
+        v_rx.try_recv().is_err(),
+        "no connection for a peer that was rejected"
+    );
+    victim.disconnect().await.unwrap();
+}
