@@ -204,6 +204,17 @@ impl State {
         })
     }
 
+    /// Stores what a dial or identify check of `addr` learned.
+    fn record(&mut self, addr: SocketAddr, result: &anyhow::Result<Outcome>) {
+        match result {
+            Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => self.verified(addr, *peer),
+            Ok(Outcome::Myself) => {
+                self.self_addrs.insert(addr);
+            }
+            Err(e) => self.dial_failed(addr, e.to_string()),
+        }
+    }
+
     /// The peer verified at `addr` within [`IDENTIFY_TTL`].
     fn fresh_peer(&self, addr: SocketAddr, now: Instant) -> Option<[u8; 32]> {
         let (peer, at) = self.addrs.get(&addr)?.peer?;
@@ -613,21 +624,15 @@ impl Node {
             {
                 let mut st = node.state();
                 st.dialing.remove(&(topic, addr));
-                match result {
-                    Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => st.verified(addr, peer),
-                    Ok(Outcome::Myself) => {
-                        st.self_addrs.insert(addr);
-                    }
-                    Err(e) => {
-                        let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
-                        if failures == 2 && node.may_warn_unreachable() {
-                            tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
-                        } else {
-                            tracing::debug!(%addr, error = %e, failures, "dial failed");
-                        }
-                        st.dial_failed(addr, e.to_string());
+                if let Err(e) = &result {
+                    let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
+                    if failures == 2 && node.may_warn_unreachable() {
+                        tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
+                    } else {
+                        tracing::debug!(%addr, error = %e, failures, "dial failed");
                     }
                 }
+                st.record(addr, &result);
             }
             node.dial_ended.notify_waiters();
         });
@@ -664,16 +669,10 @@ impl Node {
             {
                 let mut st = node.state();
                 st.checking.remove(&(topic, addr));
-                match result {
-                    Ok(Outcome::Known(peer) | Outcome::Connected(peer)) => st.verified(addr, peer),
-                    Ok(Outcome::Myself) => {
-                        st.self_addrs.insert(addr);
-                    }
-                    Err(e) => {
-                        tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
-                        st.dial_failed(addr, e.to_string());
-                    }
+                if let Err(e) = &result {
+                    tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
                 }
+                st.record(addr, &result);
             }
             node.dial_ended.notify_waiters();
         });

@@ -45,14 +45,24 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-#[tokio::test]
-async fn rooms_route_by_relay_assigned_ids() {
+/// A relay with its metrics listener: the server, the metrics address, the relay address.
+async fn relay_with_metrics() -> (
+    pluresdb_sync_transport_relay::server::RelayServer,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
     let (mut server, _) = relay().await;
     let metrics = server
         .serve_metrics("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let addr = server.local_addr();
+    (server, metrics, addr)
+}
+
+#[tokio::test]
+async fn rooms_route_by_relay_assigned_ids() {
+    let (server, metrics, addr) = relay_with_metrics().await;
     let room = [9u8; 32];
     let (mut a, a_id) = client(addr).await;
     let (mut b, b_id) = client(addr).await;
@@ -176,12 +186,7 @@ async fn rooms_route_by_relay_assigned_ids() {
 /// sit between them, and frames sent just before a protocol error are still delivered.
 #[tokio::test]
 async fn pipelined_frames_keep_their_order_and_survive_a_protocol_error() {
-    let (mut server, _) = relay().await;
-    let metrics = server
-        .serve_metrics("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = server.local_addr();
+    let (server, metrics, addr) = relay_with_metrics().await;
     let room = [4u8; 32];
     let mut clients = Vec::new();
     for _ in 0..3 {
