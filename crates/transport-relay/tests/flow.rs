@@ -285,6 +285,29 @@ impl Raw {
         (hs.into_stateless_transport_mode().unwrap(), remote)
     }
 
+    /// The Noise XXpsk3 handshake as the responder to whoever sends HS1 first, sending
+    /// nothing as the payload of message 2: a session version 1 client. Returns who started.
+    async fn v1_responder(&mut self, topic: &TopicHash) -> u64 {
+        let mut prologue = SUBPROTOCOL.as_bytes().to_vec();
+        prologue.extend_from_slice(&self.room);
+        let mut hs = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
+            .local_private_key(&self.id.secret_bytes())
+            .unwrap()
+            .psk(3, &derive_from_topic(topic, Domain::NoisePsk))
+            .unwrap()
+            .prologue(&prologue)
+            .unwrap()
+            .build_responder()
+            .unwrap();
+        let (from, hs1) = self.deliver().await;
+        assert_eq!(hs1[0], 0x01, "expected HS1, got {hs1:?}");
+        let mut buf = vec![0u8; 1024];
+        hs.read_message(&hs1[1..], &mut buf).unwrap();
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        self.send(from, [&[0x02][..], &buf[..n]].concat()).await;
+        from
+    }
+
     /// An unencrypted HELLO: kind, static key, and (unless `v1`) the session parameters.
     fn hello(&self, v1: bool) -> Vec<u8> {
         let mut m = vec![0x20];
@@ -448,4 +471,31 @@ async fn without_flow_control(encryption: bool) {
         "no connection for a peer that was rejected"
     );
     victim.disconnect().await.unwrap();
+}
+
+/// The other direction: this side starts the handshake and a session version 1 responder
+/// answers without session parameters. This side rejects it with the same clear error.
+#[tokio::test]
+async fn a_v1_responder_gets_a_clear_error_not_a_hang() {
+    let (server, url) = relay().await;
+    let topic = fresh_topic("v1-responder");
+    let (mut x, members) = Raw::join(&server, &topic).await;
+    assert!(members.is_empty(), "{members:?}");
+    // The newcomer starts every handshake: the transport joins second.
+    let mut newcomer = transport_with(&url, true);
+    let mut n_rx = newcomer.connect(topic).await.unwrap();
+    let n = x.v1_responder(&topic).await;
+    let reject = x.deliver_from(n).await;
+    assert_eq!(
+        reject,
+        [0x2F, 2, SESSION_VERSION],
+        "REJECT, version mismatch, our version"
+    );
+    let err = wait_for_error(&newcomer, "session version 1").await;
+    assert!(err.contains("flow control"), "{err}");
+    assert!(
+        n_rx.try_recv().is_err(),
+        "no connection for a peer that was rejected"
+    );
+    newcomer.disconnect().await.unwrap();
 }
