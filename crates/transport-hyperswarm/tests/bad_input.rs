@@ -70,6 +70,16 @@ async fn garbage_and_truncated_datagrams_do_not_disturb_a_connection() {
     let dht = LocalDht::new();
     let mut p = pair(&dht, fresh_topic("garbage")).await;
     let target = p.b.local_addr().unwrap();
+    // b learns its public address from DHT nodes' replies; on a loaded machine the first
+    // try may time out and the next comes a few seconds later.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while p.b.public_addr().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("b never learned its public address");
+    assert_eq!(p.b.public_addr(), Some(target));
     let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let flood = tokio::spawn(async move {
         let mut seed = 0x1234_5678_9abc_def1u64;
