@@ -564,12 +564,19 @@ pub fn encode_send(room: &RoomId, to: ConnId, payload: &[u8]) -> Vec<u8> {
 /// Encodes a DELIVER frame.
 pub fn encode_deliver(room: &RoomId, from: ConnId, broadcast: bool, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(DELIVER_OVERHEAD + payload.len());
-    out.push(kind::DELIVER);
-    out.extend_from_slice(room);
-    out.extend_from_slice(&from.to_be_bytes());
-    out.push(u8::from(broadcast));
+    out.extend_from_slice(&deliver_header(room, from, broadcast));
     out.extend_from_slice(payload);
     out
+}
+
+/// The bytes of a DELIVER frame before its payload.
+pub fn deliver_header(room: &RoomId, from: ConnId, broadcast: bool) -> [u8; DELIVER_OVERHEAD] {
+    let mut h = [0u8; DELIVER_OVERHEAD];
+    h[0] = kind::DELIVER;
+    h[1..33].copy_from_slice(room);
+    h[33..41].copy_from_slice(&from.to_be_bytes());
+    h[41] = u8::from(broadcast);
+    h
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.

@@ -1,15 +1,20 @@
 //! The relay server against raw WebSocket clients on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
 use pluresdb_sync_transport_relay::protocol::{
     ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, error_code,
 };
+use pluresdb_sync_transport_relay::server::RelayServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
-use common::{T, Ws, next, raw_connect, relay, send, welcome};
+use common::{T, Ws, joined, next, raw_connect, relay, relay_with, send, welcome};
 
 async fn client(addr: std::net::SocketAddr) -> (Ws, u64) {
     let (mut ws, resp) = raw_connect(addr).await;
@@ -275,4 +280,132 @@ async fn pipelined_frames_keep_their_order_and_survive_a_protocol_error() {
         "{text}"
     );
     server.shutdown().await;
+}
+
+/// Frames a burst gathered for a fast receiver are not held back while the relay waits for
+/// room in a slow receiver's queue (up to the slow-consumer timeout, here a minute: far past
+/// this test's hang guard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_does_not_delay_frames_for_a_fast_one() {
+    let config = RelayServerConfig::builder()
+        .send_queue_frames(2)
+        .slow_consumer_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let (server, _) = relay_with(config).await;
+    let addr = server.local_addr();
+    let room = [6u8; 32];
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (mut ws, id) = client(addr).await;
+        joined(&mut ws, room).await;
+        clients.push((ws, id));
+    }
+    let (_slow, slow_id) = clients.pop().unwrap(); // never reads
+    let (mut fast, fast_id) = clients.pop().unwrap();
+    let (mut s, s_id) = clients.pop().unwrap();
+    let (mut f, _) = clients.pop().unwrap();
+    // F fills the slow receiver's socket buffers and then its queue: F's reader is left
+    // waiting for room (the slow receiver never reads) and F's own sends stall.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let filler = tokio::spawn(async move {
+        let payload = vec![0u8; 60 * 1024];
+        for _ in 0..2000 {
+            let frame = Frame::Client(ClientFrame::Send {
+                room,
+                to: slow_id,
+                payload: payload.clone(),
+            });
+            if f.send(Message::Binary(frame.encode().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    // Stalled: no progress for a second (bounded by the hang guard).
+    tokio::time::timeout(T, async {
+        let mut last = usize::MAX;
+        loop {
+            let now = sent.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+    .await
+    .expect("the filler never stalled");
+    assert!(
+        sent.load(Ordering::Relaxed) < 2000,
+        "the slow receiver took everything"
+    );
+    // S pipelines a frame to the fast receiver and one to the slow one in one write.
+    for (to, payload) in [(fast_id, b"fast".to_vec()), (slow_id, b"slow".to_vec())] {
+        s.feed(Message::Binary(
+            Frame::Client(ClientFrame::Send { room, to, payload })
+                .encode()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    }
+    s.flush().await.unwrap();
+    assert_eq!(
+        next_but_joins(&mut fast).await,
+        Frame::Relay(RelayFrame::Deliver {
+            room,
+            from: s_id,
+            broadcast: false,
+            payload: b"fast".to_vec(),
+        })
+    );
+    filler.abort();
+    drop(server);
+}
+
+/// One receiver in two rooms sees one sender's frames in the order they were sent, however
+/// the relay gathers them.
+#[tokio::test]
+async fn frames_to_one_receiver_in_two_rooms_keep_their_order() {
+    let (server, _) = relay().await;
+    let addr = server.local_addr();
+    let (r1, r2) = ([7u8; 32], [8u8; 32]);
+    let (mut a, a_id) = client(addr).await;
+    let (mut b, b_id) = client(addr).await;
+    for ws in [&mut a, &mut b] {
+        for room in [r1, r2] {
+            joined(ws, room).await;
+        }
+    }
+    let mut expected = Vec::new();
+    for i in 0..300u32 {
+        let room = if i % 3 == 1 { r2 } else { r1 };
+        let payload = i.to_be_bytes().to_vec();
+        expected.push(Frame::Relay(RelayFrame::Deliver {
+            room,
+            from: a_id,
+            broadcast: false,
+            payload: payload.clone(),
+        }));
+        a.feed(Message::Binary(
+            Frame::Client(ClientFrame::Send {
+                room,
+                to: b_id,
+                payload,
+            })
+            .encode()
+            .into(),
+        ))
+        .await
+        .unwrap();
+    }
+    a.flush().await.unwrap();
+    for want in expected {
+        assert_eq!(next_but_joins(&mut b).await, want);
+    }
 }

@@ -526,7 +526,7 @@ pub(super) async fn notify_room(shared: &Shared, room: &RoomId, frame: Bytes) {
 }
 
 /// Forwards a broadcast DELIVER from another node to every local member of `room`.
-pub(super) async fn forward_room(shared: &Shared, room: &RoomId, from: ConnId, frame: Bytes) {
+pub(super) async fn forward_room(shared: &Shared, room: &RoomId, frame: Bytes) {
     let len = frame.len();
     let frame = Batch::one(&frame);
     for m in local_targets(shared, room) {
@@ -534,7 +534,6 @@ pub(super) async fn forward_room(shared: &Shared, room: &RoomId, from: ConnId, f
             shared.metrics.forwarded(1, len);
         }
     }
-    let _ = from;
 }
 
 /// Forwards a direct DELIVER from another node to local connection `to`, if it is in `room`.
@@ -710,14 +709,13 @@ impl Conn<'_> {
         payload: &[u8],
     ) -> Result<(), (u16, String)> {
         self.check_payload(payload.len())?;
-        // A receiver already written to in this burst needs no second lookup (any LEAVE in
-        // between would have queued and cleared what was gathered).
-        if let Some(i) = self
-            .pending
-            .iter()
-            .position(|p| p.to == to && p.room == room)
+        // A receiver already written to in this room in this burst needs no second lookup
+        // (any LEAVE in between would have queued and cleared what was gathered).
+        let gathered = self.pending.iter().position(|p| p.to == to);
+        if let Some(i) = gathered
+            && self.pending[i].room == room
         {
-            self.stage(i, payload).await;
+            self.stage(i, room, payload).await;
             return Ok(());
         }
         if !self.rooms.contains(&room) {
@@ -739,16 +737,27 @@ impl Conn<'_> {
             .cloned();
         match target.filter(|_| to != self.id) {
             Some(member) => {
-                if self.pending.len() >= MAX_PENDING_RECEIVERS {
-                    self.flush().await;
-                }
-                self.pending.push(Pending {
-                    room,
-                    to,
-                    member,
-                    frames: BatchBuilder::default(),
-                });
-                self.stage(self.pending.len() - 1, payload).await;
+                let i = match gathered {
+                    // The same receiver in another room: the same batch, so that it sees
+                    // every frame in the order it was sent.
+                    Some(i) => {
+                        self.pending[i].room = room;
+                        i
+                    }
+                    None => {
+                        if self.pending.len() >= MAX_PENDING_RECEIVERS {
+                            self.flush().await;
+                        }
+                        self.pending.push(Pending {
+                            room,
+                            to,
+                            member,
+                            frames: BatchBuilder::default(),
+                        });
+                        self.pending.len() - 1
+                    }
+                };
+                self.stage(i, room, payload).await;
             }
             None if to != self.id
                 && self
@@ -942,28 +951,47 @@ impl Conn<'_> {
     }
 
     /// Adds a DELIVER to `pending[i]`, first queueing that receiver's batch if it is full.
-    async fn stage(&mut self, i: usize, payload: &[u8]) {
+    /// Adds a DELIVER in `room` to `pending[i]`; when that receiver's batch is full, first
+    /// queues everything gathered (see `flush`).
+    async fn stage(&mut self, mut i: usize, room: RoomId, payload: &[u8]) {
         if !self.pending[i].frames.fits(payload.len()) {
-            let p = &mut self.pending[i];
-            let (frames, bytes) = (p.frames.frames(), p.frames.frame_bytes());
-            let batch = p.frames.take();
-            let member = p.member.clone();
-            if self.notify(&member, batch).await {
-                self.shared.metrics.forwarded(frames, bytes);
-            }
+            let (to, member) = (self.pending[i].to, self.pending[i].member.clone());
+            self.flush().await;
+            self.pending.push(Pending {
+                room,
+                to,
+                member,
+                frames: BatchBuilder::default(),
+            });
+            i = self.pending.len() - 1;
         }
-        let (id, p) = (self.id, &mut self.pending[i]);
-        p.frames.push_deliver(&p.room, id, false, payload);
+        let id = self.id;
+        self.pending[i]
+            .frames
+            .push_deliver(&room, id, false, payload);
     }
 
-    /// Queues every receiver's gathered DELIVERs, waiting at most the slow-consumer timeout
-    /// for each.
+    /// Queues every receiver's gathered DELIVERs: first to every receiver with room in its
+    /// queue, without waiting, then to the ones whose queue was full, waiting at most the
+    /// slow-consumer timeout for each. A slow receiver thus never delays what was gathered
+    /// for the others.
     async fn flush(&mut self) {
-        // Receivers are independent: the order among them does not matter.
-        while let Some(mut p) = self.pending.pop() {
+        let mut full = Vec::new();
+        for mut p in self.pending.drain(..) {
             let (frames, bytes) = (p.frames.frames(), p.frames.frame_bytes());
-            let (member, batch) = (p.member, p.frames.take());
-            if frames > 0 && self.notify(&member, batch).await {
+            if frames == 0 {
+                continue;
+            }
+            match p.member.tx.try_send(p.frames.take()) {
+                Ok(()) => self.shared.metrics.forwarded(frames, bytes),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(batch)) => {
+                    full.push((p.member, batch, frames, bytes));
+                }
+            }
+        }
+        for (member, batch, frames, bytes) in full {
+            if self.notify(&member, batch).await {
                 self.shared.metrics.forwarded(frames, bytes);
             }
         }

@@ -504,10 +504,10 @@ async fn room_loop(shared: Weak<Shared>, room: RoomId, mut sub: async_nats::Subs
         nats.metrics.received.fetch_add(1, Ordering::Relaxed);
         let data = msg.payload;
         if data.first() == Some(&kind::DELIVER) {
-            // room[32] from:u64 flags:u8 payload: forwarded as is to the local members.
+            // room[32] from:u64 flags:u8 payload: forwarded as is to the local members (the
+            // sender is on another node, so none of them).
             if data.len() >= 42 && data[1..33] == room[..] {
-                let from = u64::from_be_bytes(data[33..41].try_into().unwrap_or_default());
-                super::conn::forward_room(&shared, &room, from, data).await;
+                super::conn::forward_room(&shared, &room, data).await;
             } else {
                 nats.metrics.dropped.fetch_add(1, Ordering::Relaxed);
             }

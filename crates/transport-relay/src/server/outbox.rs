@@ -10,7 +10,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::protocol::{ConnId, DELIVER_OVERHEAD, RoomId, kind};
+use crate::protocol::{ConnId, DELIVER_OVERHEAD, RoomId, deliver_header};
 
 /// A batch is cut when the next frame would take it over this many bytes (a frame larger
 /// than this travels alone). Matches the writer's WebSocket write buffer, so one batch is
@@ -69,14 +69,11 @@ impl BatchBuilder {
         payload: &[u8],
     ) {
         let len = DELIVER_OVERHEAD + payload.len();
-        if self.frames == 0 {
-            self.buf.reserve(BATCH_BYTES.max(LEN_BYTES + len));
-        }
+        // Grown as needed (amortised): a queued batch holds about what it carries, not a
+        // 16 KiB block for one small frame.
+        self.buf.reserve(LEN_BYTES + len);
         put_len(&mut self.buf, len);
-        self.buf.put_u8(kind::DELIVER);
-        self.buf.put_slice(room);
-        self.buf.put_u64(from);
-        self.buf.put_u8(u8::from(broadcast));
+        self.buf.put_slice(&deliver_header(room, from, broadcast));
         self.buf.put_slice(payload);
         self.frames += 1;
     }
@@ -91,10 +88,10 @@ impl BatchBuilder {
         self.buf.len() - self.frames * LEN_BYTES
     }
 
-    /// The batch so far; the builder starts over empty.
+    /// The batch so far; the builder starts over empty (with no buffer).
     pub(super) fn take(&mut self) -> Batch {
         self.frames = 0;
-        Batch(self.buf.split().freeze())
+        Batch(std::mem::take(&mut self.buf).freeze())
     }
 }
 
