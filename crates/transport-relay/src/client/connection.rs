@@ -64,7 +64,15 @@ pub(crate) enum Inbound {
 /// Tells the socket task a session ended locally.
 #[derive(Debug)]
 pub(crate) enum Ctl {
-    Closed { room: RoomId, conn: ConnId, id: u64 },
+    /// `notified`: a CLOSE for the session was queued towards the peer. When not, the socket
+    /// task tells the peer with a REJECT (no session), so that its `send` does not wait for
+    /// credit forever.
+    Closed {
+        room: RoomId,
+        conn: ConnId,
+        id: u64,
+        notified: bool,
+    },
 }
 
 pub(crate) struct RelayConnection {
@@ -98,6 +106,9 @@ pub(crate) struct RelayConnection {
     /// A send was cancelled after some chunks of its message left: the next send starts with
     /// ABORT so the peer drops them.
     pub(crate) mid_message: bool,
+    /// The session failed (`receive` returned its error): later `receive`s return `Ok(None)`,
+    /// never a frame still queued behind the failure.
+    pub(crate) failed: bool,
 }
 
 impl std::fmt::Debug for RelayConnection {
@@ -135,7 +146,9 @@ impl RelayConnection {
         )
     }
 
-    fn mark_closed(&mut self) {
+    /// Marks the session closed and tells the socket task (once); `notified`: a CLOSE was
+    /// queued towards the peer.
+    fn mark_closed(&mut self, notified: bool) {
         self.flags.closed.store(true, Ordering::Release);
         if !self.closed_reported {
             self.closed_reported = true;
@@ -143,13 +156,27 @@ impl RelayConnection {
                 room: self.room,
                 conn: self.remote,
                 id: self.session_id,
+                notified,
             });
         }
     }
 
-    fn fail(&mut self, reason: String) -> anyhow::Error {
-        self.mark_closed();
+    /// Closes the session from the socket task, which then sends the returned CLOSE itself
+    /// (for a connection nobody claimed). `None` if it cannot be sealed.
+    pub(crate) fn close_from_driver(&mut self) -> Option<Message> {
+        self.flags.closed.store(true, Ordering::Release);
+        self.closed_reported = true;
         self.inbound.close();
+        self.control_frame(chunk::CLOSE, &[]).ok()
+    }
+
+    /// Ends the session after a failure: the peer is told (REJECT from the socket task), and
+    /// what is still queued is dropped, so later `receive`s return `Ok(None)`.
+    fn fail(&mut self, reason: String) -> anyhow::Error {
+        self.mark_closed(false);
+        self.failed = true;
+        self.inbound.close();
+        while self.inbound.try_recv().is_ok() {}
         self.partial = Vec::new();
         RelayError::Session {
             conn: self.remote,
@@ -315,6 +342,9 @@ impl Connection for RelayConnection {
     }
 
     async fn receive(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        if self.failed {
+            return Ok(None);
+        }
         loop {
             let item = if self.ungranted >= peer::FLOW_GRANT_THRESHOLD {
                 // Credit is owed but the outbound queue was full: wait for either.
@@ -333,7 +363,7 @@ impl Connection for RelayConnection {
                 self.inbound.recv().await
             };
             let Some(item) = item else {
-                self.mark_closed();
+                self.mark_closed(false);
                 return Ok(None);
             };
             match item {
@@ -391,7 +421,7 @@ impl Connection for RelayConnection {
                     }
                 }
                 Inbound::Close => {
-                    self.mark_closed();
+                    self.mark_closed(false);
                     self.inbound.close();
                     self.partial = Vec::new();
                     return Ok(None);
@@ -403,9 +433,12 @@ impl Connection for RelayConnection {
 
     async fn close(&mut self) -> anyhow::Result<()> {
         if self.flags.closed.swap(true, Ordering::AcqRel) {
-            self.mark_closed();
+            self.mark_closed(false);
             return Ok(());
         }
+        // Cancelled while waiting for room: `closed` is already set, so Drop reports the close
+        // unnotified and the socket task tells the peer (REJECT).
+        let mut notified = false;
         if self.link.alive.load(Ordering::Acquire) {
             // CLOSE needs no credit: a session can always be closed.
             let out = self.out.clone();
@@ -413,9 +446,10 @@ impl Connection for RelayConnection {
                 && let Ok(m) = self.control_frame(chunk::CLOSE, &[])
             {
                 permit.send(m);
+                notified = true;
             }
         }
-        self.mark_closed();
+        self.mark_closed(notified);
         self.inbound.close();
         Ok(())
     }
@@ -423,17 +457,20 @@ impl Connection for RelayConnection {
 
 impl Drop for RelayConnection {
     fn drop(&mut self) {
+        let mut notified = false;
         if !self.flags.closed.swap(true, Ordering::AcqRel)
             && self.link.alive.load(Ordering::Acquire)
         {
             // Best effort: the remote learns of the close now instead of when the peer leaves.
+            // When the outbound queue is full, the socket task sends a REJECT instead.
             let out = self.out.clone();
             if let Ok(permit) = out.try_reserve()
                 && let Ok(m) = self.control_frame(chunk::CLOSE, &[])
             {
                 permit.send(m);
+                notified = true;
             }
         }
-        self.mark_closed();
+        self.mark_closed(notified);
     }
 }
