@@ -213,6 +213,24 @@ impl RelayConnection {
         }
     }
 
+    /// The outbound queue to wait on for room, when credit is owed (it was full when the
+    /// credit became due): a wait for data or credit also returns the credit owed.
+    fn owed_credit_out(&self) -> Option<mpsc::Sender<Message>> {
+        (self.ungranted >= peer::FLOW_GRANT_THRESHOLD).then(|| self.out.clone())
+    }
+
+    /// Sends the credit owed through the slot [`room_for_credit`] reserved; if the link is gone
+    /// there is nobody to return it to.
+    fn grant_reserved(
+        &mut self,
+        slot: Result<mpsc::Permit<'_, Message>, mpsc::error::SendError<()>>,
+    ) {
+        match slot {
+            Ok(p) => self.grant(p),
+            Err(_) => self.ungranted = 0,
+        }
+    }
+
     /// Waits (cancel safe) until the peer's window has room for `cost` more credit units,
     /// meanwhile returning credit we owe it.
     async fn wait_credit(&mut self, cost: u64) -> anyhow::Result<()> {
@@ -225,20 +243,10 @@ impl RelayConnection {
             if limit.saturating_sub(self.sent) >= cost {
                 return Ok(());
             }
-            if self.ungranted >= peer::FLOW_GRANT_THRESHOLD {
-                let out = self.out.clone();
-                tokio::select! {
-                    r = self.send_limit.changed() => r.map_err(|_| self.closed_error())?,
-                    p = out.reserve() => match p {
-                        Ok(p) => self.grant(p),
-                        Err(_) => self.ungranted = 0,
-                    },
-                }
-            } else {
-                self.send_limit
-                    .changed()
-                    .await
-                    .map_err(|_| self.closed_error())?;
+            let out = self.owed_credit_out();
+            tokio::select! {
+                r = self.send_limit.changed() => r.map_err(|_| self.closed_error())?,
+                p = room_for_credit(out.as_ref()) => self.grant_reserved(p),
             }
         }
     }
@@ -262,6 +270,16 @@ impl RelayConnection {
         permit.send(m);
         self.sent += cost;
         Ok(())
+    }
+}
+
+/// A slot of `out` for the credit owed; never ready when nothing is owed (`None`).
+async fn room_for_credit(
+    out: Option<&mpsc::Sender<Message>>,
+) -> Result<mpsc::Permit<'_, Message>, mpsc::error::SendError<()>> {
+    match out {
+        Some(out) => out.reserve().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -346,21 +364,13 @@ impl Connection for RelayConnection {
             return Ok(None);
         }
         loop {
-            let item = if self.ungranted >= peer::FLOW_GRANT_THRESHOLD {
-                // Credit is owed but the outbound queue was full: wait for either.
-                let out = self.out.clone();
-                tokio::select! {
-                    item = self.inbound.recv() => item,
-                    p = out.reserve() => {
-                        match p {
-                            Ok(p) => self.grant(p),
-                            Err(_) => self.ungranted = 0,
-                        }
-                        continue;
-                    }
+            let out = self.owed_credit_out();
+            let item = tokio::select! {
+                item = self.inbound.recv() => item,
+                p = room_for_credit(out.as_ref()) => {
+                    self.grant_reserved(p);
+                    continue;
                 }
-            } else {
-                self.inbound.recv().await
             };
             let Some(item) = item else {
                 self.mark_closed(false);
