@@ -119,6 +119,34 @@ struct TopicState {
     closed_unclaimed: HashSet<ConnId>,
 }
 
+impl TopicState {
+    /// Whether a REJECT (no session) to `from` is due now (always when `force`: a session just
+    /// ended here), noting it. The map keeps at most [`MAX_SESSIONS_PER_TOPIC`] peers: when
+    /// full, entries older than the interval go, and a peer that still does not fit is not
+    /// rejected now (unless forced; it is then just not noted).
+    fn note_reject(&mut self, from: ConnId, force: bool) -> bool {
+        let now = Instant::now();
+        let due = force
+            || self
+                .rejected
+                .get(&from)
+                .is_none_or(|at| now.duration_since(*at) >= REJECT_NO_SESSION_INTERVAL);
+        if !due {
+            return false;
+        }
+        if self.rejected.len() >= MAX_SESSIONS_PER_TOPIC && !self.rejected.contains_key(&from) {
+            self.rejected
+                .retain(|_, at| now.duration_since(*at) < REJECT_NO_SESSION_INTERVAL);
+        }
+        if self.rejected.len() < MAX_SESSIONS_PER_TOPIC || self.rejected.contains_key(&from) {
+            self.rejected.insert(from, now);
+            true
+        } else {
+            force
+        }
+    }
+}
+
 pub(crate) struct Driver {
     pub(crate) settings: Arc<Settings>,
     pub(crate) url: String,
@@ -282,7 +310,7 @@ impl Driver {
                     if !notified {
                         // No CLOSE reached the peer (a failure, or a full outbound queue):
                         // without this its send would wait for credit forever.
-                        t.rejected.insert(conn, Instant::now());
+                        t.note_reject(conn, true);
                         self.send_peer(&room, conn, &[kind::REJECT, peer::REJECT_NO_SESSION])
                             .await;
                     }
@@ -931,21 +959,11 @@ impl Driver {
             // A data frame for a session we do not have (it ended here without a CLOSE
             // reaching the peer): tell the peer, so that its send does not wait for credit
             // forever. Rate limited per peer.
-            if matches!(payload.first(), Some(&(kind::SEALED | kind::PLAIN))) {
-                let now = Instant::now();
-                if t.rejected.len() >= MAX_SESSIONS_PER_TOPIC {
-                    t.rejected
-                        .retain(|_, at| now.duration_since(*at) < REJECT_NO_SESSION_INTERVAL);
-                }
-                let due = t
-                    .rejected
-                    .get(&from)
-                    .is_none_or(|at| now.duration_since(*at) >= REJECT_NO_SESSION_INTERVAL);
-                if due && t.rejected.len() < MAX_SESSIONS_PER_TOPIC {
-                    t.rejected.insert(from, now);
-                    self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
-                        .await;
-                }
+            if matches!(payload.first(), Some(&(kind::SEALED | kind::PLAIN)))
+                && t.note_reject(from, false)
+            {
+                self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
+                    .await;
             }
             return;
         };
@@ -1038,7 +1056,7 @@ impl Driver {
                 s.close();
             }
             // Tell the peer, so that its send does not wait for credit forever.
-            t.rejected.insert(from, Instant::now());
+            t.note_reject(from, true);
             self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
                 .await;
             self.record(RelayError::Session { conn: from, reason });
@@ -1068,7 +1086,7 @@ impl Driver {
                 let _ = self.out.send(m).await;
             }
             None => {
-                t.rejected.insert(from, Instant::now());
+                t.note_reject(from, true);
                 self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
                     .await;
             }
