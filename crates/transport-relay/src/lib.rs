@@ -35,6 +35,12 @@
 //!   the window is full. An application that does not read one connection therefore blocks
 //!   only the peer sending to it, never the transport's other connections and topics; a peer
 //!   that ignores its window loses the session.
+//! - The `Connection` contract: a `send` may wait until the peer reads. One message of the
+//!   largest size (16 MiB) each way always fits in an empty window, so peers that each send one
+//!   message and then `receive` never deadlock; to send more before reading, read on another
+//!   task. A session that ends on one side without its CLOSE reaching the other is answered
+//!   with a REJECT (no session), so a `send` never waits forever on a session that is gone;
+//!   after a failure, `receive` returns the error once and then `Ok(None)`.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]

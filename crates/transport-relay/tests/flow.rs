@@ -17,7 +17,7 @@ use pluresdb_sync_transport_relay::{FLOW_WINDOW_BYTES, RelayTransport, SESSION_V
 use tokio::sync::mpsc;
 
 mod common;
-use common::{T, Ws, accept, joined, next, raw, recv, relay, send, wait_for_error};
+use common::{T, Ws, accept, joined, next, next_message, raw, recv, relay, send, wait_for_error};
 
 const WINDOW: usize = FLOW_WINDOW_BYTES as usize;
 
@@ -182,7 +182,13 @@ async fn a_send_cancelled_mid_message_is_dropped_whole() {
     );
     let mut ab = accept(&mut a_rx).await;
     let mut ba = accept(&mut b_rx).await;
-    // 16 MiB is two windows: the send blocks part way through, and is cancelled there.
+    // A first message B does not read yet uses half the window; then 16 MiB does not fit in
+    // what is left: the send blocks part way through, and is cancelled there.
+    let filler = msg(0, WINDOW / 2);
+    tokio::time::timeout(T, ab.send(&filler))
+        .await
+        .unwrap()
+        .unwrap();
     let big = msg(1, pluresdb_sync_core::MAX_MESSAGE_BYTES);
     assert!(
         tokio::time::timeout(Duration::from_secs(1), ab.send(&big))
@@ -195,6 +201,7 @@ async fn a_send_cancelled_mid_message_is_dropped_whole() {
         ab
     });
     // B never sees the torn message: the next one arrives whole, then a full 16 MiB one.
+    assert!(recv(&mut ba).await == filler);
     assert_eq!(recv(&mut ba).await, b"after");
     assert_eq!(
         recv(&mut ba).await,
@@ -498,4 +505,212 @@ async fn a_v1_responder_gets_a_clear_error_not_a_hang() {
         "no connection for a peer that was rejected"
     );
     newcomer.disconnect().await.unwrap();
+}
+
+/// `chunk` sealed with `nonce` as a SEALED peer frame.
+fn sealed(c: &snow::StatelessTransportState, nonce: u64, chunk: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 1 + chunk.len() + 16];
+    out[0] = 0x10;
+    let n = c.write_message(nonce, chunk, &mut out[1..]).unwrap();
+    out.truncate(1 + n);
+    out
+}
+
+/// A raw client that joined after `victim` (the only member) and completed the encrypted
+/// handshake with it, the victim's connection to it, and the victim's relay connection id.
+async fn raw_session(
+    server: &RelayServer,
+    topic: &TopicHash,
+    victim: &RelayTransport,
+    v_rx: &mut mpsc::Receiver<Box<dyn Connection>>,
+) -> (Raw, snow::StatelessTransportState, u64, Box<dyn Connection>) {
+    let (mut x, members) = Raw::join(server, topic).await;
+    let [v] = members[..] else {
+        panic!("{members:?}")
+    };
+    let params = [&[SESSION_VERSION][..], &FLOW_WINDOW_BYTES.to_be_bytes()].concat();
+    let (cipher, key) = x.noise(topic, v, &params).await;
+    assert_eq!(hex::encode(key), victim.peer_id());
+    let vx = accept(v_rx).await;
+    assert_eq!(vx.peer_id(), hex::encode(x.key));
+    (x, cipher, v, vx)
+}
+
+/// REJECT, reason 3: no session.
+const REJECT_NO_SESSION: [u8; 2] = [0x2F, 3];
+
+/// A peer that only looked the topic up (no `connect` receiver) still completes handshakes;
+/// nobody reads those sessions, so once one's window is full it is closed (CLOSE), and the
+/// sender's send fails instead of waiting forever. A later `connect` gets connections again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_only_looked_up_never_blocks_a_sender_forever() {
+    const LEN: usize = 1024 * 1024;
+    let (_server, url) = relay().await;
+    let (mut a, mut b) = (transport_with(&url, true), transport_with(&url, true));
+    let topic = fresh_topic("lookup-only");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    // B only looks the topic up: it joins as an observer and handshakes with A.
+    assert!(b.lookup(topic).await.unwrap().is_empty());
+    let mut ab = accept(&mut a_rx).await;
+    assert_eq!(ab.peer_id(), b.peer_id());
+
+    let mut sent = 0;
+    let err = loop {
+        assert!(
+            sent <= 2 * WINDOW / LEN,
+            "{sent} messages went to a peer that reads nothing"
+        );
+        match tokio::time::timeout(T, ab.send(&msg(sent, LEN)))
+            .await
+            .expect("send to a peer without a reader hung")
+        {
+            Ok(()) => sent += 1,
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(err.contains("closed"), "{err}");
+    assert!(sent * LEN <= WINDOW, "{sent} messages sent");
+    let why = wait_for_error(&b, "nothing reads it").await;
+    assert!(why.contains(&a.peer_id()), "{why}");
+    assert!(next_message(&mut ab).await.is_none());
+
+    // B connects now: both get a connection to the other, which works both ways.
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ba = accept(&mut b_rx).await;
+    assert_eq!(ba.peer_id(), a.peer_id());
+    let mut ab = accept(&mut a_rx).await;
+    assert_eq!(ab.peer_id(), b.peer_id());
+    exchange(&mut ab, &mut ba, 40, 1024 * 1024).await;
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
+
+/// A data frame for a session this side does not have, and a session that fails here, are
+/// answered with REJECT (no session), so the peer's send never waits for credit forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_ends_here_without_close_is_rejected_to_the_peer() {
+    let (server, url) = relay().await;
+    let mut victim = transport_with(&url, true);
+    let topic = fresh_topic("no-session");
+    let mut v_rx = victim.connect(topic).await.unwrap();
+
+    // A data frame with no session at all.
+    let (mut y, members) = Raw::join(&server, &topic).await;
+    let [v] = members[..] else {
+        panic!("{members:?}")
+    };
+    y.send(v, [&[0x10][..], &[7u8; 40][..]].concat()).await;
+    assert_eq!(y.deliver_from(v).await, REJECT_NO_SESSION);
+    drop(y);
+
+    // A session that fails in the connection (a frame that does not decrypt).
+    let (mut x, _cipher, v, mut vx) = raw_session(&server, &topic, &victim, &mut v_rx).await;
+    x.send(v, [&[0x10][..], &[9u8; 40][..]].concat()).await;
+    let err = tokio::time::timeout(T, vx.receive())
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("decryption failed"), "{err}");
+    assert_eq!(x.deliver_from(v).await, REJECT_NO_SESSION);
+    assert!(next_message(&mut vx).await.is_none());
+    victim.disconnect().await.unwrap();
+}
+
+/// The other side of it: a peer that answers REJECT (no session) ends our session, and a send
+/// waiting for credit returns an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_for_credit_fails_when_the_peer_has_no_session() {
+    const LEN: usize = 1024 * 1024;
+    let (server, url) = relay().await;
+    let mut a = transport_with(&url, true);
+    let topic = fresh_topic("rejected-sender");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let (mut x, _cipher, v, mut ax) = raw_session(&server, &topic, &a, &mut a_rx).await;
+    let sender = tokio::spawn(async move {
+        for i in 0..4 * WINDOW / LEN {
+            if let Err(e) = ax.send(&msg(i, LEN)).await {
+                return (i, e.to_string());
+            }
+        }
+        panic!("sent four windows to a peer that never granted credit");
+    });
+    // The raw peer reads (and never credits) until A's window is nearly used: A now waits.
+    let mut got = 0;
+    while got + 2 * LEN < WINDOW {
+        got += x.deliver_from(v).await.len();
+    }
+    x.send(v, REJECT_NO_SESSION.to_vec()).await;
+    let (sent, err) = tokio::time::timeout(T, sender)
+        .await
+        .expect("a send waiting for credit hung after REJECT")
+        .unwrap();
+    assert!(sent * LEN <= WINDOW, "{sent}");
+    assert!(err.contains("closed"), "{err}");
+    let why = wait_for_error(&a, "has no session").await;
+    assert!(why.contains(&hex::encode(x.key)), "{why}");
+    a.disconnect().await.unwrap();
+}
+
+/// After a failure, `receive` returns `Ok(None)`: never a frame still queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_after_a_failure_returns_none_not_what_was_queued() {
+    let (server, url) = relay().await;
+    let mut victim = transport_with(&url, true);
+    let topic = fresh_topic("after-failure");
+    let mut v_rx = victim.connect(topic).await.unwrap();
+    let (mut x, cipher, v, mut vx) = raw_session(&server, &topic, &victim, &mut v_rx).await;
+    // A frame that does not decrypt, a good message, then a frame the socket task fails the
+    // session on (PLAIN in an encrypted session), whose REJECT shows all three were queued.
+    x.send(v, [&[0x10][..], &[9u8; 40][..]].concat()).await;
+    x.send(v, sealed(&cipher, 0, &[&[1][..], b"after"].concat()))
+        .await;
+    x.send(v, vec![0x21, 1, 1]).await;
+    assert_eq!(x.deliver_from(v).await, REJECT_NO_SESSION);
+    let err = tokio::time::timeout(T, vx.receive())
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("decryption failed"), "{err}");
+    for _ in 0..3 {
+        assert_eq!(
+            tokio::time::timeout(T, vx.receive())
+                .await
+                .unwrap()
+                .unwrap(),
+            None
+        );
+    }
+    assert!(vx.send(b"x").await.is_err());
+    victim.disconnect().await.unwrap();
+}
+
+/// Both sides send one message of the largest size before reading: both sends complete (one
+/// such message always fits in an empty window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sides_sending_the_largest_message_before_reading_do_not_deadlock() {
+    const MAX: usize = pluresdb_sync_core::MAX_MESSAGE_BYTES;
+    let (_server, url) = relay().await;
+    let (mut a, mut b) = (transport_with(&url, true), transport_with(&url, true));
+    let topic = fresh_topic("both-send-max");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut ab = accept(&mut a_rx).await;
+    let mut ba = accept(&mut b_rx).await;
+    let (at_a, at_b) = tokio::join!(send_then_receive(&mut ab, 1), send_then_receive(&mut ba, 2));
+    assert!(at_a == msg(2, MAX), "A got the wrong message");
+    assert!(at_b == msg(1, MAX), "B got the wrong message");
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+}
+
+/// Sends message `i` of the largest size, then receives one.
+async fn send_then_receive(c: &mut Box<dyn Connection>, i: usize) -> Vec<u8> {
+    let m = msg(i, pluresdb_sync_core::MAX_MESSAGE_BYTES);
+    tokio::time::timeout(T, c.send(&m))
+        .await
+        .expect("send of the largest message deadlocked")
+        .unwrap();
+    recv(c).await
 }

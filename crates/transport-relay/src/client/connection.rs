@@ -64,7 +64,15 @@ pub(crate) enum Inbound {
 /// Tells the socket task a session ended locally.
 #[derive(Debug)]
 pub(crate) enum Ctl {
-    Closed { room: RoomId, conn: ConnId, id: u64 },
+    /// `notified`: a CLOSE for the session was queued towards the peer. When not, the socket
+    /// task tells the peer with a REJECT (no session), so that its `send` does not wait for
+    /// credit forever.
+    Closed {
+        room: RoomId,
+        conn: ConnId,
+        id: u64,
+        notified: bool,
+    },
 }
 
 pub(crate) struct RelayConnection {
@@ -98,6 +106,9 @@ pub(crate) struct RelayConnection {
     /// A send was cancelled after some chunks of its message left: the next send starts with
     /// ABORT so the peer drops them.
     pub(crate) mid_message: bool,
+    /// The session failed (`receive` returned its error): later `receive`s return `Ok(None)`,
+    /// never a frame still queued behind the failure.
+    pub(crate) failed: bool,
 }
 
 impl std::fmt::Debug for RelayConnection {
@@ -135,7 +146,9 @@ impl RelayConnection {
         )
     }
 
-    fn mark_closed(&mut self) {
+    /// Marks the session closed and tells the socket task (once); `notified`: a CLOSE was
+    /// queued towards the peer.
+    fn mark_closed(&mut self, notified: bool) {
         self.flags.closed.store(true, Ordering::Release);
         if !self.closed_reported {
             self.closed_reported = true;
@@ -143,13 +156,27 @@ impl RelayConnection {
                 room: self.room,
                 conn: self.remote,
                 id: self.session_id,
+                notified,
             });
         }
     }
 
-    fn fail(&mut self, reason: String) -> anyhow::Error {
-        self.mark_closed();
+    /// Closes the session from the socket task, which then sends the returned CLOSE itself
+    /// (for a connection nobody claimed). `None` if it cannot be sealed.
+    pub(crate) fn close_from_driver(&mut self) -> Option<Message> {
+        self.flags.closed.store(true, Ordering::Release);
+        self.closed_reported = true;
         self.inbound.close();
+        self.control_frame(chunk::CLOSE, &[]).ok()
+    }
+
+    /// Ends the session after a failure: the peer is told (REJECT from the socket task), and
+    /// what is still queued is dropped, so later `receive`s return `Ok(None)`.
+    fn fail(&mut self, reason: String) -> anyhow::Error {
+        self.mark_closed(false);
+        self.failed = true;
+        self.inbound.close();
+        while self.inbound.try_recv().is_ok() {}
         self.partial = Vec::new();
         RelayError::Session {
             conn: self.remote,
@@ -186,6 +213,24 @@ impl RelayConnection {
         }
     }
 
+    /// The outbound queue to wait on for room, when credit is owed (it was full when the
+    /// credit became due): a wait for data or credit also returns the credit owed.
+    fn owed_credit_out(&self) -> Option<mpsc::Sender<Message>> {
+        (self.ungranted >= peer::FLOW_GRANT_THRESHOLD).then(|| self.out.clone())
+    }
+
+    /// Sends the credit owed through the slot [`room_for_credit`] reserved; if the link is gone
+    /// there is nobody to return it to.
+    fn grant_reserved(
+        &mut self,
+        slot: Result<mpsc::Permit<'_, Message>, mpsc::error::SendError<()>>,
+    ) {
+        match slot {
+            Ok(p) => self.grant(p),
+            Err(_) => self.ungranted = 0,
+        }
+    }
+
     /// Waits (cancel safe) until the peer's window has room for `cost` more credit units,
     /// meanwhile returning credit we owe it.
     async fn wait_credit(&mut self, cost: u64) -> anyhow::Result<()> {
@@ -198,20 +243,10 @@ impl RelayConnection {
             if limit.saturating_sub(self.sent) >= cost {
                 return Ok(());
             }
-            if self.ungranted >= peer::FLOW_GRANT_THRESHOLD {
-                let out = self.out.clone();
-                tokio::select! {
-                    r = self.send_limit.changed() => r.map_err(|_| self.closed_error())?,
-                    p = out.reserve() => match p {
-                        Ok(p) => self.grant(p),
-                        Err(_) => self.ungranted = 0,
-                    },
-                }
-            } else {
-                self.send_limit
-                    .changed()
-                    .await
-                    .map_err(|_| self.closed_error())?;
+            let out = self.owed_credit_out();
+            tokio::select! {
+                r = self.send_limit.changed() => r.map_err(|_| self.closed_error())?,
+                p = room_for_credit(out.as_ref()) => self.grant_reserved(p),
             }
         }
     }
@@ -235,6 +270,16 @@ impl RelayConnection {
         permit.send(m);
         self.sent += cost;
         Ok(())
+    }
+}
+
+/// A slot of `out` for the credit owed; never ready when nothing is owed (`None`).
+async fn room_for_credit(
+    out: Option<&mpsc::Sender<Message>>,
+) -> Result<mpsc::Permit<'_, Message>, mpsc::error::SendError<()>> {
+    match out {
+        Some(out) => out.reserve().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -315,25 +360,20 @@ impl Connection for RelayConnection {
     }
 
     async fn receive(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        if self.failed {
+            return Ok(None);
+        }
         loop {
-            let item = if self.ungranted >= peer::FLOW_GRANT_THRESHOLD {
-                // Credit is owed but the outbound queue was full: wait for either.
-                let out = self.out.clone();
-                tokio::select! {
-                    item = self.inbound.recv() => item,
-                    p = out.reserve() => {
-                        match p {
-                            Ok(p) => self.grant(p),
-                            Err(_) => self.ungranted = 0,
-                        }
-                        continue;
-                    }
+            let out = self.owed_credit_out();
+            let item = tokio::select! {
+                item = self.inbound.recv() => item,
+                p = room_for_credit(out.as_ref()) => {
+                    self.grant_reserved(p);
+                    continue;
                 }
-            } else {
-                self.inbound.recv().await
             };
             let Some(item) = item else {
-                self.mark_closed();
+                self.mark_closed(false);
                 return Ok(None);
             };
             match item {
@@ -391,7 +431,7 @@ impl Connection for RelayConnection {
                     }
                 }
                 Inbound::Close => {
-                    self.mark_closed();
+                    self.mark_closed(false);
                     self.inbound.close();
                     self.partial = Vec::new();
                     return Ok(None);
@@ -403,9 +443,12 @@ impl Connection for RelayConnection {
 
     async fn close(&mut self) -> anyhow::Result<()> {
         if self.flags.closed.swap(true, Ordering::AcqRel) {
-            self.mark_closed();
+            self.mark_closed(false);
             return Ok(());
         }
+        // Cancelled while waiting for room: `closed` is already set, so Drop reports the close
+        // unnotified and the socket task tells the peer (REJECT).
+        let mut notified = false;
         if self.link.alive.load(Ordering::Acquire) {
             // CLOSE needs no credit: a session can always be closed.
             let out = self.out.clone();
@@ -413,9 +456,10 @@ impl Connection for RelayConnection {
                 && let Ok(m) = self.control_frame(chunk::CLOSE, &[])
             {
                 permit.send(m);
+                notified = true;
             }
         }
-        self.mark_closed();
+        self.mark_closed(notified);
         self.inbound.close();
         Ok(())
     }
@@ -423,17 +467,20 @@ impl Connection for RelayConnection {
 
 impl Drop for RelayConnection {
     fn drop(&mut self) {
+        let mut notified = false;
         if !self.flags.closed.swap(true, Ordering::AcqRel)
             && self.link.alive.load(Ordering::Acquire)
         {
             // Best effort: the remote learns of the close now instead of when the peer leaves.
+            // When the outbound queue is full, the socket task sends a REJECT instead.
             let out = self.out.clone();
             if let Ok(permit) = out.try_reserve()
                 && let Ok(m) = self.control_frame(chunk::CLOSE, &[])
             {
                 permit.send(m);
+                notified = true;
             }
         }
-        self.mark_closed();
+        self.mark_closed(notified);
     }
 }

@@ -43,6 +43,9 @@ pub(crate) const MAX_RECENT_ERRORS: usize = 32;
 /// sides told of the other only by PEER_JOINED. Both starting is resolved by the lower
 /// connection id, so a late fallback costs at most one extra handshake message.
 pub(crate) const PEER_JOINED_FALLBACK: Duration = Duration::from_secs(3);
+/// At most one REJECT (no session) per peer per this interval: one is enough to end the peer's
+/// session, and a peer still sending frames for a session we ended does not get one each.
+pub(crate) const REJECT_NO_SESSION_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -108,6 +111,40 @@ struct TopicState {
     members: HashSet<ConnId>,
     /// Peers announced by PEER_JOINED that have not sent anything yet, with when.
     announced: HashMap<ConnId, Instant>,
+    /// When a REJECT (no session) last went to each peer (at most one per
+    /// [`REJECT_NO_SESSION_INTERVAL`]; bounded like the sessions).
+    rejected: HashMap<ConnId, Instant>,
+    /// Peers whose unclaimed session was closed because it filled its window with nobody to
+    /// read it: a later `connect` starts a new handshake with them.
+    closed_unclaimed: HashSet<ConnId>,
+}
+
+impl TopicState {
+    /// Whether a REJECT (no session) to `from` is due now (always when `force`: a session just
+    /// ended here), noting it. The map keeps at most [`MAX_SESSIONS_PER_TOPIC`] peers: when
+    /// full, entries older than the interval go, and a peer that still does not fit is not
+    /// rejected now (unless forced; it is then just not noted).
+    fn note_reject(&mut self, from: ConnId, force: bool) -> bool {
+        let now = Instant::now();
+        let due = force
+            || self
+                .rejected
+                .get(&from)
+                .is_none_or(|at| now.duration_since(*at) >= REJECT_NO_SESSION_INTERVAL);
+        if !due {
+            return false;
+        }
+        if self.rejected.len() >= MAX_SESSIONS_PER_TOPIC && !self.rejected.contains_key(&from) {
+            self.rejected
+                .retain(|_, at| now.duration_since(*at) < REJECT_NO_SESSION_INTERVAL);
+        }
+        if self.rejected.len() < MAX_SESSIONS_PER_TOPIC || self.rejected.contains_key(&from) {
+            self.rejected.insert(from, now);
+            true
+        } else {
+            force
+        }
+    }
 }
 
 pub(crate) struct Driver {
@@ -243,7 +280,7 @@ impl Driver {
                             }
                             Some(cmd) => self.command(cmd).await,
                         },
-                        Some(ctl) = self.ctl_rx.recv() => self.ctl(ctl),
+                        Some(ctl) = self.ctl_rx.recv() => self.ctl(ctl).await,
                     }
                 }
                 match super::connect_any(&self.settings, start).await {
@@ -258,13 +295,25 @@ impl Driver {
         }
     }
 
-    fn ctl(&mut self, ctl: Ctl) {
+    async fn ctl(&mut self, ctl: Ctl) {
         match ctl {
-            Ctl::Closed { room, conn, id } => {
+            Ctl::Closed {
+                room,
+                conn,
+                id,
+                notified,
+            } => {
                 if let Some(t) = self.topics.get_mut(&room)
                     && t.sessions.get(&conn).is_some_and(|s| s.id == id)
                 {
                     t.sessions.remove(&conn);
+                    if !notified {
+                        // No CLOSE reached the peer (a failure, or a full outbound queue):
+                        // without this its send would wait for credit forever.
+                        t.note_reject(conn, true);
+                        self.send_peer(&room, conn, &[kind::REJECT, peer::REJECT_NO_SESSION])
+                            .await;
+                    }
                 }
             }
         }
@@ -331,7 +380,7 @@ impl Driver {
                     }
                     Some(cmd) => self.command(cmd).await,
                 },
-                Some(ctl) = self.ctl_rx.recv() => self.ctl(ctl),
+                Some(ctl) = self.ctl_rx.recv() => self.ctl(ctl).await,
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if now.duration_since(last_rx) >= CLIENT_IDLE_TIMEOUT {
@@ -360,6 +409,8 @@ impl Driver {
             t.unclaimed.clear();
             t.members.clear();
             t.announced.clear();
+            t.rejected.clear();
+            t.closed_unclaimed.clear();
             t.joined = false;
         }
     }
@@ -424,16 +475,24 @@ impl Driver {
             Cmd::Join { topic, conns, done } => {
                 let room = derive_from_topic(&topic, Domain::RelayRoom);
                 if let Some(t) = self.topics.get_mut(&room) {
+                    let mut restart = Vec::new();
                     if let Some(tx) = conns {
                         t.conns = Some(tx.clone());
                         for c in t.unclaimed.drain(..) {
                             let _ = tx.try_send(Box::new(c));
                         }
+                        restart = t.closed_unclaimed.drain().collect();
                     }
                     if t.joined {
                         let _ = done.send(Ok(()));
                     } else {
                         t.waiting.push(done);
+                    }
+                    // Sessions closed for want of a reader: now there is one, handshake again.
+                    // Ordered after the CLOSE on the same relay link, so the peer has ended
+                    // the old session before it sees the new handshake.
+                    for peer in restart {
+                        self.start_session(room, peer).await;
                     }
                     return;
                 }
@@ -448,6 +507,8 @@ impl Driver {
                         unclaimed: Vec::new(),
                         members: HashSet::new(),
                         announced: HashMap::new(),
+                        rejected: HashMap::new(),
+                        closed_unclaimed: HashSet::new(),
                     },
                 );
                 self.send_frame(Frame::Client(ClientFrame::Join { room }))
@@ -524,6 +585,8 @@ impl Driver {
                 if let Some(t) = self.topics.get_mut(&room) {
                     t.members.remove(&peer);
                     t.announced.remove(&peer);
+                    t.rejected.remove(&peer);
+                    t.closed_unclaimed.remove(&peer);
                     if let Some(s) = t.sessions.remove(&peer) {
                         s.close();
                     }
@@ -840,6 +903,25 @@ impl Driver {
                 };
                 self.establish(room, from, id, key, None, window).await;
             }
+            kind::REJECT if body.first() == Some(&peer::REJECT_NO_SESSION) => {
+                // The peer ended our session without its CLOSE reaching us: end it here too
+                // (dropping its credit sender wakes a send waiting for credit). A handshake in
+                // progress is not about that session and stays.
+                let Some(Session {
+                    state: State::Established { peer_id, .. },
+                    ..
+                }) = t.sessions.get(&from)
+                else {
+                    return;
+                };
+                let reason = format!(
+                    "peer {peer_id} has no session with this side (it ended without its CLOSE reaching us): session closed"
+                );
+                if let Some(s) = t.sessions.remove(&from) {
+                    s.close();
+                }
+                self.record(RelayError::Session { conn: from, reason });
+            }
             kind::REJECT => {
                 if let Some(s) = t.sessions.remove(&from) {
                     s.close();
@@ -862,30 +944,39 @@ impl Driver {
                     _ => {}
                 }
             }
-            _ => self.session_frame(room, from, payload),
+            _ => self.session_frame(room, from, payload).await,
         }
     }
 
     /// A frame of an established session: control chunks (CREDIT, CLOSE) are opened and
     /// applied here; data frames are queued, still sealed, for the connection within the window
-    /// this side granted. Never waits.
-    fn session_frame(&mut self, room: RoomId, from: ConnId, payload: Vec<u8>) {
+    /// this side granted. Waits only for room in the outbound queue (CLOSE, REJECT).
+    async fn session_frame(&mut self, room: RoomId, from: ConnId, payload: Vec<u8>) {
         let Some(t) = self.topics.get_mut(&room) else {
             return;
         };
-        let Some(Session {
-            state:
-                State::Established {
-                    inbound,
-                    flags,
-                    peer_id,
-                    cipher,
-                    recv_ctl_nonce,
-                    received,
-                    credit,
-                },
-            ..
-        }) = t.sessions.get_mut(&from)
+        let Some(session) = t.sessions.get_mut(&from) else {
+            // A data frame for a session we do not have (it ended here without a CLOSE
+            // reaching the peer): tell the peer, so that its send does not wait for credit
+            // forever. Rate limited per peer.
+            if matches!(payload.first(), Some(&(kind::SEALED | kind::PLAIN)))
+                && t.note_reject(from, false)
+            {
+                self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
+                    .await;
+            }
+            return;
+        };
+        let session_id = session.id;
+        let State::Established {
+            inbound,
+            flags,
+            peer_id,
+            cipher,
+            recv_ctl_nonce,
+            received,
+            credit,
+        } = &mut session.state
         else {
             return;
         };
@@ -946,6 +1037,15 @@ impl Driver {
                         frame: payload,
                         cost,
                     });
+                    if t.conns.is_none() && granted - *received < peer::LARGEST_FRAME_COST {
+                        // Nobody can read this session (no `connect` receiver: the transport
+                        // only looked the topic up or announced it) and the peer may now be
+                        // waiting for credit: close it rather than leave the peer blocked.
+                        let reason = format!(
+                            "closed the session with peer {peer_id}: it filled its {granted}-unit window and nothing reads it (no connect receiver for this topic)"
+                        );
+                        return self.close_unclaimed(room, from, session_id, reason).await;
+                    }
                     None
                 }
             }
@@ -955,8 +1055,43 @@ impl Driver {
             if let Some(s) = t.sessions.remove(&from) {
                 s.close();
             }
+            // Tell the peer, so that its send does not wait for credit forever.
+            t.note_reject(from, true);
+            self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
+                .await;
             self.record(RelayError::Session { conn: from, reason });
         }
+    }
+
+    /// Ends the unclaimed session `id` with `from`, sending its CLOSE; a later `connect`
+    /// handshakes with the peer again.
+    async fn close_unclaimed(&mut self, room: RoomId, from: ConnId, id: u64, reason: String) {
+        let Some(t) = self.topics.get_mut(&room) else {
+            return;
+        };
+        if let Some(s) = t.sessions.remove(&from) {
+            s.close();
+        }
+        let conn = t
+            .unclaimed
+            .iter()
+            .position(|c| c.remote == from && c.session_id == id)
+            .map(|i| t.unclaimed.swap_remove(i));
+        if t.members.contains(&from) {
+            t.closed_unclaimed.insert(from);
+        }
+        let close = conn.and_then(|mut c| c.close_from_driver());
+        match close {
+            Some(m) => {
+                let _ = self.out.send(m).await;
+            }
+            None => {
+                t.note_reject(from, true);
+                self.send_peer(&room, from, &[kind::REJECT, peer::REJECT_NO_SESSION])
+                    .await;
+            }
+        }
+        self.record(RelayError::Session { conn: from, reason });
     }
 
     async fn establish_noise(
@@ -1046,6 +1181,7 @@ impl Driver {
             sent: 0,
             ungranted: 0,
             mid_message: false,
+            failed: false,
         };
         t.sessions.insert(
             from,

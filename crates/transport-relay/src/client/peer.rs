@@ -4,7 +4,9 @@
 use pluresdb_sync_core::Identity;
 use pluresdb_sync_core::topic::{Domain, TopicHash, derive_from_topic};
 
-use crate::protocol::{DELIVER_OVERHEAD, RoomId, SUBPROTOCOL};
+use pluresdb_sync_core::MAX_MESSAGE_BYTES;
+
+use crate::protocol::{DELIVER_OVERHEAD, MIN_MAX_FRAME_BYTES, RoomId, SUBPROTOCOL};
 
 /// The Noise pattern: XX (both static keys sent encrypted), PSK from the topic mixed in last.
 pub(crate) const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s";
@@ -27,6 +29,10 @@ pub(crate) mod kind {
 pub(crate) const REJECT_ENCRYPTION_MISMATCH: u8 = 1;
 /// REJECT reason: the peers speak different end-to-end session versions (body: `2, version:u8`).
 pub(crate) const REJECT_VERSION_MISMATCH: u8 = 2;
+/// REJECT reason: the sender has no session with the receiver (it ended without a CLOSE
+/// reaching the receiver, e.g. a failure or a dropped connection with a full outbound queue),
+/// sent when a data frame arrives for it. The receiver ends its established session.
+pub(crate) const REJECT_NO_SESSION: u8 = 3;
 
 /// The end-to-end session version this client speaks. Version 1 (no handshake payload, a
 /// 32-byte HELLO) had no flow control; version 2 adds the session parameters (version and
@@ -34,15 +40,32 @@ pub(crate) const REJECT_VERSION_MISMATCH: u8 = 2;
 pub const SESSION_VERSION: u8 = 2;
 
 /// The receive window each side grants its peer when a session starts, in credit units
-/// (peer-frame bytes plus [`FLOW_FRAME_OVERHEAD`] per frame): 8 MiB. It bounds what one
-/// session can hold queued while the application does not read it (memory stays bounded
-/// against a peer that ignores it: sending beyond it ends the session), at half of what the
-/// 256-frame queue it replaced could hold. Measured through a loopback relay (encrypted,
-/// 2 cores): 4 MiB cost 8% of the throughput of 64 KiB messages, 8 MiB about 4%, 16 MiB
-/// nothing; 1 MiB and 16 MiB messages are unaffected from 4 MiB up. A 16 MiB message flows
-/// through it as the application reads (credit comes back as the receiver consumes chunks,
-/// not whole messages).
-pub const FLOW_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// (peer-frame bytes plus [`FLOW_FRAME_OVERHEAD`] per frame): 18 MiB, so that one message of
+/// the largest size ([`MAX_MESSAGE_BYTES`], 16 MiB, cut into chunks for the smallest relay frame
+/// limit, with the per-frame costs) always fits in an empty window: two peers that each send
+/// one such message before reading complete both sends (a smaller window deadlocked them).
+/// It also bounds what one session can hold queued while the application does not read it
+/// (memory stays bounded against a peer that ignores it: sending beyond it ends the session).
+/// Measured through a loopback relay (encrypted, 2 cores): 4 MiB cost 8% of the throughput of
+/// 64 KiB messages, 8 MiB about 4%, 16 MiB nothing.
+pub const FLOW_WINDOW_BYTES: u32 = 18 * 1024 * 1024;
+
+/// The credit one message of `MAX_MESSAGE_BYTES` uses when the relay frame limit is
+/// `max_frame` (encrypted, the smaller chunks), plus one ABORT that may precede it.
+pub(crate) const fn max_message_cost(max_frame: usize) -> u64 {
+    let by_frame = max_frame.saturating_sub(DELIVER_OVERHEAD + 1 + TAG_LEN + 1);
+    let by_noise = NOISE_MAX - TAG_LEN - 1;
+    let per = if by_frame < by_noise {
+        by_frame
+    } else {
+        by_noise
+    };
+    let chunks = MAX_MESSAGE_BYTES.div_ceil(per) + 1;
+    (MAX_MESSAGE_BYTES + chunks * (2 + TAG_LEN)) as u64 + chunks as u64 * FLOW_FRAME_OVERHEAD
+}
+
+// One largest message always fits in an empty window, whatever frame limit the relay has.
+const _: () = assert!(FLOW_WINDOW_BYTES as u64 >= max_message_cost(MIN_MAX_FRAME_BYTES));
 
 /// Credit units charged per peer frame on top of its bytes, so that a flood of tiny frames
 /// (an empty message is a 2- or 18-byte frame) is bounded by the window too: 64 covers a queue
@@ -50,10 +73,15 @@ pub const FLOW_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 pub const FLOW_FRAME_OVERHEAD: u64 = 64;
 
 /// The receiver returns credit once the application consumed this much (a quarter of the
-/// window): few CREDIT frames (one per 2 MiB read), and the sender never runs dry while the
+/// window): few CREDIT frames (one per 4.5 MiB read), and the sender never runs dry while the
 /// reader keeps up (it always has at least three quarters of the window). An eighth measured
 /// the same.
 pub(crate) const FLOW_GRANT_THRESHOLD: u64 = FLOW_WINDOW_BYTES as u64 / 4;
+
+/// The credit the largest data frame can use: a chunk is at most `NOISE_MAX - TAG_LEN - 1`
+/// bytes (see [`chunk_data_max`]), so its frame at most `NOISE_MAX + 1`. A sender with less
+/// window left than this may be waiting for credit.
+pub(crate) const LARGEST_FRAME_COST: u64 = NOISE_MAX as u64 + 1 + FLOW_FRAME_OVERHEAD;
 
 /// The smallest window a peer may announce: two of the largest frames. Smaller could leave a
 /// sender unable to send even one frame.
