@@ -1102,7 +1102,8 @@ impl Node {
     /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
     ///
     /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
-    /// the others are checked in [`schedule`] order, as dial slots allow. Returns when its
+    /// the others are checked in [`schedule`] order, each as soon as a dial slot is its turn
+    /// (waiting in one queue with the `connect` loop, so neither starves). Returns when its
     /// checks are done or after [`LOOKUP_CHECK_BUDGET`], with what is verified by then;
     /// checks still running finish in the background for the next lookup.
     pub(crate) async fn lookup(
@@ -1162,19 +1163,23 @@ impl Node {
                 VecDeque::from(schedule(to_check, &RandomState::new())),
             )
         };
+        // Slots are taken by waiting in the semaphore's queue, first come first served with
+        // the `connect` loop's waits: a released slot goes to the longest waiter before any
+        // `try_acquire` sees it, so polling for free slots here would starve while a connect
+        // round waits for its leftovers.
+        while let Some(addr) = queue.pop_front() {
+            let slot = self.dial_slots.clone().acquire_owned();
+            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
+                break;
+            };
+            self.start_check(topic, addr, permit);
+        }
         loop {
             // Registered before looking at the state, so no ending dial is missed.
             let ended = self.dial_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            while let Some(&addr) = queue.front() {
-                let Ok(permit) = self.dial_slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                queue.pop_front();
-                self.start_check(topic, addr, permit);
-            }
-            let pending = !queue.is_empty() || {
+            let pending = {
                 let st = self.state();
                 watched.iter().any(|a| {
                     st.checking.contains(&(topic, *a)) || st.dialing.contains(&(topic, *a))
