@@ -216,13 +216,16 @@ impl State {
         })
     }
 
-    /// Stores what a dial or identify check of `addr` learned.
+    /// Stores what a dial or identify check of `addr` learned. Only failures of the remote
+    /// or the network count against the address; a connection this node declined itself
+    /// ([`HyperswarmError::Declined`]) leaves its state as it was.
     fn record(&mut self, addr: SocketAddr, result: &anyhow::Result<Outcome>) {
         match result {
             Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => self.verified(addr, *peer),
             Ok(Outcome::Myself) => {
                 self.self_addrs.insert(addr);
             }
+            Err(e) if is_declined(e) => {}
             Err(e) => self.dial_failed(addr, e.to_string()),
         }
     }
@@ -827,7 +830,7 @@ impl Node {
             .topics
             .get(&topic)
             .map(|t| t.psk)
-            .ok_or_else(|| anyhow::anyhow!("topic not joined"))?;
+            .ok_or_else(|| declined(addr, "the topic is not joined here"))?;
         let fail = |reason: String| HyperswarmError::Handshake { addr, reason };
         // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
         let known = self
@@ -1138,7 +1141,7 @@ impl Node {
                 } else if st.live_sessions() >= max {
                     drop(st);
                     conn.close(code::BUSY, b"too many peers");
-                    return Err(refused(addr, code::BUSY));
+                    return Err(declined(addr, MAX_PEERS_REACHED));
                 } else {
                     st.sessions.insert(
                         key,
@@ -1187,7 +1190,7 @@ impl Node {
             if st.live_sessions() >= max && !st.sessions.contains_key(&key) {
                 drop(st);
                 conn.close(code::BUSY, b"too many peers");
-                return Err(refused(addr, code::BUSY));
+                return Err(declined(addr, MAX_PEERS_REACHED));
             }
             // The leader saw the old connection as dead; so is it, soon, here.
             if let Some(old) = st.sessions.insert(
@@ -1215,7 +1218,10 @@ impl Node {
         if !delivered {
             self.forget_session(key, &conn);
             conn.close(code::BUSY, b"not accepting");
-            return Err(refused(addr, code::BUSY));
+            return Err(declined(
+                addr,
+                "the application's connection queue is full (or it left the topic)",
+            ));
         }
         let node = self.clone();
         self.spawn(async move {
@@ -1357,6 +1363,25 @@ fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, conn
         address: Some(addr.to_string()),
         connected,
     });
+}
+
+/// Why [`HyperswarmError::Declined`]: this node has `max_peers` connections.
+const MAX_PEERS_REACHED: &str = "this node has max_peers connections";
+
+fn declined(addr: SocketAddr, reason: &str) -> anyhow::Error {
+    HyperswarmError::Declined {
+        addr,
+        reason: reason.into(),
+    }
+    .into()
+}
+
+/// Whether `e` is this node declining a connection itself (not the address failing).
+fn is_declined(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<HyperswarmError>(),
+        Some(HyperswarmError::Declined { .. })
+    )
 }
 
 fn refused(addr: SocketAddr, code: quinn::VarInt) -> anyhow::Error {
@@ -1529,6 +1554,36 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), all_freed)
             .await
             .expect("aborted dials kept their slots or set entries");
+    }
+
+    #[test]
+    fn only_remote_and_network_failures_count_against_an_address() {
+        let mut st = State::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        st.record(addr, &Ok(Outcome::Known([1; 32])));
+        let now = Instant::now();
+        // Declined here: max_peers reached, queue full, topic not joined.
+        st.record(addr, &Err(declined(addr, MAX_PEERS_REACHED)));
+        st.record(addr, &Err(declined(addr, "the topic is not joined here")));
+        assert!(!st.in_backoff(addr, now));
+        assert_eq!(st.addrs[&addr].failures, 0);
+        assert_eq!(st.fresh_peer(addr, now), Some([1; 32]), "still verified");
+        assert_eq!(st.tier(addr, now, Purpose::Connect), Some(Tier::Verified));
+        // The remote refusing, or not answering, does count.
+        st.record(addr, &Err(refused(addr, code::BUSY)));
+        assert_eq!(st.addrs[&addr].failures, 1);
+        assert!(st.in_backoff(addr, Instant::now()));
+        assert_eq!(st.fresh_peer(addr, Instant::now()), None);
+        let other: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        st.record(
+            other,
+            &Err(HyperswarmError::Handshake {
+                addr: other,
+                reason: "no answer within 1500 ms".into(),
+            }
+            .into()),
+        );
+        assert_eq!(st.addrs[&other].failures, 1);
     }
 
     #[test]
