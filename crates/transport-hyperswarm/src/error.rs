@@ -51,6 +51,16 @@ pub enum HyperswarmError {
         /// What it did.
         reason: String,
     },
+    /// This node turned the connection down itself (it has `max_peers` connections, the
+    /// application's connection queue is full, or the topic is not joined here). Not held
+    /// against the remote address: it is not put in backoff.
+    #[error("declined the connection with {addr} on this side: {reason}")]
+    Declined {
+        /// The remote endpoint.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// The remote is not (or no longer) taking connections on this topic.
     #[error("peer at {addr} refused the connection: {reason}")]
     Refused {

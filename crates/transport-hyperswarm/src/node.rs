@@ -161,6 +161,18 @@ fn schedule(
 }
 
 impl State {
+    fn in_flight_mut(&mut self, purpose: Purpose) -> &mut HashSet<(TopicHash, SocketAddr)> {
+        match purpose {
+            Purpose::Connect => &mut self.dialing,
+            Purpose::Identify => &mut self.checking,
+        }
+    }
+
+    /// Whether a dial or an identify check of `addr` for `topic` is in flight.
+    fn in_flight(&self, topic: TopicHash, addr: SocketAddr) -> bool {
+        self.dialing.contains(&(topic, addr)) || self.checking.contains(&(topic, addr))
+    }
+
     fn live_sessions(&self) -> usize {
         self.sessions.values().filter(|s| s.alive()).count()
     }
@@ -204,13 +216,16 @@ impl State {
         })
     }
 
-    /// Stores what a dial or identify check of `addr` learned.
+    /// Stores what a dial or identify check of `addr` learned. Only failures of the remote
+    /// or the network count against the address; a connection this node declined itself
+    /// ([`HyperswarmError::Declined`]) leaves its state as it was.
     fn record(&mut self, addr: SocketAddr, result: &anyhow::Result<Outcome>) {
         match result {
             Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => self.verified(addr, *peer),
             Ok(Outcome::Myself) => {
                 self.self_addrs.insert(addr);
             }
+            Err(e) if is_declined(e) => {}
             Err(e) => self.dial_failed(addr, e.to_string()),
         }
     }
@@ -263,6 +278,59 @@ enum Outcome {
     Known([u8; 32]),
     /// The address is this node itself.
     Myself,
+}
+
+/// A dial or identify check in flight: it holds the dial slot and the address's entry in
+/// [`State::dialing`] or [`State::checking`]. Dropping it (the task finished, or was aborted
+/// at shutdown) removes the entry, frees the slot and wakes whoever waits for a dial to end,
+/// in that order, so a waiter that wakes finds both the slot and the stored result.
+struct InFlight {
+    node: Arc<Node>,
+    key: (TopicHash, SocketAddr),
+    purpose: Purpose,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl InFlight {
+    /// Enters `key` in the set for `purpose` (the caller holds the state lock and checked
+    /// that it is not there).
+    fn start(
+        node: &Arc<Node>,
+        st: &mut State,
+        key: (TopicHash, SocketAddr),
+        purpose: Purpose,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        st.in_flight_mut(purpose).insert(key);
+        InFlight {
+            node: node.clone(),
+            key,
+            purpose,
+            permit: Some(permit),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.node
+            .state()
+            .in_flight_mut(self.purpose)
+            .remove(&self.key);
+        drop(self.permit.take());
+        self.node.dial_ended.notify_waiters();
+    }
+}
+
+/// What [`Node::maybe_dial`] did with a candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DialStart {
+    /// Dialling in the background.
+    Started,
+    /// Not worth a dial now (see [`Node::maybe_dial`]).
+    Skipped,
+    /// `lookup` is checking it: worth dialling once the check has verified it.
+    BeingChecked,
 }
 
 pub(crate) struct Node {
@@ -523,7 +591,8 @@ impl Node {
     /// Looks the topic up periodically and dials every new address: as the DHT's answers
     /// arrive, each batch in [`schedule`] order while dial slots are free; what found no
     /// slot is dialled after the query, in schedule order again, as slots free up, for at
-    /// most [`LOOKUP_CHECK_BUDGET`]. The rest waits for the next round.
+    /// most [`LOOKUP_CHECK_BUDGET`]; addresses `lookup` is checking are dialled after their
+    /// check, if it verified them, within the same budget. The rest waits for the next round.
     async fn discover(self: Arc<Self>, topic: TopicHash) {
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
@@ -532,6 +601,7 @@ impl Node {
             let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
             let mut seen: HashSet<SocketAddr> = HashSet::new();
             let mut leftover: Vec<SocketAddr> = Vec::new();
+            let mut being_checked: Vec<SocketAddr> = Vec::new();
             'query: while let Ok(Some(batch)) =
                 tokio::time::timeout_at(deadline, stream.next()).await
             {
@@ -546,7 +616,11 @@ impl Node {
                 }
                 for addr in self.dial_order(topic, fresh, &order) {
                     match self.dial_slots.clone().try_acquire_owned() {
-                        Ok(permit) => self.maybe_dial(topic, addr, permit),
+                        Ok(permit) => {
+                            if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
+                                being_checked.push(addr);
+                            }
+                        }
                         Err(_) => leftover.push(addr),
                     }
                 }
@@ -556,15 +630,64 @@ impl Node {
             }
             drop(stream);
             let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
-            for addr in self.dial_order(topic, leftover, &order) {
-                let slot = self.dial_slots.clone().acquire_owned();
-                let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
-                    break;
-                };
-                self.maybe_dial(topic, addr, permit);
+            being_checked.extend(self.dial_in_turn(topic, leftover, &order, budget).await);
+            // What `lookup` was checking: once the check is done, a verified address is
+            // dialled (first, as verified) and a dead one is in backoff and skipped.
+            if !being_checked.is_empty() {
+                self.wait_checks(topic, &being_checked, budget).await;
+                self.dial_in_turn(topic, being_checked, &order, budget)
+                    .await;
             }
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(self.settings.lookup_interval);
+        }
+    }
+
+    /// Dials `candidates` in [`schedule`] order, each when a dial slot is its turn, until
+    /// `budget`; returns the ones `lookup` was checking.
+    async fn dial_in_turn(
+        self: &Arc<Self>,
+        topic: TopicHash,
+        candidates: Vec<SocketAddr>,
+        order: &RandomState,
+        budget: tokio::time::Instant,
+    ) -> Vec<SocketAddr> {
+        let mut being_checked = Vec::new();
+        for addr in self.dial_order(topic, candidates, order) {
+            let slot = self.dial_slots.clone().acquire_owned();
+            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
+                break;
+            };
+            if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
+                being_checked.push(addr);
+            }
+        }
+        being_checked
+    }
+
+    /// Waits until no identify check of `addrs` is in flight, or until `budget`.
+    async fn wait_checks(
+        &self,
+        topic: TopicHash,
+        addrs: &[SocketAddr],
+        budget: tokio::time::Instant,
+    ) {
+        loop {
+            // Registered before looking at the state, so no ending check is missed.
+            let ended = self.dial_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let pending = {
+                let st = self.state();
+                addrs.iter().any(|a| st.checking.contains(&(topic, *a)))
+            };
+            if !pending {
+                return;
+            }
+            tokio::select! {
+                _ = &mut ended => {}
+                _ = tokio::time::sleep_until(budget) => return,
+            }
         }
     }
 
@@ -595,35 +718,45 @@ impl Node {
     }
 
     /// Dials `addr` in the background with the dial slot `permit`, unless it is not worth it
-    /// (anymore): ourselves, connected, in backoff, being dialled or checked, or full.
+    /// (anymore): ourselves, connected, in backoff, being dialled, or full; or unless
+    /// `lookup` is checking it (the caller dials it after the check). A slot not used is
+    /// freed at once and dial waiters are woken.
     fn maybe_dial(
         self: &Arc<Self>,
         topic: TopicHash,
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
-    ) {
-        {
+    ) -> DialStart {
+        let (verdict, in_flight) = {
             let mut st = self.state();
             let now = Instant::now();
-            if self.is_self_addr(&st, addr)
+            let verdict = if self.is_self_addr(&st, addr)
                 || st.session_at(&topic, addr).is_some()
                 || st.in_backoff(addr, now)
                 || st.dialing.contains(&(topic, addr))
-                || st.checking.contains(&(topic, addr))
                 || st.live_sessions() >= self.settings.max_peers
                 || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
             {
-                return;
-            }
-            st.dialing.insert((topic, addr));
-        }
+                DialStart::Skipped
+            } else if st.checking.contains(&(topic, addr)) {
+                DialStart::BeingChecked
+            } else {
+                DialStart::Started
+            };
+            let in_flight = (verdict == DialStart::Started)
+                .then(|| InFlight::start(self, &mut st, (topic, addr), Purpose::Connect, permit));
+            (verdict, in_flight)
+        };
+        let Some(in_flight) = in_flight else {
+            // The unused permit freed its slot: wake whoever waits for a dial to end.
+            self.dial_ended.notify_waiters();
+            return verdict;
+        };
         let node = self.clone();
         self.spawn(async move {
             let result = node.dial(addr, topic, Purpose::Connect).await;
-            drop(permit);
             {
                 let mut st = node.state();
-                st.dialing.remove(&(topic, addr));
                 if let Err(e) = &result {
                     let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
                     if failures == 2 && node.may_warn_unreachable() {
@@ -634,8 +767,9 @@ impl Node {
                 }
                 st.record(addr, &result);
             }
-            node.dial_ended.notify_waiters();
+            drop(in_flight);
         });
+        DialStart::Started
     }
 
     fn may_warn_unreachable(&self) -> bool {
@@ -652,29 +786,35 @@ impl Node {
     }
 
     /// Runs an identify check of `addr` in the background with the dial slot `permit`; its
-    /// result lands in the address state (listed by this and later lookups).
+    /// result lands in the address state (listed by this and later lookups). Not when a dial
+    /// or check of it is in flight already (its result is as good); the slot is then freed
+    /// at once.
     fn start_check(
         self: &Arc<Self>,
         topic: TopicHash,
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
     ) {
-        if !self.state().checking.insert((topic, addr)) {
+        let in_flight = {
+            let mut st = self.state();
+            (!st.in_flight(topic, addr))
+                .then(|| InFlight::start(self, &mut st, (topic, addr), Purpose::Identify, permit))
+        };
+        let Some(in_flight) = in_flight else {
+            self.dial_ended.notify_waiters();
             return;
-        }
+        };
         let node = self.clone();
         self.spawn(async move {
             let result = node.dial(addr, topic, Purpose::Identify).await;
-            drop(permit);
             {
                 let mut st = node.state();
-                st.checking.remove(&(topic, addr));
                 if let Err(e) = &result {
                     tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
                 }
                 st.record(addr, &result);
             }
-            node.dial_ended.notify_waiters();
+            drop(in_flight);
         });
     }
 
@@ -690,7 +830,7 @@ impl Node {
             .topics
             .get(&topic)
             .map(|t| t.psk)
-            .ok_or_else(|| anyhow::anyhow!("topic not joined"))?;
+            .ok_or_else(|| declined(addr, "the topic is not joined here"))?;
         let fail = |reason: String| HyperswarmError::Handshake { addr, reason };
         // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
         let known = self
@@ -1001,7 +1141,7 @@ impl Node {
                 } else if st.live_sessions() >= max {
                     drop(st);
                     conn.close(code::BUSY, b"too many peers");
-                    return Err(refused(addr, code::BUSY));
+                    return Err(declined(addr, MAX_PEERS_REACHED));
                 } else {
                     st.sessions.insert(
                         key,
@@ -1050,7 +1190,7 @@ impl Node {
             if st.live_sessions() >= max && !st.sessions.contains_key(&key) {
                 drop(st);
                 conn.close(code::BUSY, b"too many peers");
-                return Err(refused(addr, code::BUSY));
+                return Err(declined(addr, MAX_PEERS_REACHED));
             }
             // The leader saw the old connection as dead; so is it, soon, here.
             if let Some(old) = st.sessions.insert(
@@ -1078,7 +1218,10 @@ impl Node {
         if !delivered {
             self.forget_session(key, &conn);
             conn.close(code::BUSY, b"not accepting");
-            return Err(refused(addr, code::BUSY));
+            return Err(declined(
+                addr,
+                "the application's connection queue is full (or it left the topic)",
+            ));
         }
         let node = self.clone();
         self.spawn(async move {
@@ -1102,7 +1245,8 @@ impl Node {
     /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
     ///
     /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
-    /// the others are checked in [`schedule`] order, as dial slots allow. Returns when its
+    /// the others are checked in [`schedule`] order, each as soon as a dial slot is its turn
+    /// (waiting in one queue with the `connect` loop, so neither starves). Returns when its
     /// checks are done or after [`LOOKUP_CHECK_BUDGET`], with what is verified by then;
     /// checks still running finish in the background for the next lookup.
     pub(crate) async fn lookup(
@@ -1148,9 +1292,7 @@ impl Node {
                 }
                 let listed =
                     st.session_at(&topic, addr).is_some() || st.fresh_peer(addr, now).is_some();
-                let running =
-                    st.checking.contains(&(topic, addr)) || st.dialing.contains(&(topic, addr));
-                if listed || running {
+                if listed || st.in_flight(topic, addr) {
                     watched.push(addr);
                 } else if let Some(tier) = st.tier(addr, now, Purpose::Identify) {
                     watched.push(addr);
@@ -1162,23 +1304,25 @@ impl Node {
                 VecDeque::from(schedule(to_check, &RandomState::new())),
             )
         };
+        // Slots are taken by waiting in the semaphore's queue, first come first served with
+        // the `connect` loop's waits: a released slot goes to the longest waiter before any
+        // `try_acquire` sees it, so polling for free slots here would starve while a connect
+        // round waits for its leftovers.
+        while let Some(addr) = queue.pop_front() {
+            let slot = self.dial_slots.clone().acquire_owned();
+            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
+                break;
+            };
+            self.start_check(topic, addr, permit);
+        }
         loop {
             // Registered before looking at the state, so no ending dial is missed.
             let ended = self.dial_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            while let Some(&addr) = queue.front() {
-                let Ok(permit) = self.dial_slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                queue.pop_front();
-                self.start_check(topic, addr, permit);
-            }
-            let pending = !queue.is_empty() || {
+            let pending = {
                 let st = self.state();
-                watched.iter().any(|a| {
-                    st.checking.contains(&(topic, *a)) || st.dialing.contains(&(topic, *a))
-                })
+                watched.iter().any(|a| st.in_flight(topic, *a))
             };
             if !pending {
                 break;
@@ -1219,6 +1363,25 @@ fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, conn
         address: Some(addr.to_string()),
         connected,
     });
+}
+
+/// Why [`HyperswarmError::Declined`]: this node has `max_peers` connections.
+const MAX_PEERS_REACHED: &str = "this node has max_peers connections";
+
+fn declined(addr: SocketAddr, reason: &str) -> anyhow::Error {
+    HyperswarmError::Declined {
+        addr,
+        reason: reason.into(),
+    }
+    .into()
+}
+
+/// Whether `e` is this node declining a connection itself (not the address failing).
+fn is_declined(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<HyperswarmError>(),
+        Some(HyperswarmError::Declined { .. })
+    )
 }
 
 fn refused(addr: SocketAddr, code: quinn::VarInt) -> anyhow::Error {
@@ -1318,6 +1481,109 @@ mod tests {
         assert_eq!(st.fresh_peer(live, now), Some([1; 32]));
         assert_eq!(st.fresh_peer(live, much_later), None);
         assert_eq!(st.fresh_peer(dead, now), None);
+    }
+
+    /// Dials and checks in flight hold a slot and a set entry; a check skips an address
+    /// being dialled, a dial defers one being checked, and aborting them (shutdown) frees
+    /// both.
+    #[tokio::test]
+    async fn dials_and_checks_share_slots_and_free_them_when_aborted() {
+        let loopback = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0);
+        let t = crate::HyperswarmTransport::builder()
+            .bootstrap(Vec::<String>::new())
+            .bind_addr(loopback)
+            .build()
+            .unwrap();
+        let node = Node::start(t.settings.clone()).await.unwrap();
+        let topic = [9u8; 32];
+        node.register_topic(topic);
+        let (tx, _rx) = mpsc::channel(1);
+        node.state().topics.get_mut(&topic).unwrap().accept = Some(tx);
+        // Endpoints where nobody answers.
+        let silent: Vec<std::net::UdpSocket> = (0..2)
+            .map(|_| std::net::UdpSocket::bind(loopback).unwrap())
+            .collect();
+        let (dialled, checked) = (
+            silent[0].local_addr().unwrap(),
+            silent[1].local_addr().unwrap(),
+        );
+        let slot = || node.dial_slots.clone().try_acquire_owned().unwrap();
+        let free = || node.dial_slots.available_permits();
+
+        assert_eq!(node.maybe_dial(topic, dialled, slot()), DialStart::Started);
+        node.start_check(topic, dialled, slot());
+        assert_eq!(
+            free(),
+            MAX_CONCURRENT_DIALS - 1,
+            "a check of a dialled address"
+        );
+        node.start_check(topic, checked, slot());
+        assert_eq!(
+            node.maybe_dial(topic, checked, slot()),
+            DialStart::BeingChecked
+        );
+        assert_eq!(
+            node.maybe_dial(topic, dialled, slot()),
+            DialStart::Skipped,
+            "dialled twice"
+        );
+        assert_eq!(free(), MAX_CONCURRENT_DIALS - 2);
+        {
+            let st = node.state();
+            assert!(st.dialing.contains(&(topic, dialled)));
+            assert!(st.checking.contains(&(topic, checked)));
+            assert_eq!(st.dialing.len() + st.checking.len(), 2);
+        }
+
+        node.shutdown();
+        let all_freed = async {
+            loop {
+                let ended = node.dial_ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                let empty = {
+                    let st = node.state();
+                    st.dialing.is_empty() && st.checking.is_empty()
+                };
+                if empty && free() == MAX_CONCURRENT_DIALS {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_freed)
+            .await
+            .expect("aborted dials kept their slots or set entries");
+    }
+
+    #[test]
+    fn only_remote_and_network_failures_count_against_an_address() {
+        let mut st = State::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        st.record(addr, &Ok(Outcome::Known([1; 32])));
+        let now = Instant::now();
+        // Declined here: max_peers reached, queue full, topic not joined.
+        st.record(addr, &Err(declined(addr, MAX_PEERS_REACHED)));
+        st.record(addr, &Err(declined(addr, "the topic is not joined here")));
+        assert!(!st.in_backoff(addr, now));
+        assert_eq!(st.addrs[&addr].failures, 0);
+        assert_eq!(st.fresh_peer(addr, now), Some([1; 32]), "still verified");
+        assert_eq!(st.tier(addr, now, Purpose::Connect), Some(Tier::Verified));
+        // The remote refusing, or not answering, does count.
+        st.record(addr, &Err(refused(addr, code::BUSY)));
+        assert_eq!(st.addrs[&addr].failures, 1);
+        assert!(st.in_backoff(addr, Instant::now()));
+        assert_eq!(st.fresh_peer(addr, Instant::now()), None);
+        let other: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        st.record(
+            other,
+            &Err(HyperswarmError::Handshake {
+                addr: other,
+                reason: "no answer within 1500 ms".into(),
+            }
+            .into()),
+        );
+        assert_eq!(st.addrs[&other].failures, 1);
     }
 
     #[test]

@@ -251,24 +251,7 @@ async fn hundreds_of_bogus_dht_peers_do_not_stop_discovery_or_traffic() {
     let mut ca = common::next_conn(&mut ra, Duration::from_secs(30)).await;
     let mut cb = common::next_conn(&mut rb, Duration::from_secs(30)).await;
 
-    let (raw, info_hash) = bogus_announcer(&dht, &topic);
-    const BOGUS: usize = 480;
-    // The first announce waits for the raw node to bootstrap; then batches in parallel.
-    raw.announce_peer(info_hash, Some(common::free_udp_port()))
-        .await
-        .unwrap();
-    let mut announced = 1;
-    while announced < BOGUS {
-        let mut batch = tokio::task::JoinSet::new();
-        for _ in 0..32 {
-            let raw = raw.clone();
-            let port = common::free_udp_port();
-            batch.spawn(async move { raw.announce_peer(info_hash, Some(port)).await.is_ok() });
-        }
-        let landed = batch.join_all().await.into_iter().filter(|ok| *ok).count();
-        assert!(landed > 0, "a batch of bogus announces failed entirely");
-        announced += landed;
-    }
+    let announced = flood(&dht, &topic, 480).await;
 
     // Two newcomers at once: one only looks up, one joins. The pair's traffic flows
     // throughout.
@@ -317,4 +300,85 @@ async fn hundreds_of_bogus_dht_peers_do_not_stop_discovery_or_traffic() {
     joiner.disconnect().await.unwrap();
     a.disconnect().await.unwrap();
     b.disconnect().await.unwrap();
+}
+
+/// Announces `count` endpoints where nobody answers under `topic`'s info-hash; returns how
+/// many announcements landed.
+async fn flood(dht: &LocalDht, topic: &[u8; 32], count: usize) -> usize {
+    let (raw, info_hash) = bogus_announcer(dht, topic);
+    // The first announce waits for the raw node to bootstrap; then batches in parallel.
+    raw.announce_peer(info_hash, Some(common::free_udp_port()))
+        .await
+        .unwrap();
+    let mut announced = 1;
+    // A batch can fail entirely while the raw node's routing table settles; many in a row
+    // mean the testnet is broken.
+    let mut failed_batches = 0;
+    while announced < count {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let raw = raw.clone();
+            let port = common::free_udp_port();
+            batch.spawn(async move { raw.announce_peer(info_hash, Some(port)).await.is_ok() });
+        }
+        let landed = batch.join_all().await.into_iter().filter(|ok| *ok).count();
+        failed_batches = if landed == 0 { failed_batches + 1 } else { 0 };
+        assert!(failed_batches < 5, "bogus announces keep failing");
+        announced += landed;
+    }
+    announced
+}
+
+/// A node's `connect` loops working through hundreds of dead entries must not take every
+/// dial slot from its own `lookup` on other topics: they wait for slots in one queue, so
+/// lookups made while the connect loops wait for their leftovers still check (and list)
+/// the live peer of each other topic on the first try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_connect_does_not_starve_lookup_on_another_topic() {
+    common::init_tracing();
+    let dht = LocalDht::new();
+    // Each DHT node answers a query with 10 of a topic's peers, so one query of this small
+    // testnet returns about 50 dead entries: three flooded topics give the connect loops
+    // far more candidates than dial slots, as one flooded topic does on the public DHT.
+    let flooded: Vec<[u8; 32]> = (0..3)
+        .map(|i| fresh_topic(&format!("starve-flooded-{i}")))
+        .collect();
+    let mut announced = 0;
+    for topic in &flooded {
+        announced += flood(&dht, topic, 480).await;
+    }
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let topic = fresh_topic(&format!("starve-other-{i}"));
+        let mut live = dht.transport();
+        live.announce(topic).await.unwrap();
+        others.push((topic, live));
+    }
+
+    let mut node = dht.transport();
+    let started = Instant::now();
+    let mut receivers = Vec::new();
+    for topic in &flooded {
+        receivers.push(node.connect(*topic).await.unwrap());
+    }
+    // One lookup after the other while the connect loops work through the flood (they have
+    // far more candidates than dial slots for several rounds). Only hang guards: each lookup,
+    // not polled, must list its topic's live peer.
+    for (topic, live) in &others {
+        let found = tokio::time::timeout(Duration::from_secs(60), node.lookup(*topic))
+            .await
+            .expect("lookup hung behind the flooded connect loops")
+            .unwrap();
+        eprintln!(
+            "{announced} dead entries on the connect topics: lookup done after {:?} ({} failed dials so far): {found:?}",
+            started.elapsed(),
+            node.dial_failures().len()
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].id, live.peer_id());
+    }
+    node.disconnect().await.unwrap();
+    for (_, mut live) in others {
+        live.disconnect().await.unwrap();
+    }
 }
