@@ -672,16 +672,21 @@ impl Node {
         addrs: &[SocketAddr],
         budget: tokio::time::Instant,
     ) {
+        self.wait_until(budget, |st| {
+            !addrs.iter().any(|a| st.checking.contains(&(topic, *a)))
+        })
+        .await;
+    }
+
+    /// Waits until `done` holds for the state (looked at again whenever a dial or check
+    /// ends), or until `budget`.
+    async fn wait_until(&self, budget: tokio::time::Instant, done: impl Fn(&State) -> bool) {
         loop {
-            // Registered before looking at the state, so no ending check is missed.
+            // Registered before looking at the state, so no ending dial is missed.
             let ended = self.dial_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let pending = {
-                let st = self.state();
-                addrs.iter().any(|a| st.checking.contains(&(topic, *a)))
-            };
-            if !pending {
+            if done(&self.state()) {
                 return;
             }
             tokio::select! {
@@ -1315,23 +1320,10 @@ impl Node {
             };
             self.start_check(topic, addr, permit);
         }
-        loop {
-            // Registered before looking at the state, so no ending dial is missed.
-            let ended = self.dial_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            let pending = {
-                let st = self.state();
-                watched.iter().any(|a| st.in_flight(topic, *a))
-            };
-            if !pending {
-                break;
-            }
-            tokio::select! {
-                _ = &mut ended => {}
-                _ = tokio::time::sleep_until(budget) => break,
-            }
-        }
+        self.wait_until(budget, |st| {
+            !watched.iter().any(|a| st.in_flight(topic, *a))
+        })
+        .await;
         let st = self.state();
         let now = Instant::now();
         let mut found: Vec<PeerInfo> = Vec::new();

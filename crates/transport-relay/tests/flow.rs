@@ -465,19 +465,30 @@ async fn without_flow_control(encryption: bool) {
         let hello = x.hello(true);
         x.send(v, hello).await;
     }
+    rejected_as_v1(&mut x, v, &mut victim, &mut v_rx).await;
+}
+
+/// `x` gets REJECT (version mismatch) from relay connection `v`, and `t` reports the clear
+/// error and hands out no connection.
+async fn rejected_as_v1(
+    x: &mut Raw,
+    v: u64,
+    t: &mut RelayTransport,
+    rx: &mut mpsc::Receiver<Box<dyn Connection>>,
+) {
     let reject = x.deliver_from(v).await;
     assert_eq!(
         reject,
         [0x2F, 2, SESSION_VERSION],
         "REJECT, version mismatch, our version"
     );
-    let err = wait_for_error(&victim, "session version 1").await;
+    let err = wait_for_error(t, "session version 1").await;
     assert!(err.contains("flow control"), "{err}");
     assert!(
-        v_rx.try_recv().is_err(),
+        rx.try_recv().is_err(),
         "no connection for a peer that was rejected"
     );
-    victim.disconnect().await.unwrap();
+    t.disconnect().await.unwrap();
 }
 
 /// The other direction: this side starts the handshake and a session version 1 responder
@@ -492,19 +503,7 @@ async fn a_v1_responder_gets_a_clear_error_not_a_hang() {
     let mut newcomer = transport_with(&url, true);
     let mut n_rx = newcomer.connect(topic).await.unwrap();
     let n = x.v1_responder(&topic).await;
-    let reject = x.deliver_from(n).await;
-    assert_eq!(
-        reject,
-        [0x2F, 2, SESSION_VERSION],
-        "REJECT, version mismatch, our version"
-    );
-    let err = wait_for_error(&newcomer, "session version 1").await;
-    assert!(err.contains("flow control"), "{err}");
-    assert!(
-        n_rx.try_recv().is_err(),
-        "no connection for a peer that was rejected"
-    );
-    newcomer.disconnect().await.unwrap();
+    rejected_as_v1(&mut x, n, &mut newcomer, &mut n_rx).await;
 }
 
 /// `chunk` sealed with `nonce` as a SEALED peer frame.

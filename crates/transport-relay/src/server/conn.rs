@@ -748,13 +748,7 @@ impl Conn<'_> {
                         if self.pending.len() >= MAX_PENDING_RECEIVERS {
                             self.flush().await;
                         }
-                        self.pending.push(Pending {
-                            room,
-                            to,
-                            member,
-                            frames: BatchBuilder::default(),
-                        });
-                        self.pending.len() - 1
+                        self.gather(to, room, member)
                     }
                 };
                 self.stage(i, room, payload).await;
@@ -957,18 +951,23 @@ impl Conn<'_> {
         if !self.pending[i].frames.fits(payload.len()) {
             let (to, member) = (self.pending[i].to, self.pending[i].member.clone());
             self.flush().await;
-            self.pending.push(Pending {
-                room,
-                to,
-                member,
-                frames: BatchBuilder::default(),
-            });
-            i = self.pending.len() - 1;
+            i = self.gather(to, room, member);
         }
         let id = self.id;
         self.pending[i]
             .frames
             .push_deliver(&room, id, false, payload);
+    }
+
+    /// Starts gathering DELIVERs for a receiver; its index in `pending`.
+    fn gather(&mut self, to: ConnId, room: RoomId, member: Member) -> usize {
+        self.pending.push(Pending {
+            room,
+            to,
+            member,
+            frames: BatchBuilder::default(),
+        });
+        self.pending.len() - 1
     }
 
     /// Queues every receiver's gathered DELIVERs: first to every receiver with room in its
