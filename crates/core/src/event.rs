@@ -46,16 +46,48 @@ pub const DEFAULT_BROADCAST_CAPACITY: usize = 1024;
 /// assert_eq!(hub.publish(event.clone()).unwrap(), 1);
 /// assert_eq!(rx.try_recv().unwrap(), event);
 /// ```
+///
+/// # Local and remote events
+///
+/// Besides the subscribers of [`subscribe`](Self::subscribe), which see every event, a hub
+/// has a second channel for code that carries events to other replicas (the SyncBridge):
+/// [`subscribe_local`](Self::subscribe_local) sees only the events the application published
+/// with [`publish`](Self::publish), never those published with
+/// [`publish_remote`](Self::publish_remote) (events that arrived from a peer, and peer
+/// arrivals and departures). A bridge sends on what it reads from `subscribe_local` and
+/// publishes what peers send with `publish_remote`, so an event is never sent back to where it
+/// came from and never circulates, whatever the events contain and however far a subscriber
+/// lags: the origin is the channel, not a guess from the event's content.
+///
+/// ```
+/// use pluresdb_sync_core::{SyncBroadcaster, SyncEvent};
+///
+/// let hub = SyncBroadcaster::new(16);
+/// let mut app = hub.subscribe();
+/// let mut outgoing = hub.subscribe_local();
+/// let from_peer = SyncEvent::NodeUpsert { id: "n1".into() };
+/// hub.publish_remote(from_peer.clone()).unwrap();
+/// hub.publish(SyncEvent::NodeDelete { id: "n2".into() }).unwrap();
+/// assert_eq!(app.try_recv().unwrap(), from_peer);
+/// assert_eq!(app.try_recv().unwrap(), SyncEvent::NodeDelete { id: "n2".into() });
+/// // Only the application's own event is there to send on.
+/// assert_eq!(outgoing.try_recv().unwrap(), SyncEvent::NodeDelete { id: "n2".into() });
+/// assert!(outgoing.try_recv().is_err());
+/// ```
 #[derive(Clone, Debug)]
 pub struct SyncBroadcaster {
+    /// Every event, for [`SyncBroadcaster::subscribe`].
     tx: broadcast::Sender<SyncEvent>,
+    /// Events the application published, for [`SyncBroadcaster::subscribe_local`].
+    local: broadcast::Sender<SyncEvent>,
 }
 
 impl SyncBroadcaster {
     /// A broadcaster keeping up to `capacity` events per subscriber (at least 1).
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
-        Self { tx }
+        let (local, _) = broadcast::channel(capacity.max(1));
+        Self { tx, local }
     }
 
     /// A new subscriber; it sees the events published from now on.
@@ -63,19 +95,49 @@ impl SyncBroadcaster {
         self.tx.subscribe()
     }
 
-    /// Publishes an event to every subscriber, returning how many there are.
+    /// A new subscriber to the events the application publishes with
+    /// [`publish`](Self::publish) from now on; events published with
+    /// [`publish_remote`](Self::publish_remote) never reach it. Bounded like
+    /// [`subscribe`](Self::subscribe) (same capacity, `Lagged` when it falls behind).
+    pub fn subscribe_local(&self) -> broadcast::Receiver<SyncEvent> {
+        self.local.subscribe()
+    }
+
+    /// Publishes an event of the application to every subscriber (both kinds), returning how
+    /// many there are.
     ///
     /// Fails (giving the event back) when there is no subscriber.
     pub fn publish(
         &self,
         event: SyncEvent,
     ) -> Result<usize, broadcast::error::SendError<SyncEvent>> {
+        let local = if self.local.receiver_count() > 0 {
+            self.local.send(event.clone()).unwrap_or(0)
+        } else {
+            0
+        };
+        match self.tx.send(event) {
+            Ok(n) => Ok(n + local),
+            Err(_) if local > 0 => Ok(local),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Publishes an event that did not originate here (it came from a peer, or says that a
+    /// peer came or went) to the [`subscribe`](Self::subscribe) subscribers only, returning
+    /// how many there are.
+    ///
+    /// Fails (giving the event back) when there is no such subscriber.
+    pub fn publish_remote(
+        &self,
+        event: SyncEvent,
+    ) -> Result<usize, broadcast::error::SendError<SyncEvent>> {
         self.tx.send(event)
     }
 
-    /// The number of live subscribers.
+    /// The number of live subscribers of both kinds.
     pub fn subscriber_count(&self) -> usize {
-        self.tx.receiver_count()
+        self.tx.receiver_count() + self.local.receiver_count()
     }
 }
 
@@ -137,5 +199,31 @@ mod tests {
         })
         .unwrap();
         assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn remote_events_never_reach_local_subscribers() {
+        let hub = SyncBroadcaster::new(8);
+        let mut all = hub.subscribe();
+        let mut local = hub.subscribe_local();
+        assert_eq!(hub.subscriber_count(), 2);
+        let event = SyncEvent::NodeUpsert { id: "same".into() };
+        assert_eq!(hub.publish_remote(event.clone()).unwrap(), 1);
+        // The application publishes an identical event: it is its own, so it goes out.
+        assert_eq!(hub.publish(event.clone()).unwrap(), 2);
+        assert_eq!(all.try_recv().unwrap(), event);
+        assert_eq!(all.try_recv().unwrap(), event);
+        assert_eq!(local.try_recv().unwrap(), event);
+        assert!(local.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_local_subscriber_alone_counts_as_a_receiver() {
+        let hub = SyncBroadcaster::new(8);
+        let _local = hub.subscribe_local();
+        let event = SyncEvent::NodeDelete { id: "x".into() };
+        assert_eq!(hub.publish(event.clone()).unwrap(), 1);
+        // Nobody subscribed to everything: a remote event has no receiver.
+        assert_eq!(hub.publish_remote(event.clone()).unwrap_err().0, event);
     }
 }
