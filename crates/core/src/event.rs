@@ -80,14 +80,27 @@ pub struct SyncBroadcaster {
     tx: broadcast::Sender<SyncEvent>,
     /// Events the application published, for [`SyncBroadcaster::subscribe_local`].
     local: broadcast::Sender<SyncEvent>,
+    /// The capacity asked for (at least 1).
+    capacity: usize,
 }
 
 impl SyncBroadcaster {
     /// A broadcaster keeping up to `capacity` events per subscriber (at least 1).
     pub fn new(capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
-        let (local, _) = broadcast::channel(capacity.max(1));
-        Self { tx, local }
+        let capacity = capacity.max(1);
+        let (tx, _) = broadcast::channel(capacity);
+        let (local, _) = broadcast::channel(capacity);
+        Self {
+            tx,
+            local,
+            capacity,
+        }
+    }
+
+    /// How many events a subscriber may fall behind by before it loses some: the capacity
+    /// given to [`new`](Self::new) (at least 1; tokio may keep a few more).
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// A new subscriber; it sees the events published from now on.
@@ -193,6 +206,11 @@ mod tests {
     #[test]
     fn zero_capacity_is_clamped() {
         let hub = SyncBroadcaster::new(0);
+        assert_eq!(hub.capacity(), 1);
+        assert_eq!(
+            SyncBroadcaster::default().capacity(),
+            DEFAULT_BROADCAST_CAPACITY
+        );
         let mut rx = hub.subscribe();
         hub.publish(SyncEvent::PeerConnected {
             peer_id: "p".into(),
