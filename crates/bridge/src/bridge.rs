@@ -34,6 +34,10 @@ pub(crate) struct Shared {
     taken: AtomicBool,
     pub(crate) in_budget: ByteBudget,
     cancel: CancellationToken,
+    /// Never read: it makes the application's `publish` succeed while the bridge runs, also
+    /// before any peer is linked (the events then reach nobody, which is no error). An unread
+    /// receiver costs nothing beyond the hub's bounded ring.
+    _listening: broadcast::Receiver<SyncEvent>,
 }
 
 impl Shared {
@@ -109,6 +113,7 @@ impl SyncBridge {
         let (reports, _) = broadcast::channel(settings.report_capacity);
         let cancel = CancellationToken::new();
         let shared = Arc::new(Shared {
+            _listening: hub.subscribe_local(),
             hub,
             table: Mutex::new(PeerTable::new(settings.max_peers)),
             reports,

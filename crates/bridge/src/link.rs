@@ -3,11 +3,13 @@
 //!
 //! A [`Connection`] is `&mut self` for both `send` and `receive`, so one task does both: it
 //! waits for whichever comes first (a message from the peer, an application event, a queued
-//! application message, a replacement connection, cancellation) and handles it. `receive`,
-//! `broadcast::Receiver::recv` and `mpsc::Receiver::recv` are cancel safe, so nothing is lost
-//! between rounds. While a send is under way the link does not read; two peers that both have
-//! more than the transport's window in flight towards each other wait on each other until
-//! the send timeout cuts the link.
+//! application message, a replacement connection, cancellation) and handles it, and reads
+//! whatever the peer sent before each send. `receive`, `broadcast::Receiver::recv` and
+//! `mpsc::Receiver::recv` are cancel safe, so nothing is lost between rounds. While a send is
+//! under way the link does not read: two peers sending each other messages larger than the
+//! transport's window at the same moment wait on each other until the send timeout cuts the
+//! link (the relay's window is 18 MiB, more than a message; Hyperswarm's is QUIC's stream
+//! window).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -83,6 +85,13 @@ impl LinkHandle {
     fn take_handover(&self) -> Option<Box<dyn Connection>> {
         lock(&self.handover).take()
     }
+}
+
+/// What a frame being sent carries, for the counters.
+#[derive(Clone, Copy, Debug)]
+enum Sent {
+    Event,
+    Message,
 }
 
 /// How serving one connection ended.
@@ -179,40 +188,50 @@ impl Link {
     }
 
     /// Moves events and messages over `conn` until it ends or the link is cancelled.
+    ///
+    /// Every send starts right after reading everything the peer has sent so far (see
+    /// [`Link::drain`]). Two links doing that can never both wait in `send` on each other
+    /// for messages that fit the transport's window: a link whose send waits for the other
+    /// to read had emptied its own inbound just before, and the other, had it sent anything
+    /// since, would be reading rather than waiting.
     async fn serve(&mut self, conn: &mut Box<dyn Connection>) -> End {
         loop {
+            if let Some(end) = self.drain(conn).await {
+                return end;
+            }
             let pending_len = self.pending.as_ref().map_or(0, Bytes::len);
-            tokio::select! {
+            let out = tokio::select! {
                 _ = self.handle.cancel.cancelled() => return End::Cancelled,
                 _ = self.handle.handover_ready.notified() => {
                     if let Some(new) = self.handle.take_handover() {
                         let old = std::mem::replace(conn, new);
                         self.replaced(old).await;
                     }
+                    None
                 }
-                got = conn.receive(), if self.pending.is_none() => match got {
-                    Ok(Some(bytes)) => self.on_frame(bytes),
-                    Ok(None) => return End::Closed,
-                    Err(e) => return End::Failed(format!("{e:#}")),
-                },
+                got = conn.receive(), if self.pending.is_none() => {
+                    if let Some(end) = self.received(got) {
+                        return end;
+                    }
+                    None
+                }
                 room = room(&self.shared, pending_len), if self.pending.is_some() => {
                     if let Some(bytes) = self.pending.take() {
                         self.deliver(bytes, room);
                     }
+                    None
                 }
                 event = self.events.recv() => match event {
                     Ok(event) => match envelope::encode_event(&event) {
-                        Ok(Some(frame)) => {
-                            if let Err(end) = self.send(conn, &frame).await {
-                                return end;
-                            }
-                            bump(&self.shared.counters.events_sent);
+                        Ok(Some(frame)) => Some((frame, Sent::Event)),
+                        Ok(None) => None,
+                        Err(error) => {
+                            self.shared.report(BridgeEvent::EventNotSent {
+                                peer_id: self.peer_id.clone(),
+                                error,
+                            });
+                            None
                         }
-                        Ok(None) => {}
-                        Err(error) => self.shared.report(BridgeEvent::EventNotSent {
-                            peer_id: self.peer_id.clone(),
-                            error,
-                        }),
                     },
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         return End::Cut(CutReason::Lagged { missed });
@@ -220,15 +239,56 @@ impl Link {
                     Err(broadcast::error::RecvError::Closed) => return End::Cancelled,
                 },
                 message = self.outbox.recv() => match message {
-                    Some(frame) => {
-                        if let Err(end) = self.send(conn, &frame).await {
-                            return end;
-                        }
-                        bump(&self.shared.counters.messages_sent);
-                    }
+                    Some(frame) => Some((frame, Sent::Message)),
                     None => return End::Cancelled,
                 },
+            };
+            if let Some((frame, kind)) = out {
+                if let Some(end) = self.drain(conn).await {
+                    return end;
+                }
+                if let Err(end) = self.send(conn, &frame).await {
+                    return end;
+                }
+                bump(match kind {
+                    Sent::Event => &self.shared.counters.events_sent,
+                    Sent::Message => &self.shared.counters.messages_sent,
+                });
             }
+        }
+    }
+
+    /// Handles everything the peer has sent that is ready now, without waiting.
+    async fn drain(&mut self, conn: &mut Box<dyn Connection>) -> Option<End> {
+        loop {
+            let pending_len = self.pending.as_ref().map_or(0, Bytes::len);
+            tokio::select! {
+                biased;
+                _ = self.handle.cancel.cancelled() => return Some(End::Cancelled),
+                got = conn.receive(), if self.pending.is_none() => {
+                    if let Some(end) = self.received(got) {
+                        return Some(end);
+                    }
+                }
+                room = room(&self.shared, pending_len), if self.pending.is_some() => {
+                    if let Some(bytes) = self.pending.take() {
+                        self.deliver(bytes, room);
+                    }
+                }
+                () = std::future::ready(()) => return None,
+            }
+        }
+    }
+
+    /// Handles what one `receive` returned; `Some` when the connection ended.
+    fn received(&mut self, got: anyhow::Result<Option<Vec<u8>>>) -> Option<End> {
+        match got {
+            Ok(Some(bytes)) => {
+                self.on_frame(bytes);
+                None
+            }
+            Ok(None) => Some(End::Closed),
+            Err(e) => Some(End::Failed(format!("{e:#}"))),
         }
     }
 

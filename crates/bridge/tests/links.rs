@@ -425,3 +425,54 @@ async fn stop_closes_every_connection_and_announces_every_departure() {
     // The feed is gone with the bridge's task.
     assert!(s.feed.is_closed());
 }
+
+/// Two bridges on one pipe (a window of PIPE_QUEUE messages each way) publish bursts at
+/// each other at once. Each link reads what arrived before every send, so neither ends up
+/// waiting in `send` on the other: every event arrives and nobody is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridges_bursting_at_each_other_through_a_small_window_never_deadlock() {
+    const BURST: usize = 3000;
+    let builder = SyncBridge::builder().send_timeout(Duration::from_secs(5));
+    let (ta, feed_a) = FeedTransport::new();
+    let (tb, feed_b) = FeedTransport::new();
+    let (hub_a, hub_b) = (
+        SyncBroadcaster::new(4 * BURST),
+        SyncBroadcaster::new(4 * BURST),
+    );
+    let (mut seen_a, mut seen_b) = (hub_a.subscribe(), hub_b.subscribe());
+    let topic = fresh_topic();
+    let a = builder
+        .clone()
+        .start(Box::new(ta), topic, hub_a.clone())
+        .await
+        .unwrap();
+    let b = builder
+        .start(Box::new(tb), topic, hub_b.clone())
+        .await
+        .unwrap();
+    let (a_end, b_end) = pipe("b", "a");
+    feed_a.send(Box::new(a_end)).await.unwrap();
+    feed_b.send(Box::new(b_end)).await.unwrap();
+    next_event(&mut seen_a).await;
+    next_event(&mut seen_b).await;
+    for i in 0..BURST {
+        hub_a.publish(upsert(&format!("a{i}"))).unwrap();
+        hub_b.publish(upsert(&format!("b{i}"))).unwrap();
+    }
+    for (seen, me, other) in [(&mut seen_a, "a", "b"), (&mut seen_b, "b", "a")] {
+        let (mut mine, mut theirs) = (0, 0);
+        while theirs < BURST {
+            match next_event(seen).await {
+                SyncEvent::NodeUpsert { id } if id == format!("{me}{mine}") => mine += 1,
+                SyncEvent::NodeUpsert { id } => {
+                    assert_eq!(id, format!("{other}{theirs}"));
+                    theirs += 1;
+                }
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+    assert_eq!(a.status().peers_cut + b.status().peers_cut, 0);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}

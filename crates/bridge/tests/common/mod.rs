@@ -383,9 +383,13 @@ pub async fn a_peer_that_never_reads_is_cut(factory: &dyn TransportFactory) {
         }
     }
     assert_eq!(cut, [true, true], "the slow peer was never cut");
+    // (A transport may bring the slow peer back, e.g. Hyperswarm re-dials it: it is then a
+    // new link, cut again once it falls behind.)
+    let healthy = [peers[0].iter(), peers[1].iter()]
+        .map(|mut p| p.find(|id| **id != slow_id).cloned().unwrap());
     for (i, r) in rs.iter_mut().enumerate() {
-        assert_eq!(r.bridge.peers().len(), 1);
-        assert_eq!(r.bridge.status().peers_cut, 1);
+        assert!(r.bridge.peers().contains(&healthy[i]), "replica {i}");
+        assert!(r.bridge.status().peers_cut >= 1);
         // The hub heard the slow peer leave, and nothing about the other replica.
         let mut left = Vec::new();
         while let Ok(e) = r.seen.try_recv() {
@@ -393,7 +397,8 @@ pub async fn a_peer_that_never_reads_is_cut(factory: &dyn TransportFactory) {
                 left.push(peer_id);
             }
         }
-        assert_eq!(left, std::slice::from_ref(&slow_id), "replica {i}");
+        assert!(!left.is_empty(), "replica {i}");
+        assert!(left.iter().all(|p| *p == slow_id), "replica {i}: {left:?}");
     }
     for r in rs {
         r.bridge.stop().await.unwrap();
