@@ -8,35 +8,32 @@ use common::*;
 use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::TransportFactory;
 use pluresdb_sync_transport_relay::RelayTransport;
-use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use pluresdb_sync_transport_relay::server::RelayServer;
+use pluresdb_sync_transport_relay::testkit::relay;
 
-/// Relay transports on one local relay server.
+/// Relay transports on one relay server in this process.
 struct Relay {
     server: RelayServer,
+    url: String,
 }
 
 impl Relay {
     async fn start() -> Self {
-        let server =
-            RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
-                .await
-                .unwrap();
-        Self { server }
+        let (server, url) = relay().await.unwrap();
+        Self { server, url }
     }
 }
 
 #[async_trait]
 impl TransportFactory for Relay {
     async fn create(&self, n: usize) -> anyhow::Result<Vec<Box<dyn Transport>>> {
-        let url = format!("ws://{}/relay", self.server.local_addr());
         (0..n)
             .map(|_| {
-                Ok(Box::new(
-                    RelayTransport::builder()
-                        .relay_url(&url)
-                        .timeout(T)
-                        .build()?,
-                ) as Box<dyn Transport>)
+                let t = RelayTransport::builder()
+                    .relay_url(&self.url)
+                    .timeout(T)
+                    .build()?;
+                Ok(Box::new(t) as Box<dyn Transport>)
             })
             .collect()
     }

@@ -5,14 +5,13 @@
 pub mod pipe;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pluresdb_sync_bridge::{
     BridgeEvent, CutReason, DisconnectReason, Messages, SyncBridge, SyncBridgeBuilder,
 };
 use pluresdb_sync_core::testkit::TransportFactory;
-use pluresdb_sync_core::{SyncBroadcaster, SyncEvent, TopicHash, Transport, derive_topic};
+use pluresdb_sync_core::{SyncBroadcaster, SyncEvent, TopicHash, Transport};
 use tokio::sync::broadcast;
 
 /// How long any one wait may take before the test fails: only a guard against hangs.
@@ -20,15 +19,7 @@ pub const T: Duration = Duration::from_secs(60);
 
 /// A topic no other test uses.
 pub fn fresh_topic() -> TopicHash {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    derive_topic(&format!(
-        "bridge-test-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
+    pluresdb_sync_core::testkit::fresh_topic("bridge")
 }
 
 /// One replica: its hub, what its application sees, and its bridge.
