@@ -58,6 +58,8 @@ pub const DEFAULT_BROADCAST_CAPACITY: usize = 1024;
 /// publishes what peers send with `publish_remote`, so an event is never sent back to where it
 /// came from and never circulates, whatever the events contain and however far a subscriber
 /// lags: the origin is the channel, not a guess from the event's content.
+/// [`subscribe_remote`](Self::subscribe_remote) is the other half: only what came from the
+/// network, e.g. for showing it.
 ///
 /// ```
 /// use pluresdb_sync_core::{SyncBroadcaster, SyncEvent};
@@ -80,6 +82,8 @@ pub struct SyncBroadcaster {
     tx: broadcast::Sender<SyncEvent>,
     /// Events the application published, for [`SyncBroadcaster::subscribe_local`].
     local: broadcast::Sender<SyncEvent>,
+    /// Events published with `publish_remote`, for [`SyncBroadcaster::subscribe_remote`].
+    remote: broadcast::Sender<SyncEvent>,
     /// The capacity asked for (at least 1).
     capacity: usize,
 }
@@ -90,9 +94,11 @@ impl SyncBroadcaster {
         let capacity = capacity.max(1);
         let (tx, _) = broadcast::channel(capacity);
         let (local, _) = broadcast::channel(capacity);
+        let (remote, _) = broadcast::channel(capacity);
         Self {
             tx,
             local,
+            remote,
             capacity,
         }
     }
@@ -116,8 +122,16 @@ impl SyncBroadcaster {
         self.local.subscribe()
     }
 
-    /// Publishes an event of the application to every subscriber (both kinds), returning how
-    /// many there are.
+    /// A new subscriber to the events published with
+    /// [`publish_remote`](Self::publish_remote) from now on (what came from peers, and peer
+    /// arrivals and departures); the application's own events never reach it. For showing
+    /// what the network brought. Bounded like [`subscribe`](Self::subscribe).
+    pub fn subscribe_remote(&self) -> broadcast::Receiver<SyncEvent> {
+        self.remote.subscribe()
+    }
+
+    /// Publishes an event of the application to the [`subscribe`](Self::subscribe) and
+    /// [`subscribe_local`](Self::subscribe_local) subscribers, returning how many there are.
     ///
     /// Fails (giving the event back) when there is no subscriber.
     pub fn publish(
@@ -137,20 +151,29 @@ impl SyncBroadcaster {
     }
 
     /// Publishes an event that did not originate here (it came from a peer, or says that a
-    /// peer came or went) to the [`subscribe`](Self::subscribe) subscribers only, returning
-    /// how many there are.
+    /// peer came or went) to the [`subscribe`](Self::subscribe) and
+    /// [`subscribe_remote`](Self::subscribe_remote) subscribers, returning how many there are.
     ///
     /// Fails (giving the event back) when there is no such subscriber.
     pub fn publish_remote(
         &self,
         event: SyncEvent,
     ) -> Result<usize, broadcast::error::SendError<SyncEvent>> {
-        self.tx.send(event)
+        let remote = if self.remote.receiver_count() > 0 {
+            self.remote.send(event.clone()).unwrap_or(0)
+        } else {
+            0
+        };
+        match self.tx.send(event) {
+            Ok(n) => Ok(n + remote),
+            Err(_) if remote > 0 => Ok(remote),
+            Err(e) => Err(e),
+        }
     }
 
-    /// The number of live subscribers of both kinds.
+    /// The number of live subscribers of every kind.
     pub fn subscriber_count(&self) -> usize {
-        self.tx.receiver_count() + self.local.receiver_count()
+        self.tx.receiver_count() + self.local.receiver_count() + self.remote.receiver_count()
     }
 }
 
@@ -233,6 +256,22 @@ mod tests {
         assert_eq!(all.try_recv().unwrap(), event);
         assert_eq!(local.try_recv().unwrap(), event);
         assert!(local.try_recv().is_err());
+    }
+
+    #[test]
+    fn remote_subscribers_see_only_what_came_from_peers() {
+        let hub = SyncBroadcaster::new(8);
+        let mut remote = hub.subscribe_remote();
+        let own = SyncEvent::NodeUpsert { id: "mine".into() };
+        let theirs = SyncEvent::NodeUpsert {
+            id: "theirs".into(),
+        };
+        // The application's own event has no receiver here: a remote subscriber never sees it.
+        assert!(hub.publish(own).is_err());
+        assert_eq!(hub.publish_remote(theirs.clone()).unwrap(), 1);
+        assert_eq!(remote.try_recv().unwrap(), theirs);
+        assert!(remote.try_recv().is_err());
+        assert_eq!(hub.subscriber_count(), 1);
     }
 
     #[test]
