@@ -3,14 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pluresdb_sync_bridge::envelope::{Frame, decode, encode_event, encode_message};
+use pluresdb_sync_bridge::envelope::{Frame, decode, encode_events, encode_message};
 
 fuzz_target!(|data: &[u8]| {
     match decode(data) {
-        Ok(Frame::Event(event)) => {
-            let again = encode_event(&event)
-                .expect("a decoded event re-encodes")
-                .expect("only node events decode");
+        Ok(Frame::Events(events)) => {
+            let again = encode_events(&events)
+                .expect("decoded events re-encode")
+                .expect("only node events decode, at least one");
             assert_eq!(&again[..], data, "decode/encode is not the identity");
         }
         Ok(Frame::Message(payload)) => {

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | 0 | 1 | envelope version, `1` |
 //! | 1 | 1 | kind: `1` event, `2` application message |
-//! | 2 | rest | kind 1: one event in the core event codec (NodeUpsert or NodeDelete only); kind 2: the application's bytes, as given |
+//! | 2 | rest | kind 1: one or more events in the core event codec, back to back (NodeUpsert or NodeDelete only); kind 2: the application's bytes, as given |
 //!
 //! The transport delimits messages, so there is no length field. [`decode`] is a pure function
 //! over `&[u8]`: it never panics, allocates at most an event id's length, and rejects unknown
@@ -20,7 +20,15 @@
 //! let event = SyncEvent::NodeDelete { id: "ab".into() };
 //! let bytes = envelope::encode_event(&event).unwrap().unwrap();
 //! assert_eq!(&bytes[..], [1, 1, 1, 2, 0, 2, b'a', b'b']);
-//! assert_eq!(envelope::decode(&bytes).unwrap(), Frame::Event(event));
+//! assert_eq!(envelope::decode(&bytes).unwrap(), Frame::Events(vec![event.clone()]));
+//!
+//! // Events waiting together travel together.
+//! let mut batch = envelope::EventBatch::new();
+//! batch.push(&event).unwrap();
+//! batch.push(&SyncEvent::NodeUpsert { id: "c".into() }).unwrap();
+//! let bytes = batch.finish();
+//! assert_eq!(&bytes[..], [1, 1, 1, 2, 0, 2, b'a', b'b', 1, 1, 0, 1, b'c']);
+//! assert_eq!(envelope::decode(&bytes).unwrap().events().len(), 2);
 //!
 //! let bytes = envelope::encode_message(b"hi").unwrap();
 //! assert_eq!(&bytes[..], [1, 2, b'h', b'i']);
@@ -48,10 +56,79 @@ pub const KIND_MESSAGE: u8 = 2;
 /// One decoded envelope.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// A NodeUpsert or NodeDelete the remote's application published.
-    Event(SyncEvent),
+    /// NodeUpsert / NodeDelete events the remote's application published, in order (at
+    /// least one).
+    Events(Vec<SyncEvent>),
     /// An application message (the bytes after the header).
     Message(&'a [u8]),
+}
+
+impl Frame<'_> {
+    /// The events of an event frame (none for a message).
+    pub fn events(&self) -> &[SyncEvent] {
+        match self {
+            Frame::Events(events) => events,
+            Frame::Message(_) => &[],
+        }
+    }
+}
+
+/// Builds one event envelope from several events (which then cross as one transport
+/// message).
+#[derive(Debug)]
+pub struct EventBatch {
+    buf: BytesMut,
+    events: usize,
+}
+
+impl Default for EventBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        let mut buf = BytesMut::with_capacity(256);
+        buf.put_u8(ENVELOPE_VERSION);
+        buf.put_u8(KIND_EVENT);
+        Self { buf, events: 0 }
+    }
+
+    /// Adds a node event; `Ok(false)` for PeerConnected / PeerDisconnected (never sent).
+    /// Fails when its id is longer than the event codec allows (the batch is unchanged).
+    pub fn push(&mut self, event: &SyncEvent) -> Result<bool, EnvelopeError> {
+        if !matches!(
+            event,
+            SyncEvent::NodeUpsert { .. } | SyncEvent::NodeDelete { .. }
+        ) {
+            return Ok(false);
+        }
+        self.buf.put_slice(&codec::encode_event(event)?);
+        self.events += 1;
+        Ok(true)
+    }
+
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        self.events
+    }
+
+    /// Whether the batch has no event.
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// The envelope's size so far, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The envelope (only meaningful when the batch is not empty).
+    pub fn finish(self) -> Bytes {
+        self.buf.freeze()
+    }
 }
 
 /// Why a peer's bytes are not a valid envelope. The bridge reports it and drops the message;
@@ -96,21 +173,23 @@ pub enum EnvelopeError {
     },
 }
 
-/// The envelope of a node event; `Ok(None)` for PeerConnected / PeerDisconnected, which are
-/// never sent. Fails when the id is longer than the event codec allows.
+/// The envelope of one node event; `Ok(None)` for PeerConnected / PeerDisconnected, which
+/// are never sent. Fails when the id is longer than the event codec allows.
 pub fn encode_event(event: &SyncEvent) -> Result<Option<Bytes>, EnvelopeError> {
-    if !matches!(
-        event,
-        SyncEvent::NodeUpsert { .. } | SyncEvent::NodeDelete { .. }
-    ) {
-        return Ok(None);
+    let mut batch = EventBatch::new();
+    Ok(batch.push(event)?.then(|| batch.finish()))
+}
+
+/// The envelope of several node events (PeerConnected / PeerDisconnected are left out);
+/// `Ok(None)` when none is left.
+pub fn encode_events<'a>(
+    events: impl IntoIterator<Item = &'a SyncEvent>,
+) -> Result<Option<Bytes>, EnvelopeError> {
+    let mut batch = EventBatch::new();
+    for event in events {
+        batch.push(event)?;
     }
-    let body = codec::encode_event(event)?;
-    let mut out = BytesMut::with_capacity(ENVELOPE_HEADER_BYTES + body.len());
-    out.put_u8(ENVELOPE_VERSION);
-    out.put_u8(KIND_EVENT);
-    out.put_slice(&body);
-    Ok(Some(out.freeze()))
+    Ok((!batch.is_empty()).then(|| batch.finish()))
 }
 
 /// The envelope of an application message; fails above [`MAX_BRIDGE_MESSAGE_BYTES`].
@@ -141,15 +220,34 @@ pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, EnvelopeError> {
         });
     }
     match kind {
-        KIND_EVENT => match codec::decode_event(payload)? {
-            event @ (SyncEvent::NodeUpsert { .. } | SyncEvent::NodeDelete { .. }) => {
-                Ok(Frame::Event(event))
-            }
-            event => Err(EnvelopeError::PeerEvent { event }),
-        },
+        KIND_EVENT => decode_events(payload).map(Frame::Events),
         KIND_MESSAGE => Ok(Frame::Message(payload)),
         other => Err(EnvelopeError::UnknownKind(other)),
     }
+}
+
+/// The events of an event payload: one or more, back to back, each delimited by the length
+/// in its own header.
+fn decode_events(mut rest: &[u8]) -> Result<Vec<SyncEvent>, EnvelopeError> {
+    /// The event codec's header: version, tag, a 2-byte id length.
+    const EVENT_HEADER: usize = 4;
+    let mut events = Vec::new();
+    while events.is_empty() || !rest.is_empty() {
+        let len = match rest {
+            [_, _, hi, lo, ..] => EVENT_HEADER + usize::from(u16::from_be_bytes([*hi, *lo])),
+            // Too short for a header: the codec says so.
+            _ => rest.len(),
+        };
+        let (one, tail) = rest.split_at(len.min(rest.len()));
+        match codec::decode_event(one)? {
+            event @ (SyncEvent::NodeUpsert { .. } | SyncEvent::NodeDelete { .. }) => {
+                events.push(event);
+            }
+            event => return Err(EnvelopeError::PeerEvent { event }),
+        }
+        rest = tail;
+    }
+    Ok(events)
 }
 
 #[cfg(test)]
@@ -163,8 +261,45 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&up[..], [1, 1, 1, 1, 0, 0]);
+        let two = [1, 1, 1, 1, 0, 0, 1, 2, 0, 1, b'x'];
+        assert_eq!(
+            decode(&two).unwrap(),
+            Frame::Events(vec![
+                SyncEvent::NodeUpsert { id: String::new() },
+                SyncEvent::NodeDelete { id: "x".into() }
+            ])
+        );
+        assert_eq!(decode(&[1, 2]).unwrap().events(), &[]);
         assert_eq!(&encode_message(b"").unwrap()[..], [1, 2]);
         assert_eq!(decode(&[1, 2]).unwrap(), Frame::Message(b""));
+    }
+
+    #[test]
+    fn batches_skip_peer_events_and_keep_order() {
+        let events = [
+            SyncEvent::NodeUpsert { id: "1".into() },
+            SyncEvent::PeerConnected {
+                peer_id: "p".into(),
+            },
+            SyncEvent::NodeDelete { id: "2".into() },
+        ];
+        let bytes = encode_events(&events).unwrap().unwrap();
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            Frame::Events(vec![events[0].clone(), events[2].clone()])
+        );
+        assert_eq!(encode_events(&events[1..2]).unwrap(), None);
+        let mut batch = EventBatch::default();
+        assert!(batch.is_empty());
+        let long = SyncEvent::NodeUpsert {
+            id: "x".repeat(codec::MAX_EVENT_ID_BYTES + 1),
+        };
+        assert!(batch.push(&long).is_err());
+        assert_eq!(
+            (batch.len(), batch.bytes()),
+            (0, 2),
+            "a refused event leaves no trace"
+        );
     }
 
     #[test]
@@ -221,6 +356,23 @@ mod tests {
             decode(&[1, 1]).unwrap_err(),
             EnvelopeError::Event(CodecError::Truncated { .. })
         ));
+        // A good event, then the start of another.
+        assert!(matches!(
+            decode(&[1, 1, 1, 1, 0, 0, 1, 1]).unwrap_err(),
+            EnvelopeError::Event(CodecError::Truncated { .. })
+        ));
+        // A good event, then a peer event.
+        let mut forged = vec![1, 1, 1, 1, 0, 0];
+        forged.extend(
+            codec::encode_event(&SyncEvent::PeerDisconnected {
+                peer_id: "p".into(),
+            })
+            .unwrap(),
+        );
+        assert!(matches!(
+            decode(&forged).unwrap_err(),
+            EnvelopeError::PeerEvent { .. }
+        ));
         let long = SyncEvent::NodeUpsert {
             id: "x".repeat(codec::MAX_EVENT_ID_BYTES + 1),
         };
@@ -255,8 +407,8 @@ mod tests {
             let mut bytes = vec![ENVELOPE_VERSION, kind];
             bytes.extend_from_slice(&body);
             match decode(&bytes) {
-                Ok(Frame::Event(event)) => {
-                    prop_assert_eq!(&encode_event(&event).unwrap().unwrap()[..], &bytes[..]);
+                Ok(Frame::Events(events)) => {
+                    prop_assert_eq!(&encode_events(&events).unwrap().unwrap()[..], &bytes[..]);
                 }
                 Ok(Frame::Message(payload)) => {
                     prop_assert_eq!(&encode_message(payload).unwrap()[..], &bytes[..]);
@@ -277,7 +429,10 @@ mod tests {
                 SyncEvent::NodeUpsert { id }
             };
             let bytes = encode_event(&event).unwrap().unwrap();
-            prop_assert_eq!(decode(&bytes).unwrap(), Frame::Event(event));
+            prop_assert_eq!(decode(&bytes).unwrap(), Frame::Events(vec![event.clone()]));
+            let batch = [event.clone(), SyncEvent::NodeUpsert { id: "z".into() }, event];
+            let bytes = encode_events(&batch).unwrap().unwrap();
+            prop_assert_eq!(decode(&bytes).unwrap(), Frame::Events(batch.to_vec()));
             let bytes = encode_message(&payload).unwrap();
             prop_assert_eq!(decode(&bytes).unwrap(), Frame::Message(&payload[..]));
         }

@@ -3,14 +3,15 @@
 //!
 //! A [`Connection`] is `&mut self` for both `send` and `receive`, so one task does both: it
 //! waits for whichever comes first (a message from the peer, an application event, a queued
-//! application message, a replacement connection, cancellation) and handles it, and reads
-//! whatever the peer sent before each send. `receive`, `broadcast::Receiver::recv` and
+//! application message, a replacement connection, cancellation) and handles it, reading what
+//! the peer sent before sending anything. `receive`, `broadcast::Receiver::recv` and
 //! `mpsc::Receiver::recv` are cancel safe, so nothing is lost between rounds. While a send is
 //! under way the link does not read: two peers sending each other messages larger than the
 //! transport's window at the same moment wait on each other until the send timeout cuts the
 //! link (the relay's window is 18 MiB, more than a message; Hyperswarm's is QUIC's stream
 //! window).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Shared;
 use crate::config::CLOSE_TIMEOUT;
-use crate::envelope::{self, ENVELOPE_HEADER_BYTES, Frame};
+use crate::envelope::{self, ENVELOPE_HEADER_BYTES, EventBatch, Frame};
 use crate::queues::{Incoming, Outbox, OutboxReceiver};
 use crate::report::{BridgeEvent, CutReason, DisconnectReason, bump};
 use crate::table::LinkId;
@@ -90,9 +91,13 @@ impl LinkHandle {
 /// What a frame being sent carries, for the counters.
 #[derive(Clone, Copy, Debug)]
 enum Sent {
-    Event,
-    Message,
+    Events(u64),
+    Messages(u64),
 }
+
+/// Events waiting in the hub go out together in one envelope up to this size: under load,
+/// one transport message carries many events (no timer: only what is already waiting).
+pub(crate) const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// How serving one connection ended.
 #[derive(Debug)]
@@ -189,95 +194,91 @@ impl Link {
 
     /// Moves events and messages over `conn` until it ends or the link is cancelled.
     ///
-    /// Every send starts right after reading everything the peer has sent so far (see
-    /// [`Link::drain`]). Two links doing that can never both wait in `send` on each other
-    /// for messages that fit the transport's window: a link whose send waits for the other
-    /// to read had emptied its own inbound just before, and the other, had it sent anything
-    /// since, would be reading rather than waiting.
+    /// The wait is biased: what the peer sent comes before anything to send, so every send
+    /// starts right after `receive` found nothing waiting. Two links doing that can never both
+    /// wait in `send` on each other for messages that fit the transport's window: a link
+    /// whose send waits for the other to read had emptied its own inbound just before, and the
+    /// other, had it sent anything since, would be reading rather than waiting. Events and
+    /// application messages take turns.
     async fn serve(&mut self, conn: &mut Box<dyn Connection>) -> End {
+        let mut messages_first = false;
         loop {
-            if let Some(end) = self.drain(conn).await {
-                return end;
-            }
             let pending_len = self.pending.as_ref().map_or(0, Bytes::len);
             let out = tokio::select! {
+                biased;
                 _ = self.handle.cancel.cancelled() => return End::Cancelled,
                 _ = self.handle.handover_ready.notified() => {
                     if let Some(new) = self.handle.take_handover() {
                         let old = std::mem::replace(conn, new);
                         self.replaced(old).await;
                     }
-                    None
+                    continue;
                 }
                 got = conn.receive(), if self.pending.is_none() => {
                     if let Some(end) = self.received(got) {
                         return end;
                     }
-                    None
+                    continue;
                 }
                 room = room(&self.shared, pending_len), if self.pending.is_some() => {
                     if let Some(bytes) = self.pending.take() {
                         self.deliver(bytes, room);
                     }
-                    None
+                    continue;
                 }
-                event = self.events.recv() => match event {
-                    Ok(event) => match envelope::encode_event(&event) {
-                        Ok(Some(frame)) => Some((frame, Sent::Event)),
-                        Ok(None) => None,
-                        Err(error) => {
-                            self.shared.report(BridgeEvent::EventNotSent {
-                                peer_id: self.peer_id.clone(),
-                                error,
-                            });
-                            None
-                        }
-                    },
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        return End::Cut(CutReason::Lagged { missed });
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return End::Cancelled,
-                },
-                message = self.outbox.recv() => match message {
-                    Some(frame) => Some((frame, Sent::Message)),
-                    None => return End::Cancelled,
-                },
+                out = next_out(&mut self.events, &mut self.outbox, messages_first) => out,
             };
-            if let Some((frame, kind)) = out {
-                if let Some(end) = self.drain(conn).await {
-                    return end;
+            messages_first = !messages_first;
+            let (frame, kind) = match out {
+                Out::Event(Ok(event)) => match self.batch(event) {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => continue,
+                    Err(end) => return end,
+                },
+                Out::Event(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    return End::Cut(CutReason::Lagged { missed });
                 }
-                if let Err(end) = self.send(conn, &frame).await {
-                    return end;
+                Out::Event(Err(broadcast::error::RecvError::Closed)) | Out::Message(None) => {
+                    return End::Cancelled;
                 }
-                bump(match kind {
-                    Sent::Event => &self.shared.counters.events_sent,
-                    Sent::Message => &self.shared.counters.messages_sent,
-                });
+                Out::Message(Some(frame)) => (frame, Sent::Messages(1)),
+            };
+            if let Err(end) = self.send(conn, &frame).await {
+                return end;
             }
+            let (counter, n) = match kind {
+                Sent::Events(n) => (&self.shared.counters.events_sent, n),
+                Sent::Messages(n) => (&self.shared.counters.messages_sent, n),
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    /// Handles everything the peer has sent that is ready now, without waiting.
-    async fn drain(&mut self, conn: &mut Box<dyn Connection>) -> Option<End> {
-        loop {
-            let pending_len = self.pending.as_ref().map_or(0, Bytes::len);
-            tokio::select! {
-                biased;
-                _ = self.handle.cancel.cancelled() => return Some(End::Cancelled),
-                got = conn.receive(), if self.pending.is_none() => {
-                    if let Some(end) = self.received(got) {
-                        return Some(end);
-                    }
+    /// One envelope of `first` and whatever other application events are waiting already,
+    /// up to [`MAX_BATCH_BYTES`]; `Ok(None)` when none of them is a node event.
+    fn batch(&mut self, first: SyncEvent) -> Result<Option<(Bytes, Sent)>, End> {
+        let mut batch = EventBatch::new();
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            if let Err(error) = batch.push(&event) {
+                self.shared.report(BridgeEvent::EventNotSent {
+                    peer_id: self.peer_id.clone(),
+                    error,
+                });
+            }
+            if batch.bytes() >= MAX_BATCH_BYTES {
+                break;
+            }
+            match self.events.try_recv() {
+                Ok(event) => next = Some(event),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    return Err(End::Cut(CutReason::Lagged { missed }));
                 }
-                room = room(&self.shared, pending_len), if self.pending.is_some() => {
-                    if let Some(bytes) = self.pending.take() {
-                        self.deliver(bytes, room);
-                    }
-                }
-                () = std::future::ready(()) => return None,
+                Err(_) => {}
             }
         }
+        let n = batch.len() as u64;
+        Ok((n > 0).then(|| (batch.finish(), Sent::Events(n))))
     }
 
     /// Handles what one `receive` returned; `Some` when the connection ended.
@@ -325,10 +326,15 @@ impl Link {
     /// Handles one message from the peer.
     fn on_frame(&mut self, bytes: Vec<u8>) {
         match envelope::decode(&bytes) {
-            Ok(Frame::Event(event)) => {
-                bump(&self.shared.counters.events_received);
-                // No subscriber is no error: the event had nobody to reach.
-                let _ = self.shared.hub.publish_remote(event);
+            Ok(Frame::Events(events)) => {
+                self.shared
+                    .counters
+                    .events_received
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                for event in events {
+                    // No subscriber is no error: the event had nobody to reach.
+                    let _ = self.shared.hub.publish_remote(event);
+                }
             }
             Ok(Frame::Message(payload)) => {
                 let len = payload.len();
@@ -381,6 +387,34 @@ impl Link {
             peer_id: self.peer_id.clone(),
             len,
         });
+    }
+}
+
+/// The next thing to send: an application event or a queued application message.
+enum Out {
+    Event(Result<SyncEvent, broadcast::error::RecvError>),
+    Message(Option<Bytes>),
+}
+
+/// Waits for the next thing to send, looking at messages first when `messages_first` (the
+/// caller alternates it, so neither starves the other). Cancel safe.
+async fn next_out(
+    events: &mut broadcast::Receiver<SyncEvent>,
+    outbox: &mut OutboxReceiver,
+    messages_first: bool,
+) -> Out {
+    if messages_first {
+        tokio::select! {
+            biased;
+            m = outbox.recv() => Out::Message(m),
+            e = events.recv() => Out::Event(e),
+        }
+    } else {
+        tokio::select! {
+            biased;
+            e = events.recv() => Out::Event(e),
+            m = outbox.recv() => Out::Message(m),
+        }
     }
 }
 

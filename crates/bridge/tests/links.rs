@@ -243,9 +243,16 @@ async fn a_full_message_queue_holds_back_reading_but_not_sending() {
     let (_, first) = messages.recv().await.unwrap();
     assert_eq!(&first[..], b"m0");
     let mut p = tokio::time::timeout(T, writer).await.unwrap().unwrap();
-    for i in 0..PIPE_QUEUE {
-        assert_eq!(p.next(T).await.unwrap(), wire(&upsert(&format!("out{i}"))));
+    // (Events waiting together travel in one envelope.)
+    let mut got = Vec::new();
+    while got.len() < PIPE_QUEUE {
+        let frame = p.next(T).await.unwrap();
+        got.extend_from_slice(envelope::decode(&frame).unwrap().events());
     }
+    let want: Vec<SyncEvent> = (0..PIPE_QUEUE)
+        .map(|i| upsert(&format!("out{i}")))
+        .collect();
+    assert_eq!(got, want);
     let mut got = Vec::new();
     while got.len() < sent - 1 {
         let (_, m) = tokio::time::timeout(T, messages.recv())
@@ -324,9 +331,17 @@ async fn a_send_that_never_completes_cuts_the_peer() {
     let mut s = setup(SyncBridge::builder().send_timeout(Duration::from_millis(200))).await;
     let _p = s.connect(P).await; // never read
     next_event(&mut s.seen).await;
-    for i in 0..PIPE_QUEUE + 1 {
+    // One event per transport message (each sent before the next is published) until the
+    // pipe is full; the next send then never completes.
+    for i in 0..PIPE_QUEUE as u64 {
         s.hub.publish(upsert(&i.to_string())).unwrap();
+        let deadline = tokio::time::Instant::now() + T;
+        while s.bridge.status().events_sent <= i {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
+    s.hub.publish(upsert("blocked")).unwrap();
     let report = report_matching(&mut s.reports, |r| {
         matches!(r, BridgeEvent::PeerDisconnected { .. })
     })

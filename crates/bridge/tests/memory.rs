@@ -51,8 +51,10 @@ async fn a_peer_lagging_behind_the_hub_is_cut() {
     let mut next = 0usize;
     let mut cut = None;
     // Rounds of half the capacity, each paced by B's receipt: B never lags; the slow peer
-    // (the memory transport buffers 16 messages) falls behind by more than 64 soon.
-    for _ in 0..100 {
+    // (the memory transport buffers 16 messages) falls behind by more than 64 soon, and the
+    // link notices while its send waits.
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
         let start = next;
         for k in start..start + CAPACITY / 2 {
             a.hub

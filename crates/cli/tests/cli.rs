@@ -248,4 +248,24 @@ fn benchmarks_run_in_miniature() {
     ] {
         assert!(table.contains(row), "{table}");
     }
+
+    let bridge = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["bench", "bridge", "--events", "500", "--messages", "50"])
+        .args(["--rounds", "1"])
+        .output()
+        .unwrap();
+    let table = stdout(&bridge);
+    assert!(
+        bridge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bridge.stderr)
+    );
+    for row in [
+        "relay: events of 20 B",
+        "relay: messages (16 KiB)",
+        "hyperswarm: events of 20 B",
+        "hyperswarm: messages (16 KiB)",
+    ] {
+        assert!(table.contains(row), "{table}");
+    }
 }
