@@ -1163,3 +1163,61 @@ mod pre_auth_heads {
         honest_client(relay.addr, Some("s3cret-token")).await;
     }
 }
+
+/// The relay raises its soft open-file limit to the hard limit (issue 10, "file descriptors"):
+/// started under `ulimit -Sn 256`, its /proc limits show soft = hard, and it logs the limit.
+#[tokio::test]
+async fn the_relay_raises_its_open_file_limit_to_the_hard_limit() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" relay --listen 127.0.0.1:0")
+        .arg(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(T, out.next_line())
+            .await
+            .expect("relay did not start")
+            .unwrap()
+            .expect("relay exited early");
+        if line.starts_with("relay listening on") {
+            break;
+        }
+    }
+    let pid = child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let row: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (soft, hard) = (row[3], row[4]);
+    assert_eq!(soft, hard, "{limits}");
+    // Otherwise the relay had nothing to raise and this test would prove nothing.
+    assert!(
+        hard.parse::<u64>().is_ok_and(|h| h > 256),
+        "the hard open-file limit must exceed 256 for this test: {limits}"
+    );
+    child.start_kill().unwrap();
+    let mut err = String::new();
+    let mut stderr = child.stderr.take().unwrap();
+    tokio::time::timeout(
+        T,
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        err.contains(&format!("limit={hard}")) && err.contains("open file limit"),
+        "{err}"
+    );
+}
