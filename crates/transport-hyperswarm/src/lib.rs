@@ -64,7 +64,7 @@ pub use config::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LOOKUP_INTERVAL, DEFAULT_MAX_PEERS,
     DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
 };
-pub use error::HyperswarmError;
+pub use error::{BootstrapNode, DialFailure, HandshakeFailure, HyperswarmError};
 pub use node::{
     DIAL_BACKOFF, FIRST_ANSWER_TIMEOUT, LOOKUP_CHECK_BUDGET, MAX_CONCURRENT_DIALS,
     MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL,
@@ -74,19 +74,6 @@ pub use quic::SOCKET_BUFFER_BYTES;
 
 use config::Settings;
 use node::Node;
-
-/// An endpoint found on the DHT that could not be reached (see
-/// [`HyperswarmTransport::dial_failures`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DialFailure {
-    /// The endpoint.
-    pub addr: SocketAddr,
-    /// Consecutive failures (the retry backoff follows [`DIAL_BACKOFF`]).
-    pub failures: u32,
-    /// The last error, e.g. `handshake with 10.0.0.1:4000 failed: no answer within 10000 ms`.
-    pub error: String,
-}
 
 /// The transport's name.
 const NAME: &str = "hyperswarm";

@@ -3,6 +3,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::HyperswarmError;
 use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
 use crate::conn::{HsConnection, closed_with, code};
+use crate::error::{BootstrapNode, Declined, DialError, HandshakeFailure};
 use crate::krpc;
 use crate::noise::{self, Role};
 use crate::quic;
@@ -122,7 +124,7 @@ struct AddrState {
     failures: u32,
     next_try: Option<Instant>,
     last_failure: Option<Instant>,
-    last_error: Option<String>,
+    last_error: Option<HyperswarmError>,
 }
 
 #[derive(Default)]
@@ -218,15 +220,16 @@ impl State {
 
     /// Stores what a dial or identify check of `addr` learned. Only failures of the remote
     /// or the network count against the address; a connection this node declined itself
-    /// ([`HyperswarmError::Declined`]) leaves its state as it was.
-    fn record(&mut self, addr: SocketAddr, result: &anyhow::Result<Outcome>) {
+    /// ([`DialError::is_local`]) leaves its state as it was.
+    fn record(&mut self, addr: SocketAddr, result: &Result<Outcome, DialError>) {
         match result {
             Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => self.verified(addr, *peer),
             Ok(Outcome::Myself) => {
                 self.self_addrs.insert(addr);
             }
-            Err(e) if is_declined(e) => {}
-            Err(e) => self.dial_failed(addr, e.to_string()),
+            Err(DialError::Failed(error)) => self.dial_failed(addr, error.clone()),
+            // Our own refusal (`DialError::is_local`): not the address failing.
+            Err(DialError::Declined { .. }) => {}
         }
     }
 
@@ -248,7 +251,7 @@ impl State {
         self.addrs.entry(addr).or_default()
     }
 
-    fn dial_failed(&mut self, addr: SocketAddr, error: String) {
+    fn dial_failed(&mut self, addr: SocketAddr, error: HyperswarmError) {
         let a = self.addr_mut(addr);
         a.last_error = Some(error);
         a.failures = a.failures.saturating_add(1);
@@ -345,6 +348,8 @@ pub(crate) struct Node {
     public: Mutex<Option<SocketAddrV4>>,
     local_addr: SocketAddr,
     dht: AsyncDht,
+    /// The bootstrap nodes and what they resolved to (given to the DHT node as addresses).
+    bootstrap: Vec<BootstrapNode>,
     state: Mutex<State>,
     tasks: Mutex<JoinSet<()>>,
     shutdown: CancellationToken,
@@ -378,17 +383,16 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let socket = quic::bind_socket(s.bind)
                     .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
+                let bootstrap = match &s.bootstrap {
+                    Some(nodes) => resolve_bootstrap(nodes),
+                    None => resolve_bootstrap(&mainline::DEFAULT_BOOTSTRAP_NODES),
+                };
+                let resolved: Vec<SocketAddrV4> = bootstrap
+                    .iter()
+                    .flat_map(|n| n.resolved.iter().copied())
+                    .collect();
                 let mut b = mainline::Dht::builder();
-                b.bind_address(*s.bind.ip()).port(0);
-                match &s.bootstrap {
-                    Some(nodes) if nodes.is_empty() => {
-                        b.no_bootstrap();
-                    }
-                    Some(nodes) => {
-                        b.bootstrap(nodes);
-                    }
-                    None => {}
-                }
+                b.bind_address(*s.bind.ip()).port(0).bootstrap(&resolved);
                 if s.dht_server_mode {
                     b.server_mode();
                 }
@@ -398,7 +402,7 @@ impl Node {
                 let dht = b
                     .build()
                     .map_err(|e| format!("cannot start the DHT node: {e}"))?;
-                Ok((socket, dht))
+                Ok((socket, dht, bootstrap))
             }),
         )
         .await
@@ -408,7 +412,7 @@ impl Node {
         })?
         .map_err(|e| start_failed(e.to_string()))?
         .map_err(start_failed)?;
-        let (socket, dht) = started;
+        let (socket, dht, bootstrap) = started;
         let endpoint =
             quic::endpoint(&settings, socket).map_err(|e| start_failed(e.to_string()))?;
         let (endpoint, data, diverted) = endpoint;
@@ -422,6 +426,7 @@ impl Node {
             public: Mutex::new(None),
             local_addr,
             dht: dht.as_async(),
+            bootstrap,
             state: Mutex::new(State::default()),
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
@@ -486,10 +491,18 @@ impl Node {
     }
 
     fn bootstrap_text(&self) -> String {
-        match &self.settings.bootstrap {
-            Some(nodes) => nodes.join(", "),
-            None => "the public mainline bootstrap nodes".into(),
+        let nodes: Vec<String> = self.bootstrap.iter().map(ToString::to_string).collect();
+        nodes.join(", ")
+    }
+
+    /// The error of an operation that found no DHT node to talk to.
+    fn unreachable(&self, operation: &'static str, started: Instant) -> anyhow::Error {
+        HyperswarmError::DhtUnreachable {
+            operation,
+            bootstrap: self.bootstrap.clone(),
+            elapsed: started.elapsed(),
         }
+        .into()
     }
 
     fn register_topic(&self, topic: TopicHash) {
@@ -539,18 +552,13 @@ impl Node {
     }
 
     async fn announce_once(&self, topic: TopicHash) -> anyhow::Result<()> {
+        let started = Instant::now();
         let public = self.learn_public_addr().await;
         let port = self
             .settings
             .announce_port
             .or(public.map(|p| p.port()))
             .unwrap_or(self.local_addr.port());
-        let what = || {
-            format!(
-                "announcing on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
-                self.bootstrap_text()
-            )
-        };
         match tokio::time::timeout(
             self.settings.request_timeout,
             self.dht.announce_peer(info_hash(&topic), Some(port)),
@@ -565,7 +573,12 @@ impl Node {
                 }
                 .into())
             }
-            Ok(Err(_)) | Err(_) => Err(self.timeout_error(what())),
+            // No node to send it to, or none of them answered.
+            Ok(Err(_)) => Err(self.unreachable("announcing", started)),
+            Err(_) => Err(self.timeout_error(format!(
+                "announcing on the mainline DHT (bootstrap nodes: {})",
+                self.bootstrap_text()
+            ))),
         }
     }
 
@@ -762,7 +775,9 @@ impl Node {
             let result = node.dial(addr, topic, Purpose::Connect).await;
             {
                 let mut st = node.state();
-                if let Err(e) = &result {
+                if let Err(e) = &result
+                    && !e.is_local()
+                {
                     let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
                     if failures == 2 && node.may_warn_unreachable() {
                         tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
@@ -829,14 +844,14 @@ impl Node {
         addr: SocketAddr,
         topic: TopicHash,
         purpose: Purpose,
-    ) -> anyhow::Result<Outcome> {
+    ) -> Result<Outcome, DialError> {
         let psk = self
             .state()
             .topics
             .get(&topic)
             .map(|t| t.psk)
-            .ok_or_else(|| declined(addr, "the topic is not joined here"))?;
-        let fail = |reason: String| HyperswarmError::Handshake { addr, reason };
+            .ok_or(DialError::declined(addr, Declined::TopicNotJoined))?;
+        let fail = |cause| DialError::handshake(addr, cause);
         // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
         let known = self
             .state()
@@ -848,20 +863,38 @@ impl Node {
         } else {
             FIRST_ANSWER_TIMEOUT.min(self.settings.handshake_timeout)
         };
+        let answered = AtomicBool::new(false);
         let work = async {
             let connecting = self
                 .endpoint
                 .connect(addr, quic::SERVER_NAME)
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| {
+                    fail(HandshakeFailure::Quic {
+                        reason: e.to_string(),
+                    })
+                })?;
             let conn = tokio::time::timeout(first_answer, connecting)
                 .await
-                .map_err(|_| fail(format!("no answer within {} ms", first_answer.as_millis())))?
-                .map_err(|e| fail(format!("QUIC: {e}")))?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-            let prologue = noise::prologue(&conn)?;
+                .map_err(|_| {
+                    fail(HandshakeFailure::NoAnswer {
+                        after: first_answer,
+                    })
+                })?
+                .map_err(|e| fail(quic_cause(&e)))?;
+            answered.store(true, Ordering::Relaxed);
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(quic_cause(&e)))?;
+            let prologue = noise::prologue(&conn).map_err(|e| {
+                fail(HandshakeFailure::Noise {
+                    reason: e.to_string(),
+                })
+            })?;
             let hs = noise::initiate(&mut send, &mut recv, &self.settings.identity, &prologue)
                 .await
-                .map_err(|e| refused_or(&conn, addr, fail(format!("Noise XX: {e}"))))?;
+                .map_err(|e| {
+                    fail(closed_cause(&conn).unwrap_or(HandshakeFailure::Noise {
+                        reason: e.to_string(),
+                    }))
+                })?;
             if hs.remote_static == self.public_key {
                 conn.close(code::SELF, b"self");
                 return Ok(Outcome::Myself);
@@ -869,18 +902,17 @@ impl Node {
             let tag = noise::topic_tag(&psk, Role::Initiator, &hs.hash);
             send.write_all(&wire::encode_hello(purpose, &tag))
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(stream_cause(&conn, e)))?;
             let mut reply = [0u8; TAG_LEN];
             recv.read_exact(&mut reply)
                 .await
-                .map_err(|e| refused_or(&conn, addr, fail(e.to_string())))?;
+                .map_err(|e| fail(stream_cause(&conn, e)))?;
             if !noise::tags_equal(&reply, &noise::topic_tag(&psk, Role::Responder, &hs.hash)) {
                 conn.close(code::PROTOCOL, b"bad topic tag");
-                return Err(HyperswarmError::Protocol {
+                return Err(DialError::protocol(
                     addr,
-                    reason: "its topic tag is wrong (it does not know the topic)".into(),
-                }
-                .into());
+                    "its topic tag is wrong (it does not know the topic)",
+                ));
             }
             match purpose {
                 Purpose::Identify => {
@@ -908,13 +940,13 @@ impl Node {
                 never = probing => never,
             }
         };
-        match tokio::time::timeout(self.settings.handshake_timeout, work).await {
+        let limit = self.settings.handshake_timeout;
+        match tokio::time::timeout(limit, work).await {
             Ok(result) => result,
-            Err(_) => Err(fail(format!(
-                "no answer within {} ms",
-                self.settings.handshake_timeout.as_millis()
-            ))
-            .into()),
+            Err(_) if answered.load(Ordering::Relaxed) => {
+                Err(fail(HandshakeFailure::Timeout { after: limit }))
+            }
+            Err(_) => Err(fail(HandshakeFailure::NoAnswer { after: limit })),
         }
     }
 
@@ -930,11 +962,13 @@ impl Node {
         let mut out: Vec<crate::DialFailure> = st
             .addrs
             .iter()
-            .filter(|(addr, a)| a.failures > 0 && !st.self_addrs.contains(*addr))
-            .map(|(addr, a)| crate::DialFailure {
-                addr: *addr,
-                failures: a.failures,
-                error: a.last_error.clone().unwrap_or_default(),
+            .filter(|(addr, _)| !st.self_addrs.contains(*addr))
+            .filter_map(|(addr, a)| {
+                Some(crate::DialFailure {
+                    addr: *addr,
+                    failures: a.failures,
+                    error: a.last_error.clone().filter(|_| a.failures > 0)?,
+                })
             })
             .collect();
         out.sort_by_key(|f| f.addr);
@@ -970,14 +1004,16 @@ impl Node {
     /// Learns the data socket's public address: KRPC pings sent from the data socket to a
     /// few DHT nodes, whose replies carry our address as they saw it (BEP 42 `ip`).
     async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
-        let mut candidates = self.dht.to_bootstrap().await;
+        let table = self.dht.to_bootstrap().await;
         // Right after start the routing table may still be empty: fall back to the
-        // configured bootstrap nodes given as IPv4 addresses.
-        if let Some(bootstrap) = &self.settings.bootstrap {
-            candidates.extend(bootstrap.iter().cloned());
-        }
+        // bootstrap nodes.
+        let bootstrap = self
+            .bootstrap
+            .iter()
+            .flat_map(|n| n.resolved.iter().copied());
+        let candidates = table.iter().filter_map(|s| s.parse().ok()).chain(bootstrap);
         let mut nodes: Vec<SocketAddrV4> = Vec::new();
-        for node in candidates.iter().filter_map(|s| s.parse().ok()) {
+        for node in candidates {
             if !nodes.contains(&node) && nodes.len() < REFLEXIVE_PINGS {
                 nodes.push(node);
             }
@@ -1065,17 +1101,24 @@ impl Node {
         }
     }
 
-    async fn respond(self: &Arc<Self>, incoming: quinn::Incoming) -> anyhow::Result<()> {
+    async fn respond(self: &Arc<Self>, incoming: quinn::Incoming) -> Result<(), DialError> {
         let addr = incoming.remote_address();
-        let conn = incoming.accept()?.await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let prologue = noise::prologue(&conn)?;
+        let fail = |cause| DialError::handshake(addr, cause);
+        let quic = |e: quinn::ConnectionError| fail(quic_cause(&e));
+        let conn = incoming.accept().map_err(quic)?.await.map_err(quic)?;
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(quic)?;
+        let noise_failed = |e: anyhow::Error| {
+            fail(HandshakeFailure::Noise {
+                reason: e.to_string(),
+            })
+        };
+        let prologue = noise::prologue(&conn).map_err(noise_failed)?;
         let hs =
             match noise::respond(&mut send, &mut recv, &self.settings.identity, &prologue).await {
                 Ok(hs) => hs,
                 Err(e) => {
                     conn.close(code::PROTOCOL, b"handshake failed");
-                    return Err(e);
+                    return Err(noise_failed(e));
                 }
             };
         if hs.remote_static == self.public_key {
@@ -1083,12 +1126,14 @@ impl Node {
             return Ok(());
         }
         let mut hello = [0u8; HELLO_LEN];
-        recv.read_exact(&mut hello).await?;
+        recv.read_exact(&mut hello)
+            .await
+            .map_err(|e| fail(stream_cause(&conn, e)))?;
         let (purpose, tag) = match wire::decode_hello(&hello) {
             Ok(h) => h,
             Err(e) => {
                 conn.close(code::PROTOCOL, b"bad hello");
-                return Err(e.into());
+                return Err(DialError::protocol(addr, e.to_string()));
             }
         };
         let found = {
@@ -1110,7 +1155,8 @@ impl Node {
             return Ok(());
         }
         send.write_all(&noise::topic_tag(&psk, Role::Responder, &hs.hash))
-            .await?;
+            .await
+            .map_err(|e| fail(stream_cause(&conn, e)))?;
         match purpose {
             Purpose::Identify => {
                 // The initiator closes; do not hold the connection longer than that.
@@ -1135,9 +1181,10 @@ impl Node {
         mut send: SendStream,
         mut recv: RecvStream,
         addr: SocketAddr,
-    ) -> anyhow::Result<Outcome> {
+    ) -> Result<Outcome, DialError> {
         let key = (topic, remote);
         let max = self.settings.max_peers;
+        let full = DialError::declined(addr, Declined::MaxPeers { max });
         if self.public_key < remote {
             let verdict = {
                 let mut st = self.state();
@@ -1146,7 +1193,7 @@ impl Node {
                 } else if st.live_sessions() >= max {
                     drop(st);
                     conn.close(code::BUSY, b"too many peers");
-                    return Err(declined(addr, MAX_PEERS_REACHED));
+                    return Err(full);
                 } else {
                     st.sessions.insert(
                         key,
@@ -1164,7 +1211,7 @@ impl Node {
             }
             if let Err(e) = send.write_all(&[verdict.to_byte()]).await {
                 self.forget_session(key, &conn);
-                return Err(e.into());
+                return Err(DialError::handshake(addr, stream_cause(&conn, e)));
             }
         } else {
             let mut byte = [0u8; 1];
@@ -1174,7 +1221,7 @@ impl Node {
                 {
                     return Ok(Outcome::Known(remote));
                 }
-                return Err(refused_or(&conn, addr, anyhow::anyhow!("verdict: {e}")));
+                return Err(DialError::handshake(addr, stream_cause(&conn, e)));
             }
             match wire::decode_verdict(byte[0]) {
                 Ok(Verdict::Accept) => {}
@@ -1184,18 +1231,14 @@ impl Node {
                 }
                 Err(e) => {
                     conn.close(code::PROTOCOL, b"bad verdict");
-                    return Err(HyperswarmError::Protocol {
-                        addr,
-                        reason: e.to_string(),
-                    }
-                    .into());
+                    return Err(DialError::protocol(addr, e.to_string()));
                 }
             }
             let mut st = self.state();
             if st.live_sessions() >= max && !st.sessions.contains_key(&key) {
                 drop(st);
                 conn.close(code::BUSY, b"too many peers");
-                return Err(declined(addr, MAX_PEERS_REACHED));
+                return Err(full);
             }
             // The leader saw the old connection as dead; so is it, soon, here.
             if let Some(old) = st.sessions.insert(
@@ -1223,10 +1266,7 @@ impl Node {
         if !delivered {
             self.forget_session(key, &conn);
             conn.close(code::BUSY, b"not accepting");
-            return Err(declined(
-                addr,
-                "the application's connection queue is full (or it left the topic)",
-            ));
+            return Err(DialError::declined(addr, Declined::QueueFull));
         }
         let node = self.clone();
         self.spawn(async move {
@@ -1259,6 +1299,7 @@ impl Node {
         topic: TopicHash,
     ) -> anyhow::Result<Vec<PeerInfo>> {
         self.register_topic(topic);
+        let started = Instant::now();
         let mut stream = self.dht.get_peers(info_hash(&topic));
         let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
         let mut candidates: Vec<SocketAddr> = Vec::new();
@@ -1277,10 +1318,7 @@ impl Node {
         }
         drop(stream);
         if !got_any_batch && !self.dht_reachable().await {
-            return Err(self.timeout_error(format!(
-                "looking up peers on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
-                self.bootstrap_text()
-            )));
+            return Err(self.unreachable("looking up peers", started));
         }
         let budget =
             tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET.min(self.settings.request_timeout);
@@ -1344,6 +1382,30 @@ impl Node {
     }
 }
 
+/// Resolves bootstrap `host:port` names to IPv4 addresses (blocking).
+fn resolve_bootstrap(nodes: &[impl AsRef<str>]) -> Vec<BootstrapNode> {
+    use std::net::ToSocketAddrs;
+    nodes
+        .iter()
+        .map(|node| {
+            let node = node.as_ref();
+            let resolved = match node.to_socket_addrs() {
+                Ok(addrs) => addrs
+                    .filter_map(|a| match a {
+                        SocketAddr::V4(v4) => Some(v4),
+                        SocketAddr::V6(_) => None,
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "cannot resolve a DHT bootstrap node");
+                    Vec::new()
+                }
+            };
+            BootstrapNode::new(node, resolved)
+        })
+        .collect()
+}
+
 fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, connected: bool) {
     let id = hex::encode(peer);
     if let Some(existing) = found.iter_mut().find(|p| p.id == id) {
@@ -1357,48 +1419,55 @@ fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, conn
     });
 }
 
-/// Why [`HyperswarmError::Declined`]: this node has `max_peers` connections.
-const MAX_PEERS_REACHED: &str = "this node has max_peers connections";
-
-fn declined(addr: SocketAddr, reason: &str) -> anyhow::Error {
-    HyperswarmError::Declined {
-        addr,
-        reason: reason.into(),
+/// The cause of a failed QUIC connection: the remote's close code if it closed it.
+fn quic_cause(e: &quinn::ConnectionError) -> HandshakeFailure {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => closed_by_remote(c.error_code),
+        other => HandshakeFailure::Quic {
+            reason: other.to_string(),
+        },
     }
-    .into()
 }
 
-/// Whether `e` is this node declining a connection itself (not the address failing).
-fn is_declined(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<HyperswarmError>(),
-        Some(HyperswarmError::Declined { .. })
-    )
-}
-
-fn refused(addr: SocketAddr, code: quinn::VarInt) -> anyhow::Error {
-    HyperswarmError::Refused {
-        addr,
-        reason: code::describe(code).into(),
+/// What the remote's close code says about why a handshake failed.
+fn closed_by_remote(code: quinn::VarInt) -> HandshakeFailure {
+    match code {
+        code::BUSY => HandshakeFailure::Busy,
+        code::UNKNOWN_TOPIC => HandshakeFailure::TopicUnknown,
+        other => HandshakeFailure::Closed {
+            reason: code::describe(other),
+        },
     }
-    .into()
 }
 
-/// Prefers the remote's close reason over a generic read error.
-fn refused_or(
-    conn: &quinn::Connection,
-    addr: SocketAddr,
-    other: impl Into<anyhow::Error>,
-) -> anyhow::Error {
+/// Why the connection closed, if the remote closed it with a reason.
+fn closed_cause(conn: &quinn::Connection) -> Option<HandshakeFailure> {
     match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => refused(addr, c.error_code),
-        _ => other.into(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(closed_by_remote(c.error_code)),
+        _ => None,
     }
+}
+
+/// The cause of a failed read or write on the handshake's stream: the remote's close reason
+/// when it closed the connection, else the stream error.
+fn stream_cause(conn: &quinn::Connection, e: impl std::fmt::Display) -> HandshakeFailure {
+    closed_cause(conn).unwrap_or_else(|| HandshakeFailure::Stream {
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_answer(addr: SocketAddr) -> HyperswarmError {
+        HyperswarmError::Handshake {
+            addr,
+            cause: HandshakeFailure::NoAnswer {
+                after: FIRST_ANSWER_TIMEOUT,
+            },
+        }
+    }
 
     #[test]
     fn dial_backoff_climbs_the_tiers_and_resets() {
@@ -1407,7 +1476,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..6 {
             let before = Instant::now();
-            st.dial_failed(addr, "test".into());
+            st.dial_failed(addr, no_answer(addr));
             let next = st.addrs[&addr].next_try.unwrap();
             waits.push((next - before).as_secs());
         }
@@ -1454,7 +1523,7 @@ mod tests {
             "10.0.0.3:1".parse().unwrap(),
         );
         st.verified(live, [1; 32]);
-        st.dial_failed(dead, "test".into());
+        st.dial_failed(dead, no_answer(dead));
         for purpose in [Purpose::Identify, Purpose::Connect] {
             assert_eq!(st.tier(new, now, purpose), Some(Tier::New));
             assert_eq!(st.tier(live, now, purpose), Some(Tier::Verified));
@@ -1555,27 +1624,29 @@ mod tests {
         st.record(addr, &Ok(Outcome::Known([1; 32])));
         let now = Instant::now();
         // Declined here: max_peers reached, queue full, topic not joined.
-        st.record(addr, &Err(declined(addr, MAX_PEERS_REACHED)));
-        st.record(addr, &Err(declined(addr, "the topic is not joined here")));
+        for reason in [
+            Declined::MaxPeers { max: 1 },
+            Declined::QueueFull,
+            Declined::TopicNotJoined,
+        ] {
+            st.record(addr, &Err(DialError::declined(addr, reason)));
+        }
         assert!(!st.in_backoff(addr, now));
         assert_eq!(st.addrs[&addr].failures, 0);
         assert_eq!(st.fresh_peer(addr, now), Some([1; 32]), "still verified");
         assert_eq!(st.tier(addr, now, Purpose::Connect), Some(Tier::Verified));
         // The remote refusing, or not answering, does count.
-        st.record(addr, &Err(refused(addr, code::BUSY)));
+        st.record(
+            addr,
+            &Err(DialError::handshake(addr, closed_by_remote(code::BUSY))),
+        );
         assert_eq!(st.addrs[&addr].failures, 1);
         assert!(st.in_backoff(addr, Instant::now()));
         assert_eq!(st.fresh_peer(addr, Instant::now()), None);
         let other: SocketAddr = "10.0.0.2:1".parse().unwrap();
-        st.record(
-            other,
-            &Err(HyperswarmError::Handshake {
-                addr: other,
-                reason: "no answer within 1500 ms".into(),
-            }
-            .into()),
-        );
+        st.record(other, &Err(no_answer(other).into()));
         assert_eq!(st.addrs[&other].failures, 1);
+        assert_eq!(st.addrs[&other].last_error, Some(no_answer(other)));
     }
 
     #[test]

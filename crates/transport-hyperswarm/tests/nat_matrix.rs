@@ -461,7 +461,18 @@ fn child_peer() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             _ => {
-                let failures = t.dial_failures();
+                // Each failure is typed; its text names the endpoint and the cause.
+                let failures: Vec<String> = t
+                    .dial_failures()
+                    .iter()
+                    .map(|f| {
+                        assert!(matches!(
+                            f.error,
+                            pluresdb_sync_transport_hyperswarm::HyperswarmError::Handshake { .. }
+                        ));
+                        f.to_string()
+                    })
+                    .collect();
                 println!(
                     "RESULT no connection within {} ms (public {:?}); dial failures: {failures:?}",
                     wait.as_millis(),
