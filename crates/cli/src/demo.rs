@@ -257,7 +257,7 @@ async fn hyperswarm(timeout: Duration) -> anyhow::Result<Outcome> {
     );
     let make = || {
         dht.builder()
-            .request_timeout(timeout)
+            .timeout(timeout)
             .build()
             .map(|t| Box::new(t) as Box<dyn Transport>)
     };

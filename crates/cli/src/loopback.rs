@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::Context;
-use pluresdb_sync::{HyperswarmBuilder, HyperswarmTransport};
+use pluresdb_sync::{HyperswarmTransport, HyperswarmTransportBuilder};
 
 /// DHT nodes in the loopback testnet.
 pub(crate) const TESTNET_NODES: usize = 5;
@@ -36,7 +36,7 @@ impl LoopbackDht {
 
     /// A builder for a transport on 127.0.0.1 using this DHT: server-mode DHT node and short
     /// DHT request timeouts (loopback answers at once), lookups every second.
-    pub(crate) fn builder(&self) -> HyperswarmBuilder {
+    pub(crate) fn builder(&self) -> HyperswarmTransportBuilder {
         HyperswarmTransport::builder()
             .bootstrap(self.testnet.bootstrap.clone())
             .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))

@@ -62,13 +62,9 @@ use tokio::sync::{OnceCell, mpsc};
 pub use config::{
     BOOTSTRAP_ENV, DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_BIND, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LOOKUP_INTERVAL, DEFAULT_MAX_PEERS,
-    DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
+    DEFAULT_TIMEOUT, HyperswarmTransportBuilder,
 };
 pub use error::{BootstrapNode, DialFailure, HandshakeFailure, HyperswarmError};
-pub use node::{
-    DIAL_BACKOFF, FIRST_ANSWER_TIMEOUT, LOOKUP_CHECK_BUDGET, MAX_CONCURRENT_DIALS,
-    MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL,
-};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
 
@@ -89,14 +85,15 @@ pub struct HyperswarmTransport {
 
 impl HyperswarmTransport {
     /// A builder with every default.
-    pub fn builder() -> HyperswarmBuilder {
-        HyperswarmBuilder::default()
+    pub fn builder() -> HyperswarmTransportBuilder {
+        HyperswarmTransportBuilder::default()
     }
 
-    /// The transport for `config`, with bootstrap nodes from [`BOOTSTRAP_ENV`] when set.
-    /// Cheap and synchronous: nothing touches the network until the first async call.
+    /// The transport for `config` (its `timeout_ms`), with bootstrap nodes from
+    /// [`BOOTSTRAP_ENV`] when set. Cheap and synchronous: nothing touches the network until
+    /// the first async call.
     pub fn from_config(config: &TransportConfig) -> Result<Self, HyperswarmError> {
-        HyperswarmBuilder::from_config(config).build()
+        HyperswarmTransportBuilder::from_config(config).build()
     }
 
     pub(crate) fn with_settings(settings: Arc<Settings>) -> Self {

@@ -28,7 +28,7 @@ use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN, Verdict};
 
 /// Backoff after failed dials to one address, by number of consecutive failures: stale DHT
 /// entries are common, so an address that does not answer is retried ever more rarely.
-pub const DIAL_BACKOFF: [Duration; 4] = [
+pub(crate) const DIAL_BACKOFF: [Duration; 4] = [
     Duration::from_secs(1),
     Duration::from_secs(5),
     Duration::from_secs(30),
@@ -40,7 +40,7 @@ pub const DIAL_BACKOFF: [Duration; 4] = [
 /// its slot for at most [`FIRST_ANSWER_TIMEOUT`]. 64 slots get through the ~500 entries
 /// mainline keeps per info-hash in about 8 such timeouts, so a flood of dead entries does
 /// not keep the live ones waiting long, while the memory and packet rate stay small.
-pub const MAX_CONCURRENT_DIALS: usize = 64;
+pub(crate) const MAX_CONCURRENT_DIALS: usize = 64;
 
 /// How long a dial to an address not verified before waits for the QUIC handshake (the
 /// first answer); after that, the whole exchange still has the handshake timeout. A live
@@ -50,16 +50,16 @@ pub const MAX_CONCURRENT_DIALS: usize = 64;
 /// lost. Dead DHT entries (most of what a stale or hostile DHT returns) thus free their dial
 /// slot after this, not after the full handshake timeout. Addresses verified before keep the
 /// full handshake timeout (a peer behind a NAT may answer only once it punches back).
-pub const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+pub(crate) const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How long `lookup` waits for its identify checks after the DHT query: enough for a live
 /// peer's check to get a slot behind a full set of dead ones ([`FIRST_ANSWER_TIMEOUT`]) and
 /// finish its few round trips. Checks still running then continue in the background; their
 /// results are listed by the next `lookup` at once.
-pub const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
+pub(crate) const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
 
 /// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
-pub const MAX_LOOKUP_CANDIDATES: usize = 256;
+pub(crate) const MAX_LOOKUP_CANDIDATES: usize = 256;
 
 /// Most addresses whose dial state is remembered; beyond, the oldest knowledge is dropped.
 pub(crate) const MAX_TRACKED_ADDRS: usize = 4096;
@@ -69,7 +69,7 @@ pub(crate) const IDENTIFY_TTL: Duration = Duration::from_secs(30);
 
 /// Interval between hole-punch probes to a peer while dialling it: often enough that the
 /// remote's QUIC Initial finds the NAT mapping open, rare enough to be negligible traffic.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// At most one "cannot reach a peer listed on the DHT" warning per this interval (the others
 /// go to debug): a DHT full of dead entries would otherwise flood the log with hundreds.
@@ -379,7 +379,7 @@ impl Node {
         };
         // Binding and the DHT's bootstrap name resolution block: keep them off the runtime.
         let started = tokio::time::timeout(
-            settings.request_timeout,
+            settings.timeout,
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let socket = quic::bind_socket(s.bind)
                     .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
@@ -408,7 +408,7 @@ impl Node {
         .await
         .map_err(|_| Error::Timeout {
             what: "starting the DHT node (resolving bootstrap nodes)".into(),
-            ms: settings.request_timeout.as_millis() as u64,
+            ms: settings.timeout.as_millis() as u64,
         })?
         .map_err(|e| start_failed(e.to_string()))?
         .map_err(start_failed)?;
@@ -485,7 +485,7 @@ impl Node {
     fn timeout_error(&self, what: String) -> anyhow::Error {
         Error::Timeout {
             what,
-            ms: self.settings.request_timeout.as_millis() as u64,
+            ms: self.settings.timeout.as_millis() as u64,
         }
         .into()
     }
@@ -560,7 +560,7 @@ impl Node {
             .or(public.map(|p| p.port()))
             .unwrap_or(self.local_addr.port());
         match tokio::time::timeout(
-            self.settings.request_timeout,
+            self.settings.timeout,
             self.dht.announce_peer(info_hash(&topic), Some(port)),
         )
         .await
@@ -611,7 +611,7 @@ impl Node {
         loop {
             let order = RandomState::new();
             let mut stream = self.dht.get_peers(info_hash(&topic));
-            let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+            let deadline = tokio::time::Instant::now() + self.settings.timeout;
             let mut seen: HashSet<SocketAddr> = HashSet::new();
             let mut leftover: Vec<SocketAddr> = Vec::new();
             let mut being_checked: Vec<SocketAddr> = Vec::new();
@@ -1301,7 +1301,7 @@ impl Node {
         self.register_topic(topic);
         let started = Instant::now();
         let mut stream = self.dht.get_peers(info_hash(&topic));
-        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
         let mut candidates: Vec<SocketAddr> = Vec::new();
         let mut got_any_batch = false;
         'outer: while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
@@ -1320,8 +1320,7 @@ impl Node {
         if !got_any_batch && !self.dht_reachable().await {
             return Err(self.unreachable("looking up peers", started));
         }
-        let budget =
-            tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET.min(self.settings.request_timeout);
+        let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET.min(self.settings.timeout);
         // `watched`: every candidate whose result this lookup reports; `queue`: the ones it
         // has to check itself.
         let (watched, mut queue) = {

@@ -145,7 +145,7 @@ async fn offline_fails_fast_saying_no_dht_node_answered() {
         .bootstrap([silent_addr.clone(), "[::1]:6881".to_owned()])
         .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
         .dht_request_timeout(Duration::from_millis(250))
-        .request_timeout(timeout)
+        .timeout(timeout)
         .build()
         .unwrap();
     let topic = fresh_topic("offline");

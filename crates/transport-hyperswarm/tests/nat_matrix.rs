@@ -439,7 +439,7 @@ fn child_peer() {
             .bind_addr(SocketAddrV4::new(bind, 0))
             .dht_server_mode(true)
             .dht_request_timeout(Duration::from_millis(250))
-            .request_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
             .handshake_timeout(Duration::from_secs(5))
             .lookup_interval(Duration::from_secs(2))
             .build()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::TransportFactory;
-use pluresdb_sync_transport_hyperswarm::{HyperswarmBuilder, HyperswarmTransport};
+use pluresdb_sync_transport_hyperswarm::{HyperswarmTransport, HyperswarmTransportBuilder};
 
 /// DHT nodes in the local testnet.
 pub const TESTNET_NODES: usize = 5;
@@ -27,13 +27,13 @@ impl LocalDht {
     }
 
     /// A builder for a fast transport on loopback using this DHT.
-    pub fn builder(&self) -> HyperswarmBuilder {
+    pub fn builder(&self) -> HyperswarmTransportBuilder {
         HyperswarmTransport::builder()
             .bootstrap(self.testnet.bootstrap.clone())
             .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
             .dht_server_mode(true)
             .dht_request_timeout(Duration::from_millis(250))
-            .request_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
             .handshake_timeout(Duration::from_secs(5))
             .keep_alive(Duration::from_millis(500), Duration::from_secs(3))
             .lookup_interval(Duration::from_secs(2))
