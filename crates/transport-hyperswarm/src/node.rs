@@ -26,14 +26,9 @@ use crate::quic;
 use crate::socket::{DataSocket, PROBE};
 use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN, Verdict};
 
-/// Backoff after failed dials to one address, by number of consecutive failures: stale DHT
-/// entries are common, so an address that does not answer is retried ever more rarely.
-pub(crate) const DIAL_BACKOFF: [Duration; 4] = [
-    Duration::from_secs(1),
-    Duration::from_secs(5),
-    Duration::from_secs(30),
-    Duration::from_secs(120),
-];
+mod book;
+
+use book::{AddressBook, Outcome, schedule};
 
 /// Most dials and identify checks in flight at once (one pool for `lookup` and `connect`).
 /// A dial in progress costs one QUIC connection attempt (a few KiB); a dead DHT entry holds
@@ -60,12 +55,6 @@ pub(crate) const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
 
 /// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
 pub(crate) const MAX_LOOKUP_CANDIDATES: usize = 256;
-
-/// Most addresses whose dial state is remembered; beyond, the oldest knowledge is dropped.
-pub(crate) const MAX_TRACKED_ADDRS: usize = 4096;
-
-/// How long a verified address → peer mapping is trusted by `lookup` without re-checking.
-pub(crate) const IDENTIFY_TTL: Duration = Duration::from_secs(30);
 
 /// Interval between hole-punch probes to a peer while dialling it: often enough that the
 /// remote's QUIC Initial finds the NAT mapping open, rare enough to be negligible traffic.
@@ -117,49 +106,15 @@ impl Session {
     }
 }
 
-#[derive(Default)]
-struct AddrState {
-    /// The peer verified at this address, and when.
-    peer: Option<([u8; 32], Instant)>,
-    failures: u32,
-    next_try: Option<Instant>,
-    last_failure: Option<Instant>,
-    last_error: Option<HyperswarmError>,
-}
-
-#[derive(Default)]
 struct State {
     topics: HashMap<TopicHash, TopicEntry>,
     sessions: HashMap<(TopicHash, [u8; 32]), Session>,
-    addrs: HashMap<SocketAddr, AddrState>,
-    self_addrs: HashSet<SocketAddr>,
+    book: AddressBook,
     /// `Connect` dials in flight (at most [`MAX_CONCURRENT_DIALS`]: added with a slot held).
     dialing: HashSet<(TopicHash, SocketAddr)>,
     /// `lookup`'s identify checks in flight, so that no two run for one address (at most
     /// [`MAX_CONCURRENT_DIALS`]: added with a slot held).
     checking: HashSet<(TopicHash, SocketAddr)>,
-}
-
-/// How urgently a DHT candidate is dialled; candidates in backoff are not dialled at all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Tier {
-    /// A peer was verified at this address and it has not failed since.
-    Verified,
-    /// Never tried.
-    New,
-    /// Failed before; its backoff has passed.
-    Retry,
-}
-
-/// Orders candidates for dialling: by tier, then in an order random to everyone else (a
-/// keyed hash of the address), so that whoever fills the DHT with dead entries cannot
-/// predict which are tried first and park the dial slots in front of the live peers. Pure.
-fn schedule(
-    mut candidates: Vec<(Tier, SocketAddr)>,
-    order: &impl std::hash::BuildHasher,
-) -> Vec<SocketAddr> {
-    candidates.sort_by_cached_key(|(tier, addr)| (*tier, order.hash_one(addr)));
-    candidates.into_iter().map(|(_, addr)| addr).collect()
 }
 
 impl State {
@@ -185,102 +140,6 @@ impl State {
             .find(|((t, _), s)| t == topic && s.addr == addr && s.alive())
             .map(|((_, k), _)| *k)
     }
-
-    fn in_backoff(&self, addr: SocketAddr, now: Instant) -> bool {
-        self.addrs
-            .get(&addr)
-            .and_then(|a| a.next_try)
-            .is_some_and(|t| t > now)
-    }
-
-    /// The candidate's tier, or `None` when it is not to be dialled now: in backoff, or (for
-    /// `lookup`, which may be polled often) failed within [`IDENTIFY_TTL`], since the dialer
-    /// retries such addresses on its own backoff.
-    fn tier(&self, addr: SocketAddr, now: Instant, purpose: Purpose) -> Option<Tier> {
-        let Some(a) = self.addrs.get(&addr) else {
-            return Some(Tier::New);
-        };
-        if a.next_try.is_some_and(|t| t > now) {
-            return None;
-        }
-        let failed_lately = a
-            .last_failure
-            .is_some_and(|t| now.duration_since(t) < IDENTIFY_TTL);
-        if purpose == Purpose::Identify && failed_lately {
-            return None;
-        }
-        Some(if a.peer.is_some() {
-            Tier::Verified
-        } else if a.failures == 0 {
-            Tier::New
-        } else {
-            Tier::Retry
-        })
-    }
-
-    /// Stores what a dial or identify check of `addr` learned. Only failures of the remote
-    /// or the network count against the address; a connection this node declined itself
-    /// ([`DialError::is_local`]) leaves its state as it was.
-    fn record(&mut self, addr: SocketAddr, result: &Result<Outcome, DialError>) {
-        match result {
-            Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => self.verified(addr, *peer),
-            Ok(Outcome::Myself) => {
-                self.self_addrs.insert(addr);
-            }
-            Err(DialError::Failed(error)) => self.dial_failed(addr, error.clone()),
-            // Our own refusal (`DialError::is_local`): not the address failing.
-            Err(DialError::Declined { .. }) => {}
-        }
-    }
-
-    /// The peer verified at `addr` within [`IDENTIFY_TTL`].
-    fn fresh_peer(&self, addr: SocketAddr, now: Instant) -> Option<[u8; 32]> {
-        let (peer, at) = self.addrs.get(&addr)?.peer?;
-        (now.duration_since(at) < IDENTIFY_TTL).then_some(peer)
-    }
-
-    fn addr_mut(&mut self, addr: SocketAddr) -> &mut AddrState {
-        if self.addrs.len() >= MAX_TRACKED_ADDRS && !self.addrs.contains_key(&addr) {
-            let now = Instant::now();
-            self.addrs
-                .retain(|_, a| a.next_try.is_some_and(|t| t > now));
-            if self.addrs.len() >= MAX_TRACKED_ADDRS {
-                self.addrs.clear();
-            }
-        }
-        self.addrs.entry(addr).or_default()
-    }
-
-    fn dial_failed(&mut self, addr: SocketAddr, error: HyperswarmError) {
-        let a = self.addr_mut(addr);
-        a.last_error = Some(error);
-        a.failures = a.failures.saturating_add(1);
-        let tier = (a.failures as usize - 1).min(DIAL_BACKOFF.len() - 1);
-        let now = Instant::now();
-        a.next_try = Some(now + DIAL_BACKOFF[tier]);
-        a.last_failure = Some(now);
-        a.peer = None;
-    }
-
-    fn verified(&mut self, addr: SocketAddr, peer: [u8; 32]) {
-        let a = self.addr_mut(addr);
-        a.failures = 0;
-        a.next_try = None;
-        a.last_failure = None;
-        a.last_error = None;
-        a.peer = Some((peer, Instant::now()));
-    }
-}
-
-/// What a dial achieved.
-#[derive(Debug)]
-enum Outcome {
-    /// A connection was established and yielded.
-    Connected([u8; 32]),
-    /// The peer's key was verified (identify, or a duplicate connection that was dropped).
-    Known([u8; 32]),
-    /// The address is this node itself.
-    Myself,
 }
 
 /// A dial or identify check in flight: it holds the dial slot and the address's entry in
@@ -417,6 +276,7 @@ impl Node {
             quic::endpoint(&settings, socket).map_err(|e| start_failed(e.to_string()))?;
         let (endpoint, data, diverted) = endpoint;
         let local_addr = endpoint.local_addr()?;
+        let announce_port = settings.announce_port;
         let node = Arc::new(Node {
             public_key: settings.identity.public_bytes(),
             settings,
@@ -427,7 +287,13 @@ impl Node {
             local_addr,
             dht: dht.as_async(),
             bootstrap,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                topics: HashMap::new(),
+                sessions: HashMap::new(),
+                book: AddressBook::new(local_addr, announce_port),
+                dialing: HashSet::new(),
+                checking: HashSet::new(),
+            }),
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
             dial_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DIALS)),
@@ -720,19 +586,10 @@ impl Node {
         let now = Instant::now();
         let ranked = candidates
             .into_iter()
-            .filter(|addr| !self.is_self_addr(&st, *addr) && st.session_at(&topic, *addr).is_none())
-            .filter_map(|addr| st.tier(addr, now, Purpose::Connect).map(|t| (t, addr)))
+            .filter(|addr| !st.book.is_own(*addr) && st.session_at(&topic, *addr).is_none())
+            .filter_map(|addr| st.book.tier(addr, now, Purpose::Connect).map(|t| (t, addr)))
             .collect();
         schedule(ranked, order)
-    }
-
-    fn is_self_addr(&self, st: &State, addr: SocketAddr) -> bool {
-        if st.self_addrs.contains(&addr) {
-            return true;
-        }
-        let ours = addr.port() == self.local_addr.port()
-            || self.settings.announce_port == Some(addr.port());
-        ours && (addr.ip() == self.local_addr.ip() || addr.ip().is_loopback())
     }
 
     /// Dials `addr` in the background with the dial slot `permit`, unless it is not worth it
@@ -748,9 +605,9 @@ impl Node {
         let (verdict, in_flight) = {
             let mut st = self.state();
             let now = Instant::now();
-            let verdict = if self.is_self_addr(&st, addr)
+            let verdict = if st.book.is_own(addr)
                 || st.session_at(&topic, addr).is_some()
-                || st.in_backoff(addr, now)
+                || st.book.in_backoff(addr, now)
                 || st.dialing.contains(&(topic, addr))
                 || st.live_sessions() >= self.settings.max_peers
                 || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
@@ -778,14 +635,14 @@ impl Node {
                 if let Err(e) = &result
                     && !e.is_local()
                 {
-                    let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
+                    let failures = st.book.failures(addr) + 1;
                     if failures == 2 && node.may_warn_unreachable() {
                         tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
                     } else {
                         tracing::debug!(%addr, error = %e, failures, "dial failed");
                     }
                 }
-                st.record(addr, &result);
+                st.book.record(addr, Instant::now(), &result);
             }
             drop(in_flight);
         });
@@ -832,7 +689,7 @@ impl Node {
                 if let Err(e) = &result {
                     tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
                 }
-                st.record(addr, &result);
+                st.book.record(addr, Instant::now(), &result);
             }
             drop(in_flight);
         });
@@ -853,11 +710,7 @@ impl Node {
             .ok_or(DialError::declined(addr, Declined::TopicNotJoined))?;
         let fail = |cause| DialError::handshake(addr, cause);
         // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
-        let known = self
-            .state()
-            .addrs
-            .get(&addr)
-            .is_some_and(|a| a.peer.is_some());
+        let known = self.state().book.is_verified(addr);
         let first_answer = if known {
             self.settings.handshake_timeout
         } else {
@@ -958,21 +811,7 @@ impl Node {
     }
 
     pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
-        let st = self.state();
-        let mut out: Vec<crate::DialFailure> = st
-            .addrs
-            .iter()
-            .filter(|(addr, _)| !st.self_addrs.contains(*addr))
-            .filter_map(|(addr, a)| {
-                Some(crate::DialFailure {
-                    addr: *addr,
-                    failures: a.failures,
-                    error: a.last_error.clone().filter(|_| a.failures > 0)?,
-                })
-            })
-            .collect();
-        out.sort_by_key(|f| f.addr);
-        out
+        self.state().book.dial_failures()
     }
 
     pub(crate) fn probes_received(&self) -> u64 {
@@ -1074,7 +913,7 @@ impl Node {
             );
         }
         *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(public);
-        self.state().self_addrs.insert(SocketAddr::V4(public));
+        self.state().book.add_own(SocketAddr::V4(public));
         Some(public)
     }
 
@@ -1329,14 +1168,14 @@ impl Node {
             let mut watched = Vec::new();
             let mut to_check = Vec::new();
             for addr in candidates {
-                if self.is_self_addr(&st, addr) {
+                if st.book.is_own(addr) {
                     continue;
                 }
-                let listed =
-                    st.session_at(&topic, addr).is_some() || st.fresh_peer(addr, now).is_some();
+                let listed = st.session_at(&topic, addr).is_some()
+                    || st.book.fresh_peer(addr, now).is_some();
                 if listed || st.in_flight(topic, addr) {
                     watched.push(addr);
-                } else if let Some(tier) = st.tier(addr, now, Purpose::Identify) {
+                } else if let Some(tier) = st.book.tier(addr, now, Purpose::Identify) {
                     watched.push(addr);
                     to_check.push((tier, addr));
                 }
@@ -1367,7 +1206,7 @@ impl Node {
         for addr in watched {
             if let Some(peer) = st.session_at(&topic, addr) {
                 push_unique(&mut found, peer, addr, true);
-            } else if let Some(peer) = st.fresh_peer(addr, now) {
+            } else if let Some(peer) = st.book.fresh_peer(addr, now) {
                 let connected = st.sessions.get(&(topic, peer)).is_some_and(Session::alive);
                 push_unique(&mut found, peer, addr, connected);
             }
@@ -1459,90 +1298,6 @@ fn stream_cause(conn: &quinn::Connection, e: impl std::fmt::Display) -> Handshak
 mod tests {
     use super::*;
 
-    fn no_answer(addr: SocketAddr) -> HyperswarmError {
-        HyperswarmError::Handshake {
-            addr,
-            cause: HandshakeFailure::NoAnswer {
-                after: FIRST_ANSWER_TIMEOUT,
-            },
-        }
-    }
-
-    #[test]
-    fn dial_backoff_climbs_the_tiers_and_resets() {
-        let mut st = State::default();
-        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        let mut waits = Vec::new();
-        for _ in 0..6 {
-            let before = Instant::now();
-            st.dial_failed(addr, no_answer(addr));
-            let next = st.addrs[&addr].next_try.unwrap();
-            waits.push((next - before).as_secs());
-        }
-        assert_eq!(waits, [1, 5, 30, 120, 120, 120]);
-        assert!(st.in_backoff(addr, Instant::now()));
-        st.verified(addr, [1; 32]);
-        assert!(!st.in_backoff(addr, Instant::now()));
-        assert_eq!(st.addrs[&addr].failures, 0);
-    }
-
-    #[test]
-    fn schedule_orders_by_tier_then_unpredictably() {
-        let addr = |i: u32| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1));
-        let tiers = [Tier::Retry, Tier::New, Tier::Verified];
-        let candidates: Vec<(Tier, SocketAddr)> =
-            (0..300).map(|i| (tiers[i as usize % 3], addr(i))).collect();
-        let tier_of: HashMap<SocketAddr, Tier> = candidates.iter().map(|(t, a)| (*a, *t)).collect();
-        let first = schedule(candidates.clone(), &RandomState::new());
-        assert_eq!(first.len(), candidates.len());
-        let got: HashSet<SocketAddr> = first.iter().copied().collect();
-        assert_eq!(got.len(), candidates.len());
-        let ranks: Vec<Tier> = first.iter().map(|a| tier_of[a]).collect();
-        assert!(ranks.is_sorted(), "tiers out of order: {ranks:?}");
-        assert_eq!(ranks[0], Tier::Verified);
-        assert_eq!(ranks[299], Tier::Retry);
-        // Within a tier, neither the input order nor the previous schedule's order.
-        let second = schedule(candidates.clone(), &RandomState::new());
-        assert_ne!(first, second);
-        let verified_in_input: Vec<SocketAddr> = candidates
-            .iter()
-            .filter(|(t, _)| *t == Tier::Verified)
-            .map(|(_, a)| *a)
-            .collect();
-        assert_ne!(first[..100], verified_in_input[..]);
-    }
-
-    #[test]
-    fn tiers_follow_the_address_history() {
-        let mut st = State::default();
-        let now = Instant::now();
-        let (new, live, dead) = (
-            "10.0.0.1:1".parse().unwrap(),
-            "10.0.0.2:1".parse().unwrap(),
-            "10.0.0.3:1".parse().unwrap(),
-        );
-        st.verified(live, [1; 32]);
-        st.dial_failed(dead, no_answer(dead));
-        for purpose in [Purpose::Identify, Purpose::Connect] {
-            assert_eq!(st.tier(new, now, purpose), Some(Tier::New));
-            assert_eq!(st.tier(live, now, purpose), Some(Tier::Verified));
-            assert_eq!(st.tier(dead, now, purpose), None, "in backoff");
-        }
-        // After its backoff the dialer retries a dead address (last); `lookup` waits for
-        // the identify TTL since its last failure.
-        let later = now + DIAL_BACKOFF[0] + Duration::from_millis(1);
-        assert_eq!(st.tier(dead, later, Purpose::Connect), Some(Tier::Retry));
-        assert_eq!(st.tier(dead, later, Purpose::Identify), None);
-        let much_later = now + IDENTIFY_TTL + Duration::from_millis(1);
-        assert_eq!(
-            st.tier(dead, much_later, Purpose::Identify),
-            Some(Tier::Retry)
-        );
-        assert_eq!(st.fresh_peer(live, now), Some([1; 32]));
-        assert_eq!(st.fresh_peer(live, much_later), None);
-        assert_eq!(st.fresh_peer(dead, now), None);
-    }
-
     /// Dials and checks in flight hold a slot and a set entry; a check skips an address
     /// being dialled, a dial defers one being checked, and aborting them (shutdown) frees
     /// both.
@@ -1614,48 +1369,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), all_freed)
             .await
             .expect("aborted dials kept their slots or set entries");
-    }
-
-    #[test]
-    fn only_remote_and_network_failures_count_against_an_address() {
-        let mut st = State::default();
-        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        st.record(addr, &Ok(Outcome::Known([1; 32])));
-        let now = Instant::now();
-        // Declined here: max_peers reached, queue full, topic not joined.
-        for reason in [
-            Declined::MaxPeers { max: 1 },
-            Declined::QueueFull,
-            Declined::TopicNotJoined,
-        ] {
-            st.record(addr, &Err(DialError::declined(addr, reason)));
-        }
-        assert!(!st.in_backoff(addr, now));
-        assert_eq!(st.addrs[&addr].failures, 0);
-        assert_eq!(st.fresh_peer(addr, now), Some([1; 32]), "still verified");
-        assert_eq!(st.tier(addr, now, Purpose::Connect), Some(Tier::Verified));
-        // The remote refusing, or not answering, does count.
-        st.record(
-            addr,
-            &Err(DialError::handshake(addr, closed_by_remote(code::BUSY))),
-        );
-        assert_eq!(st.addrs[&addr].failures, 1);
-        assert!(st.in_backoff(addr, Instant::now()));
-        assert_eq!(st.fresh_peer(addr, Instant::now()), None);
-        let other: SocketAddr = "10.0.0.2:1".parse().unwrap();
-        st.record(other, &Err(no_answer(other).into()));
-        assert_eq!(st.addrs[&other].failures, 1);
-        assert_eq!(st.addrs[&other].last_error, Some(no_answer(other)));
-    }
-
-    #[test]
-    fn remembered_addresses_are_bounded() {
-        let mut st = State::default();
-        for i in 0..(MAX_TRACKED_ADDRS as u32 * 2) {
-            let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1));
-            st.verified(addr, [0; 32]);
-            assert!(st.addrs.len() <= MAX_TRACKED_ADDRS);
-        }
     }
 
     #[test]

@@ -368,10 +368,7 @@ mod tests {
             .into_iter()
             .map(|f| (f.addr, f.failures, f.error))
             .collect();
-        assert_eq!(
-            listed,
-            [(addr, 1, busy_error), (other, 1, no_answer_error)]
-        );
+        assert_eq!(listed, [(addr, 1, busy_error), (other, 1, no_answer_error)]);
     }
 
     #[test]
