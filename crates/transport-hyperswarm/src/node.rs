@@ -11,24 +11,27 @@ use futures_lite::StreamExt;
 use mainline::async_dht::AsyncDht;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use quinn::{RecvStream, SendStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::HyperswarmError;
 use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
-use crate::conn::{HsConnection, closed_with, code};
+use crate::conn::code;
 use crate::error::{BootstrapNode, Declined, DialError, HandshakeFailure};
-use crate::krpc;
 use crate::noise::{self, Role};
 use crate::quic;
 use crate::socket::{DataSocket, PROBE};
-use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN, Verdict};
+use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN};
 
 mod book;
+mod duplicate;
+mod reflexive;
+mod sessions;
 
 use book::{AddressBook, Outcome, schedule};
+use reflexive::Reflexive;
+use sessions::Sessions;
 
 /// Most dials and identify checks in flight at once (one pool for `lookup` and `connect`).
 /// A dial in progress costs one QUIC connection attempt (a few KiB); a dead DHT entry holds
@@ -65,19 +68,8 @@ pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// `HyperswarmTransport::dial_failures` lists them all.
 const UNREACHABLE_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// DHT nodes asked for the data socket's public address each time (a majority decides).
-const REFLEXIVE_PINGS: usize = 4;
-
-/// How long to wait for their replies.
-const REFLEXIVE_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Re-announce interval while the public address is still unknown.
 const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
-
-/// After the first reply, how much longer the others may take.
-const REFLEXIVE_GRACE: Duration = Duration::from_millis(200);
-
-type PendingPing = (SocketAddr, mpsc::Sender<Option<SocketAddrV4>>);
 
 /// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
 pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
@@ -95,20 +87,9 @@ struct TopicEntry {
     discovering: Option<AbortHandle>,
 }
 
-struct Session {
-    conn: quinn::Connection,
-    addr: SocketAddr,
-}
-
-impl Session {
-    fn alive(&self) -> bool {
-        self.conn.close_reason().is_none()
-    }
-}
-
 struct State {
     topics: HashMap<TopicHash, TopicEntry>,
-    sessions: HashMap<(TopicHash, [u8; 32]), Session>,
+    sessions: Sessions,
     book: AddressBook,
     /// `Connect` dials in flight (at most [`MAX_CONCURRENT_DIALS`]: added with a slot held).
     dialing: HashSet<(TopicHash, SocketAddr)>,
@@ -128,17 +109,6 @@ impl State {
     /// Whether a dial or an identify check of `addr` for `topic` is in flight.
     fn in_flight(&self, topic: TopicHash, addr: SocketAddr) -> bool {
         self.dialing.contains(&(topic, addr)) || self.checking.contains(&(topic, addr))
-    }
-
-    fn live_sessions(&self) -> usize {
-        self.sessions.values().filter(|s| s.alive()).count()
-    }
-
-    fn session_at(&self, topic: &TopicHash, addr: SocketAddr) -> Option<[u8; 32]> {
-        self.sessions
-            .iter()
-            .find(|((t, _), s)| t == topic && s.addr == addr && s.alive())
-            .map(|((_, k), _)| *k)
     }
 }
 
@@ -201,10 +171,8 @@ pub(crate) struct Node {
     endpoint: quinn::Endpoint,
     /// The UDP socket under `endpoint`, for probes and KRPC pings.
     data: Arc<DataSocket>,
-    /// KRPC pings in flight: transaction id -> (node pinged, where to report its reply).
-    pings: Mutex<HashMap<[u8; 4], PendingPing>>,
-    /// The data socket's public address as DHT nodes reported it.
-    public: Mutex<Option<SocketAddrV4>>,
+    /// The data socket's public address as DHT nodes report it.
+    reflexive: Reflexive,
     local_addr: SocketAddr,
     dht: AsyncDht,
     /// The bootstrap nodes and what they resolved to (given to the DHT node as addresses).
@@ -282,14 +250,13 @@ impl Node {
             settings,
             endpoint,
             data,
-            pings: Mutex::new(HashMap::new()),
-            public: Mutex::new(None),
+            reflexive: Reflexive::default(),
             local_addr,
             dht: dht.as_async(),
             bootstrap,
             state: Mutex::new(State {
                 topics: HashMap::new(),
-                sessions: HashMap::new(),
+                sessions: Sessions::default(),
                 book: AddressBook::new(local_addr, announce_port),
                 dialing: HashSet::new(),
                 checking: HashSet::new(),
@@ -586,7 +553,7 @@ impl Node {
         let now = Instant::now();
         let ranked = candidates
             .into_iter()
-            .filter(|addr| !st.book.is_own(*addr) && st.session_at(&topic, *addr).is_none())
+            .filter(|addr| !st.book.is_own(*addr) && st.sessions.at(&topic, *addr).is_none())
             .filter_map(|addr| st.book.tier(addr, now, Purpose::Connect).map(|t| (t, addr)))
             .collect();
         schedule(ranked, order)
@@ -606,10 +573,10 @@ impl Node {
             let mut st = self.state();
             let now = Instant::now();
             let verdict = if st.book.is_own(addr)
-                || st.session_at(&topic, addr).is_some()
+                || st.sessions.at(&topic, addr).is_some()
                 || st.book.in_backoff(addr, now)
                 || st.dialing.contains(&(topic, addr))
-                || st.live_sessions() >= self.settings.max_peers
+                || st.sessions.live() >= self.settings.max_peers
                 || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
             {
                 DialStart::Skipped
@@ -804,10 +771,7 @@ impl Node {
     }
 
     pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
-        self.public
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(SocketAddr::V4)
+        self.reflexive.public().map(SocketAddr::V4)
     }
 
     pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
@@ -819,102 +783,6 @@ impl Node {
             .counters
             .probes
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Handles datagrams the data socket kept from quinn: KRPC replies to our pings.
-    async fn handle_diverted(self: Arc<Self>, mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
-        while let Some((from, bytes)) = rx.recv().await {
-            let Ok(reply) = krpc::decode_reply(&bytes) else {
-                continue;
-            };
-            let Ok(txid) = <[u8; 4]>::try_from(reply.txid.as_slice()) else {
-                continue;
-            };
-            let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
-            // Only the node we pinged may answer (a forged reply from elsewhere is ignored).
-            if pings.get(&txid).is_some_and(|(to, _)| *to == from)
-                && let Some((_, tx)) = pings.remove(&txid)
-            {
-                let _ = tx.try_send(reply.seen_as);
-            }
-        }
-    }
-
-    /// Learns the data socket's public address: KRPC pings sent from the data socket to a
-    /// few DHT nodes, whose replies carry our address as they saw it (BEP 42 `ip`).
-    async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
-        let table = self.dht.to_bootstrap().await;
-        // Right after start the routing table may still be empty: fall back to the
-        // bootstrap nodes.
-        let bootstrap = self
-            .bootstrap
-            .iter()
-            .flat_map(|n| n.resolved.iter().copied());
-        let candidates = table.iter().filter_map(|s| s.parse().ok()).chain(bootstrap);
-        let mut nodes: Vec<SocketAddrV4> = Vec::new();
-        for node in candidates {
-            if !nodes.contains(&node) && nodes.len() < REFLEXIVE_PINGS {
-                nodes.push(node);
-            }
-        }
-        let (tx, mut rx) = mpsc::channel(REFLEXIVE_PINGS);
-        let mut txids = Vec::new();
-        for node in nodes {
-            let id = mainline::Id::random();
-            let bytes = id.as_bytes();
-            let txid = [bytes[0], bytes[1], bytes[2], bytes[3]];
-            self.pings
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(txid, (SocketAddr::V4(node), tx.clone()));
-            self.data
-                .send_raw(SocketAddr::V4(node), &krpc::encode_ping(txid, *bytes));
-            txids.push(txid);
-        }
-        drop(tx);
-        let mut seen: Vec<SocketAddrV4> = Vec::new();
-        let mut deadline = tokio::time::Instant::now() + REFLEXIVE_TIMEOUT;
-        while seen.len() < txids.len() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Some(addr))) => {
-                    seen.push(addr);
-                    // Two nodes agreeing settles it (a majority of the usual four can wait).
-                    if seen.iter().filter(|a| **a == addr).count() >= 2 {
-                        break;
-                    }
-                    // The first answer came: give the others only a moment more.
-                    deadline = deadline.min(tokio::time::Instant::now() + REFLEXIVE_GRACE);
-                }
-                Ok(Some(None)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        {
-            let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
-            for txid in &txids {
-                pings.remove(txid);
-            }
-        }
-        // The most reported address wins; several different ones mean the NAT maps each
-        // destination differently ("symmetric"), where punching will likely fail.
-        let mut best: Option<(SocketAddrV4, usize)> = None;
-        for a in &seen {
-            let votes = seen.iter().filter(|b| *b == a).count();
-            if best.is_none_or(|(_, v)| votes > v) {
-                best = Some((*a, votes));
-            }
-        }
-        let public = best.map(|(a, _)| a)?;
-        if seen.iter().any(|a| *a != public) {
-            tracing::warn!(
-                ?seen,
-                "DHT nodes see this socket at different addresses: endpoint-dependent NAT \
-                 mapping, direct connections will likely fail"
-            );
-        }
-        *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(public);
-        self.state().book.add_own(SocketAddr::V4(public));
-        Some(public)
     }
 
     async fn accept_loop(self: Arc<Self>) {
@@ -1009,123 +877,6 @@ impl Node {
         }
     }
 
-    /// Decides, consistently on both sides, whether this connection is the one kept between
-    /// the two peers. The peer with the smaller static key (the leader) decides; the other
-    /// follows its verdict. So exactly one connection survives even when both dial at once.
-    async fn settle(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        remote: [u8; 32],
-        conn: quinn::Connection,
-        mut send: SendStream,
-        mut recv: RecvStream,
-        addr: SocketAddr,
-    ) -> Result<Outcome, DialError> {
-        let key = (topic, remote);
-        let max = self.settings.max_peers;
-        let full = DialError::declined(addr, Declined::MaxPeers { max });
-        if self.public_key < remote {
-            let verdict = {
-                let mut st = self.state();
-                if st.sessions.get(&key).is_some_and(Session::alive) {
-                    Verdict::Duplicate
-                } else if st.live_sessions() >= max {
-                    drop(st);
-                    conn.close(code::BUSY, b"too many peers");
-                    return Err(full);
-                } else {
-                    st.sessions.insert(
-                        key,
-                        Session {
-                            conn: conn.clone(),
-                            addr,
-                        },
-                    );
-                    Verdict::Accept
-                }
-            };
-            if verdict == Verdict::Duplicate {
-                conn.close(code::DUPLICATE, b"duplicate");
-                return Ok(Outcome::Known(remote));
-            }
-            if let Err(e) = send.write_all(&[verdict.to_byte()]).await {
-                self.forget_session(key, &conn);
-                return Err(DialError::handshake(addr, stream_cause(&conn, e)));
-            }
-        } else {
-            let mut byte = [0u8; 1];
-            if let Err(e) = recv.read_exact(&mut byte).await {
-                if let quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) = &e
-                    && closed_with(c, code::DUPLICATE)
-                {
-                    return Ok(Outcome::Known(remote));
-                }
-                return Err(DialError::handshake(addr, stream_cause(&conn, e)));
-            }
-            match wire::decode_verdict(byte[0]) {
-                Ok(Verdict::Accept) => {}
-                Ok(Verdict::Duplicate) => {
-                    conn.close(code::DUPLICATE, b"duplicate");
-                    return Ok(Outcome::Known(remote));
-                }
-                Err(e) => {
-                    conn.close(code::PROTOCOL, b"bad verdict");
-                    return Err(DialError::protocol(addr, e.to_string()));
-                }
-            }
-            let mut st = self.state();
-            if st.live_sessions() >= max && !st.sessions.contains_key(&key) {
-                drop(st);
-                conn.close(code::BUSY, b"too many peers");
-                return Err(full);
-            }
-            // The leader saw the old connection as dead; so is it, soon, here.
-            if let Some(old) = st.sessions.insert(
-                key,
-                Session {
-                    conn: conn.clone(),
-                    addr,
-                },
-            ) {
-                old.conn.close(code::REPLACED, b"replaced");
-            }
-        }
-        let sender = self
-            .state()
-            .topics
-            .get(&topic)
-            .and_then(|t| t.accept.clone());
-        let connection = HsConnection::new(hex::encode(remote), conn.clone(), send, recv);
-        let delivered = match sender {
-            // Full queue: the application is not taking connections; refuse rather than
-            // buffer without bound. The remote retries with backoff.
-            Some(tx) => tx.try_send(Box::new(connection)).is_ok(),
-            None => false,
-        };
-        if !delivered {
-            self.forget_session(key, &conn);
-            conn.close(code::BUSY, b"not accepting");
-            return Err(DialError::declined(addr, Declined::QueueFull));
-        }
-        let node = self.clone();
-        self.spawn(async move {
-            conn.closed().await;
-            node.forget_session(key, &conn);
-        });
-        Ok(Outcome::Connected(remote))
-    }
-
-    fn forget_session(&self, key: (TopicHash, [u8; 32]), conn: &quinn::Connection) {
-        let mut st = self.state();
-        if st
-            .sessions
-            .get(&key)
-            .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
-        {
-            st.sessions.remove(&key);
-        }
-    }
-
     /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
     ///
     /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
@@ -1171,7 +922,7 @@ impl Node {
                 if st.book.is_own(addr) {
                     continue;
                 }
-                let listed = st.session_at(&topic, addr).is_some()
+                let listed = st.sessions.at(&topic, addr).is_some()
                     || st.book.fresh_peer(addr, now).is_some();
                 if listed || st.in_flight(topic, addr) {
                     watched.push(addr);
@@ -1204,10 +955,10 @@ impl Node {
         let now = Instant::now();
         let mut found: Vec<PeerInfo> = Vec::new();
         for addr in watched {
-            if let Some(peer) = st.session_at(&topic, addr) {
+            if let Some(peer) = st.sessions.at(&topic, addr) {
                 push_unique(&mut found, peer, addr, true);
             } else if let Some(peer) = st.book.fresh_peer(addr, now) {
-                let connected = st.sessions.get(&(topic, peer)).is_some_and(Session::alive);
+                let connected = st.sessions.is_live(&(topic, peer));
                 push_unique(&mut found, peer, addr, connected);
             }
         }
