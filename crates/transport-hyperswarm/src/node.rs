@@ -11,7 +11,7 @@ use futures_lite::StreamExt;
 use mainline::async_dht::AsyncDht;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -25,20 +25,15 @@ use crate::socket::{DataSocket, PROBE};
 use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN};
 
 mod book;
+mod dialer;
 mod duplicate;
 mod reflexive;
 mod sessions;
 
 use book::{AddressBook, Outcome, schedule};
+use dialer::{DialStart, Dialer, MAX_CONCURRENT_DIALS};
 use reflexive::Reflexive;
 use sessions::Sessions;
-
-/// Most dials and identify checks in flight at once (one pool for `lookup` and `connect`).
-/// A dial in progress costs one QUIC connection attempt (a few KiB); a dead DHT entry holds
-/// its slot for at most [`FIRST_ANSWER_TIMEOUT`]. 64 slots get through the ~500 entries
-/// mainline keeps per info-hash in about 8 such timeouts, so a flood of dead entries does
-/// not keep the live ones waiting long, while the memory and packet rate stay small.
-pub(crate) const MAX_CONCURRENT_DIALS: usize = 64;
 
 /// How long a dial to an address not verified before waits for the QUIC handshake (the
 /// first answer); after that, the whole exchange still has the handshake timeout. A live
@@ -91,78 +86,6 @@ struct State {
     topics: HashMap<TopicHash, TopicEntry>,
     sessions: Sessions,
     book: AddressBook,
-    /// `Connect` dials in flight (at most [`MAX_CONCURRENT_DIALS`]: added with a slot held).
-    dialing: HashSet<(TopicHash, SocketAddr)>,
-    /// `lookup`'s identify checks in flight, so that no two run for one address (at most
-    /// [`MAX_CONCURRENT_DIALS`]: added with a slot held).
-    checking: HashSet<(TopicHash, SocketAddr)>,
-}
-
-impl State {
-    fn in_flight_mut(&mut self, purpose: Purpose) -> &mut HashSet<(TopicHash, SocketAddr)> {
-        match purpose {
-            Purpose::Connect => &mut self.dialing,
-            Purpose::Identify => &mut self.checking,
-        }
-    }
-
-    /// Whether a dial or an identify check of `addr` for `topic` is in flight.
-    fn in_flight(&self, topic: TopicHash, addr: SocketAddr) -> bool {
-        self.dialing.contains(&(topic, addr)) || self.checking.contains(&(topic, addr))
-    }
-}
-
-/// A dial or identify check in flight: it holds the dial slot and the address's entry in
-/// [`State::dialing`] or [`State::checking`]. Dropping it (the task finished, or was aborted
-/// at shutdown) removes the entry, frees the slot and wakes whoever waits for a dial to end,
-/// in that order, so a waiter that wakes finds both the slot and the stored result.
-struct InFlight {
-    node: Arc<Node>,
-    key: (TopicHash, SocketAddr),
-    purpose: Purpose,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl InFlight {
-    /// Enters `key` in the set for `purpose` (the caller holds the state lock and checked
-    /// that it is not there).
-    fn start(
-        node: &Arc<Node>,
-        st: &mut State,
-        key: (TopicHash, SocketAddr),
-        purpose: Purpose,
-        permit: OwnedSemaphorePermit,
-    ) -> Self {
-        st.in_flight_mut(purpose).insert(key);
-        InFlight {
-            node: node.clone(),
-            key,
-            purpose,
-            permit: Some(permit),
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.node
-            .state()
-            .in_flight_mut(self.purpose)
-            .remove(&self.key);
-        drop(self.permit.take());
-        self.node.dial_ended.notify_waiters();
-    }
-}
-
-/// What [`Node::maybe_dial`] did with a candidate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DialStart {
-    /// Dialling in the background.
-    Started,
-    /// Not worth a dial now (see [`Node::maybe_dial`]).
-    Skipped,
-    /// `lookup` is checking it: worth dialling once the check has verified it.
-    BeingChecked,
 }
 
 pub(crate) struct Node {
@@ -180,9 +103,8 @@ pub(crate) struct Node {
     state: Mutex<State>,
     tasks: Mutex<JoinSet<()>>,
     shutdown: CancellationToken,
-    dial_slots: Arc<Semaphore>,
-    /// Woken whenever a dial or identify check ends (its slot is free, its result stored).
-    dial_ended: Notify,
+    /// Dial slots and the dials in flight.
+    dialer: Arc<Dialer>,
     /// When the last unreachable-peer warning was logged.
     last_unreachable_warning: Mutex<Option<Instant>>,
 }
@@ -258,13 +180,10 @@ impl Node {
                 topics: HashMap::new(),
                 sessions: Sessions::default(),
                 book: AddressBook::new(local_addr, announce_port),
-                dialing: HashSet::new(),
-                checking: HashSet::new(),
             }),
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
-            dial_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DIALS)),
-            dial_ended: Notify::new(),
+            dialer: Dialer::new(MAX_CONCURRENT_DIALS),
             last_unreachable_warning: Mutex::new(None),
         });
         let accepting = node.clone();
@@ -461,13 +380,13 @@ impl Node {
                     }
                 }
                 for addr in self.dial_order(topic, fresh, &order) {
-                    match self.dial_slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
+                    match self.dialer.try_slot() {
+                        Some(permit) => {
                             if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
                                 being_checked.push(addr);
                             }
                         }
-                        Err(_) => leftover.push(addr),
+                        None => leftover.push(addr),
                     }
                 }
                 if seen.len() >= MAX_LOOKUP_CANDIDATES {
@@ -500,8 +419,7 @@ impl Node {
     ) -> Vec<SocketAddr> {
         let mut being_checked = Vec::new();
         for addr in self.dial_order(topic, candidates, order) {
-            let slot = self.dial_slots.clone().acquire_owned();
-            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
+            let Some(permit) = self.dialer.slot_by(budget).await else {
                 break;
             };
             if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
@@ -518,28 +436,9 @@ impl Node {
         addrs: &[SocketAddr],
         budget: tokio::time::Instant,
     ) {
-        self.wait_until(budget, |st| {
-            !addrs.iter().any(|a| st.checking.contains(&(topic, *a)))
-        })
-        .await;
-    }
-
-    /// Waits until `done` holds for the state (looked at again whenever a dial or check
-    /// ends), or until `budget`.
-    async fn wait_until(&self, budget: tokio::time::Instant, done: impl Fn(&State) -> bool) {
-        loop {
-            // Registered before looking at the state, so no ending dial is missed.
-            let ended = self.dial_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if done(&self.state()) {
-                return;
-            }
-            tokio::select! {
-                _ = &mut ended => {}
-                _ = tokio::time::sleep_until(budget) => return,
-            }
-        }
+        self.dialer
+            .wait_until(budget, |f| !addrs.iter().any(|a| f.checking(&(topic, *a))))
+            .await;
     }
 
     /// The candidates worth a `Connect` dial, in [`schedule`] order.
@@ -569,29 +468,25 @@ impl Node {
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
     ) -> DialStart {
-        let (verdict, in_flight) = {
-            let mut st = self.state();
+        let key = (topic, addr);
+        let (verdict, in_flight) = self.dialer.begin(key, Purpose::Connect, permit, |flights| {
+            let st = self.state();
             let now = Instant::now();
-            let verdict = if st.book.is_own(addr)
+            if st.book.is_own(addr)
                 || st.sessions.at(&topic, addr).is_some()
                 || st.book.in_backoff(addr, now)
-                || st.dialing.contains(&(topic, addr))
+                || flights.dialing(&key)
                 || st.sessions.live() >= self.settings.max_peers
                 || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
             {
                 DialStart::Skipped
-            } else if st.checking.contains(&(topic, addr)) {
+            } else if flights.checking(&key) {
                 DialStart::BeingChecked
             } else {
                 DialStart::Started
-            };
-            let in_flight = (verdict == DialStart::Started)
-                .then(|| InFlight::start(self, &mut st, (topic, addr), Purpose::Connect, permit));
-            (verdict, in_flight)
-        };
+            }
+        });
         let Some(in_flight) = in_flight else {
-            // The unused permit freed its slot: wake whoever waits for a dial to end.
-            self.dial_ended.notify_waiters();
             return verdict;
         };
         let node = self.clone();
@@ -639,13 +534,17 @@ impl Node {
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
     ) {
-        let in_flight = {
-            let mut st = self.state();
-            (!st.in_flight(topic, addr))
-                .then(|| InFlight::start(self, &mut st, (topic, addr), Purpose::Identify, permit))
-        };
+        let key = (topic, addr);
+        let (_, in_flight) = self
+            .dialer
+            .begin(key, Purpose::Identify, permit, |flights| {
+                if flights.any(&key) {
+                    DialStart::Skipped
+                } else {
+                    DialStart::Started
+                }
+            });
         let Some(in_flight) = in_flight else {
-            self.dial_ended.notify_waiters();
             return;
         };
         let node = self.clone();
@@ -914,6 +813,8 @@ impl Node {
         // `watched`: every candidate whose result this lookup reports; `queue`: the ones it
         // has to check itself.
         let (watched, mut queue) = {
+            // Lock order: the dials in flight, then the state.
+            let flights = self.dialer.flights();
             let st = self.state();
             let now = Instant::now();
             let mut watched = Vec::new();
@@ -924,7 +825,7 @@ impl Node {
                 }
                 let listed = st.sessions.at(&topic, addr).is_some()
                     || st.book.fresh_peer(addr, now).is_some();
-                if listed || st.in_flight(topic, addr) {
+                if listed || flights.any(&(topic, addr)) {
                     watched.push(addr);
                 } else if let Some(tier) = st.book.tier(addr, now, Purpose::Identify) {
                     watched.push(addr);
@@ -936,21 +837,18 @@ impl Node {
                 VecDeque::from(schedule(to_check, &RandomState::new())),
             )
         };
-        // Slots are taken by waiting in the semaphore's queue, first come first served with
-        // the `connect` loop's waits: a released slot goes to the longest waiter before any
-        // `try_acquire` sees it, so polling for free slots here would starve while a connect
-        // round waits for its leftovers.
+        // Slots are taken by waiting in the one queue, first come first served with the
+        // `connect` loop's waits (polling for free slots would starve while a connect round
+        // waits for its leftovers).
         while let Some(addr) = queue.pop_front() {
-            let slot = self.dial_slots.clone().acquire_owned();
-            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
+            let Some(permit) = self.dialer.slot_by(budget).await else {
                 break;
             };
             self.start_check(topic, addr, permit);
         }
-        self.wait_until(budget, |st| {
-            !watched.iter().any(|a| st.in_flight(topic, *a))
-        })
-        .await;
+        self.dialer
+            .wait_until(budget, |f| !watched.iter().any(|a| f.any(&(topic, *a))))
+            .await;
         let st = self.state();
         let now = Instant::now();
         let mut found: Vec<PeerInfo> = Vec::new();
@@ -1073,8 +971,8 @@ mod tests {
             silent[0].local_addr().unwrap(),
             silent[1].local_addr().unwrap(),
         );
-        let slot = || node.dial_slots.clone().try_acquire_owned().unwrap();
-        let free = || node.dial_slots.available_permits();
+        let slot = || node.dialer.try_slot().unwrap();
+        let free = || node.dialer.free_slots();
 
         assert_eq!(node.maybe_dial(topic, dialled, slot()), DialStart::Started);
         node.start_check(topic, dialled, slot());
@@ -1095,31 +993,27 @@ mod tests {
         );
         assert_eq!(free(), MAX_CONCURRENT_DIALS - 2);
         {
-            let st = node.state();
-            assert!(st.dialing.contains(&(topic, dialled)));
-            assert!(st.checking.contains(&(topic, checked)));
-            assert_eq!(st.dialing.len() + st.checking.len(), 2);
+            let flights = node.dialer.flights();
+            assert!(flights.dialing(&(topic, dialled)));
+            assert!(flights.checking(&(topic, checked)));
+            assert_eq!(flights.len(), 2);
         }
 
         node.shutdown();
-        let all_freed = async {
-            loop {
-                let ended = node.dial_ended.notified();
-                tokio::pin!(ended);
-                ended.as_mut().enable();
-                let empty = {
-                    let st = node.state();
-                    st.dialing.is_empty() && st.checking.is_empty()
-                };
-                if empty && free() == MAX_CONCURRENT_DIALS {
-                    return;
-                }
-                ended.await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), all_freed)
-            .await
-            .expect("aborted dials kept their slots or set entries");
+        let budget = tokio::time::Instant::now() + Duration::from_secs(10);
+        node.dialer
+            .wait_until(budget, |f| f.len() == 0 && free() == MAX_CONCURRENT_DIALS)
+            .await;
+        assert_eq!(
+            node.dialer.flights().len(),
+            0,
+            "aborted dials kept their entries"
+        );
+        assert_eq!(
+            free(),
+            MAX_CONCURRENT_DIALS,
+            "aborted dials kept their slots"
+        );
     }
 
     #[test]
