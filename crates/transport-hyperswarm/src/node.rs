@@ -1,9 +1,8 @@
 //! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -11,39 +10,31 @@ use futures_lite::StreamExt;
 use mainline::async_dht::AsyncDht;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::HyperswarmError;
 use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
 use crate::conn::code;
-use crate::error::{BootstrapNode, Declined, DialError, HandshakeFailure};
-use crate::noise::{self, Role};
+use crate::error::BootstrapNode;
 use crate::quic;
-use crate::socket::{DataSocket, PROBE};
-use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN};
+use crate::socket::DataSocket;
+use crate::wire::Purpose;
 
 mod book;
 mod dialer;
 mod duplicate;
+mod handshake;
 mod reflexive;
 mod sessions;
+mod topics;
 
-use book::{AddressBook, Outcome, schedule};
+use book::{AddressBook, schedule};
 use dialer::{DialStart, Dialer, MAX_CONCURRENT_DIALS};
 use reflexive::Reflexive;
 use sessions::Sessions;
-
-/// How long a dial to an address not verified before waits for the QUIC handshake (the
-/// first answer); after that, the whole exchange still has the handshake timeout. A live
-/// peer answers a QUIC Initial within one round trip: well under a second on loopback, a LAN
-/// or the internet. With the 100 ms initial RTT estimate, quinn resends a lost Initial after
-/// ~0.3 s and ~0.9 s, so a peer up to ~500 ms away answers in time even when two Initials are
-/// lost. Dead DHT entries (most of what a stale or hostile DHT returns) thus free their dial
-/// slot after this, not after the full handshake timeout. Addresses verified before keep the
-/// full handshake timeout (a peer behind a NAT may answer only once it punches back).
-pub(crate) const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+use topics::Topics;
 
 /// How long `lookup` waits for its identify checks after the DHT query: enough for a live
 /// peer's check to get a slot behind a full set of dead ones ([`FIRST_ANSWER_TIMEOUT`]) and
@@ -53,10 +44,6 @@ pub(crate) const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
 
 /// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
 pub(crate) const MAX_LOOKUP_CANDIDATES: usize = 256;
-
-/// Interval between hole-punch probes to a peer while dialling it: often enough that the
-/// remote's QUIC Initial finds the NAT mapping open, rare enough to be negligible traffic.
-pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// At most one "cannot reach a peer listed on the DHT" warning per this interval (the others
 /// go to debug): a DHT full of dead entries would otherwise flood the log with hundreds.
@@ -75,15 +62,8 @@ pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
     mainline::Id::from_bytes(id).unwrap_or_else(|_| mainline::Id::random())
 }
 
-struct TopicEntry {
-    psk: [u8; 32],
-    accept: Option<mpsc::Sender<Box<dyn Connection>>>,
-    announcing: Option<AbortHandle>,
-    discovering: Option<AbortHandle>,
-}
-
 struct State {
-    topics: HashMap<TopicHash, TopicEntry>,
+    topics: Topics,
     sessions: Sessions,
     book: AddressBook,
 }
@@ -177,7 +157,7 @@ impl Node {
             dht: dht.as_async(),
             bootstrap,
             state: Mutex::new(State {
-                topics: HashMap::new(),
+                topics: Topics::default(),
                 sessions: Sessions::default(),
                 book: AddressBook::new(local_addr, announce_port),
             }),
@@ -258,24 +238,13 @@ impl Node {
     }
 
     fn register_topic(&self, topic: TopicHash) {
-        let mut st = self.state();
-        st.topics.entry(topic).or_insert_with(|| TopicEntry {
-            psk: derive_from_topic(&topic, Domain::NoisePsk),
-            accept: None,
-            announcing: None,
-            discovering: None,
-        });
+        self.state().topics.join(topic);
     }
 
     /// Announces `topic` now and keeps refreshing it until shutdown.
     pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
         self.register_topic(topic);
-        let already = self
-            .state()
-            .topics
-            .get(&topic)
-            .is_some_and(|t| t.announcing.is_some());
-        if already {
+        if self.state().topics.is_announcing(&topic) {
             return Ok(());
         }
         self.announce_once(topic).await?;
@@ -295,11 +264,7 @@ impl Node {
                 }
             }
         });
-        if let Some(t) = self.state().topics.get_mut(&topic)
-            && let Some(old) = t.announcing.replace(handle)
-        {
-            old.abort();
-        }
+        self.state().topics.set_announcing(&topic, handle);
         Ok(())
     }
 
@@ -343,13 +308,7 @@ impl Node {
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
         let node = self.clone();
         let handle = self.spawn(async move { node.discover(topic).await });
-        let mut st = self.state();
-        if let Some(t) = st.topics.get_mut(&topic) {
-            t.accept = Some(tx);
-            if let Some(old) = t.discovering.replace(handle) {
-                old.abort();
-            }
-        }
+        self.state().topics.set_accepting(&topic, tx, handle);
         Ok(rx)
     }
 
@@ -477,7 +436,7 @@ impl Node {
                 || st.book.in_backoff(addr, now)
                 || flights.dialing(&key)
                 || st.sessions.live() >= self.settings.max_peers
-                || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
+                || !st.topics.is_accepting(&topic)
             {
                 DialStart::Skipped
             } else if flights.checking(&key) {
@@ -561,114 +520,6 @@ impl Node {
         });
     }
 
-    /// Dials `addr`, runs the handshake and (for `Connect`) settles the connection.
-    async fn dial(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        topic: TopicHash,
-        purpose: Purpose,
-    ) -> Result<Outcome, DialError> {
-        let psk = self
-            .state()
-            .topics
-            .get(&topic)
-            .map(|t| t.psk)
-            .ok_or(DialError::declined(addr, Declined::TopicNotJoined))?;
-        let fail = |cause| DialError::handshake(addr, cause);
-        // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
-        let known = self.state().book.is_verified(addr);
-        let first_answer = if known {
-            self.settings.handshake_timeout
-        } else {
-            FIRST_ANSWER_TIMEOUT.min(self.settings.handshake_timeout)
-        };
-        let answered = AtomicBool::new(false);
-        let work = async {
-            let connecting = self
-                .endpoint
-                .connect(addr, quic::SERVER_NAME)
-                .map_err(|e| {
-                    fail(HandshakeFailure::Quic {
-                        reason: e.to_string(),
-                    })
-                })?;
-            let conn = tokio::time::timeout(first_answer, connecting)
-                .await
-                .map_err(|_| {
-                    fail(HandshakeFailure::NoAnswer {
-                        after: first_answer,
-                    })
-                })?
-                .map_err(|e| fail(quic_cause(&e)))?;
-            answered.store(true, Ordering::Relaxed);
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(quic_cause(&e)))?;
-            let prologue = noise::prologue(&conn).map_err(|e| {
-                fail(HandshakeFailure::Noise {
-                    reason: e.to_string(),
-                })
-            })?;
-            let hs = noise::initiate(&mut send, &mut recv, &self.settings.identity, &prologue)
-                .await
-                .map_err(|e| {
-                    fail(closed_cause(&conn).unwrap_or(HandshakeFailure::Noise {
-                        reason: e.to_string(),
-                    }))
-                })?;
-            if hs.remote_static == self.public_key {
-                conn.close(code::SELF, b"self");
-                return Ok(Outcome::Myself);
-            }
-            let tag = noise::topic_tag(&psk, Role::Initiator, &hs.hash);
-            send.write_all(&wire::encode_hello(purpose, &tag))
-                .await
-                .map_err(|e| fail(stream_cause(&conn, e)))?;
-            let mut reply = [0u8; TAG_LEN];
-            recv.read_exact(&mut reply)
-                .await
-                .map_err(|e| fail(stream_cause(&conn, e)))?;
-            if !noise::tags_equal(&reply, &noise::topic_tag(&psk, Role::Responder, &hs.hash)) {
-                conn.close(code::PROTOCOL, b"bad topic tag");
-                return Err(DialError::protocol(
-                    addr,
-                    "its topic tag is wrong (it does not know the topic)",
-                ));
-            }
-            match purpose {
-                Purpose::Identify => {
-                    conn.close(code::DONE, b"");
-                    Ok(Outcome::Known(hs.remote_static))
-                }
-                Purpose::Connect => {
-                    self.settle(topic, hs.remote_static, conn, send, recv, addr)
-                        .await
-                }
-            }
-        };
-        // Hole punching: while dialling, also send probes, so that our NAT maps and lets in
-        // the remote's packets (it probes and dials us at the same time).
-        let data = self.data.clone();
-        let probing = async move {
-            loop {
-                data.send_raw(addr, PROBE);
-                tokio::time::sleep(PROBE_INTERVAL).await;
-            }
-        };
-        let work = async {
-            tokio::select! {
-                result = work => result,
-                never = probing => never,
-            }
-        };
-        let limit = self.settings.handshake_timeout;
-        match tokio::time::timeout(limit, work).await {
-            Ok(result) => result,
-            Err(_) if answered.load(Ordering::Relaxed) => {
-                Err(fail(HandshakeFailure::Timeout { after: limit }))
-            }
-            Err(_) => Err(fail(HandshakeFailure::NoAnswer { after: limit })),
-        }
-    }
-
     pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
         self.reflexive.public().map(SocketAddr::V4)
     }
@@ -682,98 +533,6 @@ impl Node {
             .counters
             .probes
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    async fn accept_loop(self: Arc<Self>) {
-        let slots = Arc::new(Semaphore::new(quic::MAX_INCOMING_HANDSHAKES));
-        while let Some(incoming) = self.endpoint.accept().await {
-            // Bounded: beyond this many handshakes in progress, new ones are refused.
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(addr = %incoming.remote_address(), "too many handshakes; refused");
-                incoming.refuse();
-                continue;
-            };
-            let node = self.clone();
-            self.spawn(async move {
-                let _permit = permit;
-                let addr = incoming.remote_address();
-                let limit = node.settings.handshake_timeout;
-                match tokio::time::timeout(limit, node.respond(incoming)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
-                    Err(_) => tracing::debug!(%addr, "incoming handshake timed out"),
-                }
-            });
-        }
-    }
-
-    async fn respond(self: &Arc<Self>, incoming: quinn::Incoming) -> Result<(), DialError> {
-        let addr = incoming.remote_address();
-        let fail = |cause| DialError::handshake(addr, cause);
-        let quic = |e: quinn::ConnectionError| fail(quic_cause(&e));
-        let conn = incoming.accept().map_err(quic)?.await.map_err(quic)?;
-        let (mut send, mut recv) = conn.accept_bi().await.map_err(quic)?;
-        let noise_failed = |e: anyhow::Error| {
-            fail(HandshakeFailure::Noise {
-                reason: e.to_string(),
-            })
-        };
-        let prologue = noise::prologue(&conn).map_err(noise_failed)?;
-        let hs =
-            match noise::respond(&mut send, &mut recv, &self.settings.identity, &prologue).await {
-                Ok(hs) => hs,
-                Err(e) => {
-                    conn.close(code::PROTOCOL, b"handshake failed");
-                    return Err(noise_failed(e));
-                }
-            };
-        if hs.remote_static == self.public_key {
-            conn.close(code::SELF, b"self");
-            return Ok(());
-        }
-        let mut hello = [0u8; HELLO_LEN];
-        recv.read_exact(&mut hello)
-            .await
-            .map_err(|e| fail(stream_cause(&conn, e)))?;
-        let (purpose, tag) = match wire::decode_hello(&hello) {
-            Ok(h) => h,
-            Err(e) => {
-                conn.close(code::PROTOCOL, b"bad hello");
-                return Err(DialError::protocol(addr, e.to_string()));
-            }
-        };
-        let found = {
-            let st = self.state();
-            st.topics.iter().find_map(|(topic, t)| {
-                let expected = noise::topic_tag(&t.psk, Role::Initiator, &hs.hash);
-                noise::tags_equal(&tag, &expected).then(|| (*topic, t.psk, t.accept.is_some()))
-            })
-        };
-        let Some((topic, psk, accepting)) = found else {
-            conn.close(code::UNKNOWN_TOPIC, b"unknown topic");
-            return Ok(());
-        };
-        if purpose == Purpose::Connect && !accepting {
-            conn.close(
-                code::UNKNOWN_TOPIC,
-                b"not accepting connections on this topic",
-            );
-            return Ok(());
-        }
-        send.write_all(&noise::topic_tag(&psk, Role::Responder, &hs.hash))
-            .await
-            .map_err(|e| fail(stream_cause(&conn, e)))?;
-        match purpose {
-            Purpose::Identify => {
-                // The initiator closes; do not hold the connection longer than that.
-                let _ = tokio::time::timeout(self.settings.handshake_timeout, conn.closed()).await;
-                Ok(())
-            }
-            Purpose::Connect => self
-                .settle(topic, hs.remote_static, conn, send, recv, addr)
-                .await
-                .map(|_| ()),
-        }
     }
 
     /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
@@ -906,43 +665,6 @@ fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, conn
     });
 }
 
-/// The cause of a failed QUIC connection: the remote's close code if it closed it.
-fn quic_cause(e: &quinn::ConnectionError) -> HandshakeFailure {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => closed_by_remote(c.error_code),
-        other => HandshakeFailure::Quic {
-            reason: other.to_string(),
-        },
-    }
-}
-
-/// What the remote's close code says about why a handshake failed.
-fn closed_by_remote(code: quinn::VarInt) -> HandshakeFailure {
-    match code {
-        code::BUSY => HandshakeFailure::Busy,
-        code::UNKNOWN_TOPIC => HandshakeFailure::TopicUnknown,
-        other => HandshakeFailure::Closed {
-            reason: code::describe(other),
-        },
-    }
-}
-
-/// Why the connection closed, if the remote closed it with a reason.
-fn closed_cause(conn: &quinn::Connection) -> Option<HandshakeFailure> {
-    match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(closed_by_remote(c.error_code)),
-        _ => None,
-    }
-}
-
-/// The cause of a failed read or write on the handshake's stream: the remote's close reason
-/// when it closed the connection, else the stream error.
-fn stream_cause(conn: &quinn::Connection, e: impl std::fmt::Display) -> HandshakeFailure {
-    closed_cause(conn).unwrap_or_else(|| HandshakeFailure::Stream {
-        reason: e.to_string(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -962,7 +684,8 @@ mod tests {
         let topic = [9u8; 32];
         node.register_topic(topic);
         let (tx, _rx) = mpsc::channel(1);
-        node.state().topics.get_mut(&topic).unwrap().accept = Some(tx);
+        let discovering = node.spawn(std::future::pending());
+        node.state().topics.set_accepting(&topic, tx, discovering);
         // Endpoints where nobody answers.
         let silent: Vec<std::net::UdpSocket> = (0..2)
             .map(|_| std::net::UdpSocket::bind(loopback).unwrap())

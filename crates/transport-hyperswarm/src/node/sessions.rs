@@ -13,7 +13,7 @@ use quinn::{RecvStream, SendStream};
 use super::Node;
 use super::book::Outcome;
 use super::duplicate::{Decision, Existing, Held, decide, obey};
-use super::stream_cause;
+use super::handshake::stream_cause;
 use crate::conn::{HsConnection, closed_with, code};
 use crate::error::{Declined, DialError};
 use crate::wire::{self, Verdict};
@@ -163,11 +163,7 @@ impl Node {
                 return Err(DialError::declined(addr, Declined::MaxPeers { max }));
             }
         }
-        let sender = self
-            .state()
-            .topics
-            .get(&topic)
-            .and_then(|t| t.accept.clone());
+        let sender = self.state().topics.accept_queue(&topic);
         let connection = HsConnection::new(hex::encode(remote), conn.clone(), send, recv);
         let delivered = match sender {
             // Full queue: the application is not taking connections; refuse rather than
