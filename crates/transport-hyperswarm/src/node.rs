@@ -1,7 +1,5 @@
 //! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
 
-use std::collections::hash_map::RandomState;
-use std::collections::{HashSet, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -10,7 +8,7 @@ use futures_lite::StreamExt;
 use mainline::async_dht::AsyncDht;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -20,9 +18,9 @@ use crate::conn::code;
 use crate::error::BootstrapNode;
 use crate::quic;
 use crate::socket::DataSocket;
-use crate::wire::Purpose;
 
 mod book;
+mod candidates;
 mod dialer;
 mod duplicate;
 mod handshake;
@@ -30,25 +28,12 @@ mod reflexive;
 mod sessions;
 mod topics;
 
-use book::{AddressBook, schedule};
-use dialer::{DialStart, Dialer, MAX_CONCURRENT_DIALS};
+use book::AddressBook;
+use candidates::{DialRound, LOOKUP_CHECK_BUDGET, MAX_LOOKUP_CANDIDATES, WarnLimit};
+use dialer::{Dialer, MAX_CONCURRENT_DIALS};
 use reflexive::Reflexive;
 use sessions::Sessions;
 use topics::Topics;
-
-/// How long `lookup` waits for its identify checks after the DHT query: enough for a live
-/// peer's check to get a slot behind a full set of dead ones ([`FIRST_ANSWER_TIMEOUT`]) and
-/// finish its few round trips. Checks still running then continue in the background; their
-/// results are listed by the next `lookup` at once.
-pub(crate) const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
-
-/// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
-pub(crate) const MAX_LOOKUP_CANDIDATES: usize = 256;
-
-/// At most one "cannot reach a peer listed on the DHT" warning per this interval (the others
-/// go to debug): a DHT full of dead entries would otherwise flood the log with hundreds.
-/// `HyperswarmTransport::dial_failures` lists them all.
-const UNREACHABLE_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Re-announce interval while the public address is still unknown.
 const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
@@ -85,8 +70,8 @@ pub(crate) struct Node {
     shutdown: CancellationToken,
     /// Dial slots and the dials in flight.
     dialer: Arc<Dialer>,
-    /// When the last unreachable-peer warning was logged.
-    last_unreachable_warning: Mutex<Option<Instant>>,
+    /// Rate limit of "cannot reach a peer" warnings.
+    unreachable_warnings: Mutex<WarnLimit>,
 }
 
 impl std::fmt::Debug for Node {
@@ -164,7 +149,7 @@ impl Node {
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
             dialer: Dialer::new(MAX_CONCURRENT_DIALS),
-            last_unreachable_warning: Mutex::new(None),
+            unreachable_warnings: Mutex::new(WarnLimit::default()),
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
@@ -235,6 +220,12 @@ impl Node {
             elapsed: started.elapsed(),
         }
         .into()
+    }
+
+    fn unreachable_warnings(&self) -> MutexGuard<'_, WarnLimit> {
+        self.unreachable_warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn register_topic(&self, topic: TopicHash) {
@@ -320,204 +311,20 @@ impl Node {
     async fn discover(self: Arc<Self>, topic: TopicHash) {
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
-            let order = RandomState::new();
+            let mut round = DialRound::new(topic);
             let mut stream = self.dht.get_peers(info_hash(&topic));
             let deadline = tokio::time::Instant::now() + self.settings.timeout;
-            let mut seen: HashSet<SocketAddr> = HashSet::new();
-            let mut leftover: Vec<SocketAddr> = Vec::new();
-            let mut being_checked: Vec<SocketAddr> = Vec::new();
-            'query: while let Ok(Some(batch)) =
-                tokio::time::timeout_at(deadline, stream.next()).await
-            {
-                let mut fresh = Vec::new();
-                for addr in batch {
-                    if seen.len() >= MAX_LOOKUP_CANDIDATES {
-                        break;
-                    }
-                    if seen.insert(SocketAddr::V4(addr)) {
-                        fresh.push(SocketAddr::V4(addr));
-                    }
-                }
-                for addr in self.dial_order(topic, fresh, &order) {
-                    match self.dialer.try_slot() {
-                        Some(permit) => {
-                            if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
-                                being_checked.push(addr);
-                            }
-                        }
-                        None => leftover.push(addr),
-                    }
-                }
-                if seen.len() >= MAX_LOOKUP_CANDIDATES {
-                    break 'query;
+            while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+                if !round.offer(&self, batch.into_iter().map(SocketAddr::V4)) {
+                    break;
                 }
             }
             drop(stream);
             let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
-            being_checked.extend(self.dial_in_turn(topic, leftover, &order, budget).await);
-            // What `lookup` was checking: once the check is done, a verified address is
-            // dialled (first, as verified) and a dead one is in backoff and skipped.
-            if !being_checked.is_empty() {
-                self.wait_checks(topic, &being_checked, budget).await;
-                self.dial_in_turn(topic, being_checked, &order, budget)
-                    .await;
-            }
+            round.finish(&self, budget).await;
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(self.settings.lookup_interval);
         }
-    }
-
-    /// Dials `candidates` in [`schedule`] order, each when a dial slot is its turn, until
-    /// `budget`; returns the ones `lookup` was checking.
-    async fn dial_in_turn(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        candidates: Vec<SocketAddr>,
-        order: &RandomState,
-        budget: tokio::time::Instant,
-    ) -> Vec<SocketAddr> {
-        let mut being_checked = Vec::new();
-        for addr in self.dial_order(topic, candidates, order) {
-            let Some(permit) = self.dialer.slot_by(budget).await else {
-                break;
-            };
-            if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
-                being_checked.push(addr);
-            }
-        }
-        being_checked
-    }
-
-    /// Waits until no identify check of `addrs` is in flight, or until `budget`.
-    async fn wait_checks(
-        &self,
-        topic: TopicHash,
-        addrs: &[SocketAddr],
-        budget: tokio::time::Instant,
-    ) {
-        self.dialer
-            .wait_until(budget, |f| !addrs.iter().any(|a| f.checking(&(topic, *a))))
-            .await;
-    }
-
-    /// The candidates worth a `Connect` dial, in [`schedule`] order.
-    fn dial_order(
-        &self,
-        topic: TopicHash,
-        candidates: Vec<SocketAddr>,
-        order: &RandomState,
-    ) -> Vec<SocketAddr> {
-        let st = self.state();
-        let now = Instant::now();
-        let ranked = candidates
-            .into_iter()
-            .filter(|addr| !st.book.is_own(*addr) && st.sessions.at(&topic, *addr).is_none())
-            .filter_map(|addr| st.book.tier(addr, now, Purpose::Connect).map(|t| (t, addr)))
-            .collect();
-        schedule(ranked, order)
-    }
-
-    /// Dials `addr` in the background with the dial slot `permit`, unless it is not worth it
-    /// (anymore): ourselves, connected, in backoff, being dialled, or full; or unless
-    /// `lookup` is checking it (the caller dials it after the check). A slot not used is
-    /// freed at once and dial waiters are woken.
-    fn maybe_dial(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        addr: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) -> DialStart {
-        let key = (topic, addr);
-        let (verdict, in_flight) = self.dialer.begin(key, Purpose::Connect, permit, |flights| {
-            let st = self.state();
-            let now = Instant::now();
-            if st.book.is_own(addr)
-                || st.sessions.at(&topic, addr).is_some()
-                || st.book.in_backoff(addr, now)
-                || flights.dialing(&key)
-                || st.sessions.live() >= self.settings.max_peers
-                || !st.topics.is_accepting(&topic)
-            {
-                DialStart::Skipped
-            } else if flights.checking(&key) {
-                DialStart::BeingChecked
-            } else {
-                DialStart::Started
-            }
-        });
-        let Some(in_flight) = in_flight else {
-            return verdict;
-        };
-        let node = self.clone();
-        self.spawn(async move {
-            let result = node.dial(addr, topic, Purpose::Connect).await;
-            {
-                let mut st = node.state();
-                if let Err(e) = &result
-                    && !e.is_local()
-                {
-                    let failures = st.book.failures(addr) + 1;
-                    if failures == 2 && node.may_warn_unreachable() {
-                        tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
-                    } else {
-                        tracing::debug!(%addr, error = %e, failures, "dial failed");
-                    }
-                }
-                st.book.record(addr, Instant::now(), &result);
-            }
-            drop(in_flight);
-        });
-        DialStart::Started
-    }
-
-    fn may_warn_unreachable(&self) -> bool {
-        let mut last = self
-            .last_unreachable_warning
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < UNREACHABLE_WARN_INTERVAL) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-
-    /// Runs an identify check of `addr` in the background with the dial slot `permit`; its
-    /// result lands in the address state (listed by this and later lookups). Not when a dial
-    /// or check of it is in flight already (its result is as good); the slot is then freed
-    /// at once.
-    fn start_check(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        addr: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let key = (topic, addr);
-        let (_, in_flight) = self
-            .dialer
-            .begin(key, Purpose::Identify, permit, |flights| {
-                if flights.any(&key) {
-                    DialStart::Skipped
-                } else {
-                    DialStart::Started
-                }
-            });
-        let Some(in_flight) = in_flight else {
-            return;
-        };
-        let node = self.clone();
-        self.spawn(async move {
-            let result = node.dial(addr, topic, Purpose::Identify).await;
-            {
-                let mut st = node.state();
-                if let Err(e) = &result {
-                    tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
-                }
-                st.book.record(addr, Instant::now(), &result);
-            }
-            drop(in_flight);
-        });
     }
 
     pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
@@ -568,58 +375,7 @@ impl Node {
         if !got_any_batch && !self.dht_reachable().await {
             return Err(self.unreachable("looking up peers", started));
         }
-        let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET.min(self.settings.timeout);
-        // `watched`: every candidate whose result this lookup reports; `queue`: the ones it
-        // has to check itself.
-        let (watched, mut queue) = {
-            // Lock order: the dials in flight, then the state.
-            let flights = self.dialer.flights();
-            let st = self.state();
-            let now = Instant::now();
-            let mut watched = Vec::new();
-            let mut to_check = Vec::new();
-            for addr in candidates {
-                if st.book.is_own(addr) {
-                    continue;
-                }
-                let listed = st.sessions.at(&topic, addr).is_some()
-                    || st.book.fresh_peer(addr, now).is_some();
-                if listed || flights.any(&(topic, addr)) {
-                    watched.push(addr);
-                } else if let Some(tier) = st.book.tier(addr, now, Purpose::Identify) {
-                    watched.push(addr);
-                    to_check.push((tier, addr));
-                }
-            }
-            (
-                watched,
-                VecDeque::from(schedule(to_check, &RandomState::new())),
-            )
-        };
-        // Slots are taken by waiting in the one queue, first come first served with the
-        // `connect` loop's waits (polling for free slots would starve while a connect round
-        // waits for its leftovers).
-        while let Some(addr) = queue.pop_front() {
-            let Some(permit) = self.dialer.slot_by(budget).await else {
-                break;
-            };
-            self.start_check(topic, addr, permit);
-        }
-        self.dialer
-            .wait_until(budget, |f| !watched.iter().any(|a| f.any(&(topic, *a))))
-            .await;
-        let st = self.state();
-        let now = Instant::now();
-        let mut found: Vec<PeerInfo> = Vec::new();
-        for addr in watched {
-            if let Some(peer) = st.sessions.at(&topic, addr) {
-                push_unique(&mut found, peer, addr, true);
-            } else if let Some(peer) = st.book.fresh_peer(addr, now) {
-                let connected = st.sessions.is_live(&(topic, peer));
-                push_unique(&mut found, peer, addr, connected);
-            }
-        }
-        Ok(found)
+        Ok(self.verify(topic, candidates).await)
     }
 
     async fn dht_reachable(&self) -> bool {
@@ -652,92 +408,9 @@ fn resolve_bootstrap(nodes: &[impl AsRef<str>]) -> Vec<BootstrapNode> {
         .collect()
 }
 
-fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, connected: bool) {
-    let id = hex::encode(peer);
-    if let Some(existing) = found.iter_mut().find(|p| p.id == id) {
-        existing.connected |= connected;
-        return;
-    }
-    found.push(PeerInfo {
-        id,
-        address: Some(addr.to_string()),
-        connected,
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Dials and checks in flight hold a slot and a set entry; a check skips an address
-    /// being dialled, a dial defers one being checked, and aborting them (shutdown) frees
-    /// both.
-    #[tokio::test]
-    async fn dials_and_checks_share_slots_and_free_them_when_aborted() {
-        let loopback = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0);
-        let t = crate::HyperswarmTransport::builder()
-            .bootstrap(Vec::<String>::new())
-            .bind_addr(loopback)
-            .build()
-            .unwrap();
-        let node = Node::start(t.settings.clone()).await.unwrap();
-        let topic = [9u8; 32];
-        node.register_topic(topic);
-        let (tx, _rx) = mpsc::channel(1);
-        let discovering = node.spawn(std::future::pending());
-        node.state().topics.set_accepting(&topic, tx, discovering);
-        // Endpoints where nobody answers.
-        let silent: Vec<std::net::UdpSocket> = (0..2)
-            .map(|_| std::net::UdpSocket::bind(loopback).unwrap())
-            .collect();
-        let (dialled, checked) = (
-            silent[0].local_addr().unwrap(),
-            silent[1].local_addr().unwrap(),
-        );
-        let slot = || node.dialer.try_slot().unwrap();
-        let free = || node.dialer.free_slots();
-
-        assert_eq!(node.maybe_dial(topic, dialled, slot()), DialStart::Started);
-        node.start_check(topic, dialled, slot());
-        assert_eq!(
-            free(),
-            MAX_CONCURRENT_DIALS - 1,
-            "a check of a dialled address"
-        );
-        node.start_check(topic, checked, slot());
-        assert_eq!(
-            node.maybe_dial(topic, checked, slot()),
-            DialStart::BeingChecked
-        );
-        assert_eq!(
-            node.maybe_dial(topic, dialled, slot()),
-            DialStart::Skipped,
-            "dialled twice"
-        );
-        assert_eq!(free(), MAX_CONCURRENT_DIALS - 2);
-        {
-            let flights = node.dialer.flights();
-            assert!(flights.dialing(&(topic, dialled)));
-            assert!(flights.checking(&(topic, checked)));
-            assert_eq!(flights.len(), 2);
-        }
-
-        node.shutdown();
-        let budget = tokio::time::Instant::now() + Duration::from_secs(10);
-        node.dialer
-            .wait_until(budget, |f| f.len() == 0 && free() == MAX_CONCURRENT_DIALS)
-            .await;
-        assert_eq!(
-            node.dialer.flights().len(),
-            0,
-            "aborted dials kept their entries"
-        );
-        assert_eq!(
-            free(),
-            MAX_CONCURRENT_DIALS,
-            "aborted dials kept their slots"
-        );
-    }
 
     #[test]
     fn info_hash_is_the_derived_prefix() {
