@@ -1,19 +1,33 @@
-//! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
+//! The running node, the owner of everything: it starts the data socket, the QUIC endpoint
+//! and the DHT node, holds the parts (each in its own file below), spawns and owns every
+//! task, and shuts it all down.
+//!
+//! | part | owns |
+//! |---|---|
+//! | `topics.rs` | the joined topics: psk, accept queue, announce and discovery tasks |
+//! | `sessions.rs` | the one live connection per topic and peer; settling a connection |
+//! | `duplicate.rs` | the pure one-connection-per-peer rule (`decide`, `obey`) |
+//! | `book.rs` | the pure address book: verified peers, backoff, tiers, own addresses |
+//! | `dialer.rs` | dial slots, dials and checks in flight, the `InFlight` guard |
+//! | `candidates.rs` | candidates of any source to dials (`DialRound`) and `lookup` checks |
+//! | `handshake.rs` | dialling and answering: QUIC, probes, Noise XX, hello, typed causes |
+//! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
+//! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
+//!
+//! `topics`, `sessions` and `book` live under one lock ([`Node::state`]); the dialer and the
+//! reflexive learner have their own. Lock order: the dialer's in-flight lock, then the state.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_lite::StreamExt;
 use mainline::async_dht::AsyncDht;
-use pluresdb_sync_core::topic::{Domain, derive_from_topic};
-use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use tokio::sync::mpsc;
+use pluresdb_sync_core::{Error, TopicHash};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::HyperswarmError;
-use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
+use crate::config::Settings;
 use crate::conn::code;
 use crate::error::BootstrapNode;
 use crate::quic;
@@ -22,6 +36,7 @@ use crate::socket::DataSocket;
 mod book;
 mod candidates;
 mod dialer;
+mod discovery;
 mod duplicate;
 mod handshake;
 mod reflexive;
@@ -29,24 +44,14 @@ mod sessions;
 mod topics;
 
 use book::AddressBook;
-use candidates::{DialRound, LOOKUP_CHECK_BUDGET, MAX_LOOKUP_CANDIDATES, WarnLimit};
+use candidates::WarnLimit;
 use dialer::{Dialer, MAX_CONCURRENT_DIALS};
 use reflexive::Reflexive;
 use sessions::Sessions;
 use topics::Topics;
 
-/// Re-announce interval while the public address is still unknown.
-const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
-
-/// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
-pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
-    let derived = derive_from_topic(topic, Domain::DhtInfoHash);
-    let mut id = [0u8; 20];
-    id.copy_from_slice(&derived[..20]);
-    // `from_bytes` only fails on a length other than 20.
-    mainline::Id::from_bytes(id).unwrap_or_else(|_| mainline::Id::random())
-}
-
+/// What the node knows, under one lock: decisions about sessions read the topics and the
+/// address book at the same moment.
 struct State {
     topics: Topics,
     sessions: Sessions,
@@ -97,25 +102,7 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let socket = quic::bind_socket(s.bind)
                     .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
-                let bootstrap = match &s.bootstrap {
-                    Some(nodes) => resolve_bootstrap(nodes),
-                    None => resolve_bootstrap(&mainline::DEFAULT_BOOTSTRAP_NODES),
-                };
-                let resolved: Vec<SocketAddrV4> = bootstrap
-                    .iter()
-                    .flat_map(|n| n.resolved.iter().copied())
-                    .collect();
-                let mut b = mainline::Dht::builder();
-                b.bind_address(*s.bind.ip()).port(0).bootstrap(&resolved);
-                if s.dht_server_mode {
-                    b.server_mode();
-                }
-                if let Some(t) = s.dht_request_timeout {
-                    b.request_timeout(t);
-                }
-                let dht = b
-                    .build()
-                    .map_err(|e| format!("cannot start the DHT node: {e}"))?;
+                let (dht, bootstrap) = discovery::start_dht(&s)?;
                 Ok((socket, dht, bootstrap))
             }),
         )
@@ -169,6 +156,7 @@ impl Node {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `fut` as a task of this node: it ends at shutdown at the latest.
     fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> AbortHandle {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         while tasks.try_join_next().is_some() {}
@@ -199,29 +187,6 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
-    fn timeout_error(&self, what: String) -> anyhow::Error {
-        Error::Timeout {
-            what,
-            ms: self.settings.timeout.as_millis() as u64,
-        }
-        .into()
-    }
-
-    fn bootstrap_text(&self) -> String {
-        let nodes: Vec<String> = self.bootstrap.iter().map(ToString::to_string).collect();
-        nodes.join(", ")
-    }
-
-    /// The error of an operation that found no DHT node to talk to.
-    fn unreachable(&self, operation: &'static str, started: Instant) -> anyhow::Error {
-        HyperswarmError::DhtUnreachable {
-            operation,
-            bootstrap: self.bootstrap.clone(),
-            elapsed: started.elapsed(),
-        }
-        .into()
-    }
-
     fn unreachable_warnings(&self) -> MutexGuard<'_, WarnLimit> {
         self.unreachable_warnings
             .lock()
@@ -230,101 +195,6 @@ impl Node {
 
     fn register_topic(&self, topic: TopicHash) {
         self.state().topics.join(topic);
-    }
-
-    /// Announces `topic` now and keeps refreshing it until shutdown.
-    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
-        self.register_topic(topic);
-        if self.state().topics.is_announcing(&topic) {
-            return Ok(());
-        }
-        self.announce_once(topic).await?;
-        let node = self.clone();
-        let handle = self.spawn(async move {
-            loop {
-                // Until the public address is known, retry soon: the announced port may be
-                // the wrong one behind a NAT that does not keep ports.
-                let wait = if node.public_addr().is_some() {
-                    node.settings.announce_interval
-                } else {
-                    node.settings.announce_interval.min(UNKNOWN_ADDR_RETRY)
-                };
-                tokio::time::sleep(wait).await;
-                if let Err(e) = node.announce_once(topic).await {
-                    tracing::warn!(error = %e, "re-announcing on the DHT failed; retrying later");
-                }
-            }
-        });
-        self.state().topics.set_announcing(&topic, handle);
-        Ok(())
-    }
-
-    async fn announce_once(&self, topic: TopicHash) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let public = self.learn_public_addr().await;
-        let port = self
-            .settings
-            .announce_port
-            .or(public.map(|p| p.port()))
-            .unwrap_or(self.local_addr.port());
-        match tokio::time::timeout(
-            self.settings.timeout,
-            self.dht.announce_peer(info_hash(&topic), Some(port)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(mainline::errors::PutQueryError::ErrorResponse(e))) => {
-                Err(HyperswarmError::Start {
-                    bind: self.local_addr.to_string(),
-                    reason: format!("DHT nodes refused the announcement: {e:?}"),
-                }
-                .into())
-            }
-            // No node to send it to, or none of them answered.
-            Ok(Err(_)) => Err(self.unreachable("announcing", started)),
-            Err(_) => Err(self.timeout_error(format!(
-                "announcing on the mainline DHT (bootstrap nodes: {})",
-                self.bootstrap_text()
-            ))),
-        }
-    }
-
-    /// Joins `topic`: announce, then look up and dial peers periodically.
-    pub(crate) async fn connect(
-        self: &Arc<Self>,
-        topic: TopicHash,
-    ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
-        self.announce(topic).await?;
-        let (tx, rx) = mpsc::channel(self.settings.max_peers);
-        let node = self.clone();
-        let handle = self.spawn(async move { node.discover(topic).await });
-        self.state().topics.set_accepting(&topic, tx, handle);
-        Ok(rx)
-    }
-
-    /// Looks the topic up periodically and dials every new address: as the DHT's answers
-    /// arrive, each batch in [`schedule`] order while dial slots are free; what found no
-    /// slot is dialled after the query, in schedule order again, as slots free up, for at
-    /// most [`LOOKUP_CHECK_BUDGET`]; addresses `lookup` is checking are dialled after their
-    /// check, if it verified them, within the same budget. The rest waits for the next round.
-    async fn discover(self: Arc<Self>, topic: TopicHash) {
-        let mut interval = FIRST_LOOKUP_INTERVAL;
-        loop {
-            let mut round = DialRound::new(topic);
-            let mut stream = self.dht.get_peers(info_hash(&topic));
-            let deadline = tokio::time::Instant::now() + self.settings.timeout;
-            while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
-                if !round.offer(&self, batch.into_iter().map(SocketAddr::V4)) {
-                    break;
-                }
-            }
-            drop(stream);
-            let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
-            round.finish(&self, budget).await;
-            tokio::time::sleep(interval).await;
-            interval = (interval * 2).min(self.settings.lookup_interval);
-        }
     }
 
     pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
@@ -340,83 +210,5 @@ impl Node {
             .counters
             .probes
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
-    ///
-    /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
-    /// the others are checked in [`schedule`] order, each as soon as a dial slot is its turn
-    /// (waiting in one queue with the `connect` loop, so neither starves). Returns when its
-    /// checks are done or after [`LOOKUP_CHECK_BUDGET`], with what is verified by then;
-    /// checks still running finish in the background for the next lookup.
-    pub(crate) async fn lookup(
-        self: &Arc<Self>,
-        topic: TopicHash,
-    ) -> anyhow::Result<Vec<PeerInfo>> {
-        self.register_topic(topic);
-        let started = Instant::now();
-        let mut stream = self.dht.get_peers(info_hash(&topic));
-        let deadline = tokio::time::Instant::now() + self.settings.timeout;
-        let mut candidates: Vec<SocketAddr> = Vec::new();
-        let mut got_any_batch = false;
-        'outer: while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
-            got_any_batch = true;
-            for addr in batch {
-                let addr = SocketAddr::V4(addr);
-                if !candidates.contains(&addr) {
-                    candidates.push(addr);
-                    if candidates.len() >= MAX_LOOKUP_CANDIDATES {
-                        break 'outer;
-                    }
-                }
-            }
-        }
-        drop(stream);
-        if !got_any_batch && !self.dht_reachable().await {
-            return Err(self.unreachable("looking up peers", started));
-        }
-        Ok(self.verify(topic, candidates).await)
-    }
-
-    async fn dht_reachable(&self) -> bool {
-        let id = *self.dht.info().await.id();
-        !self.dht.find_node(id).await.is_empty()
-    }
-}
-
-/// Resolves bootstrap `host:port` names to IPv4 addresses (blocking).
-fn resolve_bootstrap(nodes: &[impl AsRef<str>]) -> Vec<BootstrapNode> {
-    use std::net::ToSocketAddrs;
-    nodes
-        .iter()
-        .map(|node| {
-            let node = node.as_ref();
-            let resolved = match node.to_socket_addrs() {
-                Ok(addrs) => addrs
-                    .filter_map(|a| match a {
-                        SocketAddr::V4(v4) => Some(v4),
-                        SocketAddr::V6(_) => None,
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::debug!(node, error = %e, "cannot resolve a DHT bootstrap node");
-                    Vec::new()
-                }
-            };
-            BootstrapNode::new(node, resolved)
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn info_hash_is_the_derived_prefix() {
-        let topic = [7u8; 32];
-        let derived = derive_from_topic(&topic, Domain::DhtInfoHash);
-        assert_eq!(info_hash(&topic).as_bytes()[..], derived[..20]);
-        assert_ne!(info_hash(&topic).as_bytes()[..], topic[..20]);
     }
 }
