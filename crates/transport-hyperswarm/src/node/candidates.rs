@@ -18,15 +18,16 @@ use super::book::schedule;
 use super::dialer::DialStart;
 use crate::wire::Purpose;
 
-/// How long `lookup` waits for its identify checks after the DHT query: enough for a live
-/// peer's check to get a slot behind a full set of dead ones ([`FIRST_ANSWER_TIMEOUT`]) and
-/// finish its few round trips. Checks still running then continue in the background; their
-/// results are listed by the next `lookup` at once.
+/// How long `lookup` waits for its identify checks after the DHT query (and a dial round
+/// for its leftovers): enough for a live peer's check to get a slot behind a full set of
+/// dead ones (each gives its slot back after the 1.5 s first-answer timeout) and finish its
+/// few round trips. Checks still running then continue in the background; their results
+/// are listed by the next `lookup` at once.
 pub(crate) const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
 
 /// Most candidates taken from one round of a source, or one `lookup` (the DHT may return
 /// thousands of bogus ones).
-pub(crate) const MAX_LOOKUP_CANDIDATES: usize = 256;
+pub(crate) const MAX_CANDIDATES: usize = 256;
 
 /// At most one "cannot reach a peer listed on the DHT" warning per this interval (the others
 /// go to debug): a DHT full of dead entries would otherwise flood the log with hundreds.
@@ -77,7 +78,7 @@ impl DialRound {
     }
 
     /// Dials the candidates of `batch` not seen in this round yet while slots are free;
-    /// returns whether the round takes more (at most [`MAX_LOOKUP_CANDIDATES`]).
+    /// returns whether the round takes more (at most [`MAX_CANDIDATES`]).
     pub(crate) fn offer(
         &mut self,
         node: &Arc<Node>,
@@ -85,7 +86,7 @@ impl DialRound {
     ) -> bool {
         let mut fresh = Vec::new();
         for addr in batch {
-            if self.seen.len() >= MAX_LOOKUP_CANDIDATES {
+            if self.seen.len() >= MAX_CANDIDATES {
                 break;
             }
             if self.seen.insert(addr) {
@@ -102,7 +103,7 @@ impl DialRound {
                 None => self.leftover.push(addr),
             }
         }
-        self.seen.len() < MAX_LOOKUP_CANDIDATES
+        self.seen.len() < MAX_CANDIDATES
     }
 
     /// Dials what found no slot, in schedule order again as slots free up, then what

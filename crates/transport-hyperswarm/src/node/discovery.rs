@@ -13,7 +13,7 @@ use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
 use tokio::sync::mpsc;
 
 use super::Node;
-use super::candidates::{DialRound, LOOKUP_CHECK_BUDGET, MAX_LOOKUP_CANDIDATES};
+use super::candidates::{DialRound, LOOKUP_CHECK_BUDGET, MAX_CANDIDATES};
 use crate::HyperswarmError;
 use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
 use crate::error::BootstrapNode;
@@ -22,7 +22,7 @@ use crate::error::BootstrapNode;
 const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
 
 /// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
-pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
+fn info_hash(topic: &TopicHash) -> mainline::Id {
     let derived = derive_from_topic(topic, Domain::DhtInfoHash);
     let mut id = [0u8; 20];
     id.copy_from_slice(&derived[..20]);
@@ -80,7 +80,9 @@ fn resolve_bootstrap(nodes: &[impl AsRef<str>]) -> Vec<BootstrapNode> {
 }
 
 impl Node {
-    /// Announces `topic` now and keeps refreshing it until shutdown.
+    /// Announces `topic` now (the data socket's public port, learned first) and keeps
+    /// refreshing it until shutdown: every announce interval, or every 5 s while the public
+    /// address is unknown.
     pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
         self.register_topic(topic);
         if self.state().topics.is_announcing(&topic) {
@@ -151,11 +153,9 @@ impl Node {
         Ok(rx)
     }
 
-    /// Looks the topic up periodically and dials every new address: as the DHT's answers
-    /// arrive, each batch in [`schedule`] order while dial slots are free; what found no
-    /// slot is dialled after the query, in schedule order again, as slots free up, for at
-    /// most [`LOOKUP_CHECK_BUDGET`]; addresses `lookup` is checking are dialled after their
-    /// check, if it verified them, within the same budget. The rest waits for the next round.
+    /// Looks the topic up periodically (0.25 s after joining, then doubling up to the lookup
+    /// interval) and feeds each query's answers, as they arrive, to a [`DialRound`], which
+    /// gets [`LOOKUP_CHECK_BUDGET`] after the query for what it could not dial at once.
     async fn discover(self: Arc<Self>, topic: TopicHash) {
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
@@ -175,13 +175,9 @@ impl Node {
         }
     }
 
-    /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
-    ///
-    /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
-    /// the others are checked in [`schedule`] order, each as soon as a dial slot is its turn
-    /// (waiting in one queue with the `connect` loop, so neither starves). Returns when its
-    /// checks are done or after [`LOOKUP_CHECK_BUDGET`], with what is verified by then;
-    /// checks still running finish in the background for the next lookup.
+    /// Lists the peers on `topic`: the DHT's answers (at most [`MAX_CANDIDATES`]), each
+    /// verified by its Noise key (see [`Node::verify`]). Fails with
+    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all.
     pub(crate) async fn lookup(
         self: &Arc<Self>,
         topic: TopicHash,
@@ -198,7 +194,7 @@ impl Node {
                 let addr = SocketAddr::V4(addr);
                 if !candidates.contains(&addr) {
                     candidates.push(addr);
-                    if candidates.len() >= MAX_LOOKUP_CANDIDATES {
+                    if candidates.len() >= MAX_CANDIDATES {
                         break 'outer;
                     }
                 }
@@ -211,11 +207,13 @@ impl Node {
         Ok(self.verify(topic, candidates).await)
     }
 
+    /// Whether the DHT node knows any other node.
     async fn dht_reachable(&self) -> bool {
         let id = *self.dht.info().await.id();
         !self.dht.find_node(id).await.is_empty()
     }
 
+    /// The error of an operation that ran out of time (DHT nodes answered, but too slowly).
     fn timeout_error(&self, what: String) -> anyhow::Error {
         Error::Timeout {
             what,
