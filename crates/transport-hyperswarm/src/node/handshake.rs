@@ -278,3 +278,98 @@ pub(super) fn stream_cause(
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+
+    async fn node(handshake_timeout: Duration) -> Arc<Node> {
+        let t = crate::HyperswarmTransport::builder()
+            .bootstrap(Vec::<String>::new())
+            .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+            .handshake_timeout(handshake_timeout)
+            .build()
+            .unwrap();
+        Node::start(t.settings.clone()).await.unwrap()
+    }
+
+    #[test]
+    fn close_codes_name_the_cause() {
+        assert_eq!(closed_by_remote(code::BUSY), HandshakeFailure::Busy);
+        assert_eq!(
+            closed_by_remote(code::UNKNOWN_TOPIC),
+            HandshakeFailure::TopicUnknown
+        );
+        assert_eq!(
+            closed_by_remote(code::REPLACED),
+            HandshakeFailure::Closed {
+                reason: "replaced by a newer connection"
+            }
+        );
+    }
+
+    /// Real dials on loopback (no DHT): each way a handshake ends has its typed result.
+    #[tokio::test]
+    async fn dials_end_with_typed_causes() {
+        let a = node(Duration::from_secs(5)).await;
+        let b = node(Duration::from_secs(5)).await;
+        let (to_b, topic) = (b.local_addr(), [3u8; 32]);
+        // Our own refusal: the topic is not joined here.
+        let err = a.dial(to_b, topic, Purpose::Identify).await.unwrap_err();
+        assert_eq!(
+            err,
+            DialError::declined(to_b, Declined::TopicNotJoined),
+            "{err}"
+        );
+        assert!(err.is_local());
+        // The remote does not know the topic.
+        a.register_topic(topic);
+        let err = a.dial(to_b, topic, Purpose::Identify).await.unwrap_err();
+        assert_eq!(
+            err,
+            DialError::handshake(to_b, HandshakeFailure::TopicUnknown),
+            "{err}"
+        );
+        // It knows it (lookup only): identified, but it takes no connections on it.
+        b.register_topic(topic);
+        let known = a.dial(to_b, topic, Purpose::Identify).await;
+        assert_eq!(known, Ok(Outcome::Known(b.public_key)));
+        let err = a.dial(to_b, topic, Purpose::Connect).await.unwrap_err();
+        assert_eq!(
+            err,
+            DialError::handshake(to_b, HandshakeFailure::TopicUnknown),
+            "{err}"
+        );
+        // Ourselves.
+        let own = a.local_addr();
+        assert_eq!(
+            a.dial(own, topic, Purpose::Identify).await,
+            Ok(Outcome::Myself)
+        );
+        // Nobody answers: no answer within the first-answer timeout (capped by the
+        // handshake timeout).
+        let quick = node(Duration::from_millis(300)).await;
+        quick.register_topic(topic);
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to_silent = silent.local_addr().unwrap();
+        let err = quick
+            .dial(to_silent, topic, Purpose::Identify)
+            .await
+            .unwrap_err();
+        let after = Duration::from_millis(300);
+        assert_eq!(
+            err,
+            DialError::handshake(to_silent, HandshakeFailure::NoAnswer { after }),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("handshake with {to_silent} failed: no answer within 300 ms")
+        );
+        for n in [a, b, quick] {
+            n.shutdown();
+        }
+    }
+}
