@@ -33,6 +33,10 @@
 //!   messages, once.
 //! - **One connection per peer**: when both sides dial, the peer with the smaller key decides
 //!   which connection survives.
+//! - **Errors**: the `anyhow` errors of the `Transport` calls downcast to
+//!   [`HyperswarmError`] (e.g. [`HyperswarmError::DhtUnreachable`] offline) or
+//!   [`pluresdb_sync_core::Error`]; unreachable endpoints are listed with their typed
+//!   [`HandshakeFailure`] by [`HyperswarmTransport::dial_failures`].
 //!
 //! Not wire-compatible with the JavaScript hyperswarm/HyperDHT network.
 //!
@@ -121,8 +125,11 @@ impl HyperswarmTransport {
     }
 
     /// Endpoints listed on the DHT that could not be reached lately (by `connect`'s dialler
-    /// or `lookup`'s check), with the last error: how a pair of peers that cannot punch
-    /// through their NATs shows up. Empty before networking starts.
+    /// or `lookup`'s check), by address, with the last error (typed: usually
+    /// [`HyperswarmError::Handshake`] and its [`HandshakeFailure`]): how a pair of peers that
+    /// cannot punch through their NATs shows up. Connections this node declined itself (its
+    /// `max_peers` reached, a full accept queue) are not listed. Empty before networking
+    /// starts.
     pub fn dial_failures(&self) -> Vec<DialFailure> {
         self.node
             .get()
