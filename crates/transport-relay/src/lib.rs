@@ -52,9 +52,5 @@ pub mod protocol;
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
 
-pub use client::{
-    CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, FLOW_FRAME_OVERHEAD,
-    FLOW_WINDOW_BYTES, RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, RelayTransport,
-    RelayTransportBuilder, SESSION_VERSION,
-};
-pub use error::RelayError;
+pub use client::{FLOW_WINDOW_BYTES, RelayTransport, RelayTransportBuilder, SESSION_VERSION};
+pub use error::{RelayError, SessionError};

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::{Error, Identity, Transport, TransportConfig, TransportMode};
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
-use pluresdb_sync_transport_relay::{RelayError, RelayTransport};
+use pluresdb_sync_transport_relay::{RelayError, RelayTransport, SessionError};
 
 mod common;
-use common::{T, accept, next_message, recv, relay, relay_with, transport, wait_for_error};
+use common::{T, accept, errors, next_message, recv, relay, relay_with, transport, wait_for_error};
 
 #[tokio::test]
 async fn encryption_mismatch_is_a_clear_error_on_both_sides() {
@@ -25,6 +25,21 @@ async fn encryption_mismatch_is_a_clear_error_on_both_sides() {
     let mut off_rx = off.connect(topic).await.unwrap();
     let e1 = wait_for_error(&on, "encryption").await;
     let e2 = wait_for_error(&off, "encryption").await;
+    assert_eq!(
+        e1.session_cause(),
+        Some(&SessionError::EncryptionMismatch {
+            local: true,
+            remote: false
+        })
+    );
+    assert_eq!(
+        e2.session_cause(),
+        Some(&SessionError::EncryptionMismatch {
+            local: false,
+            remote: true
+        })
+    );
+    let (e1, e2) = (e1.to_string(), e2.to_string());
     assert!(
         e1.contains("encryption off") && e1.contains("has it on"),
         "{e1}"
@@ -80,15 +95,12 @@ async fn from_config_is_cheap_and_checks_the_url() {
         ..Default::default()
     };
     let err = RelayTransport::from_config(&missing).unwrap_err();
-    assert!(matches!(
-        err.downcast_ref::<Error>(),
-        Some(Error::MissingRelayUrl)
-    ));
+    assert!(
+        matches!(err, RelayError::Core(Error::MissingRelayUrl)),
+        "{err}"
+    );
     let err = RelayTransport::builder().build().unwrap_err();
-    assert!(matches!(
-        err.downcast_ref::<RelayError>(),
-        Some(RelayError::NoRelayUrl)
-    ));
+    assert!(matches!(err, RelayError::NoRelayUrl), "{err}");
     let err = RelayTransport::builder()
         .relay_url("http://x")
         .build()
@@ -256,9 +268,9 @@ async fn relay_loss_closes_sessions_then_failover_rejoins_and_peers_meet_again()
     cb2.send(b"after").await.unwrap();
     assert_eq!(recv(&mut ca2).await, b"after");
     assert!(
-        a.recent_errors().iter().any(|e| e.contains("1001")),
+        errors(&a).iter().any(|e| e.contains("1001")),
         "{:?}",
-        a.recent_errors()
+        errors(&a)
     );
     a.disconnect().await.unwrap();
     b.disconnect().await.unwrap();
@@ -375,9 +387,9 @@ async fn reconnects_with_backoff_to_a_restarted_relay() {
         while !t
             .recent_errors()
             .iter()
-            .any(|e| e.contains("cannot connect"))
+            .any(|e| matches!(e, RelayError::Connect { .. }))
         {
-            assert!(Instant::now() < deadline, "{:?}", t.recent_errors());
+            assert!(Instant::now() < deadline, "{:?}", errors(t));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
