@@ -736,3 +736,26 @@ async fn send_then_receive(c: &mut Box<dyn Connection>, i: usize) -> Vec<u8> {
         .unwrap();
     recv(c).await
 }
+
+/// `disconnect` sends CLOSE on every live session, so the peer learns at once (before the
+/// relay's PEER_LEFT, which alone told it before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_sends_close_on_every_session() {
+    let (server, url) = relay().await;
+    let mut leaving = transport_with(&url, true);
+    let topic = fresh_topic("disconnect-close");
+    let mut l_rx = leaving.connect(topic).await.unwrap();
+    let (mut x, cipher, v, _held) = raw_session(&server, &topic, &leaving, &mut l_rx).await;
+    leaving.disconnect().await.unwrap();
+    let close = x.deliver_from(v).await;
+    assert_eq!(close[0], 0x10, "SEALED: {close:?}");
+    let mut out = [0u8; 64];
+    let n = cipher
+        .read_message(1 << 63, &close[1..], &mut out)
+        .expect("sealed with the first control nonce");
+    assert_eq!(&out[..n], &[2], "a CLOSE chunk");
+    match next(&mut x.ws).await {
+        Frame::Relay(RelayFrame::PeerLeft { peer, .. }) => assert_eq!(peer, v),
+        other => panic!("expected PEER_LEFT after the CLOSE, got {other:?}"),
+    }
+}
