@@ -223,7 +223,7 @@ pub enum SessionError {
     /// topic) and its window is full: it was closed so that the peer's `send` does not wait
     /// forever. A later `connect` handshakes again.
     #[error(
-        "closed the session: it filled its {window}-unit window and nothing reads it (no connect receiver for this topic)"
+        "nothing reads it (no connect receiver for this topic) and it filled its {window}-unit window: closed so that the peer's send does not wait forever"
     )]
     Unread {
         /// Credit units the peer had been granted.

@@ -11,7 +11,8 @@ use super::{Config, Machine};
 use crate::RelayError;
 use crate::client::action::{Action, Opened, SessionId};
 use crate::client::flow::{FLOW_MIN_WINDOW_BYTES, frame_cost};
-use crate::client::room::{PEER_JOINED_FALLBACK, REJECT_NO_SESSION_INTERVAL};
+use crate::client::reject_limit::REJECT_NO_SESSION_INTERVAL;
+use crate::client::room::PEER_JOINED_FALLBACK;
 use crate::client::wire::{self, SESSION_VERSION, chunk, kind, reject};
 use crate::error::SessionError;
 use crate::protocol::{ClientFrame, ConnId, Frame, RelayFrame, RoomId};
@@ -644,4 +645,30 @@ fn a_session_nobody_reads_is_closed_when_its_window_fills_and_reopened_when_clai
     let hello = a.take_sent_to(2);
     assert_eq!(hello.len(), 1);
     assert_eq!(hello[0][0], kind::HELLO);
+}
+
+proptest::proptest! {
+    /// Whatever peers send, in any order, the machine neither panics nor answers with more
+    /// than one frame per frame received.
+    #[test]
+    fn hostile_peer_frames_never_panic(
+        frames in proptest::collection::vec(
+            (1u64..5, proptest::sample::select(vec![
+                kind::HS1, kind::HS2, kind::HS3, kind::SEALED, kind::HELLO, kind::PLAIN,
+                kind::REJECT, 0x00, 0x7F,
+            ]), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)),
+            0..40,
+        ),
+        encryption in proptest::prelude::any::<bool>(),
+    ) {
+        let now = Instant::now();
+        let mut a = Side::new(9, encryption, Identity::generate().unwrap(), now);
+        a.joined_with(&[1, 2], now);
+        a.outbox.clear();
+        for (from, k, body) in frames {
+            a.deliver(from, [&[k][..], &body].concat(), now);
+            proptest::prop_assert!(a.outbox.len() <= 1, "{:?}", a.outbox);
+            a.outbox.clear();
+        }
+    }
 }

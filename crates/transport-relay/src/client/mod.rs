@@ -5,8 +5,8 @@
 //! - [`supervisor`]: the task that owns the link: one socket at a time, the writer, pings and
 //!   the idle timeout, reconnects with backoff.
 //! - [`driver`]: executes what the session machine decides; [`outbound`] queues its frames.
-//! - [`machine`], [`room`], [`session`], [`handshake`]: the pure session machine (rooms,
-//!   per-peer sessions, the handshake patterns), speaking [`action`]s.
+//! - [`machine`], [`room`], [`session`], [`handshake`], [`reject_limit`]: the pure session
+//!   machine (rooms, per-peer sessions, the handshake patterns), speaking [`action`]s.
 //! - [`wire`] (peer frames) and [`flow`] (windows): pure formats and arithmetic.
 //! - [`connection`]: the application's `Connection` (chunking, sealing, reassembly).
 
@@ -20,6 +20,7 @@ mod handshake;
 mod machine;
 mod outbound;
 mod proxy;
+mod reject_limit;
 mod room;
 mod session;
 mod supervisor;

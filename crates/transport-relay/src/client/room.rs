@@ -10,6 +10,7 @@ use pluresdb_sync_core::{Identity, PeerInfo, TopicHash};
 use super::action::{Action, Opened, SessionId};
 use super::flow::LARGEST_FRAME_COST;
 use super::handshake::{self, Handshake, Local, Step};
+use super::reject_limit::RejectLimit;
 use super::session::{Event, Live, Session, State};
 use super::wire::{self, kind, reject};
 use crate::RelayError;
@@ -25,9 +26,6 @@ pub(crate) const MAX_SESSIONS_PER_TOPIC: usize = 1024;
 /// sides told of the other only by PEER_JOINED. Both starting is resolved by the lower
 /// connection id, so a late fallback costs at most one extra handshake message.
 pub(crate) const PEER_JOINED_FALLBACK: Duration = Duration::from_secs(3);
-/// At most one REJECT (no session) per peer per this interval: one is enough to end the peer's
-/// session, and a peer still sending frames for a session we ended does not get one each.
-pub(crate) const REJECT_NO_SESSION_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What every room of a transport shares: this side's identity and settings, its relay
 /// connection id, the session id counter, and where actions go.
@@ -71,7 +69,7 @@ pub(crate) struct Room {
     /// Peers announced by PEER_JOINED that have not sent anything yet, with when.
     announced: HashMap<ConnId, Instant>,
     /// When a REJECT (no session) last went to each peer (bounded like the sessions).
-    rejected: HashMap<ConnId, Instant>,
+    rejected: RejectLimit,
     /// Peers whose unclaimed session was closed because it filled its window with nobody to
     /// read it: claiming the room starts a new handshake with them.
     closed_unread: HashSet<ConnId>,
@@ -88,7 +86,7 @@ impl Room {
             sessions: HashMap::new(),
             members: HashSet::new(),
             announced: HashMap::new(),
-            rejected: HashMap::new(),
+            rejected: RejectLimit::new(MAX_SESSIONS_PER_TOPIC),
             closed_unread: HashSet::new(),
         }
     }
@@ -134,7 +132,7 @@ impl Room {
     pub(crate) fn on_peer_left(&mut self, peer: ConnId, cx: &mut Ctx<'_>) {
         self.members.remove(&peer);
         self.announced.remove(&peer);
-        self.rejected.remove(&peer);
+        self.rejected.forget(peer);
         self.closed_unread.remove(&peer);
         self.end(peer, None, cx);
     }
@@ -564,29 +562,9 @@ impl Room {
         }
     }
 
-    /// Sends REJECT (no session) to `to` if one is due: always when `force` (a session just
-    /// ended here), else at most once per [`REJECT_NO_SESSION_INTERVAL`]. The map of when keeps
-    /// at most [`MAX_SESSIONS_PER_TOPIC`] peers: when full, entries older than the interval go,
-    /// and a peer that still does not fit is not rejected now (unless forced; it is then just
-    /// not noted).
+    /// Sends REJECT (no session) to `to` if one is due (see [`RejectLimit::due`]).
     fn reject_no_session(&mut self, to: ConnId, force: bool, now: Instant, cx: &mut Ctx<'_>) {
-        let due = force
-            || self
-                .rejected
-                .get(&to)
-                .is_none_or(|at| now.duration_since(*at) >= REJECT_NO_SESSION_INTERVAL);
-        if !due {
-            return;
-        }
-        if self.rejected.len() >= MAX_SESSIONS_PER_TOPIC && !self.rejected.contains_key(&to) {
-            self.rejected
-                .retain(|_, at| now.duration_since(*at) < REJECT_NO_SESSION_INTERVAL);
-        }
-        let noted = self.rejected.len() < MAX_SESSIONS_PER_TOPIC || self.rejected.contains_key(&to);
-        if noted {
-            self.rejected.insert(to, now);
-        }
-        if noted || force {
+        if self.rejected.due(to, force, now) {
             self.send(to, &[kind::REJECT, reject::NO_SESSION], cx);
         }
     }
