@@ -229,7 +229,13 @@ async fn run_socket(
     };
     loop {
         let waiting = driver.outbound().waiting();
-        let room = driver.outbound().room();
+        let room = waiting.then(|| driver.outbound().room());
+        let room = async move {
+            match room {
+                Some(room) => room.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             msg = stream.next(), if driver.outbound().may_read() => {
                 alive.on_receive(Instant::now());
