@@ -48,6 +48,8 @@
 //!   `Ok(None)` at once.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
+//! - With the `testkit` feature, [`testkit`] holds test plumbing: an in-process relay, a raw
+//!   protocol client, a nats-server process.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
@@ -56,6 +58,9 @@ pub mod protocol;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 
 pub use client::{FLOW_WINDOW_BYTES, RelayTransport, RelayTransportBuilder, SESSION_VERSION};
 pub use error::{RelayError, SessionError};
