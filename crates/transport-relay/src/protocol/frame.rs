@@ -82,7 +82,7 @@ pub enum RelayFrame {
     },
     /// A request failed.
     Error {
-        /// One of [`error_code`].
+        /// One of [`error_code`](super::error_code).
         code: u16,
         /// The type of the frame that caused it.
         about: u8,

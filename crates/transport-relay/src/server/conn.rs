@@ -1,8 +1,7 @@
 //! One client connection after the upgrade: its reader loop (frames in bursts, timers, rate
-//! pauses, kill signals) and the writer task it spawns. What each frame does is in
-//! `requests`; queueing to other members in `rooms` and `gather`.
+//! pauses, kill signals), which drives the connection's state (`requests`) and spawns its
+//! writer task (`writer`).
 
-use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,14 +14,14 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::gather::Gathered;
 use super::limits::IpSlot;
 use super::metrics::DropReason;
 use super::outbox::Batch;
+use super::requests::Conn;
 use super::rooms::{Kill, Member, kill};
 use super::state::Shared;
 use super::writer;
-use crate::protocol::{ConnId, Frame, RelayFrame, RoomId, close_code};
+use crate::protocol::{Frame, RelayFrame, close_code};
 
 /// Most frames handled per wake-up of a connection's reader before its timers and kill
 /// signals are looked at again.
@@ -50,18 +49,6 @@ impl Reads {
     }
 }
 
-/// A connection's state, owned by its reader.
-pub(super) struct Conn<'a> {
-    pub(super) shared: &'a Shared,
-    pub(super) id: ConnId,
-    /// How other connections reach this one.
-    pub(super) me: Member,
-    /// The rooms this connection joined.
-    pub(super) rooms: HashSet<RoomId>,
-    /// DELIVERs of the current burst not yet queued, per receiver.
-    pub(super) gathered: Gathered,
-}
-
 /// Runs the connection until the client leaves, breaks the protocol, times out, is killed
 /// (slow consumer) or the relay shuts down; then leaves its rooms and lets the writer close.
 pub(super) async fn run<S>(shared: &Shared, ws: WebSocketStream<S>, slot: &IpSlot)
@@ -78,16 +65,11 @@ where
     let (kill_tx, kill_rx) = watch::channel(None);
     let kill_tx: Kill = Arc::new(kill_tx);
     let mut writer = tokio::spawn(writer::run(sink, rx, kill_rx.clone()));
-    let mut conn = Conn {
-        shared,
-        id,
-        me: Member {
-            tx,
-            kill: kill_tx.clone(),
-        },
-        rooms: HashSet::new(),
-        gathered: Gathered::default(),
+    let me = Member {
+        tx,
+        kill: kill_tx.clone(),
     };
+    let mut conn = Conn::new(shared, id, me);
     let welcome = Frame::Relay(RelayFrame::Welcome {
         conn: id,
         max_frame: cfg.max_frame_bytes as u32,

@@ -3,6 +3,16 @@
 //! Stateless beyond live sockets: a room is the set of connections that joined it, and goes
 //! away with them. Any relay can serve any client; a restart loses only the live sockets.
 //!
+//! This file is the server handle and its listeners. The rest, each owning one kind of state
+//! (imports only go down this list, so there is no cycle): `config` (settings), `metrics`
+//! (counters; a leaf), `outbox` (a queued batch of frames), `rooms` (room → local members, and
+//! every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
+//! `nats` (the bus to other nodes: remote members, node liveness), `state` (what every
+//! connection shares), `gather` (one burst's DELIVERs per receiver), `requests` (a
+//! connection's state and what each frame does), `writer` (a connection's writer task),
+//! `conn` (its reader loop), `http` and `upgrade` (the request head, checks and upgrade),
+//! `tls` (PEM loading).
+//!
 //! ```no_run
 //! use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 //!

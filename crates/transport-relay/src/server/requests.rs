@@ -1,13 +1,17 @@
-//! What each client frame does: JOIN and LEAVE change the room registry (and tell the other
+//! A connection's state (its id, rooms and the DELIVERs its burst gathered) and what each
+//! client frame does to it: JOIN and LEAVE change the room registry (and tell the other
 //! members, here and through NATS), SEND and BROADCAST become DELIVERs to members, PING is
 //! answered; a request that cannot be served gets an ERROR, a protocol violation closes.
 
+use std::collections::HashSet;
+
 use bytes::Bytes;
 
-use super::conn::Conn;
+use super::gather::Gathered;
 use super::metrics::DropReason;
 use super::outbox::Batch;
 use super::rooms::{Joined, Member};
+use super::state::Shared;
 use crate::protocol::{
     self, ClientFrame, ConnId, DELIVER_OVERHEAD, ForwardView, Frame, RelayFrame, RoomId,
     close_code, error_code, kind,
@@ -16,7 +20,30 @@ use crate::protocol::{
 /// A close code and reason: the frame ends the connection.
 type Close = (u16, String);
 
-impl Conn<'_> {
+/// A connection's state, owned by its reader.
+pub(super) struct Conn<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) id: ConnId,
+    /// How other connections reach this one.
+    pub(super) me: Member,
+    /// The rooms this connection joined.
+    rooms: HashSet<RoomId>,
+    /// DELIVERs of the current burst not yet queued, per receiver.
+    gathered: Gathered,
+}
+
+impl<'a> Conn<'a> {
+    /// A connection that joined no room yet; `me` is how others reach it.
+    pub(super) fn new(shared: &'a Shared, id: ConnId, me: Member) -> Self {
+        Self {
+            shared,
+            id,
+            me,
+            rooms: HashSet::new(),
+            gathered: Gathered::default(),
+        }
+    }
+
     /// Handles one frame. `Ok(true)` after a successful JOIN; `Err` closes the connection.
     pub(super) async fn frame(&mut self, data: &[u8]) -> Result<bool, Close> {
         // SEND and BROADCAST are viewed in place: the payload is copied once, into DELIVER.
