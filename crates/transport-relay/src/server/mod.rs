@@ -27,6 +27,9 @@
 
 mod config;
 mod conn;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod gather;
 mod http;
 mod limits;

@@ -13,7 +13,7 @@
 //! The messages are the bus's own ([`bus`]); what a node learns from them is in
 //! `membership`, the subscription loops in `loops`.
 
-mod bus;
+pub(crate) mod bus;
 mod loops;
 mod membership;
 
