@@ -38,6 +38,10 @@
 //!
 //! Networking starts lazily: [`HyperswarmTransport::from_config`] and the builder only check
 //! settings; the first async call binds the socket and starts the DHT node.
+//!
+//! With the `testkit` feature, [`testkit::LoopbackDht`] runs a private DHT on loopback for
+//! tests, demos and benchmarks.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod conn;
@@ -50,6 +54,9 @@ mod node;
 mod noise;
 mod quic;
 mod socket;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 mod wire;
 
 use std::net::SocketAddr;

@@ -186,8 +186,10 @@ impl Net {
                     masq.push("--random-fully");
                 }
                 run(&masq);
-                // Like a home router: drop unsolicited input on the WAN side (see
-                // shared/notes/nat-emulation.md for why this matters).
+                // Like a home router: drop unsolicited input on the WAN side. Without it the
+                // first unsolicited punch packet leaves a conntrack entry for a flow to the
+                // router itself, MASQUERADE then cannot reuse that port for the host behind
+                // it, and punching between two port-preserving NATs fails.
                 run(&[
                     "ip",
                     "netns",

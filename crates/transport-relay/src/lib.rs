@@ -43,6 +43,8 @@
 //!   after a failure, `receive` returns the error once and then `Ok(None)`.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
+//! - With the `testkit` feature, [`testkit`] holds test plumbing: an in-process relay, a raw
+//!   protocol client, a nats-server process.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
@@ -51,6 +53,9 @@ pub mod protocol;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 
 pub use client::{
     CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, FLOW_FRAME_OVERHEAD,

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -15,72 +14,15 @@ use pluresdb_sync_core::{Connection, Transport, derive_topic};
 use pluresdb_sync_transport_relay::RelayTransport;
 use pluresdb_sync_transport_relay::protocol::{ClientFrame, Frame, RelayFrame};
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
-use tokio::process::{Child, Command};
+use pluresdb_sync_transport_relay::testkit::nats::NatsServer;
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
 use common::{
-    Factory, T, Ws, accept, free_port, joined, listening, next, raw, recv, relay_with, send,
-    upgrade_request, url, ws_url,
+    Factory, T, Ws, accept, free_port, joined, next, raw, recv, relay_with, send, upgrade_request,
+    url, ws_url,
 };
-/// Where Debian installs it (`/usr/sbin`), then elsewhere.
-const NATS_SERVER_PATHS: [&str; 3] = [
-    "/usr/sbin/nats-server",
-    "/usr/bin/nats-server",
-    "/usr/local/bin/nats-server",
-];
-
-fn nats_server() -> Option<&'static str> {
-    NATS_SERVER_PATHS
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-}
-
-/// A nats-server child process on 127.0.0.1; killed on drop.
-struct Nats {
-    child: Child,
-    port: u16,
-}
-
-impl Nats {
-    /// Starts nats-server on a free port, or `None` (skip) when it is not installed.
-    async fn start() -> Option<Self> {
-        if nats_server().is_none() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "nats-server is missing (Debian package nats-server; scripts/test installs it)"
-            );
-            eprintln!("skipping: nats-server is not installed");
-            return None;
-        }
-        Some(Self::start_on(free_port()).await)
-    }
-
-    async fn start_on(port: u16) -> Self {
-        let child = Command::new(nats_server().expect("checked"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        assert!(
-            listening(port, T).await,
-            "nats-server did not start listening"
-        );
-        Self { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-async fn node(nats: &Nats) -> RelayServer {
+async fn node(nats: &NatsServer) -> RelayServer {
     let config = RelayServerConfig::builder()
         .nats_url(Some(nats.url()))
         .build()
@@ -97,7 +39,7 @@ struct KillableNode {
 }
 
 impl KillableNode {
-    async fn start(nats: &Nats) -> Self {
+    async fn start(nats: &NatsServer) -> Self {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
         let url = nats.url();
@@ -145,7 +87,7 @@ impl KillableNode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_on_two_nodes_pass_the_conformance_checks() {
-    let Some(nats) = Nats::start().await else {
+    let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let nodes = std::sync::Arc::new(vec![node(&nats).await, node(&nats).await]);
@@ -193,7 +135,7 @@ async fn exchange(a: &mut Box<dyn Connection>, b: &mut Box<dyn Connection>, msg:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_killed_node_fail_over_to_another() {
-    let Some(nats) = Nats::start().await else {
+    let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let doomed = KillableNode::start(&nats).await;
@@ -238,7 +180,7 @@ async fn clients_of_a_killed_node_fail_over_to_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_later_learns_existing_members() {
-    let Some(nats) = Nats::start().await else {
+    let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let first = node(&nats).await;
@@ -361,10 +303,10 @@ async fn an_unreachable_nats_fails_the_start_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_nats_sends_clients_away_and_refuses_new_ones() {
-    let Some(nats) = Nats::start().await else {
+    let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
-    let port = nats.port;
+    let port = nats.port();
     let relay = node(&nats).await;
     let (mut x, _) = raw(relay.local_addr()).await;
     send(&mut x, Frame::Client(ClientFrame::Join { room: [1; 32] })).await;
@@ -403,7 +345,7 @@ async fn losing_nats_sends_clients_away_and_refuses_new_ones() {
     );
 
     // NATS comes back on the same port: the relay reconnects and serves again.
-    let nats = Nats::start_on(port).await;
+    let nats = NatsServer::start_on(port).await.unwrap();
     tokio::time::timeout(T, async {
         while !relay.metrics_text().contains("pluresdb_relay_nats_up 1\n") {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -437,7 +379,7 @@ async fn left(ws: &mut Ws, who: u64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_a_dead_node_are_forgotten_and_a_clean_stop_says_goodbye() {
-    let Some(nats) = Nats::start().await else {
+    let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let room = [9u8; 32];
@@ -503,7 +445,7 @@ async fn counter_reaches(relay: &RelayServer, name: &str, at_least: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_speaks_the_documented_bus_format_and_drops_anything_else() {
-    let Some(nats) = Nats::start().await else {
+    let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let config = RelayServerConfig::builder()
