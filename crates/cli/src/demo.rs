@@ -248,16 +248,16 @@ async fn relay(timeout: Duration) -> anyhow::Result<Outcome> {
 }
 
 async fn hyperswarm(timeout: Duration) -> anyhow::Result<Outcome> {
-    let dht = crate::loopback::LoopbackDht::start().await?;
+    let dht = pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht::start().await?;
     eprintln!(
         "[hyperswarm] local mainline DHT testnet of {} nodes on {}; replicas announce a \
          domain-separated info-hash, dial over QUIC and authenticate with Noise XX",
-        crate::loopback::TESTNET_NODES,
+        pluresdb_sync_transport_hyperswarm::testkit::TESTNET_NODES,
         dht.first_node()
     );
     let make = || {
         dht.builder()
-            .request_timeout(timeout)
+            .timeout(timeout)
             .build()
             .map(|t| Box::new(t) as Box<dyn Transport>)
     };

@@ -3,7 +3,6 @@
 mod bench;
 mod demo;
 mod dht_cmd;
-mod loopback;
 mod peer;
 
 use std::path::PathBuf;

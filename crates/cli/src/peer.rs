@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use pluresdb_sync::{
-    Connection, HyperswarmBuilder, Identity, RelayTransport, TopicHash, TransportConfig,
+    Connection, HyperswarmTransportBuilder, Identity, RelayTransport, TopicHash, TransportConfig,
     TransportMode, derive_topic, topic::parse_topic_hex, try_create_transport,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -127,7 +127,7 @@ fn build_transport(
     let identity = args.key.as_deref().map(Identity::load).transpose()?;
     Ok(match config.mode {
         TransportMode::Hyperswarm => {
-            let mut builder = HyperswarmBuilder::from_config(&config);
+            let mut builder = HyperswarmTransportBuilder::from_config(&config);
             if !args.bootstrap.is_empty() {
                 builder = builder.bootstrap(args.bootstrap.clone());
             }

@@ -8,63 +8,81 @@ use anyhow::Context;
 use clap::Args;
 use pluresdb_sync_transport_relay::server::{self, RelayServer, RelayServerConfig};
 
-/// Options of `pluresdb-sync relay`. Every limit defaults to the documented const.
+/// Options of `pluresdb-sync relay`. Every limit defaults to the documented const. Every flag
+/// can also come from the environment: `--max-frame-bytes` from
+/// `PLURESDB_SYNC_RELAY_MAX_FRAME_BYTES` and so on (a flag wins), so that secrets such as the
+/// NATS URL's credentials need not be on the command line.
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
     /// Address to listen on, e.g. 0.0.0.0:443 (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "PLURESDB_SYNC_RELAY_LISTEN")]
     listen: SocketAddr,
     /// PEM certificate chain: serve wss:// (needs --tls-key).
-    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_key",
+        env = "PLURESDB_SYNC_RELAY_TLS_CERT"
+    )]
     tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert.
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_cert",
+        env = "PLURESDB_SYNC_RELAY_TLS_KEY"
+    )]
     tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics (GET /metrics) and /healthz on this address.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "PLURESDB_SYNC_RELAY_METRICS")]
     metrics: Option<SocketAddr>,
     /// File of accepted bearer tokens, one per line (blank lines and # comments ignored).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PLURESDB_SYNC_RELAY_AUTH_TOKEN_FILE")]
     auth_token_file: Option<PathBuf>,
     /// Largest relay frame in bytes [default: 65536].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_FRAME_BYTES")]
     max_frame_bytes: Option<usize>,
     /// Most rooms per connection [default: 64].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_ROOMS_PER_CONNECTION")]
     max_rooms_per_connection: Option<usize>,
     /// Most members per room [default: 256].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_PEERS_PER_ROOM")]
     max_peers_per_room: Option<usize>,
     /// Most open connections per client IP [default: 64].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
     /// Milliseconds from TCP accept to a completed upgrade [default: 10000].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
     /// Milliseconds after the upgrade to the first join [default: 30000].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_JOIN_TIMEOUT_MS")]
     join_timeout_ms: Option<u64>,
     /// Milliseconds of silence before the relay pings [default: 15000].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_PING_INTERVAL_MS")]
     ping_interval_ms: Option<u64>,
     /// Milliseconds of silence before the relay closes [default: 45000].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_IDLE_TIMEOUT_MS")]
     idle_timeout_ms: Option<u64>,
     /// Entries queued per connection: a frame, or up to 16 KiB of small frames [default: 256].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_SEND_QUEUE_FRAMES")]
     send_queue_frames: Option<usize>,
     /// Milliseconds a full queue may block forwarding before its reader is closed [default: 5000].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_SLOW_CONSUMER_TIMEOUT_MS")]
     slow_consumer_timeout_ms: Option<u64>,
     /// Bytes per second each client IP may send; reads pause beyond it [default: no limit].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_BYTES_PER_SEC_PER_IP")]
     max_bytes_per_sec_per_ip: Option<u64>,
     /// Scale out over NATS: rooms span every relay on the same NATS server(s)
     /// (`nats://host:4222`, comma-separated) [default: a single relay].
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PLURESDB_SYNC_RELAY_NATS",
+        hide_env_values = true
+    )]
     nats: Option<String>,
     /// Prefix of the NATS subjects [default: pluresdb.relay.v1].
-    #[arg(long)]
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_NATS_SUBJECT_PREFIX")]
     nats_subject_prefix: Option<String>,
 }
 

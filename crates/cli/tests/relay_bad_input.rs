@@ -6,19 +6,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use pluresdb_sync_transport_relay::protocol::{
-    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, decode, error_code,
+    ClientFrame, Frame, RelayFrame, SUBPROTOCOL, close_code, error_code,
 };
+use pluresdb_sync_transport_relay::testkit::raw::{self, Ws};
+use pluresdb_sync_transport_relay::testkit::{WAIT as T, ws_url};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-const T: Duration = Duration::from_secs(30);
 
 /// A relay process; killed when dropped.
 struct Relay {
@@ -111,76 +107,32 @@ async fn ws_with(
     protocol: Option<&str>,
     token: Option<&str>,
 ) -> Result<Ws, tungstenite::Error> {
-    let mut req = format!("ws://{addr}/relay").into_client_request().unwrap();
-    if let Some(p) = protocol {
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
-    }
-    if let Some(t) = token {
-        req.headers_mut()
-            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
+    raw::connect_with(&ws_url(addr), protocol, token)
         .await
-        .unwrap()
         .map(|(ws, _)| ws)
 }
 
 /// A connected client and its relay-assigned id.
 async fn client(addr: SocketAddr) -> (Ws, u64) {
-    let mut ws = ws_with(addr, Some(SUBPROTOCOL), None).await.unwrap();
-    match next(&mut ws).await {
-        Frame::Relay(RelayFrame::Welcome { conn, .. }) => (ws, conn),
-        other => panic!("expected WELCOME, got {other:?}"),
-    }
+    raw::client(&ws_url(addr)).await.unwrap()
 }
 
-async fn next(ws: &mut Ws) -> Frame {
-    loop {
-        match tokio::time::timeout(T, ws.next()).await.unwrap() {
-            Some(Ok(Message::Binary(b))) => return decode(&b).unwrap(),
-            Some(Ok(Message::Close(c))) => panic!("closed: {c:?}"),
-            Some(Ok(_)) => {}
-            other => panic!("connection ended: {other:?}"),
-        }
-    }
-}
-
-/// Skips relay PINGs.
+/// The next relay frame; skips relay PINGs.
 async fn next_data(ws: &mut Ws) -> Frame {
-    loop {
-        match next(ws).await {
-            Frame::Ping(_) => {}
-            f => return f,
-        }
-    }
+    raw::next_data(ws).await.unwrap()
 }
 
 async fn send(ws: &mut Ws, f: Frame) {
-    ws.send(Message::Binary(f.encode().into())).await.unwrap();
+    raw::send(ws, f).await.unwrap()
 }
 
 /// Reads until the relay closes; returns the close code and reason.
 async fn closed(ws: &mut Ws) -> (u16, String) {
-    loop {
-        match tokio::time::timeout(T, ws.next())
-            .await
-            .expect("relay did not close")
-        {
-            Some(Ok(Message::Close(Some(c)))) => return (u16::from(c.code), c.reason.to_string()),
-            Some(Ok(Message::Close(None))) => panic!("closed without a code"),
-            Some(Ok(_)) => {}
-            other => panic!("connection ended without a close frame: {other:?}"),
-        }
-    }
+    raw::closed(ws).await.unwrap()
 }
 
 async fn join(ws: &mut Ws, room: [u8; 32]) -> Vec<u64> {
-    send(ws, Frame::Client(ClientFrame::Join { room })).await;
-    match next_data(ws).await {
-        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
-        other => panic!("expected JOINED, got {other:?}"),
-    }
+    raw::joined(ws, room).await.unwrap()
 }
 
 /// Two clients in one room; `run` sends `n` numbered messages and checks every one arrives.

@@ -8,28 +8,11 @@ use std::time::Duration;
 
 use pluresdb_sync::{Transport, derive_topic};
 use pluresdb_sync_transport_relay::RelayTransport;
+use pluresdb_sync_transport_relay::testkit::nats::NatsServer;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const T: Duration = Duration::from_secs(30);
-
-fn nats_server() -> Option<&'static str> {
-    let found = [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists());
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "nats-server is missing (Debian package nats-server; scripts/test installs it)"
-        );
-        eprintln!("skipping: nats-server is not installed");
-    }
-    found
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -37,28 +20,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-async fn start_nats(bin: &str) -> (Child, u16) {
-    let port = free_port();
-    let child = Command::new(bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(T, async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("nats-server did not start listening");
-    (child, port)
 }
 
 /// A relay process on NATS; returns it and its ws:// URL.
@@ -85,8 +46,10 @@ async fn relay(nats_port: u16) -> (Child, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relay_processes_share_a_room_over_nats() {
-    let Some(bin) = nats_server() else { return };
-    let (_nats, port) = start_nats(bin).await;
+    let Some(nats) = NatsServer::start_or_skip().await else {
+        return;
+    };
+    let port = nats.port();
     let (_r1, url1) = relay(port).await;
     let (_r2, url2) = relay(port).await;
     let topic = derive_topic("cli-nats");

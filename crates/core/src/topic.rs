@@ -13,7 +13,8 @@ pub type TopicHash = [u8; 32];
 
 type Blake2b256 = Blake2b<U32>;
 
-/// Derives the topic of a database id: BLAKE2b with a 32-byte digest (not truncated BLAKE2b-512).
+/// Derives the topic of a database id: BLAKE2b with a 32-byte digest (not truncated
+/// BLAKE2b-512) of the id's UTF-8 bytes, nothing added.
 ///
 /// ```
 /// use pluresdb_sync_core::derive_topic;
@@ -137,6 +138,48 @@ mod tests {
         assert_ne!(
             all[0],
             derive_from_topic(&derive_topic("y"), Domain::RelayRoom)
+        );
+    }
+
+    /// Pins the derived values of one topic (computed independently with Python's
+    /// `hashlib.blake2b(bytes([len(label)]) + label + topic, digest_size=32)`): the label
+    /// length is one byte, then the label's bytes, then the 32 topic bytes.
+    #[test]
+    fn derived_values_are_pinned() {
+        let topic = derive_topic("my-app-database");
+        let cases = [
+            (
+                Domain::RelayRoom,
+                "4549f872179e53b4f795354fe88107df37185b72fc1b18d22564020bc49c7552",
+            ),
+            (
+                Domain::DhtInfoHash,
+                "ca2a1d09f97fc728c04e49d376b201813e345accc1bf1c7a542311913ceef1dd",
+            ),
+            (
+                Domain::NoisePsk,
+                "9acc103562390b535c7efa8d181eb0178c3a1a33f0cbea1b72014fe9ae7764f0",
+            ),
+        ];
+        for (domain, expected) in cases {
+            assert_eq!(
+                hex::encode(derive_from_topic(&topic, domain)),
+                expected,
+                "{domain:?}"
+            );
+        }
+    }
+
+    /// The id is hashed as its UTF-8 bytes, with no normalisation or terminator.
+    #[test]
+    fn ids_are_hashed_as_utf8_bytes() {
+        assert_eq!(
+            hex::encode(derive_topic("caf\u{e9}")),
+            "be072a4adc859cf9e2329c7092acbc6bbd9d0f65d0317f00549917d8285522b9"
+        );
+        assert_eq!(
+            derive_topic("caf\u{e9}"),
+            <[u8; 32]>::from(Blake2b256::digest([0x63, 0x61, 0x66, 0xc3, 0xa9]))
         );
     }
 

@@ -13,6 +13,11 @@
 //! Asking for a mode whose feature is compiled out is a clear error
 //! ([`Error::FeatureNotEnabled`]), never a panic and never a silent fallback.
 //!
+//! Each transport crate is also re-exported whole, under its feature, as [`relay`],
+//! [`hyperswarm`] and [`disabled`]: their errors, settings and wire types are reachable
+//! without depending on the crates, e.g. `pluresdb_sync::relay::RelayError` or
+//! `pluresdb_sync::hyperswarm::DialFailure`.
+//!
 //! ```
 //! # #[cfg(feature = "disabled")]
 //! # #[tokio::main(flavor = "current_thread")]
@@ -41,7 +46,7 @@ pub use pluresdb_sync_transport_disabled::DisabledTransport;
 #[cfg(feature = "hyperswarm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyperswarm")))]
 pub use pluresdb_sync_transport_hyperswarm::{
-    HyperswarmBuilder, HyperswarmError, HyperswarmTransport,
+    HyperswarmError, HyperswarmTransport, HyperswarmTransportBuilder,
 };
 
 #[cfg(feature = "relay")]
@@ -50,6 +55,23 @@ pub use pluresdb_sync_transport_relay::{RelayTransport, RelayTransportBuilder};
 
 mod factory;
 pub use factory::{UnavailableTransport, create_transport, try_create_transport};
+
+/// The relay transport crate ([`pluresdb_sync_transport_relay`]) whole: [`relay::RelayError`],
+/// [`relay::protocol`], the flow-control constants and, with its `server` feature, the server.
+#[cfg(feature = "relay")]
+#[cfg_attr(docsrs, doc(cfg(feature = "relay")))]
+pub use pluresdb_sync_transport_relay as relay;
+
+/// The Hyperswarm transport crate ([`pluresdb_sync_transport_hyperswarm`]) whole:
+/// [`hyperswarm::HyperswarmError`], [`hyperswarm::DialFailure`], the default settings.
+#[cfg(feature = "hyperswarm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyperswarm")))]
+pub use pluresdb_sync_transport_hyperswarm as hyperswarm;
+
+/// The local-only transport crate ([`pluresdb_sync_transport_disabled`]) whole.
+#[cfg(feature = "disabled")]
+#[cfg_attr(docsrs, doc(cfg(feature = "disabled")))]
+pub use pluresdb_sync_transport_disabled as disabled;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(all(doctest, feature = "disabled"))]

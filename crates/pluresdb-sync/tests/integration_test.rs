@@ -147,3 +147,38 @@ async fn relay_mode_through_the_factory() {
     b.disconnect().await.unwrap();
     server.shutdown().await;
 }
+
+/// Each transport crate is reachable whole through the facade, its typed errors included.
+#[cfg(feature = "relay")]
+#[test]
+fn the_relay_crate_is_reexported_whole() {
+    use pluresdb_sync::relay::{RelayError, RelayTransport, protocol};
+    let err = RelayTransport::builder().build().err().unwrap();
+    assert_eq!(err, RelayError::NoRelayUrl);
+    assert_eq!(protocol::SUBPROTOCOL, "pluresdb-relay.v1");
+}
+
+#[cfg(feature = "hyperswarm")]
+#[test]
+fn the_hyperswarm_crate_is_reexported_whole() {
+    use pluresdb_sync::hyperswarm::{DialFailure, HyperswarmError, HyperswarmTransport};
+    let err = HyperswarmTransport::builder()
+        .bootstrap(["no-port"])
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, HyperswarmError::InvalidBootstrap { text, .. } if text == "no-port"),
+        "{err}"
+    );
+    let t = HyperswarmTransport::builder().build().unwrap();
+    let failures: Vec<DialFailure> = t.dial_failures();
+    assert!(failures.is_empty());
+}
+
+#[cfg(feature = "disabled")]
+#[test]
+fn the_disabled_crate_is_reexported_whole() {
+    use pluresdb_sync::Transport;
+    let t = pluresdb_sync::disabled::DisabledTransport::new();
+    assert_eq!(t.name(), "disabled");
+}

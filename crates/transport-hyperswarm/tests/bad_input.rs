@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{LocalDht, next_conn};
+use common::next_conn;
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::{Connection, Transport};
 use pluresdb_sync_transport_hyperswarm::HyperswarmTransport;
+use pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -26,9 +27,9 @@ struct Pair {
     cb: Box<dyn Connection>,
 }
 
-async fn pair(dht: &LocalDht, topic: [u8; 32]) -> Pair {
-    let mut a = dht.transport();
-    let mut b = dht.transport();
+async fn pair(dht: &LoopbackDht, topic: [u8; 32]) -> Pair {
+    let mut a = dht.transport().unwrap();
+    let mut b = dht.transport().unwrap();
     let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
     let ca = next_conn(&mut ra, Duration::from_secs(30)).await;
@@ -67,7 +68,7 @@ fn xorshift(state: &mut u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_truncated_datagrams_do_not_disturb_a_connection() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let mut p = pair(&dht, fresh_topic("garbage")).await;
     let target = p.b.local_addr().unwrap();
     // b learns its public address from DHT nodes' replies; on a loaded machine the first
@@ -207,7 +208,7 @@ async fn read_noise_msg(recv: &mut quinn::RecvStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_replayed_handshakes_are_rejected() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("forged");
     let mut p = pair(&dht, topic).await;
     let victim: SocketAddr = p.b.local_addr().unwrap();
@@ -289,7 +290,7 @@ async fn forged_and_replayed_handshakes_are_rejected() {
 
     // The good connection never noticed, and a new good peer still gets in.
     still_served(&mut p, 20).await;
-    let mut c = dht.transport();
+    let mut c = dht.transport().unwrap();
     let mut rc = c.connect(topic).await.unwrap();
     let first = next_conn(&mut rc, Duration::from_secs(30)).await;
     let second = next_conn(&mut rc, Duration::from_secs(30)).await;
@@ -306,7 +307,7 @@ async fn forged_and_replayed_handshakes_are_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_connection_attempts_is_bounded() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("flood");
     let mut p = pair(&dht, topic).await;
     let victim = p.b.local_addr().unwrap();

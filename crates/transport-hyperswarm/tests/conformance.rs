@@ -5,20 +5,20 @@ mod common;
 
 use std::time::Duration;
 
-use common::LocalDht;
 use pluresdb_sync_core::testkit::ConformanceKit;
+use pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht;
 
-fn kit() -> ConformanceKit<LocalDht> {
+async fn kit() -> ConformanceKit<LoopbackDht> {
     common::init_tracing();
-    ConformanceKit::new(LocalDht::new()).with_timeout(Duration::from_secs(60))
+    ConformanceKit::new(LoopbackDht::start().await.unwrap()).with_timeout(Duration::from_secs(60))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_the_whole_kit() {
-    kit().run_all().await.unwrap();
+    kit().await.run_all().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_peers_form_a_full_mesh() {
-    kit().one_connection_per_peer(5).await.unwrap();
+    kit().await.one_connection_per_peer(5).await.unwrap();
 }

@@ -6,17 +6,18 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use common::{LocalDht, UdpProxy, free_udp_port, next_conn};
+use common::{UdpProxy, free_udp_port, next_conn};
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::{Connection, Transport};
 use pluresdb_sync_transport_hyperswarm::HyperswarmTransport;
+use pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht;
 
 /// A transport whose every packet goes through a proxy it announces instead of itself.
-async fn behind_proxy(dht: &LocalDht) -> (HyperswarmTransport, UdpProxy) {
+async fn behind_proxy(dht: &LoopbackDht) -> (HyperswarmTransport, UdpProxy) {
     let port = free_udp_port();
     let proxy = UdpProxy::start(([127, 0, 0, 1], port).into()).await;
     let t = dht
-        .builder()
+        .test_builder()
         .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
         .announce_port(proxy.addr.port())
         .build()
@@ -36,7 +37,7 @@ async fn ping(a: &mut Box<dyn Connection>, b: &mut Box<dyn Connection>, msg: &[u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_peer_ends_receive_then_is_redialled_when_back() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("loss");
     let (mut a, proxy_a) = behind_proxy(&dht).await;
     let (mut b, proxy_b) = behind_proxy(&dht).await;
@@ -104,10 +105,10 @@ async fn lost_peer_ends_receive_then_is_redialled_when_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_peers_bounds_the_connections() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("max-peers");
-    let mut small = dht.builder().max_peers(1).build().unwrap();
-    let mut others: Vec<HyperswarmTransport> = (0..3).map(|_| dht.transport()).collect();
+    let mut small = dht.test_builder().max_peers(1).build().unwrap();
+    let mut others: Vec<HyperswarmTransport> = (0..3).map(|_| dht.transport().unwrap()).collect();
     let mut rx = small.connect(topic).await.unwrap();
     let mut other_rx = Vec::new();
     for o in &mut others {
@@ -150,10 +151,10 @@ fn cpu_time() -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joined_idle_transports_do_not_spin() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("idle");
-    let mut a = dht.transport();
-    let mut b = dht.transport();
+    let mut a = dht.transport().unwrap();
+    let mut b = dht.transport().unwrap();
     let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
     let _ca = next_conn(&mut ra, Duration::from_secs(30)).await;
@@ -180,12 +181,12 @@ async fn joined_idle_transports_do_not_spin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_transport_closes_its_connections() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("drop");
     // A long idle timeout, so an end seen within the bound below can only be the close the
     // drop sent, with room for a loaded machine.
     let patient = || {
-        dht.builder()
+        dht.test_builder()
             .keep_alive(Duration::from_millis(500), Duration::from_secs(60))
             .build()
             .unwrap()

@@ -6,9 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{LocalDht, next_conn};
+use common::next_conn;
 use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::fresh_topic;
+use pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht;
 
 async fn wait_for_public_addr(t: &pluresdb_sync_transport_hyperswarm::HyperswarmTransport) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -25,10 +26,10 @@ async fn wait_for_public_addr(t: &pluresdb_sync_transport_hyperswarm::Hyperswarm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn public_address_is_learned_on_the_data_socket_and_probes_flow() {
     common::init_tracing();
-    let dht = LocalDht::new();
+    let dht = LoopbackDht::start().await.unwrap();
     let topic = fresh_topic("punch");
-    let mut a = dht.transport();
-    let mut b = dht.transport();
+    let mut a = dht.transport().unwrap();
+    let mut b = dht.transport().unwrap();
     a.announce(topic).await.unwrap();
     // The testnet's server nodes answered a KRPC ping sent from the QUIC socket, and the
     // reply (diverted away from quinn) named this socket's address. (On a loaded machine the

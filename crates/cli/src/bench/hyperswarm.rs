@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use pluresdb_sync::{Connection, HyperswarmTransport, Transport};
+use pluresdb_sync_core::testkit::fresh_topic;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,7 +49,7 @@ pub(crate) struct HyperswarmBenchArgs {
 
 pub(super) async fn run(args: HyperswarmBenchArgs) -> anyhow::Result<()> {
     let bytes = args.mib.max(1) * 1024 * 1024;
-    let dht = crate::loopback::LoopbackDht::start().await?;
+    let dht = pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht::start().await?;
     let make = || -> anyhow::Result<HyperswarmTransport> { Ok(dht.builder().build()?) };
 
     // Idle CPU baseline: the testnet alone.
@@ -382,15 +383,5 @@ async fn memory_per_connection(
     Ok((
         after.saturating_sub(before) as f64 / links.max(1) as f64,
         links,
-    ))
-}
-
-/// A topic no earlier run used.
-fn fresh_topic(label: &str) -> pluresdb_sync::TopicHash {
-    let mut nonce = [0u8; 16];
-    let _ = getrandom::fill(&mut nonce);
-    pluresdb_sync::derive_topic(&format!(
-        "pluresdb-sync-bench/{label}/{}",
-        hex::encode(nonce)
     ))
 }

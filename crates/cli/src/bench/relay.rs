@@ -15,19 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
-use pluresdb_sync_transport_relay::protocol::{
-    self, ClientFrame, ConnId, Frame, RelayFrame, RoomId, SUBPROTOCOL,
-};
-use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use pluresdb_sync_transport_relay::protocol::{self, ConnId, RoomId};
+use pluresdb_sync_transport_relay::testkit::raw::{self, Ws};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{median, quantile, raise_fd_limit, rss_bytes};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Options of `pluresdb-sync bench relay`.
 #[derive(Debug, Args)]
@@ -48,12 +42,7 @@ pub(crate) struct RelayBenchArgs {
 
 pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
     let echo = spawn_echo_server().await?;
-    let relay = RelayServer::bind(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        RelayServerConfig::default(),
-    )
-    .await?;
-    let relay_url = format!("ws://{}/relay", relay.local_addr());
+    let (relay, relay_url) = pluresdb_sync_transport_relay::testkit::relay().await?;
     let echo_url = format!("ws://{echo}/");
 
     let mut rows = Vec::new();
@@ -133,54 +122,18 @@ async fn spawn_echo_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn ws_connect(url: &str, subprotocol: bool) -> anyhow::Result<Ws> {
-    let mut request = url.into_client_request()?;
-    if subprotocol {
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse()?);
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(request)
+/// A plain WebSocket to the echo server.
+async fn echo_connect(url: &str) -> anyhow::Result<Ws> {
+    let (ws, _) = raw::connect_with(url, None, None)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     Ok(ws)
 }
 
-/// Reads relay frames until `pick` returns a value.
-async fn expect<T>(
-    ws: &mut Ws,
-    mut pick: impl FnMut(RelayFrame) -> Option<T>,
-) -> anyhow::Result<T> {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .context("relay did not answer")?
-            .context("relay closed")??;
-        if let Message::Binary(bytes) = msg
-            && let Ok(Frame::Relay(frame)) = protocol::decode(&bytes)
-            && let Some(v) = pick(frame)
-        {
-            return Ok(v);
-        }
-    }
-}
-
 /// A relay client that joined `room`: its socket and connection id.
 async fn relay_client(url: &str, room: RoomId) -> anyhow::Result<(Ws, ConnId)> {
-    let mut ws = ws_connect(url, true).await?;
-    let id = expect(&mut ws, |f| match f {
-        RelayFrame::Welcome { conn, .. } => Some(conn),
-        _ => None,
-    })
-    .await?;
-    ws.send(Message::Binary(
-        Frame::Client(ClientFrame::Join { room }).encode().into(),
-    ))
-    .await?;
-    expect(&mut ws, |f| {
-        matches!(f, RelayFrame::Joined { .. }).then_some(())
-    })
-    .await?;
+    let (mut ws, id) = raw::client(url).await?;
+    raw::joined(&mut ws, room).await?;
     Ok((ws, id))
 }
 
@@ -224,7 +177,7 @@ async fn stream_rate(
 }
 
 async fn echo_rate(url: &str, size: usize, count: usize) -> anyhow::Result<f64> {
-    let (tx, rx) = ws_connect(url, false).await?.split();
+    let (tx, rx) = echo_connect(url).await?.split();
     stream_rate(tx, rx, count, vec![7; size]).await
 }
 
@@ -302,7 +255,7 @@ async fn paced_latency(
 }
 
 async fn echo_latency(url: &str, rate: f64, secs: f64) -> anyhow::Result<Vec<Duration>> {
-    let (tx, rx) = ws_connect(url, false).await?.split();
+    let (tx, rx) = echo_connect(url).await?.split();
     paced_latency(tx, rx, rate, secs, Vec::new()).await
 }
 

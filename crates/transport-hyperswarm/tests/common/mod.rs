@@ -1,57 +1,8 @@
-//! A local mainline DHT testnet on loopback and transports bootstrapped from it.
+//! Helpers of the integration tests besides the testkit's loopback DHT: tracing, a UDP
+//! forwarder, timed waits.
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
-
-use async_trait::async_trait;
-use pluresdb_sync_core::Transport;
-use pluresdb_sync_core::testkit::TransportFactory;
-use pluresdb_sync_transport_hyperswarm::{HyperswarmBuilder, HyperswarmTransport};
-
-/// DHT nodes in the local testnet.
-pub const TESTNET_NODES: usize = 5;
-
-/// A local DHT on 127.0.0.1; dropping it stops the nodes.
-pub struct LocalDht {
-    pub testnet: mainline::Testnet,
-}
-
-impl LocalDht {
-    pub fn new() -> Self {
-        let testnet = mainline::Testnet::builder(TESTNET_NODES)
-            .bind_address(Ipv4Addr::LOCALHOST)
-            .build()
-            .expect("testnet");
-        Self { testnet }
-    }
-
-    /// A builder for a fast transport on loopback using this DHT.
-    pub fn builder(&self) -> HyperswarmBuilder {
-        HyperswarmTransport::builder()
-            .bootstrap(self.testnet.bootstrap.clone())
-            .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .dht_server_mode(true)
-            .dht_request_timeout(Duration::from_millis(250))
-            .request_timeout(Duration::from_secs(10))
-            .handshake_timeout(Duration::from_secs(5))
-            .keep_alive(Duration::from_millis(500), Duration::from_secs(3))
-            .lookup_interval(Duration::from_secs(2))
-    }
-
-    pub fn transport(&self) -> HyperswarmTransport {
-        self.builder().build().expect("build")
-    }
-}
-
-#[async_trait]
-impl TransportFactory for LocalDht {
-    async fn create(&self, n: usize) -> anyhow::Result<Vec<Box<dyn Transport>>> {
-        Ok((0..n)
-            .map(|_| Box::new(self.transport()) as Box<dyn Transport>)
-            .collect())
-    }
-}
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

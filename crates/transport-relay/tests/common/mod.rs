@@ -1,5 +1,6 @@
-//! Setup shared by the relay integration tests: a relay server on loopback, transports and
-//! their connections, raw protocol clients, and timed waits. Each test binary uses a part.
+//! Setup shared by the relay integration tests: the testkit's relay server and raw protocol
+//! client (panicking on failure, as tests want), transports and their connections, and timed
+//! waits. Each test binary uses a part.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -7,35 +8,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::{SinkExt, StreamExt};
 use pluresdb_sync_core::testkit::TransportFactory;
 use pluresdb_sync_core::{Connection, Transport};
-use pluresdb_sync_transport_relay::RelayTransport;
-use pluresdb_sync_transport_relay::protocol::{
-    ClientFrame, Frame, RelayFrame, RoomId, SUBPROTOCOL, decode,
-};
+use pluresdb_sync_transport_relay::protocol::{Frame, RoomId, SUBPROTOCOL};
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use pluresdb_sync_transport_relay::testkit::{self, raw};
+use pluresdb_sync_transport_relay::{RelayError, RelayTransport};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
+
+pub(crate) use pluresdb_sync_transport_relay::testkit::raw::Ws;
+pub(crate) use pluresdb_sync_transport_relay::testkit::{url, ws_url};
 
 /// How long any single network wait may take before the test fails.
-pub(crate) const T: Duration = Duration::from_secs(30);
-
-/// A raw WebSocket to a relay.
-pub(crate) type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The relay URL clients use for a server listening on `addr`.
-pub(crate) fn ws_url(addr: SocketAddr) -> String {
-    format!("ws://{addr}/relay")
-}
-
-/// The relay URL of `server`.
-pub(crate) fn url(server: &RelayServer) -> String {
-    ws_url(server.local_addr())
-}
+pub(crate) const T: Duration = testkit::WAIT;
 
 /// A relay server with the default configuration on a free loopback port, and its URL.
 pub(crate) async fn relay() -> (RelayServer, String) {
@@ -44,11 +30,7 @@ pub(crate) async fn relay() -> (RelayServer, String) {
 
 /// A relay server with `config` on a free loopback port, and its URL.
 pub(crate) async fn relay_with(config: RelayServerConfig) -> (RelayServer, String) {
-    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let url = url(&server);
-    (server, url)
+    testkit::relay_with(config).await.unwrap()
 }
 
 /// A transport with default settings (encrypted) on `url`.
@@ -100,20 +82,29 @@ pub(crate) async fn recv(c: &mut Box<dyn Connection>) -> Vec<u8> {
     next_message(c).await.expect("connection closed")
 }
 
-/// Waits until `t` reported an error containing `needle`; returns it.
-pub(crate) async fn wait_for_error(t: &RelayTransport, needle: &str) -> String {
+/// Waits until `t` reported an error whose message contains `needle`; returns it.
+pub(crate) async fn wait_for_error(t: &RelayTransport, needle: &str) -> RelayError {
     let deadline = Instant::now() + T;
     loop {
-        if let Some(e) = t.recent_errors().into_iter().find(|e| e.contains(needle)) {
+        if let Some(e) = t
+            .recent_errors()
+            .into_iter()
+            .find(|e| e.to_string().contains(needle))
+        {
             return e;
         }
         assert!(
             Instant::now() < deadline,
             "no error containing {needle:?}: {:?}",
-            t.recent_errors()
+            errors(t)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The messages of `t`'s recent errors.
+pub(crate) fn errors(t: &RelayTransport) -> Vec<String> {
+    t.recent_errors().iter().map(ToString::to_string).collect()
 }
 
 /// A loopback port that was free a moment ago.
@@ -144,70 +135,36 @@ pub(crate) async fn listening(port: u16, within: Duration) -> bool {
 
 /// A WebSocket upgrade request for `url` that offers the relay subprotocol.
 pub(crate) fn upgrade_request(url: &str) -> Request {
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
-    req
+    raw::upgrade_request(url, Some(SUBPROTOCOL), None).unwrap()
 }
 
 /// A raw WebSocket to the relay at `addr`, offering the relay subprotocol, and the upgrade
 /// response.
-pub(crate) async fn raw_connect(
-    addr: SocketAddr,
-) -> (
-    Ws,
-    tokio_tungstenite::tungstenite::handshake::client::Response,
-) {
-    tokio::time::timeout(
-        T,
-        tokio_tungstenite::connect_async(upgrade_request(&ws_url(addr))),
-    )
-    .await
-    .unwrap()
-    .unwrap()
+pub(crate) async fn raw_connect(addr: SocketAddr) -> (Ws, Response) {
+    raw::connect(&ws_url(addr)).await.unwrap()
 }
 
 /// Reads the WELCOME: the connection id and the announced frame limit.
 pub(crate) async fn welcome(ws: &mut Ws) -> (u64, u32) {
-    match next(ws).await {
-        Frame::Relay(RelayFrame::Welcome {
-            conn, max_frame, ..
-        }) => (conn, max_frame),
-        other => panic!("expected WELCOME, got {other:?}"),
-    }
+    raw::welcome(ws).await.unwrap()
 }
 
 /// A raw protocol client on the relay at `addr`, after its WELCOME, and its connection id.
 pub(crate) async fn raw(addr: SocketAddr) -> (Ws, u64) {
-    let (mut ws, _) = raw_connect(addr).await;
-    let (conn, _) = welcome(&mut ws).await;
-    (ws, conn)
+    raw::client(&ws_url(addr)).await.unwrap()
 }
 
 /// The next relay frame (binary messages only).
 pub(crate) async fn next(ws: &mut Ws) -> Frame {
-    loop {
-        let msg = tokio::time::timeout(T, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Binary(b) = msg {
-            return decode(&b).unwrap();
-        }
-    }
+    raw::next(ws).await.unwrap()
 }
 
 /// Sends one frame.
 pub(crate) async fn send(ws: &mut Ws, f: Frame) {
-    ws.send(Message::Binary(f.encode().into())).await.unwrap();
+    raw::send(ws, f).await.unwrap()
 }
 
 /// Joins `room`; returns the members JOINED lists.
 pub(crate) async fn joined(ws: &mut Ws, room: RoomId) -> Vec<u64> {
-    send(ws, Frame::Client(ClientFrame::Join { room })).await;
-    match next(ws).await {
-        Frame::Relay(RelayFrame::Joined { peers, .. }) => peers,
-        other => panic!("expected JOINED, got {other:?}"),
-    }
+    raw::joined(ws, room).await.unwrap()
 }
