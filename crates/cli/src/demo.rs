@@ -373,7 +373,7 @@ async fn hyperswarm(timeout: Duration) -> anyhow::Result<Outcome> {
     );
     let mut transports = Vec::new();
     for _ in 0..REPLICAS {
-        let t = dht.builder().request_timeout(timeout).build()?;
+        let t = dht.builder().timeout(timeout).build()?;
         transports.push((t.peer_id(), Box::new(t) as Box<dyn Transport>));
     }
     let outcome = showcase("hyperswarm", transports, timeout).await;

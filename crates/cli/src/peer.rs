@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use pluresdb_sync::{
-    BridgeEvent, HyperswarmBuilder, Identity, PeerInfo, RelayTransport, SyncBridge,
+    BridgeEvent, HyperswarmTransportBuilder, Identity, PeerInfo, RelayTransport, SyncBridge,
     SyncBroadcaster, SyncEvent, TopicHash, Transport, TransportConfig, TransportMode, derive_topic,
     topic::parse_topic_hex, try_create_transport,
 };
@@ -357,7 +357,7 @@ fn build_transport(
     let identity = args.key.as_deref().map(Identity::load).transpose()?;
     Ok(match config.mode {
         TransportMode::Hyperswarm => {
-            let mut builder = HyperswarmBuilder::from_config(&config);
+            let mut builder = HyperswarmTransportBuilder::from_config(&config);
             if !args.bootstrap.is_empty() {
                 builder = builder.bootstrap(args.bootstrap.clone());
             }

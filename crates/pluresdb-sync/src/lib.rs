@@ -55,7 +55,7 @@ pub use pluresdb_sync_transport_disabled::DisabledTransport;
 #[cfg(feature = "hyperswarm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyperswarm")))]
 pub use pluresdb_sync_transport_hyperswarm::{
-    HyperswarmBuilder, HyperswarmError, HyperswarmTransport,
+    HyperswarmError, HyperswarmTransport, HyperswarmTransportBuilder,
 };
 
 #[cfg(feature = "relay")]

@@ -154,10 +154,7 @@ async fn relay_mode_through_the_factory() {
 fn the_relay_crate_is_reexported_whole() {
     use pluresdb_sync::relay::{RelayError, RelayTransport, protocol};
     let err = RelayTransport::builder().build().err().unwrap();
-    assert_eq!(
-        err.downcast_ref::<RelayError>(),
-        Some(&RelayError::NoRelayUrl)
-    );
+    assert_eq!(err, RelayError::NoRelayUrl);
     assert_eq!(protocol::SUBPROTOCOL, "pluresdb-relay.v1");
 }
 

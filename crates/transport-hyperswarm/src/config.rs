@@ -1,9 +1,11 @@
-//! The builder and its defaults.
+//! The builder, its defaults, and the settings a running node reads.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pluresdb_sync_core::config::DEFAULT_TIMEOUT_MS;
 use pluresdb_sync_core::{Identity, TransportConfig};
 
 use crate::{HyperswarmError, HyperswarmTransport};
@@ -20,13 +22,14 @@ pub const DEFAULT_BIND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 
 /// small enough to bound memory (each connection may buffer a 16 MiB message).
 pub const DEFAULT_MAX_PEERS: usize = 64;
 
-/// Default time limit of one network operation (`announce`, `lookup`, `connect`), as
-/// `TransportConfig::timeout_ms` defaults to.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time limit of one network operation (`announce`, `lookup`, `connect`): 30 s, what
+/// `TransportConfig::timeout_ms` defaults to. A DHT query on the public network takes a few
+/// seconds; an operation that finds no DHT node at all fails at once, not after this.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(DEFAULT_TIMEOUT_MS);
 
 /// Default time limit of one QUIC + Noise handshake: a few round trips even on a slow path,
-/// and time for a peer behind a NAT to punch back. (A dead DHT entry holds a dial slot only
-/// for [`FIRST_ANSWER_TIMEOUT`](crate::FIRST_ANSWER_TIMEOUT).)
+/// and time for a peer behind a NAT to punch back. (A dial to an address never verified
+/// gives up after 1.5 s without an answer, so dead DHT entries do not hold dial slots long.)
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default QUIC keep-alive interval: keeps NAT mappings open (most expire UDP after 30 s or
@@ -37,13 +40,14 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// its connection's `receive` returns `Ok(None)`.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Default longest interval between two DHT lookups of a joined topic. Lookups start at
-/// [`FIRST_LOOKUP_INTERVAL`] and double up to this, so new peers are found fast at first
-/// and the DHT is not hammered later.
+/// Default longest interval between two DHT lookups of a joined topic. Lookups start 0.25 s
+/// apart and the interval doubles up to this, so new peers are found fast at first and the
+/// DHT is not hammered later.
 pub const DEFAULT_LOOKUP_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The first interval between DHT lookups after joining.
-pub const FIRST_LOOKUP_INTERVAL: Duration = Duration::from_millis(250);
+/// The first interval between DHT lookups after joining (then doubling up to the lookup
+/// interval).
+pub(crate) const FIRST_LOOKUP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Default interval between re-announcements: other DHT implementations expire peers after
 /// about 30 minutes, so refresh well within that.
@@ -56,7 +60,7 @@ pub(crate) struct Settings {
     pub(crate) bind: SocketAddrV4,
     pub(crate) identity: Identity,
     pub(crate) max_peers: usize,
-    pub(crate) request_timeout: Duration,
+    pub(crate) timeout: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) keep_alive: Duration,
     pub(crate) idle_timeout: Duration,
@@ -76,19 +80,20 @@ pub(crate) struct Settings {
 /// let transport = HyperswarmTransport::builder()
 ///     .bootstrap(["127.0.0.1:6881"])
 ///     .max_peers(8)
-///     .request_timeout(Duration::from_secs(5))
+///     .timeout(Duration::from_secs(5))
 ///     .build()?;
 /// assert_eq!(transport.peer_id().len(), 64);
 /// # Ok::<(), pluresdb_sync_transport_hyperswarm::HyperswarmError>(())
 /// ```
 #[derive(Clone, Debug)]
-pub struct HyperswarmBuilder {
+pub struct HyperswarmTransportBuilder {
     bootstrap: Option<Vec<String>>,
     bootstrap_origin: &'static str,
     bind: SocketAddrV4,
     identity: Option<Identity>,
+    identity_file: Option<PathBuf>,
     max_peers: usize,
-    request_timeout: Duration,
+    timeout: Duration,
     handshake_timeout: Duration,
     keep_alive: Duration,
     idle_timeout: Duration,
@@ -99,15 +104,16 @@ pub struct HyperswarmBuilder {
     announce_port: Option<u16>,
 }
 
-impl Default for HyperswarmBuilder {
+impl Default for HyperswarmTransportBuilder {
     fn default() -> Self {
         Self {
             bootstrap: None,
             bootstrap_origin: "the builder",
             bind: DEFAULT_BIND,
             identity: None,
+            identity_file: None,
             max_peers: DEFAULT_MAX_PEERS,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -120,7 +126,7 @@ impl Default for HyperswarmBuilder {
     }
 }
 
-impl HyperswarmBuilder {
+impl HyperswarmTransportBuilder {
     /// DHT bootstrap nodes as `host:port` (default: the public mainline bootstrap nodes).
     /// Host names are resolved when the transport starts, not here.
     pub fn bootstrap<I, S>(mut self, nodes: I) -> Self
@@ -158,9 +164,17 @@ impl HyperswarmBuilder {
         self
     }
 
-    /// The peer's static Noise key (default: a new random one).
+    /// The peer's static Noise key (default: a new random one, so the peer id changes each
+    /// run). Takes precedence over [`identity_file`](Self::identity_file).
     pub fn identity(mut self, identity: Identity) -> Self {
         self.identity = Some(identity);
+        self
+    }
+
+    /// Loads the peer's static key from a key file written by `pluresdb-sync keygen`, when
+    /// [`build`](Self::build) runs (default: a new random key).
+    pub fn identity_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.identity_file = Some(path.into());
         self
     }
 
@@ -170,9 +184,10 @@ impl HyperswarmBuilder {
         self
     }
 
-    /// Time limit of one operation (default [`DEFAULT_REQUEST_TIMEOUT`]).
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
+    /// Time limit of one operation: `announce`, `lookup`, `connect`'s first announce, and
+    /// starting the node (default [`DEFAULT_TIMEOUT`]; `TransportConfig::timeout_ms` sets it).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 
@@ -244,7 +259,7 @@ impl HyperswarmBuilder {
             return Err(invalid("max_peers", "at least 1", "0"));
         }
         for (what, value) in [
-            ("request_timeout", self.request_timeout),
+            ("timeout", self.timeout),
             ("handshake_timeout", self.handshake_timeout),
             ("keep_alive interval", self.keep_alive),
             ("lookup_interval", self.lookup_interval),
@@ -261,19 +276,17 @@ impl HyperswarmBuilder {
                 &format!("{:?}", self.idle_timeout),
             ));
         }
-        let identity = match self.identity {
-            Some(id) => id,
-            None => Identity::generate().map_err(|e| HyperswarmError::Start {
-                bind: self.bind.to_string(),
-                reason: e.to_string(),
-            })?,
+        let identity = match (self.identity, &self.identity_file) {
+            (Some(id), _) => id,
+            (None, Some(path)) => Identity::load(path).map_err(HyperswarmError::Identity)?,
+            (None, None) => Identity::generate().map_err(HyperswarmError::Identity)?,
         };
         Ok(HyperswarmTransport::with_settings(Arc::new(Settings {
             bootstrap: self.bootstrap,
             bind: self.bind,
             identity,
             max_peers: self.max_peers,
-            request_timeout: self.request_timeout,
+            timeout: self.timeout,
             handshake_timeout: self.handshake_timeout,
             keep_alive: self.keep_alive,
             idle_timeout: self.idle_timeout,
@@ -285,11 +298,12 @@ impl HyperswarmBuilder {
         })))
     }
 
-    /// A builder preset from `config` (its timeout) and [`BOOTSTRAP_ENV`].
+    /// A builder preset from `config` (its `timeout_ms`) and [`BOOTSTRAP_ENV`], for settings
+    /// `TransportConfig` does not carry.
     pub fn from_config(config: &TransportConfig) -> Self {
         let mut builder = Self::default().bootstrap_from_env();
         if config.timeout_ms > 0 {
-            builder.request_timeout = config.timeout();
+            builder.timeout = config.timeout();
         }
         builder
     }
@@ -335,21 +349,72 @@ mod tests {
 
     #[test]
     fn build_validates() {
-        let err = HyperswarmBuilder::default()
+        let err = HyperswarmTransportBuilder::default()
             .bootstrap(["nope"])
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("\"nope\""), "{err}");
-        let err = HyperswarmBuilder::default()
+        let err = HyperswarmTransportBuilder::default()
             .max_peers(0)
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("max_peers"), "{err}");
-        let err = HyperswarmBuilder::default()
+        let err = HyperswarmTransportBuilder::default()
             .keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("idle_timeout"), "{err}");
-        HyperswarmBuilder::default().build().unwrap();
+        HyperswarmTransportBuilder::default().build().unwrap();
+    }
+
+    #[test]
+    fn identity_comes_from_the_key_file() {
+        let dir = std::env::temp_dir().join(format!("hs-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("peer.key");
+        let identity = Identity::generate().unwrap();
+        identity.save(&path, true).unwrap();
+        let built = HyperswarmTransportBuilder::default()
+            .identity_file(&path)
+            .build()
+            .unwrap();
+        assert_eq!(built.peer_id(), identity.peer_id());
+        // An explicit identity wins over the file.
+        let other = Identity::generate().unwrap();
+        let built = HyperswarmTransportBuilder::default()
+            .identity_file(&path)
+            .identity(other.clone())
+            .build()
+            .unwrap();
+        assert_eq!(built.peer_id(), other.peer_id());
+        let missing = dir.join("missing.key");
+        let err = HyperswarmTransportBuilder::default()
+            .identity_file(&missing)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                HyperswarmError::Identity(pluresdb_sync_core::Error::IdentityFile { path, .. })
+                    if *path == missing
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("missing.key"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn from_config_takes_the_timeout() {
+        let config = TransportConfig {
+            timeout_ms: 1234,
+            ..TransportConfig::default()
+        };
+        let b = HyperswarmTransportBuilder::from_config(&config);
+        assert_eq!(b.timeout, Duration::from_millis(1234));
+        assert_eq!(
+            HyperswarmTransportBuilder::default().timeout,
+            Duration::from_secs(30)
+        );
     }
 }

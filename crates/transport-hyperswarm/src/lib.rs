@@ -33,6 +33,10 @@
 //!   messages, once.
 //! - **One connection per peer**: when both sides dial, the peer with the smaller key decides
 //!   which connection survives.
+//! - **Errors**: the `anyhow` errors of the `Transport` calls downcast to
+//!   [`HyperswarmError`] (e.g. [`HyperswarmError::DhtUnreachable`] offline) or
+//!   [`pluresdb_sync_core::Error`]; unreachable endpoints are listed with their typed
+//!   [`HandshakeFailure`] by [`HyperswarmTransport::dial_failures`].
 //!
 //! Not wire-compatible with the JavaScript hyperswarm/HyperDHT network.
 //!
@@ -69,31 +73,14 @@ use tokio::sync::{OnceCell, mpsc};
 pub use config::{
     BOOTSTRAP_ENV, DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_BIND, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LOOKUP_INTERVAL, DEFAULT_MAX_PEERS,
-    DEFAULT_REQUEST_TIMEOUT, FIRST_LOOKUP_INTERVAL, HyperswarmBuilder,
+    DEFAULT_TIMEOUT, HyperswarmTransportBuilder,
 };
-pub use error::HyperswarmError;
-pub use node::{
-    DIAL_BACKOFF, FIRST_ANSWER_TIMEOUT, LOOKUP_CHECK_BUDGET, MAX_CONCURRENT_DIALS,
-    MAX_LOOKUP_CANDIDATES, PROBE_INTERVAL,
-};
+pub use error::{BootstrapNode, DialFailure, HandshakeFailure, HyperswarmError};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
 
 use config::Settings;
 use node::Node;
-
-/// An endpoint found on the DHT that could not be reached (see
-/// [`HyperswarmTransport::dial_failures`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DialFailure {
-    /// The endpoint.
-    pub addr: SocketAddr,
-    /// Consecutive failures (the retry backoff follows [`DIAL_BACKOFF`]).
-    pub failures: u32,
-    /// The last error, e.g. `handshake with 10.0.0.1:4000 failed: no answer within 10000 ms`.
-    pub error: String,
-}
 
 /// The transport's name.
 const NAME: &str = "hyperswarm";
@@ -109,14 +96,15 @@ pub struct HyperswarmTransport {
 
 impl HyperswarmTransport {
     /// A builder with every default.
-    pub fn builder() -> HyperswarmBuilder {
-        HyperswarmBuilder::default()
+    pub fn builder() -> HyperswarmTransportBuilder {
+        HyperswarmTransportBuilder::default()
     }
 
-    /// The transport for `config`, with bootstrap nodes from [`BOOTSTRAP_ENV`] when set.
-    /// Cheap and synchronous: nothing touches the network until the first async call.
+    /// The transport for `config` (its `timeout_ms`), with bootstrap nodes from
+    /// [`BOOTSTRAP_ENV`] when set. Cheap and synchronous: nothing touches the network until
+    /// the first async call.
     pub fn from_config(config: &TransportConfig) -> Result<Self, HyperswarmError> {
-        HyperswarmBuilder::from_config(config).build()
+        HyperswarmTransportBuilder::from_config(config).build()
     }
 
     pub(crate) fn with_settings(settings: Arc<Settings>) -> Self {
@@ -144,8 +132,11 @@ impl HyperswarmTransport {
     }
 
     /// Endpoints listed on the DHT that could not be reached lately (by `connect`'s dialler
-    /// or `lookup`'s check), with the last error: how a pair of peers that cannot punch
-    /// through their NATs shows up. Empty before networking starts.
+    /// or `lookup`'s check), by address, with the last error (typed: usually
+    /// [`HyperswarmError::Handshake`] and its [`HandshakeFailure`]): how a pair of peers that
+    /// cannot punch through their NATs shows up. Connections this node declined itself (its
+    /// `max_peers` reached, a full accept queue) are not listed. Empty before networking
+    /// starts.
     pub fn dial_failures(&self) -> Vec<DialFailure> {
         self.node
             .get()

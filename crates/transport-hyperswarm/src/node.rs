@@ -1,336 +1,61 @@
-//! The running node: data socket + QUIC endpoint, DHT node, topics and sessions.
+//! The running node, the owner of everything: it starts the data socket, the QUIC endpoint
+//! and the DHT node, holds the parts (each in its own file below), spawns and owns every
+//! task, and shuts it all down.
+//!
+//! | part | owns |
+//! |---|---|
+//! | `topics.rs` | the joined topics: psk, accept queue, announce and discovery tasks |
+//! | `sessions.rs` | the one live connection per topic and peer; settling a connection |
+//! | `duplicate.rs` | the pure one-connection-per-peer rule (`decide`, `obey`) |
+//! | `book.rs` | the pure address book: verified peers, backoff, tiers, own addresses |
+//! | `dialer.rs` | dial slots, dials and checks in flight, the `InFlight` guard |
+//! | `candidates.rs` | candidates of any source to dials (`DialRound`) and `lookup` checks |
+//! | `handshake.rs` | dialling and answering: QUIC, probes, Noise XX, hello, typed causes |
+//! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
+//! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
+//!
+//! `topics`, `sessions` and `book` live under one lock ([`Node::state`]); the dialer and the
+//! reflexive learner have their own. Lock order: the dialer's in-flight lock, then the state.
 
-use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_lite::StreamExt;
 use mainline::async_dht::AsyncDht;
-use pluresdb_sync_core::topic::{Domain, derive_from_topic};
-use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use quinn::{RecvStream, SendStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use pluresdb_sync_core::{Error, TopicHash};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::HyperswarmError;
-use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
-use crate::conn::{HsConnection, closed_with, code};
-use crate::krpc;
-use crate::noise::{self, Role};
+use crate::config::Settings;
+use crate::conn::code;
+use crate::error::BootstrapNode;
 use crate::quic;
-use crate::socket::{DataSocket, PROBE};
-use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN, Verdict};
+use crate::socket::DataSocket;
 
-/// Backoff after failed dials to one address, by number of consecutive failures: stale DHT
-/// entries are common, so an address that does not answer is retried ever more rarely.
-pub const DIAL_BACKOFF: [Duration; 4] = [
-    Duration::from_secs(1),
-    Duration::from_secs(5),
-    Duration::from_secs(30),
-    Duration::from_secs(120),
-];
+mod book;
+mod candidates;
+mod dialer;
+mod discovery;
+mod duplicate;
+mod handshake;
+mod reflexive;
+mod sessions;
+mod topics;
 
-/// Most dials and identify checks in flight at once (one pool for `lookup` and `connect`).
-/// A dial in progress costs one QUIC connection attempt (a few KiB); a dead DHT entry holds
-/// its slot for at most [`FIRST_ANSWER_TIMEOUT`]. 64 slots get through the ~500 entries
-/// mainline keeps per info-hash in about 8 such timeouts, so a flood of dead entries does
-/// not keep the live ones waiting long, while the memory and packet rate stay small.
-pub const MAX_CONCURRENT_DIALS: usize = 64;
+use book::AddressBook;
+use candidates::WarnLimit;
+use dialer::{Dialer, MAX_CONCURRENT_DIALS};
+use reflexive::Reflexive;
+use sessions::Sessions;
+use topics::Topics;
 
-/// How long a dial to an address not verified before waits for the QUIC handshake (the
-/// first answer); after that, the whole exchange still has the handshake timeout. A live
-/// peer answers a QUIC Initial within one round trip: well under a second on loopback, a LAN
-/// or the internet. With the 100 ms initial RTT estimate, quinn resends a lost Initial after
-/// ~0.3 s and ~0.9 s, so a peer up to ~500 ms away answers in time even when two Initials are
-/// lost. Dead DHT entries (most of what a stale or hostile DHT returns) thus free their dial
-/// slot after this, not after the full handshake timeout. Addresses verified before keep the
-/// full handshake timeout (a peer behind a NAT may answer only once it punches back).
-pub const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// How long `lookup` waits for its identify checks after the DHT query: enough for a live
-/// peer's check to get a slot behind a full set of dead ones ([`FIRST_ANSWER_TIMEOUT`]) and
-/// finish its few round trips. Checks still running then continue in the background; their
-/// results are listed by the next `lookup` at once.
-pub const LOOKUP_CHECK_BUDGET: Duration = Duration::from_secs(4);
-
-/// Most addresses taken from one DHT lookup (the DHT may return thousands of bogus ones).
-pub const MAX_LOOKUP_CANDIDATES: usize = 256;
-
-/// Most addresses whose dial state is remembered; beyond, the oldest knowledge is dropped.
-pub(crate) const MAX_TRACKED_ADDRS: usize = 4096;
-
-/// How long a verified address → peer mapping is trusted by `lookup` without re-checking.
-pub(crate) const IDENTIFY_TTL: Duration = Duration::from_secs(30);
-
-/// Interval between hole-punch probes to a peer while dialling it: often enough that the
-/// remote's QUIC Initial finds the NAT mapping open, rare enough to be negligible traffic.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
-
-/// At most one "cannot reach a peer listed on the DHT" warning per this interval (the others
-/// go to debug): a DHT full of dead entries would otherwise flood the log with hundreds.
-/// `HyperswarmTransport::dial_failures` lists them all.
-const UNREACHABLE_WARN_INTERVAL: Duration = Duration::from_secs(10);
-
-/// DHT nodes asked for the data socket's public address each time (a majority decides).
-const REFLEXIVE_PINGS: usize = 4;
-
-/// How long to wait for their replies.
-const REFLEXIVE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Re-announce interval while the public address is still unknown.
-const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
-
-/// After the first reply, how much longer the others may take.
-const REFLEXIVE_GRACE: Duration = Duration::from_millis(200);
-
-type PendingPing = (SocketAddr, mpsc::Sender<Option<SocketAddrV4>>);
-
-/// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
-pub(crate) fn info_hash(topic: &TopicHash) -> mainline::Id {
-    let derived = derive_from_topic(topic, Domain::DhtInfoHash);
-    let mut id = [0u8; 20];
-    id.copy_from_slice(&derived[..20]);
-    // `from_bytes` only fails on a length other than 20.
-    mainline::Id::from_bytes(id).unwrap_or_else(|_| mainline::Id::random())
-}
-
-struct TopicEntry {
-    psk: [u8; 32],
-    accept: Option<mpsc::Sender<Box<dyn Connection>>>,
-    announcing: Option<AbortHandle>,
-    discovering: Option<AbortHandle>,
-}
-
-struct Session {
-    conn: quinn::Connection,
-    addr: SocketAddr,
-}
-
-impl Session {
-    fn alive(&self) -> bool {
-        self.conn.close_reason().is_none()
-    }
-}
-
-#[derive(Default)]
-struct AddrState {
-    /// The peer verified at this address, and when.
-    peer: Option<([u8; 32], Instant)>,
-    failures: u32,
-    next_try: Option<Instant>,
-    last_failure: Option<Instant>,
-    last_error: Option<String>,
-}
-
-#[derive(Default)]
+/// What the node knows, under one lock: decisions about sessions read the topics and the
+/// address book at the same moment.
 struct State {
-    topics: HashMap<TopicHash, TopicEntry>,
-    sessions: HashMap<(TopicHash, [u8; 32]), Session>,
-    addrs: HashMap<SocketAddr, AddrState>,
-    self_addrs: HashSet<SocketAddr>,
-    /// `Connect` dials in flight (at most [`MAX_CONCURRENT_DIALS`]: added with a slot held).
-    dialing: HashSet<(TopicHash, SocketAddr)>,
-    /// `lookup`'s identify checks in flight, so that no two run for one address (at most
-    /// [`MAX_CONCURRENT_DIALS`]: added with a slot held).
-    checking: HashSet<(TopicHash, SocketAddr)>,
-}
-
-/// How urgently a DHT candidate is dialled; candidates in backoff are not dialled at all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Tier {
-    /// A peer was verified at this address and it has not failed since.
-    Verified,
-    /// Never tried.
-    New,
-    /// Failed before; its backoff has passed.
-    Retry,
-}
-
-/// Orders candidates for dialling: by tier, then in an order random to everyone else (a
-/// keyed hash of the address), so that whoever fills the DHT with dead entries cannot
-/// predict which are tried first and park the dial slots in front of the live peers. Pure.
-fn schedule(
-    mut candidates: Vec<(Tier, SocketAddr)>,
-    order: &impl std::hash::BuildHasher,
-) -> Vec<SocketAddr> {
-    candidates.sort_by_cached_key(|(tier, addr)| (*tier, order.hash_one(addr)));
-    candidates.into_iter().map(|(_, addr)| addr).collect()
-}
-
-impl State {
-    fn in_flight_mut(&mut self, purpose: Purpose) -> &mut HashSet<(TopicHash, SocketAddr)> {
-        match purpose {
-            Purpose::Connect => &mut self.dialing,
-            Purpose::Identify => &mut self.checking,
-        }
-    }
-
-    /// Whether a dial or an identify check of `addr` for `topic` is in flight.
-    fn in_flight(&self, topic: TopicHash, addr: SocketAddr) -> bool {
-        self.dialing.contains(&(topic, addr)) || self.checking.contains(&(topic, addr))
-    }
-
-    fn live_sessions(&self) -> usize {
-        self.sessions.values().filter(|s| s.alive()).count()
-    }
-
-    fn session_at(&self, topic: &TopicHash, addr: SocketAddr) -> Option<[u8; 32]> {
-        self.sessions
-            .iter()
-            .find(|((t, _), s)| t == topic && s.addr == addr && s.alive())
-            .map(|((_, k), _)| *k)
-    }
-
-    fn in_backoff(&self, addr: SocketAddr, now: Instant) -> bool {
-        self.addrs
-            .get(&addr)
-            .and_then(|a| a.next_try)
-            .is_some_and(|t| t > now)
-    }
-
-    /// The candidate's tier, or `None` when it is not to be dialled now: in backoff, or (for
-    /// `lookup`, which may be polled often) failed within [`IDENTIFY_TTL`], since the dialer
-    /// retries such addresses on its own backoff.
-    fn tier(&self, addr: SocketAddr, now: Instant, purpose: Purpose) -> Option<Tier> {
-        let Some(a) = self.addrs.get(&addr) else {
-            return Some(Tier::New);
-        };
-        if a.next_try.is_some_and(|t| t > now) {
-            return None;
-        }
-        let failed_lately = a
-            .last_failure
-            .is_some_and(|t| now.duration_since(t) < IDENTIFY_TTL);
-        if purpose == Purpose::Identify && failed_lately {
-            return None;
-        }
-        Some(if a.peer.is_some() {
-            Tier::Verified
-        } else if a.failures == 0 {
-            Tier::New
-        } else {
-            Tier::Retry
-        })
-    }
-
-    /// Stores what a dial or identify check of `addr` learned. Only failures of the remote
-    /// or the network count against the address; a connection this node declined itself
-    /// ([`HyperswarmError::Declined`]) leaves its state as it was.
-    fn record(&mut self, addr: SocketAddr, result: &anyhow::Result<Outcome>) {
-        match result {
-            Ok(Outcome::Connected(peer) | Outcome::Known(peer)) => self.verified(addr, *peer),
-            Ok(Outcome::Myself) => {
-                self.self_addrs.insert(addr);
-            }
-            Err(e) if is_declined(e) => {}
-            Err(e) => self.dial_failed(addr, e.to_string()),
-        }
-    }
-
-    /// The peer verified at `addr` within [`IDENTIFY_TTL`].
-    fn fresh_peer(&self, addr: SocketAddr, now: Instant) -> Option<[u8; 32]> {
-        let (peer, at) = self.addrs.get(&addr)?.peer?;
-        (now.duration_since(at) < IDENTIFY_TTL).then_some(peer)
-    }
-
-    fn addr_mut(&mut self, addr: SocketAddr) -> &mut AddrState {
-        if self.addrs.len() >= MAX_TRACKED_ADDRS && !self.addrs.contains_key(&addr) {
-            let now = Instant::now();
-            self.addrs
-                .retain(|_, a| a.next_try.is_some_and(|t| t > now));
-            if self.addrs.len() >= MAX_TRACKED_ADDRS {
-                self.addrs.clear();
-            }
-        }
-        self.addrs.entry(addr).or_default()
-    }
-
-    fn dial_failed(&mut self, addr: SocketAddr, error: String) {
-        let a = self.addr_mut(addr);
-        a.last_error = Some(error);
-        a.failures = a.failures.saturating_add(1);
-        let tier = (a.failures as usize - 1).min(DIAL_BACKOFF.len() - 1);
-        let now = Instant::now();
-        a.next_try = Some(now + DIAL_BACKOFF[tier]);
-        a.last_failure = Some(now);
-        a.peer = None;
-    }
-
-    fn verified(&mut self, addr: SocketAddr, peer: [u8; 32]) {
-        let a = self.addr_mut(addr);
-        a.failures = 0;
-        a.next_try = None;
-        a.last_failure = None;
-        a.last_error = None;
-        a.peer = Some((peer, Instant::now()));
-    }
-}
-
-/// What a dial achieved.
-#[derive(Debug)]
-enum Outcome {
-    /// A connection was established and yielded.
-    Connected([u8; 32]),
-    /// The peer's key was verified (identify, or a duplicate connection that was dropped).
-    Known([u8; 32]),
-    /// The address is this node itself.
-    Myself,
-}
-
-/// A dial or identify check in flight: it holds the dial slot and the address's entry in
-/// [`State::dialing`] or [`State::checking`]. Dropping it (the task finished, or was aborted
-/// at shutdown) removes the entry, frees the slot and wakes whoever waits for a dial to end,
-/// in that order, so a waiter that wakes finds both the slot and the stored result.
-struct InFlight {
-    node: Arc<Node>,
-    key: (TopicHash, SocketAddr),
-    purpose: Purpose,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl InFlight {
-    /// Enters `key` in the set for `purpose` (the caller holds the state lock and checked
-    /// that it is not there).
-    fn start(
-        node: &Arc<Node>,
-        st: &mut State,
-        key: (TopicHash, SocketAddr),
-        purpose: Purpose,
-        permit: OwnedSemaphorePermit,
-    ) -> Self {
-        st.in_flight_mut(purpose).insert(key);
-        InFlight {
-            node: node.clone(),
-            key,
-            purpose,
-            permit: Some(permit),
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.node
-            .state()
-            .in_flight_mut(self.purpose)
-            .remove(&self.key);
-        drop(self.permit.take());
-        self.node.dial_ended.notify_waiters();
-    }
-}
-
-/// What [`Node::maybe_dial`] did with a candidate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DialStart {
-    /// Dialling in the background.
-    Started,
-    /// Not worth a dial now (see [`Node::maybe_dial`]).
-    Skipped,
-    /// `lookup` is checking it: worth dialling once the check has verified it.
-    BeingChecked,
+    topics: Topics,
+    sessions: Sessions,
+    book: AddressBook,
 }
 
 pub(crate) struct Node {
@@ -339,20 +64,19 @@ pub(crate) struct Node {
     endpoint: quinn::Endpoint,
     /// The UDP socket under `endpoint`, for probes and KRPC pings.
     data: Arc<DataSocket>,
-    /// KRPC pings in flight: transaction id -> (node pinged, where to report its reply).
-    pings: Mutex<HashMap<[u8; 4], PendingPing>>,
-    /// The data socket's public address as DHT nodes reported it.
-    public: Mutex<Option<SocketAddrV4>>,
+    /// The data socket's public address as DHT nodes report it.
+    reflexive: Reflexive,
     local_addr: SocketAddr,
     dht: AsyncDht,
+    /// The bootstrap nodes and what they resolved to (given to the DHT node as addresses).
+    bootstrap: Vec<BootstrapNode>,
     state: Mutex<State>,
     tasks: Mutex<JoinSet<()>>,
     shutdown: CancellationToken,
-    dial_slots: Arc<Semaphore>,
-    /// Woken whenever a dial or identify check ends (its slot is free, its result stored).
-    dial_ended: Notify,
-    /// When the last unreachable-peer warning was logged.
-    last_unreachable_warning: Mutex<Option<Instant>>,
+    /// Dial slots and the dials in flight.
+    dialer: Arc<Dialer>,
+    /// Rate limit of "cannot reach a peer" warnings.
+    unreachable_warnings: Mutex<WarnLimit>,
 }
 
 impl std::fmt::Debug for Node {
@@ -374,60 +98,45 @@ impl Node {
         };
         // Binding and the DHT's bootstrap name resolution block: keep them off the runtime.
         let started = tokio::time::timeout(
-            settings.request_timeout,
+            settings.timeout,
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let socket = quic::bind_socket(s.bind)
                     .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
-                let mut b = mainline::Dht::builder();
-                b.bind_address(*s.bind.ip()).port(0);
-                match &s.bootstrap {
-                    Some(nodes) if nodes.is_empty() => {
-                        b.no_bootstrap();
-                    }
-                    Some(nodes) => {
-                        b.bootstrap(nodes);
-                    }
-                    None => {}
-                }
-                if s.dht_server_mode {
-                    b.server_mode();
-                }
-                if let Some(t) = s.dht_request_timeout {
-                    b.request_timeout(t);
-                }
-                let dht = b
-                    .build()
-                    .map_err(|e| format!("cannot start the DHT node: {e}"))?;
-                Ok((socket, dht))
+                let (dht, bootstrap) = discovery::start_dht(&s)?;
+                Ok((socket, dht, bootstrap))
             }),
         )
         .await
         .map_err(|_| Error::Timeout {
             what: "starting the DHT node (resolving bootstrap nodes)".into(),
-            ms: settings.request_timeout.as_millis() as u64,
+            ms: settings.timeout.as_millis() as u64,
         })?
         .map_err(|e| start_failed(e.to_string()))?
         .map_err(start_failed)?;
-        let (socket, dht) = started;
+        let (socket, dht, bootstrap) = started;
         let endpoint =
             quic::endpoint(&settings, socket).map_err(|e| start_failed(e.to_string()))?;
         let (endpoint, data, diverted) = endpoint;
         let local_addr = endpoint.local_addr()?;
+        let announce_port = settings.announce_port;
         let node = Arc::new(Node {
             public_key: settings.identity.public_bytes(),
             settings,
             endpoint,
             data,
-            pings: Mutex::new(HashMap::new()),
-            public: Mutex::new(None),
+            reflexive: Reflexive::default(),
             local_addr,
             dht: dht.as_async(),
-            state: Mutex::new(State::default()),
+            bootstrap,
+            state: Mutex::new(State {
+                topics: Topics::default(),
+                sessions: Sessions::default(),
+                book: AddressBook::new(local_addr, announce_port),
+            }),
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
-            dial_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DIALS)),
-            dial_ended: Notify::new(),
-            last_unreachable_warning: Mutex::new(None),
+            dialer: Dialer::new(MAX_CONCURRENT_DIALS),
+            unreachable_warnings: Mutex::new(WarnLimit::default()),
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
@@ -447,6 +156,7 @@ impl Node {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `fut` as a task of this node: it ends at shutdown at the latest.
     fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> AbortHandle {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         while tasks.try_join_next().is_some() {}
@@ -477,468 +187,22 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
-    fn timeout_error(&self, what: String) -> anyhow::Error {
-        Error::Timeout {
-            what,
-            ms: self.settings.request_timeout.as_millis() as u64,
-        }
-        .into()
-    }
-
-    fn bootstrap_text(&self) -> String {
-        match &self.settings.bootstrap {
-            Some(nodes) => nodes.join(", "),
-            None => "the public mainline bootstrap nodes".into(),
-        }
+    fn unreachable_warnings(&self) -> MutexGuard<'_, WarnLimit> {
+        self.unreachable_warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn register_topic(&self, topic: TopicHash) {
-        let mut st = self.state();
-        st.topics.entry(topic).or_insert_with(|| TopicEntry {
-            psk: derive_from_topic(&topic, Domain::NoisePsk),
-            accept: None,
-            announcing: None,
-            discovering: None,
-        });
-    }
-
-    /// Announces `topic` now and keeps refreshing it until shutdown.
-    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
-        self.register_topic(topic);
-        let already = self
-            .state()
-            .topics
-            .get(&topic)
-            .is_some_and(|t| t.announcing.is_some());
-        if already {
-            return Ok(());
-        }
-        self.announce_once(topic).await?;
-        let node = self.clone();
-        let handle = self.spawn(async move {
-            loop {
-                // Until the public address is known, retry soon: the announced port may be
-                // the wrong one behind a NAT that does not keep ports.
-                let wait = if node.public_addr().is_some() {
-                    node.settings.announce_interval
-                } else {
-                    node.settings.announce_interval.min(UNKNOWN_ADDR_RETRY)
-                };
-                tokio::time::sleep(wait).await;
-                if let Err(e) = node.announce_once(topic).await {
-                    tracing::warn!(error = %e, "re-announcing on the DHT failed; retrying later");
-                }
-            }
-        });
-        if let Some(t) = self.state().topics.get_mut(&topic)
-            && let Some(old) = t.announcing.replace(handle)
-        {
-            old.abort();
-        }
-        Ok(())
-    }
-
-    async fn announce_once(&self, topic: TopicHash) -> anyhow::Result<()> {
-        let public = self.learn_public_addr().await;
-        let port = self
-            .settings
-            .announce_port
-            .or(public.map(|p| p.port()))
-            .unwrap_or(self.local_addr.port());
-        let what = || {
-            format!(
-                "announcing on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
-                self.bootstrap_text()
-            )
-        };
-        match tokio::time::timeout(
-            self.settings.request_timeout,
-            self.dht.announce_peer(info_hash(&topic), Some(port)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(mainline::errors::PutQueryError::ErrorResponse(e))) => {
-                Err(HyperswarmError::Start {
-                    bind: self.local_addr.to_string(),
-                    reason: format!("DHT nodes refused the announcement: {e:?}"),
-                }
-                .into())
-            }
-            Ok(Err(_)) | Err(_) => Err(self.timeout_error(what())),
-        }
-    }
-
-    /// Joins `topic`: announce, then look up and dial peers periodically.
-    pub(crate) async fn connect(
-        self: &Arc<Self>,
-        topic: TopicHash,
-    ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
-        self.announce(topic).await?;
-        let (tx, rx) = mpsc::channel(self.settings.max_peers);
-        let node = self.clone();
-        let handle = self.spawn(async move { node.discover(topic).await });
-        let mut st = self.state();
-        if let Some(t) = st.topics.get_mut(&topic) {
-            t.accept = Some(tx);
-            if let Some(old) = t.discovering.replace(handle) {
-                old.abort();
-            }
-        }
-        Ok(rx)
-    }
-
-    /// Looks the topic up periodically and dials every new address: as the DHT's answers
-    /// arrive, each batch in [`schedule`] order while dial slots are free; what found no
-    /// slot is dialled after the query, in schedule order again, as slots free up, for at
-    /// most [`LOOKUP_CHECK_BUDGET`]; addresses `lookup` is checking are dialled after their
-    /// check, if it verified them, within the same budget. The rest waits for the next round.
-    async fn discover(self: Arc<Self>, topic: TopicHash) {
-        let mut interval = FIRST_LOOKUP_INTERVAL;
-        loop {
-            let order = RandomState::new();
-            let mut stream = self.dht.get_peers(info_hash(&topic));
-            let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
-            let mut seen: HashSet<SocketAddr> = HashSet::new();
-            let mut leftover: Vec<SocketAddr> = Vec::new();
-            let mut being_checked: Vec<SocketAddr> = Vec::new();
-            'query: while let Ok(Some(batch)) =
-                tokio::time::timeout_at(deadline, stream.next()).await
-            {
-                let mut fresh = Vec::new();
-                for addr in batch {
-                    if seen.len() >= MAX_LOOKUP_CANDIDATES {
-                        break;
-                    }
-                    if seen.insert(SocketAddr::V4(addr)) {
-                        fresh.push(SocketAddr::V4(addr));
-                    }
-                }
-                for addr in self.dial_order(topic, fresh, &order) {
-                    match self.dial_slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
-                                being_checked.push(addr);
-                            }
-                        }
-                        Err(_) => leftover.push(addr),
-                    }
-                }
-                if seen.len() >= MAX_LOOKUP_CANDIDATES {
-                    break 'query;
-                }
-            }
-            drop(stream);
-            let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
-            being_checked.extend(self.dial_in_turn(topic, leftover, &order, budget).await);
-            // What `lookup` was checking: once the check is done, a verified address is
-            // dialled (first, as verified) and a dead one is in backoff and skipped.
-            if !being_checked.is_empty() {
-                self.wait_checks(topic, &being_checked, budget).await;
-                self.dial_in_turn(topic, being_checked, &order, budget)
-                    .await;
-            }
-            tokio::time::sleep(interval).await;
-            interval = (interval * 2).min(self.settings.lookup_interval);
-        }
-    }
-
-    /// Dials `candidates` in [`schedule`] order, each when a dial slot is its turn, until
-    /// `budget`; returns the ones `lookup` was checking.
-    async fn dial_in_turn(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        candidates: Vec<SocketAddr>,
-        order: &RandomState,
-        budget: tokio::time::Instant,
-    ) -> Vec<SocketAddr> {
-        let mut being_checked = Vec::new();
-        for addr in self.dial_order(topic, candidates, order) {
-            let slot = self.dial_slots.clone().acquire_owned();
-            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
-                break;
-            };
-            if self.maybe_dial(topic, addr, permit) == DialStart::BeingChecked {
-                being_checked.push(addr);
-            }
-        }
-        being_checked
-    }
-
-    /// Waits until no identify check of `addrs` is in flight, or until `budget`.
-    async fn wait_checks(
-        &self,
-        topic: TopicHash,
-        addrs: &[SocketAddr],
-        budget: tokio::time::Instant,
-    ) {
-        self.wait_until(budget, |st| {
-            !addrs.iter().any(|a| st.checking.contains(&(topic, *a)))
-        })
-        .await;
-    }
-
-    /// Waits until `done` holds for the state (looked at again whenever a dial or check
-    /// ends), or until `budget`.
-    async fn wait_until(&self, budget: tokio::time::Instant, done: impl Fn(&State) -> bool) {
-        loop {
-            // Registered before looking at the state, so no ending dial is missed.
-            let ended = self.dial_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if done(&self.state()) {
-                return;
-            }
-            tokio::select! {
-                _ = &mut ended => {}
-                _ = tokio::time::sleep_until(budget) => return,
-            }
-        }
-    }
-
-    /// The candidates worth a `Connect` dial, in [`schedule`] order.
-    fn dial_order(
-        &self,
-        topic: TopicHash,
-        candidates: Vec<SocketAddr>,
-        order: &RandomState,
-    ) -> Vec<SocketAddr> {
-        let st = self.state();
-        let now = Instant::now();
-        let ranked = candidates
-            .into_iter()
-            .filter(|addr| !self.is_self_addr(&st, *addr) && st.session_at(&topic, *addr).is_none())
-            .filter_map(|addr| st.tier(addr, now, Purpose::Connect).map(|t| (t, addr)))
-            .collect();
-        schedule(ranked, order)
-    }
-
-    fn is_self_addr(&self, st: &State, addr: SocketAddr) -> bool {
-        if st.self_addrs.contains(&addr) {
-            return true;
-        }
-        let ours = addr.port() == self.local_addr.port()
-            || self.settings.announce_port == Some(addr.port());
-        ours && (addr.ip() == self.local_addr.ip() || addr.ip().is_loopback())
-    }
-
-    /// Dials `addr` in the background with the dial slot `permit`, unless it is not worth it
-    /// (anymore): ourselves, connected, in backoff, being dialled, or full; or unless
-    /// `lookup` is checking it (the caller dials it after the check). A slot not used is
-    /// freed at once and dial waiters are woken.
-    fn maybe_dial(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        addr: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) -> DialStart {
-        let (verdict, in_flight) = {
-            let mut st = self.state();
-            let now = Instant::now();
-            let verdict = if self.is_self_addr(&st, addr)
-                || st.session_at(&topic, addr).is_some()
-                || st.in_backoff(addr, now)
-                || st.dialing.contains(&(topic, addr))
-                || st.live_sessions() >= self.settings.max_peers
-                || st.topics.get(&topic).is_none_or(|t| t.accept.is_none())
-            {
-                DialStart::Skipped
-            } else if st.checking.contains(&(topic, addr)) {
-                DialStart::BeingChecked
-            } else {
-                DialStart::Started
-            };
-            let in_flight = (verdict == DialStart::Started)
-                .then(|| InFlight::start(self, &mut st, (topic, addr), Purpose::Connect, permit));
-            (verdict, in_flight)
-        };
-        let Some(in_flight) = in_flight else {
-            // The unused permit freed its slot: wake whoever waits for a dial to end.
-            self.dial_ended.notify_waiters();
-            return verdict;
-        };
-        let node = self.clone();
-        self.spawn(async move {
-            let result = node.dial(addr, topic, Purpose::Connect).await;
-            {
-                let mut st = node.state();
-                if let Err(e) = &result {
-                    let failures = st.addrs.get(&addr).map_or(0, |a| a.failures) + 1;
-                    if failures == 2 && node.may_warn_unreachable() {
-                        tracing::warn!(%addr, error = %e, "cannot reach a peer listed on the DHT; retrying with backoff");
-                    } else {
-                        tracing::debug!(%addr, error = %e, failures, "dial failed");
-                    }
-                }
-                st.record(addr, &result);
-            }
-            drop(in_flight);
-        });
-        DialStart::Started
-    }
-
-    fn may_warn_unreachable(&self) -> bool {
-        let mut last = self
-            .last_unreachable_warning
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < UNREACHABLE_WARN_INTERVAL) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-
-    /// Runs an identify check of `addr` in the background with the dial slot `permit`; its
-    /// result lands in the address state (listed by this and later lookups). Not when a dial
-    /// or check of it is in flight already (its result is as good); the slot is then freed
-    /// at once.
-    fn start_check(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        addr: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let in_flight = {
-            let mut st = self.state();
-            (!st.in_flight(topic, addr))
-                .then(|| InFlight::start(self, &mut st, (topic, addr), Purpose::Identify, permit))
-        };
-        let Some(in_flight) = in_flight else {
-            self.dial_ended.notify_waiters();
-            return;
-        };
-        let node = self.clone();
-        self.spawn(async move {
-            let result = node.dial(addr, topic, Purpose::Identify).await;
-            {
-                let mut st = node.state();
-                if let Err(e) = &result {
-                    tracing::debug!(%addr, error = %e, "lookup could not verify a DHT entry");
-                }
-                st.record(addr, &result);
-            }
-            drop(in_flight);
-        });
-    }
-
-    /// Dials `addr`, runs the handshake and (for `Connect`) settles the connection.
-    async fn dial(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        topic: TopicHash,
-        purpose: Purpose,
-    ) -> anyhow::Result<Outcome> {
-        let psk = self
-            .state()
-            .topics
-            .get(&topic)
-            .map(|t| t.psk)
-            .ok_or_else(|| declined(addr, "the topic is not joined here"))?;
-        let fail = |reason: String| HyperswarmError::Handshake { addr, reason };
-        // Most unverified DHT entries are dead: do not let them hold a dial slot for long.
-        let known = self
-            .state()
-            .addrs
-            .get(&addr)
-            .is_some_and(|a| a.peer.is_some());
-        let first_answer = if known {
-            self.settings.handshake_timeout
-        } else {
-            FIRST_ANSWER_TIMEOUT.min(self.settings.handshake_timeout)
-        };
-        let work = async {
-            let connecting = self
-                .endpoint
-                .connect(addr, quic::SERVER_NAME)
-                .map_err(|e| fail(e.to_string()))?;
-            let conn = tokio::time::timeout(first_answer, connecting)
-                .await
-                .map_err(|_| fail(format!("no answer within {} ms", first_answer.as_millis())))?
-                .map_err(|e| fail(format!("QUIC: {e}")))?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-            let prologue = noise::prologue(&conn)?;
-            let hs = noise::initiate(&mut send, &mut recv, &self.settings.identity, &prologue)
-                .await
-                .map_err(|e| refused_or(&conn, addr, fail(format!("Noise XX: {e}"))))?;
-            if hs.remote_static == self.public_key {
-                conn.close(code::SELF, b"self");
-                return Ok(Outcome::Myself);
-            }
-            let tag = noise::topic_tag(&psk, Role::Initiator, &hs.hash);
-            send.write_all(&wire::encode_hello(purpose, &tag))
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let mut reply = [0u8; TAG_LEN];
-            recv.read_exact(&mut reply)
-                .await
-                .map_err(|e| refused_or(&conn, addr, fail(e.to_string())))?;
-            if !noise::tags_equal(&reply, &noise::topic_tag(&psk, Role::Responder, &hs.hash)) {
-                conn.close(code::PROTOCOL, b"bad topic tag");
-                return Err(HyperswarmError::Protocol {
-                    addr,
-                    reason: "its topic tag is wrong (it does not know the topic)".into(),
-                }
-                .into());
-            }
-            match purpose {
-                Purpose::Identify => {
-                    conn.close(code::DONE, b"");
-                    Ok(Outcome::Known(hs.remote_static))
-                }
-                Purpose::Connect => {
-                    self.settle(topic, hs.remote_static, conn, send, recv, addr)
-                        .await
-                }
-            }
-        };
-        // Hole punching: while dialling, also send probes, so that our NAT maps and lets in
-        // the remote's packets (it probes and dials us at the same time).
-        let data = self.data.clone();
-        let probing = async move {
-            loop {
-                data.send_raw(addr, PROBE);
-                tokio::time::sleep(PROBE_INTERVAL).await;
-            }
-        };
-        let work = async {
-            tokio::select! {
-                result = work => result,
-                never = probing => never,
-            }
-        };
-        match tokio::time::timeout(self.settings.handshake_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(fail(format!(
-                "no answer within {} ms",
-                self.settings.handshake_timeout.as_millis()
-            ))
-            .into()),
-        }
+        self.state().topics.join(topic);
     }
 
     pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
-        self.public
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(SocketAddr::V4)
+        self.reflexive.public().map(SocketAddr::V4)
     }
 
     pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
-        let st = self.state();
-        let mut out: Vec<crate::DialFailure> = st
-            .addrs
-            .iter()
-            .filter(|(addr, a)| a.failures > 0 && !st.self_addrs.contains(*addr))
-            .map(|(addr, a)| crate::DialFailure {
-                addr: *addr,
-                failures: a.failures,
-                error: a.last_error.clone().unwrap_or_default(),
-            })
-            .collect();
-        out.sort_by_key(|f| f.addr);
-        out
+        self.state().book.dial_failures()
     }
 
     pub(crate) fn probes_received(&self) -> u64 {
@@ -946,653 +210,5 @@ impl Node {
             .counters
             .probes
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Handles datagrams the data socket kept from quinn: KRPC replies to our pings.
-    async fn handle_diverted(self: Arc<Self>, mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
-        while let Some((from, bytes)) = rx.recv().await {
-            let Ok(reply) = krpc::decode_reply(&bytes) else {
-                continue;
-            };
-            let Ok(txid) = <[u8; 4]>::try_from(reply.txid.as_slice()) else {
-                continue;
-            };
-            let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
-            // Only the node we pinged may answer (a forged reply from elsewhere is ignored).
-            if pings.get(&txid).is_some_and(|(to, _)| *to == from)
-                && let Some((_, tx)) = pings.remove(&txid)
-            {
-                let _ = tx.try_send(reply.seen_as);
-            }
-        }
-    }
-
-    /// Learns the data socket's public address: KRPC pings sent from the data socket to a
-    /// few DHT nodes, whose replies carry our address as they saw it (BEP 42 `ip`).
-    async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
-        let mut candidates = self.dht.to_bootstrap().await;
-        // Right after start the routing table may still be empty: fall back to the
-        // configured bootstrap nodes given as IPv4 addresses.
-        if let Some(bootstrap) = &self.settings.bootstrap {
-            candidates.extend(bootstrap.iter().cloned());
-        }
-        let mut nodes: Vec<SocketAddrV4> = Vec::new();
-        for node in candidates.iter().filter_map(|s| s.parse().ok()) {
-            if !nodes.contains(&node) && nodes.len() < REFLEXIVE_PINGS {
-                nodes.push(node);
-            }
-        }
-        let (tx, mut rx) = mpsc::channel(REFLEXIVE_PINGS);
-        let mut txids = Vec::new();
-        for node in nodes {
-            let id = mainline::Id::random();
-            let bytes = id.as_bytes();
-            let txid = [bytes[0], bytes[1], bytes[2], bytes[3]];
-            self.pings
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(txid, (SocketAddr::V4(node), tx.clone()));
-            self.data
-                .send_raw(SocketAddr::V4(node), &krpc::encode_ping(txid, *bytes));
-            txids.push(txid);
-        }
-        drop(tx);
-        let mut seen: Vec<SocketAddrV4> = Vec::new();
-        let mut deadline = tokio::time::Instant::now() + REFLEXIVE_TIMEOUT;
-        while seen.len() < txids.len() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Some(addr))) => {
-                    seen.push(addr);
-                    // Two nodes agreeing settles it (a majority of the usual four can wait).
-                    if seen.iter().filter(|a| **a == addr).count() >= 2 {
-                        break;
-                    }
-                    // The first answer came: give the others only a moment more.
-                    deadline = deadline.min(tokio::time::Instant::now() + REFLEXIVE_GRACE);
-                }
-                Ok(Some(None)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        {
-            let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
-            for txid in &txids {
-                pings.remove(txid);
-            }
-        }
-        // The most reported address wins; several different ones mean the NAT maps each
-        // destination differently ("symmetric"), where punching will likely fail.
-        let mut best: Option<(SocketAddrV4, usize)> = None;
-        for a in &seen {
-            let votes = seen.iter().filter(|b| *b == a).count();
-            if best.is_none_or(|(_, v)| votes > v) {
-                best = Some((*a, votes));
-            }
-        }
-        let public = best.map(|(a, _)| a)?;
-        if seen.iter().any(|a| *a != public) {
-            tracing::warn!(
-                ?seen,
-                "DHT nodes see this socket at different addresses: endpoint-dependent NAT \
-                 mapping, direct connections will likely fail"
-            );
-        }
-        *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(public);
-        self.state().self_addrs.insert(SocketAddr::V4(public));
-        Some(public)
-    }
-
-    async fn accept_loop(self: Arc<Self>) {
-        let slots = Arc::new(Semaphore::new(quic::MAX_INCOMING_HANDSHAKES));
-        while let Some(incoming) = self.endpoint.accept().await {
-            // Bounded: beyond this many handshakes in progress, new ones are refused.
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(addr = %incoming.remote_address(), "too many handshakes; refused");
-                incoming.refuse();
-                continue;
-            };
-            let node = self.clone();
-            self.spawn(async move {
-                let _permit = permit;
-                let addr = incoming.remote_address();
-                let limit = node.settings.handshake_timeout;
-                match tokio::time::timeout(limit, node.respond(incoming)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
-                    Err(_) => tracing::debug!(%addr, "incoming handshake timed out"),
-                }
-            });
-        }
-    }
-
-    async fn respond(self: &Arc<Self>, incoming: quinn::Incoming) -> anyhow::Result<()> {
-        let addr = incoming.remote_address();
-        let conn = incoming.accept()?.await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let prologue = noise::prologue(&conn)?;
-        let hs =
-            match noise::respond(&mut send, &mut recv, &self.settings.identity, &prologue).await {
-                Ok(hs) => hs,
-                Err(e) => {
-                    conn.close(code::PROTOCOL, b"handshake failed");
-                    return Err(e);
-                }
-            };
-        if hs.remote_static == self.public_key {
-            conn.close(code::SELF, b"self");
-            return Ok(());
-        }
-        let mut hello = [0u8; HELLO_LEN];
-        recv.read_exact(&mut hello).await?;
-        let (purpose, tag) = match wire::decode_hello(&hello) {
-            Ok(h) => h,
-            Err(e) => {
-                conn.close(code::PROTOCOL, b"bad hello");
-                return Err(e.into());
-            }
-        };
-        let found = {
-            let st = self.state();
-            st.topics.iter().find_map(|(topic, t)| {
-                let expected = noise::topic_tag(&t.psk, Role::Initiator, &hs.hash);
-                noise::tags_equal(&tag, &expected).then(|| (*topic, t.psk, t.accept.is_some()))
-            })
-        };
-        let Some((topic, psk, accepting)) = found else {
-            conn.close(code::UNKNOWN_TOPIC, b"unknown topic");
-            return Ok(());
-        };
-        if purpose == Purpose::Connect && !accepting {
-            conn.close(
-                code::UNKNOWN_TOPIC,
-                b"not accepting connections on this topic",
-            );
-            return Ok(());
-        }
-        send.write_all(&noise::topic_tag(&psk, Role::Responder, &hs.hash))
-            .await?;
-        match purpose {
-            Purpose::Identify => {
-                // The initiator closes; do not hold the connection longer than that.
-                let _ = tokio::time::timeout(self.settings.handshake_timeout, conn.closed()).await;
-                Ok(())
-            }
-            Purpose::Connect => self
-                .settle(topic, hs.remote_static, conn, send, recv, addr)
-                .await
-                .map(|_| ()),
-        }
-    }
-
-    /// Decides, consistently on both sides, whether this connection is the one kept between
-    /// the two peers. The peer with the smaller static key (the leader) decides; the other
-    /// follows its verdict. So exactly one connection survives even when both dial at once.
-    async fn settle(
-        self: &Arc<Self>,
-        topic: TopicHash,
-        remote: [u8; 32],
-        conn: quinn::Connection,
-        mut send: SendStream,
-        mut recv: RecvStream,
-        addr: SocketAddr,
-    ) -> anyhow::Result<Outcome> {
-        let key = (topic, remote);
-        let max = self.settings.max_peers;
-        if self.public_key < remote {
-            let verdict = {
-                let mut st = self.state();
-                if st.sessions.get(&key).is_some_and(Session::alive) {
-                    Verdict::Duplicate
-                } else if st.live_sessions() >= max {
-                    drop(st);
-                    conn.close(code::BUSY, b"too many peers");
-                    return Err(declined(addr, MAX_PEERS_REACHED));
-                } else {
-                    st.sessions.insert(
-                        key,
-                        Session {
-                            conn: conn.clone(),
-                            addr,
-                        },
-                    );
-                    Verdict::Accept
-                }
-            };
-            if verdict == Verdict::Duplicate {
-                conn.close(code::DUPLICATE, b"duplicate");
-                return Ok(Outcome::Known(remote));
-            }
-            if let Err(e) = send.write_all(&[verdict.to_byte()]).await {
-                self.forget_session(key, &conn);
-                return Err(e.into());
-            }
-        } else {
-            let mut byte = [0u8; 1];
-            if let Err(e) = recv.read_exact(&mut byte).await {
-                if let quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) = &e
-                    && closed_with(c, code::DUPLICATE)
-                {
-                    return Ok(Outcome::Known(remote));
-                }
-                return Err(refused_or(&conn, addr, anyhow::anyhow!("verdict: {e}")));
-            }
-            match wire::decode_verdict(byte[0]) {
-                Ok(Verdict::Accept) => {}
-                Ok(Verdict::Duplicate) => {
-                    conn.close(code::DUPLICATE, b"duplicate");
-                    return Ok(Outcome::Known(remote));
-                }
-                Err(e) => {
-                    conn.close(code::PROTOCOL, b"bad verdict");
-                    return Err(HyperswarmError::Protocol {
-                        addr,
-                        reason: e.to_string(),
-                    }
-                    .into());
-                }
-            }
-            let mut st = self.state();
-            if st.live_sessions() >= max && !st.sessions.contains_key(&key) {
-                drop(st);
-                conn.close(code::BUSY, b"too many peers");
-                return Err(declined(addr, MAX_PEERS_REACHED));
-            }
-            // The leader saw the old connection as dead; so is it, soon, here.
-            if let Some(old) = st.sessions.insert(
-                key,
-                Session {
-                    conn: conn.clone(),
-                    addr,
-                },
-            ) {
-                old.conn.close(code::REPLACED, b"replaced");
-            }
-        }
-        let sender = self
-            .state()
-            .topics
-            .get(&topic)
-            .and_then(|t| t.accept.clone());
-        let connection = HsConnection::new(hex::encode(remote), conn.clone(), send, recv);
-        let delivered = match sender {
-            // Full queue: the application is not taking connections; refuse rather than
-            // buffer without bound. The remote retries with backoff.
-            Some(tx) => tx.try_send(Box::new(connection)).is_ok(),
-            None => false,
-        };
-        if !delivered {
-            self.forget_session(key, &conn);
-            conn.close(code::BUSY, b"not accepting");
-            return Err(declined(
-                addr,
-                "the application's connection queue is full (or it left the topic)",
-            ));
-        }
-        let node = self.clone();
-        self.spawn(async move {
-            conn.closed().await;
-            node.forget_session(key, &conn);
-        });
-        Ok(Outcome::Connected(remote))
-    }
-
-    fn forget_session(&self, key: (TopicHash, [u8; 32]), conn: &quinn::Connection) {
-        let mut st = self.state();
-        if st
-            .sessions
-            .get(&key)
-            .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
-        {
-            st.sessions.remove(&key);
-        }
-    }
-
-    /// Lists the peers on `topic`: DHT results, each verified by its Noise key.
-    ///
-    /// Addresses with a live session or verified within [`IDENTIFY_TTL`] are listed at once;
-    /// the others are checked in [`schedule`] order, each as soon as a dial slot is its turn
-    /// (waiting in one queue with the `connect` loop, so neither starves). Returns when its
-    /// checks are done or after [`LOOKUP_CHECK_BUDGET`], with what is verified by then;
-    /// checks still running finish in the background for the next lookup.
-    pub(crate) async fn lookup(
-        self: &Arc<Self>,
-        topic: TopicHash,
-    ) -> anyhow::Result<Vec<PeerInfo>> {
-        self.register_topic(topic);
-        let mut stream = self.dht.get_peers(info_hash(&topic));
-        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
-        let mut candidates: Vec<SocketAddr> = Vec::new();
-        let mut got_any_batch = false;
-        'outer: while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
-            got_any_batch = true;
-            for addr in batch {
-                let addr = SocketAddr::V4(addr);
-                if !candidates.contains(&addr) {
-                    candidates.push(addr);
-                    if candidates.len() >= MAX_LOOKUP_CANDIDATES {
-                        break 'outer;
-                    }
-                }
-            }
-        }
-        drop(stream);
-        if !got_any_batch && !self.dht_reachable().await {
-            return Err(self.timeout_error(format!(
-                "looking up peers on the mainline DHT (no DHT node answered; bootstrap nodes: {})",
-                self.bootstrap_text()
-            )));
-        }
-        let budget =
-            tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET.min(self.settings.request_timeout);
-        // `watched`: every candidate whose result this lookup reports; `queue`: the ones it
-        // has to check itself.
-        let (watched, mut queue) = {
-            let st = self.state();
-            let now = Instant::now();
-            let mut watched = Vec::new();
-            let mut to_check = Vec::new();
-            for addr in candidates {
-                if self.is_self_addr(&st, addr) {
-                    continue;
-                }
-                let listed =
-                    st.session_at(&topic, addr).is_some() || st.fresh_peer(addr, now).is_some();
-                if listed || st.in_flight(topic, addr) {
-                    watched.push(addr);
-                } else if let Some(tier) = st.tier(addr, now, Purpose::Identify) {
-                    watched.push(addr);
-                    to_check.push((tier, addr));
-                }
-            }
-            (
-                watched,
-                VecDeque::from(schedule(to_check, &RandomState::new())),
-            )
-        };
-        // Slots are taken by waiting in the semaphore's queue, first come first served with
-        // the `connect` loop's waits: a released slot goes to the longest waiter before any
-        // `try_acquire` sees it, so polling for free slots here would starve while a connect
-        // round waits for its leftovers.
-        while let Some(addr) = queue.pop_front() {
-            let slot = self.dial_slots.clone().acquire_owned();
-            let Ok(Ok(permit)) = tokio::time::timeout_at(budget, slot).await else {
-                break;
-            };
-            self.start_check(topic, addr, permit);
-        }
-        self.wait_until(budget, |st| {
-            !watched.iter().any(|a| st.in_flight(topic, *a))
-        })
-        .await;
-        let st = self.state();
-        let now = Instant::now();
-        let mut found: Vec<PeerInfo> = Vec::new();
-        for addr in watched {
-            if let Some(peer) = st.session_at(&topic, addr) {
-                push_unique(&mut found, peer, addr, true);
-            } else if let Some(peer) = st.fresh_peer(addr, now) {
-                let connected = st.sessions.get(&(topic, peer)).is_some_and(Session::alive);
-                push_unique(&mut found, peer, addr, connected);
-            }
-        }
-        Ok(found)
-    }
-
-    async fn dht_reachable(&self) -> bool {
-        let id = *self.dht.info().await.id();
-        !self.dht.find_node(id).await.is_empty()
-    }
-}
-
-fn push_unique(found: &mut Vec<PeerInfo>, peer: [u8; 32], addr: SocketAddr, connected: bool) {
-    let id = hex::encode(peer);
-    if let Some(existing) = found.iter_mut().find(|p| p.id == id) {
-        existing.connected |= connected;
-        return;
-    }
-    found.push(PeerInfo {
-        id,
-        address: Some(addr.to_string()),
-        connected,
-    });
-}
-
-/// Why [`HyperswarmError::Declined`]: this node has `max_peers` connections.
-const MAX_PEERS_REACHED: &str = "this node has max_peers connections";
-
-fn declined(addr: SocketAddr, reason: &str) -> anyhow::Error {
-    HyperswarmError::Declined {
-        addr,
-        reason: reason.into(),
-    }
-    .into()
-}
-
-/// Whether `e` is this node declining a connection itself (not the address failing).
-fn is_declined(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<HyperswarmError>(),
-        Some(HyperswarmError::Declined { .. })
-    )
-}
-
-fn refused(addr: SocketAddr, code: quinn::VarInt) -> anyhow::Error {
-    HyperswarmError::Refused {
-        addr,
-        reason: code::describe(code).into(),
-    }
-    .into()
-}
-
-/// Prefers the remote's close reason over a generic read error.
-fn refused_or(
-    conn: &quinn::Connection,
-    addr: SocketAddr,
-    other: impl Into<anyhow::Error>,
-) -> anyhow::Error {
-    match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => refused(addr, c.error_code),
-        _ => other.into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dial_backoff_climbs_the_tiers_and_resets() {
-        let mut st = State::default();
-        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        let mut waits = Vec::new();
-        for _ in 0..6 {
-            let before = Instant::now();
-            st.dial_failed(addr, "test".into());
-            let next = st.addrs[&addr].next_try.unwrap();
-            waits.push((next - before).as_secs());
-        }
-        assert_eq!(waits, [1, 5, 30, 120, 120, 120]);
-        assert!(st.in_backoff(addr, Instant::now()));
-        st.verified(addr, [1; 32]);
-        assert!(!st.in_backoff(addr, Instant::now()));
-        assert_eq!(st.addrs[&addr].failures, 0);
-    }
-
-    #[test]
-    fn schedule_orders_by_tier_then_unpredictably() {
-        let addr = |i: u32| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1));
-        let tiers = [Tier::Retry, Tier::New, Tier::Verified];
-        let candidates: Vec<(Tier, SocketAddr)> =
-            (0..300).map(|i| (tiers[i as usize % 3], addr(i))).collect();
-        let tier_of: HashMap<SocketAddr, Tier> = candidates.iter().map(|(t, a)| (*a, *t)).collect();
-        let first = schedule(candidates.clone(), &RandomState::new());
-        assert_eq!(first.len(), candidates.len());
-        let got: HashSet<SocketAddr> = first.iter().copied().collect();
-        assert_eq!(got.len(), candidates.len());
-        let ranks: Vec<Tier> = first.iter().map(|a| tier_of[a]).collect();
-        assert!(ranks.is_sorted(), "tiers out of order: {ranks:?}");
-        assert_eq!(ranks[0], Tier::Verified);
-        assert_eq!(ranks[299], Tier::Retry);
-        // Within a tier, neither the input order nor the previous schedule's order.
-        let second = schedule(candidates.clone(), &RandomState::new());
-        assert_ne!(first, second);
-        let verified_in_input: Vec<SocketAddr> = candidates
-            .iter()
-            .filter(|(t, _)| *t == Tier::Verified)
-            .map(|(_, a)| *a)
-            .collect();
-        assert_ne!(first[..100], verified_in_input[..]);
-    }
-
-    #[test]
-    fn tiers_follow_the_address_history() {
-        let mut st = State::default();
-        let now = Instant::now();
-        let (new, live, dead) = (
-            "10.0.0.1:1".parse().unwrap(),
-            "10.0.0.2:1".parse().unwrap(),
-            "10.0.0.3:1".parse().unwrap(),
-        );
-        st.verified(live, [1; 32]);
-        st.dial_failed(dead, "test".into());
-        for purpose in [Purpose::Identify, Purpose::Connect] {
-            assert_eq!(st.tier(new, now, purpose), Some(Tier::New));
-            assert_eq!(st.tier(live, now, purpose), Some(Tier::Verified));
-            assert_eq!(st.tier(dead, now, purpose), None, "in backoff");
-        }
-        // After its backoff the dialer retries a dead address (last); `lookup` waits for
-        // the identify TTL since its last failure.
-        let later = now + DIAL_BACKOFF[0] + Duration::from_millis(1);
-        assert_eq!(st.tier(dead, later, Purpose::Connect), Some(Tier::Retry));
-        assert_eq!(st.tier(dead, later, Purpose::Identify), None);
-        let much_later = now + IDENTIFY_TTL + Duration::from_millis(1);
-        assert_eq!(
-            st.tier(dead, much_later, Purpose::Identify),
-            Some(Tier::Retry)
-        );
-        assert_eq!(st.fresh_peer(live, now), Some([1; 32]));
-        assert_eq!(st.fresh_peer(live, much_later), None);
-        assert_eq!(st.fresh_peer(dead, now), None);
-    }
-
-    /// Dials and checks in flight hold a slot and a set entry; a check skips an address
-    /// being dialled, a dial defers one being checked, and aborting them (shutdown) frees
-    /// both.
-    #[tokio::test]
-    async fn dials_and_checks_share_slots_and_free_them_when_aborted() {
-        let loopback = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0);
-        let t = crate::HyperswarmTransport::builder()
-            .bootstrap(Vec::<String>::new())
-            .bind_addr(loopback)
-            .build()
-            .unwrap();
-        let node = Node::start(t.settings.clone()).await.unwrap();
-        let topic = [9u8; 32];
-        node.register_topic(topic);
-        let (tx, _rx) = mpsc::channel(1);
-        node.state().topics.get_mut(&topic).unwrap().accept = Some(tx);
-        // Endpoints where nobody answers.
-        let silent: Vec<std::net::UdpSocket> = (0..2)
-            .map(|_| std::net::UdpSocket::bind(loopback).unwrap())
-            .collect();
-        let (dialled, checked) = (
-            silent[0].local_addr().unwrap(),
-            silent[1].local_addr().unwrap(),
-        );
-        let slot = || node.dial_slots.clone().try_acquire_owned().unwrap();
-        let free = || node.dial_slots.available_permits();
-
-        assert_eq!(node.maybe_dial(topic, dialled, slot()), DialStart::Started);
-        node.start_check(topic, dialled, slot());
-        assert_eq!(
-            free(),
-            MAX_CONCURRENT_DIALS - 1,
-            "a check of a dialled address"
-        );
-        node.start_check(topic, checked, slot());
-        assert_eq!(
-            node.maybe_dial(topic, checked, slot()),
-            DialStart::BeingChecked
-        );
-        assert_eq!(
-            node.maybe_dial(topic, dialled, slot()),
-            DialStart::Skipped,
-            "dialled twice"
-        );
-        assert_eq!(free(), MAX_CONCURRENT_DIALS - 2);
-        {
-            let st = node.state();
-            assert!(st.dialing.contains(&(topic, dialled)));
-            assert!(st.checking.contains(&(topic, checked)));
-            assert_eq!(st.dialing.len() + st.checking.len(), 2);
-        }
-
-        node.shutdown();
-        let all_freed = async {
-            loop {
-                let ended = node.dial_ended.notified();
-                tokio::pin!(ended);
-                ended.as_mut().enable();
-                let empty = {
-                    let st = node.state();
-                    st.dialing.is_empty() && st.checking.is_empty()
-                };
-                if empty && free() == MAX_CONCURRENT_DIALS {
-                    return;
-                }
-                ended.await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), all_freed)
-            .await
-            .expect("aborted dials kept their slots or set entries");
-    }
-
-    #[test]
-    fn only_remote_and_network_failures_count_against_an_address() {
-        let mut st = State::default();
-        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        st.record(addr, &Ok(Outcome::Known([1; 32])));
-        let now = Instant::now();
-        // Declined here: max_peers reached, queue full, topic not joined.
-        st.record(addr, &Err(declined(addr, MAX_PEERS_REACHED)));
-        st.record(addr, &Err(declined(addr, "the topic is not joined here")));
-        assert!(!st.in_backoff(addr, now));
-        assert_eq!(st.addrs[&addr].failures, 0);
-        assert_eq!(st.fresh_peer(addr, now), Some([1; 32]), "still verified");
-        assert_eq!(st.tier(addr, now, Purpose::Connect), Some(Tier::Verified));
-        // The remote refusing, or not answering, does count.
-        st.record(addr, &Err(refused(addr, code::BUSY)));
-        assert_eq!(st.addrs[&addr].failures, 1);
-        assert!(st.in_backoff(addr, Instant::now()));
-        assert_eq!(st.fresh_peer(addr, Instant::now()), None);
-        let other: SocketAddr = "10.0.0.2:1".parse().unwrap();
-        st.record(
-            other,
-            &Err(HyperswarmError::Handshake {
-                addr: other,
-                reason: "no answer within 1500 ms".into(),
-            }
-            .into()),
-        );
-        assert_eq!(st.addrs[&other].failures, 1);
-    }
-
-    #[test]
-    fn remembered_addresses_are_bounded() {
-        let mut st = State::default();
-        for i in 0..(MAX_TRACKED_ADDRS as u32 * 2) {
-            let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1));
-            st.verified(addr, [0; 32]);
-            assert!(st.addrs.len() <= MAX_TRACKED_ADDRS);
-        }
-    }
-
-    #[test]
-    fn info_hash_is_the_derived_prefix() {
-        let topic = [7u8; 32];
-        let derived = derive_from_topic(&topic, Domain::DhtInfoHash);
-        assert_eq!(info_hash(&topic).as_bytes()[..], derived[..20]);
-        assert_ne!(info_hash(&topic).as_bytes()[..], topic[..20]);
     }
 }

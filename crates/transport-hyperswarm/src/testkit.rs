@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::TransportFactory;
 
-use crate::{HyperswarmBuilder, HyperswarmError, HyperswarmTransport};
+use crate::{HyperswarmError, HyperswarmTransport, HyperswarmTransportBuilder};
 
 /// DHT nodes in the loopback testnet: enough for lookups to find announcements by routing,
 /// few enough to start in well under a second.
@@ -84,7 +84,7 @@ impl LoopbackDht {
     /// A builder for a transport on 127.0.0.1 using this DHT: a server-mode DHT node,
     /// [`LOOPBACK_DHT_REQUEST_TIMEOUT`] and [`LOOPBACK_LOOKUP_INTERVAL`]; everything else is
     /// the default. The demo and the benchmarks use this.
-    pub fn builder(&self) -> HyperswarmBuilder {
+    pub fn builder(&self) -> HyperswarmTransportBuilder {
         HyperswarmTransport::builder()
             .bootstrap(self.testnet.bootstrap.clone())
             .bind_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
@@ -94,11 +94,11 @@ impl LoopbackDht {
     }
 
     /// [`LoopbackDht::builder`] with the timeouts tests want, so that a failure or a dead
-    /// peer shows within seconds: 10 s requests, 5 s handshakes, a keep-alive every 500 ms
+    /// peer shows within seconds: a 10 s operation timeout, 5 s handshakes, a keep-alive every 500 ms
     /// with a 3 s idle timeout, lookups every 2 s.
-    pub fn test_builder(&self) -> HyperswarmBuilder {
+    pub fn test_builder(&self) -> HyperswarmTransportBuilder {
         self.builder()
-            .request_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
             .handshake_timeout(Duration::from_secs(5))
             .keep_alive(Duration::from_millis(500), Duration::from_secs(3))
             .lookup_interval(Duration::from_secs(2))

@@ -441,7 +441,7 @@ fn child_peer() {
             .bind_addr(SocketAddrV4::new(bind, 0))
             .dht_server_mode(true)
             .dht_request_timeout(Duration::from_millis(250))
-            .request_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
             .handshake_timeout(Duration::from_secs(5))
             .lookup_interval(Duration::from_secs(2))
             .build()
@@ -463,7 +463,18 @@ fn child_peer() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             _ => {
-                let failures = t.dial_failures();
+                // Each failure is typed; its text names the endpoint and the cause.
+                let failures: Vec<String> = t
+                    .dial_failures()
+                    .iter()
+                    .map(|f| {
+                        assert!(matches!(
+                            f.error,
+                            pluresdb_sync_transport_hyperswarm::HyperswarmError::Handshake { .. }
+                        ));
+                        f.to_string()
+                    })
+                    .collect();
                 println!(
                     "RESULT no connection within {} ms (public {:?}); dial failures: {failures:?}",
                     wait.as_millis(),

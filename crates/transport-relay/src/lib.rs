@@ -29,6 +29,9 @@
 //!   relay with a pre-shared key derived from the topic, so only peers that know the topic can
 //!   talk. The remote's peer id is the static key it proved. `encryption: false` turns this off
 //!   (both sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
+//! - Errors are typed: [`RelayTransport::recent_errors`] returns [`RelayError`]s, and a failed
+//!   session is [`RelayError::Session`] with a [`SessionError`] cause (a handshake timeout, a
+//!   version or encryption mismatch, a window violation, …).
 //! - Messages up to 16 MiB are split into relay frames (64 KiB by default) and reassembled.
 //! - Every session has end-to-end flow control: the receiver grants a window of
 //!   [`FLOW_WINDOW_BYTES`] and returns credit as the application reads, and `send` waits when
@@ -41,6 +44,8 @@
 //!   task. A session that ends on one side without its CLOSE reaching the other is answered
 //!   with a REJECT (no session), so a `send` never waits forever on a session that is gone;
 //!   after a failure, `receive` returns the error once and then `Ok(None)`.
+//!   `Transport::disconnect` sends CLOSE on every session, so peers' `receive` returns
+//!   `Ok(None)` at once.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
 //! - With the `testkit` feature, [`testkit`] holds test plumbing: an in-process relay, a raw
@@ -57,9 +62,5 @@ pub mod server;
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
-pub use client::{
-    CLIENT_IDLE_TIMEOUT, CLIENT_MAX_FRAME_BYTES, CLIENT_PING_INTERVAL, FLOW_FRAME_OVERHEAD,
-    FLOW_WINDOW_BYTES, RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, RelayTransport,
-    RelayTransportBuilder, SESSION_VERSION,
-};
-pub use error::RelayError;
+pub use client::{FLOW_WINDOW_BYTES, RelayTransport, RelayTransportBuilder, SESSION_VERSION};
+pub use error::{RelayError, SessionError};

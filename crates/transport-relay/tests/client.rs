@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::{Error, Identity, Transport, TransportConfig, TransportMode};
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
-use pluresdb_sync_transport_relay::{RelayError, RelayTransport};
+use pluresdb_sync_transport_relay::{RelayError, RelayTransport, SessionError};
 
 mod common;
-use common::{T, accept, next_message, recv, relay, relay_with, transport, wait_for_error};
+use common::{T, accept, errors, next_message, recv, relay, relay_with, transport, wait_for_error};
 
 #[tokio::test]
 async fn encryption_mismatch_is_a_clear_error_on_both_sides() {
@@ -25,6 +25,21 @@ async fn encryption_mismatch_is_a_clear_error_on_both_sides() {
     let mut off_rx = off.connect(topic).await.unwrap();
     let e1 = wait_for_error(&on, "encryption").await;
     let e2 = wait_for_error(&off, "encryption").await;
+    assert_eq!(
+        e1.session_cause(),
+        Some(&SessionError::EncryptionMismatch {
+            local: true,
+            remote: false
+        })
+    );
+    assert_eq!(
+        e2.session_cause(),
+        Some(&SessionError::EncryptionMismatch {
+            local: false,
+            remote: true
+        })
+    );
+    let (e1, e2) = (e1.to_string(), e2.to_string());
     assert!(
         e1.contains("encryption off") && e1.contains("has it on"),
         "{e1}"
@@ -80,15 +95,12 @@ async fn from_config_is_cheap_and_checks_the_url() {
         ..Default::default()
     };
     let err = RelayTransport::from_config(&missing).unwrap_err();
-    assert!(matches!(
-        err.downcast_ref::<Error>(),
-        Some(Error::MissingRelayUrl)
-    ));
+    assert!(
+        matches!(err, RelayError::Core(Error::MissingRelayUrl)),
+        "{err}"
+    );
     let err = RelayTransport::builder().build().unwrap_err();
-    assert!(matches!(
-        err.downcast_ref::<RelayError>(),
-        Some(RelayError::NoRelayUrl)
-    ));
+    assert!(matches!(err, RelayError::NoRelayUrl), "{err}");
     let err = RelayTransport::builder()
         .relay_url("http://x")
         .build()
@@ -256,9 +268,9 @@ async fn relay_loss_closes_sessions_then_failover_rejoins_and_peers_meet_again()
     cb2.send(b"after").await.unwrap();
     assert_eq!(recv(&mut ca2).await, b"after");
     assert!(
-        a.recent_errors().iter().any(|e| e.contains("1001")),
+        errors(&a).iter().any(|e| e.contains("1001")),
         "{:?}",
-        a.recent_errors()
+        errors(&a)
     );
     a.disconnect().await.unwrap();
     b.disconnect().await.unwrap();
@@ -375,9 +387,9 @@ async fn reconnects_with_backoff_to_a_restarted_relay() {
         while !t
             .recent_errors()
             .iter()
-            .any(|e| e.contains("cannot connect"))
+            .any(|e| matches!(e, RelayError::Connect { .. }))
         {
-            assert!(Instant::now() < deadline, "{:?}", t.recent_errors());
+            assert!(Instant::now() < deadline, "{:?}", errors(t));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -471,6 +483,134 @@ async fn tunnels_through_an_http_connect_proxy_with_basic_auth() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("socks5://x:1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_ends_the_peers_connections_cleanly() {
+    let (_server, url) = relay().await;
+    let (mut a, mut b, mut c) = (transport(&url), transport(&url), transport(&url));
+    let topic = fresh_topic("disconnect");
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let mut c_rx = c.connect(topic).await.unwrap();
+    let _a_conns = [accept(&mut a_rx).await, accept(&mut a_rx).await];
+    let mut ba = accept(&mut b_rx).await;
+    let mut ca = accept(&mut c_rx).await;
+    if ba.peer_id() != a.peer_id() {
+        ba = accept(&mut b_rx).await;
+    }
+    if ca.peer_id() != a.peer_id() {
+        ca = accept(&mut c_rx).await;
+    }
+    a.disconnect().await.unwrap();
+    for (t, conn) in [(&b, &mut ba), (&c, &mut ca)] {
+        assert_eq!(next_message(conn).await, None);
+        let err = conn.send(b"x").await.unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref::<Error>(),
+                Some(Error::ConnectionClosed { .. })
+            ),
+            "{err}"
+        );
+        assert!(errors(t).is_empty(), "a clean close: {:?}", errors(t));
+    }
+    let err = a.lookup(topic).await.unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::TransportDisconnected { .. })
+        ),
+        "{err}"
+    );
+}
+
+/// A fake relay for one unencrypted client: it makes relay connection 2 answer the client's
+/// HELLO (granting a huge window), then never reads the client's socket again while it sends,
+/// over 3 s, frames from strangers that each need an answer (REJECT, no session). The client
+/// fills its socket and outbound queue by then; a client that waited for room in that queue to
+/// answer would stop its idle timer too. Returns the URL.
+async fn relay_that_stops_reading() -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use pluresdb_sync_transport_relay::protocol::{
+        ClientFrame, Frame, RelayFrame, SUBPROTOCOL, decode, encode_deliver,
+    };
+    use tokio_tungstenite::tungstenite::{self, Message};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        #[allow(clippy::result_large_err)]
+        let cb = |_: &tungstenite::handshake::server::Request,
+                  mut resp: tungstenite::handshake::server::Response| {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
+            Ok(resp)
+        };
+        let ws = tokio_tungstenite::accept_hdr_async(s, cb).await.unwrap();
+        let (mut sink, mut stream) = ws.split();
+        let send = |f: Vec<u8>| Message::Binary(f.into());
+        let welcome = Frame::Relay(RelayFrame::Welcome {
+            conn: 1,
+            max_frame: 65536,
+            max_rooms: 64,
+            max_peers: 256,
+        });
+        sink.send(send(welcome.encode())).await.unwrap();
+        let room = loop {
+            let Some(Ok(Message::Binary(b))) = stream.next().await else {
+                return;
+            };
+            if let Ok(Frame::Client(ClientFrame::Join { room })) = decode(&b) {
+                break room;
+            }
+        };
+        let joined = Frame::Relay(RelayFrame::Joined {
+            room,
+            peers: vec![2],
+        });
+        sink.send(send(joined.encode())).await.unwrap();
+        let key = Identity::generate().unwrap().public_bytes();
+        let hello = [&[0x20][..], &key, &[2], &u32::MAX.to_be_bytes()].concat();
+        sink.send(send(encode_deliver(&room, 2, false, &hello)))
+            .await
+            .unwrap();
+        // From here on the client's socket is never read.
+        for stranger in 3..303u64 {
+            let frame = encode_deliver(&room, stranger, false, &[0x10; 40]);
+            if sink.send(send(frame)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _keep_open = (sink, stream);
+        std::future::pending::<()>().await;
+    });
+    format!("ws://{addr}/relay")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_reading_is_given_up_after_the_idle_timeout() {
+    let url = relay_that_stops_reading().await;
+    let mut t = RelayTransport::builder()
+        .relay_url(&url)
+        .encryption(false)
+        .keep_alive(Duration::from_millis(500))
+        .idle_timeout(Duration::from_secs(2))
+        .timeout(T)
+        .build()
+        .unwrap();
+    let mut rx = t.connect(fresh_topic("stops-reading")).await.unwrap();
+    let mut conn = accept(&mut rx).await;
+    // The application fills the socket, and the queue behind it, towards the stuck relay.
+    let filler = tokio::spawn(async move {
+        let m = vec![0u8; 1 << 20];
+        while conn.send(&m).await.is_ok() {}
+    });
+    let e = wait_for_error(&t, "nothing received for 2000 ms").await;
+    assert!(matches!(e, RelayError::Protocol { .. }), "{e}");
+    // Giving the socket up ended the session, so the blocked send returned.
+    tokio::time::timeout(T, filler).await.unwrap().unwrap();
 }
 
 #[tokio::test]

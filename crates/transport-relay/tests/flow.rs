@@ -13,11 +13,15 @@ use pluresdb_sync_transport_relay::protocol::{
     ClientFrame, Frame, RelayFrame, RoomId, SUBPROTOCOL,
 };
 use pluresdb_sync_transport_relay::server::RelayServer;
-use pluresdb_sync_transport_relay::{FLOW_WINDOW_BYTES, RelayTransport, SESSION_VERSION};
+use pluresdb_sync_transport_relay::{
+    FLOW_WINDOW_BYTES, RelayTransport, SESSION_VERSION, SessionError,
+};
 use tokio::sync::mpsc;
 
 mod common;
-use common::{T, Ws, accept, joined, next, next_message, raw, recv, relay, send, wait_for_error};
+use common::{
+    T, Ws, accept, errors, joined, next, next_message, raw, recv, relay, send, wait_for_error,
+};
 
 const WINDOW: usize = FLOW_WINDOW_BYTES as usize;
 
@@ -79,7 +83,7 @@ async fn one_way(
 }
 
 fn assert_no_slow_consumer(t: &RelayTransport) {
-    let errors = t.recent_errors();
+    let errors = errors(t);
     assert!(
         !errors
             .iter()
@@ -404,7 +408,14 @@ async fn ignores_its_window(encryption: bool) {
     }
 
     let err = wait_for_error(&victim, "flow-control window").await;
-    assert!(err.contains(&hex::encode(x.key)), "{err}");
+    assert!(
+        matches!(
+            err.session_cause(),
+            Some(SessionError::WindowExceeded { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&hex::encode(x.key)), "{err}");
     // What the victim holds for the hostile peer is what its window allowed, then the error.
     let mut held = 0;
     let end = loop {
@@ -427,9 +438,9 @@ async fn ignores_its_window(encryption: bool) {
     // The victim's other session is unaffected, both ways, well beyond a window.
     exchange(&mut vh, &mut hv, 200, 64 * 1024).await;
     assert!(
-        !victim.recent_errors().iter().any(|e| e.contains("4009")),
+        !errors(&victim).iter().any(|e| e.contains("4009")),
         "{:?}",
-        victim.recent_errors()
+        errors(&victim)
     );
     victim.disconnect().await.unwrap();
     honest.disconnect().await.unwrap();
@@ -483,7 +494,14 @@ async fn rejected_as_v1(
         "REJECT, version mismatch, our version"
     );
     let err = wait_for_error(t, "session version 1").await;
-    assert!(err.contains("flow control"), "{err}");
+    assert_eq!(
+        err.session_cause(),
+        Some(&SessionError::VersionMismatch {
+            local: SESSION_VERSION,
+            remote: 1
+        })
+    );
+    assert!(err.to_string().contains("flow control"), "{err}");
     assert!(
         rx.try_recv().is_err(),
         "no connection for a peer that was rejected"
@@ -570,7 +588,11 @@ async fn a_peer_that_only_looked_up_never_blocks_a_sender_forever() {
     assert!(err.contains("closed"), "{err}");
     assert!(sent * LEN <= WINDOW, "{sent} messages sent");
     let why = wait_for_error(&b, "nothing reads it").await;
-    assert!(why.contains(&a.peer_id()), "{why}");
+    assert!(
+        matches!(why.session_cause(), Some(SessionError::Unread { .. })),
+        "{why}"
+    );
+    assert!(why.to_string().contains(&a.peer_id()), "{why}");
     assert!(next_message(&mut ab).await.is_none());
 
     // B connects now: both get a connection to the other, which works both ways.
@@ -647,7 +669,8 @@ async fn a_send_waiting_for_credit_fails_when_the_peer_has_no_session() {
     assert!(sent * LEN <= WINDOW, "{sent}");
     assert!(err.contains("closed"), "{err}");
     let why = wait_for_error(&a, "has no session").await;
-    assert!(why.contains(&hex::encode(x.key)), "{why}");
+    assert_eq!(why.session_cause(), Some(&SessionError::NoSession));
+    assert!(why.to_string().contains(&hex::encode(x.key)), "{why}");
     a.disconnect().await.unwrap();
 }
 
@@ -712,4 +735,27 @@ async fn send_then_receive(c: &mut Box<dyn Connection>, i: usize) -> Vec<u8> {
         .expect("send of the largest message deadlocked")
         .unwrap();
     recv(c).await
+}
+
+/// `disconnect` sends CLOSE on every live session, so the peer learns at once (before the
+/// relay's PEER_LEFT, which alone told it before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_sends_close_on_every_session() {
+    let (server, url) = relay().await;
+    let mut leaving = transport_with(&url, true);
+    let topic = fresh_topic("disconnect-close");
+    let mut l_rx = leaving.connect(topic).await.unwrap();
+    let (mut x, cipher, v, _held) = raw_session(&server, &topic, &leaving, &mut l_rx).await;
+    leaving.disconnect().await.unwrap();
+    let close = x.deliver_from(v).await;
+    assert_eq!(close[0], 0x10, "SEALED: {close:?}");
+    let mut out = [0u8; 64];
+    let n = cipher
+        .read_message(1 << 63, &close[1..], &mut out)
+        .expect("sealed with the first control nonce");
+    assert_eq!(&out[..n], &[2], "a CLOSE chunk");
+    match next(&mut x.ws).await {
+        Frame::Relay(RelayFrame::PeerLeft { peer, .. }) => assert_eq!(peer, v),
+        other => panic!("expected PEER_LEFT after the CLOSE, got {other:?}"),
+    }
 }

@@ -410,3 +410,195 @@ async fn members_of_a_dead_node_are_forgotten_and_a_clean_stop_says_goodbye() {
     survivor.shutdown().await;
     nats.stop().await;
 }
+
+/// Bytes of a bus message as `docs/relay-nats.md` lays them out (built here from the doc, not
+/// with the relay's encoder).
+fn bus(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = vec![kind];
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// A relay DELIVER frame, which is also the bus DELIVER.
+fn deliver_bytes(room: [u8; 32], from: u64, flags: u8, payload: &[u8]) -> Vec<u8> {
+    bus(0x84, &[&room, &from.to_be_bytes(), &[flags], payload])
+}
+
+/// Waits until the metrics counter `name` reaches `at_least`.
+async fn counter_reaches(relay: &RelayServer, name: &str, at_least: u64) {
+    let read = |text: String| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    tokio::time::timeout(T, async {
+        while read(relay.metrics_text()) < at_least {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name} stayed below {at_least}: {}", relay.metrics_text()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_speaks_the_documented_bus_format_and_drops_anything_else() {
+    let Some(nats) = NatsServer::start_or_skip().await else {
+        return;
+    };
+    let config = RelayServerConfig::builder()
+        .nats_url(Some(nats.url()))
+        // Room for the test's own answer on a loaded machine.
+        .nats_membership_wait(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let relay = relay_with(config).await.0;
+    let room = [5u8; 32];
+    let p = "pluresdb.relay.v1";
+    let room_subject = format!("{p}.room.{}", hex::encode(room));
+    // A member on a pretend node, whose messages this test publishes by hand.
+    let fake_node: u32 = 0x0BAD_CAFE;
+    let fake = (u64::from(fake_node) << 32) | 1;
+    let fake_subject = format!("{p}.conn.{fake_node:08x}.00000001");
+
+    let peer = async_nats::connect(nats.url()).await.unwrap();
+    let mut room_sub = peer.subscribe(room_subject.clone()).await.unwrap();
+    let mut node_sub = peer.subscribe(format!("{p}.node")).await.unwrap();
+    let mut fake_sub = peer.subscribe(fake_subject).await.unwrap();
+    peer.flush().await.unwrap();
+
+    let (mut x, x_id) = raw(relay.local_addr()).await;
+    send(&mut x, Frame::Client(ClientFrame::Join { room })).await;
+    // The node announces X, then asks who is in the room; the pretend node answers.
+    let joined_msg = tokio::time::timeout(T, room_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        joined_msg.payload.as_ref(),
+        bus(0xA2, &[&room, &x_id.to_be_bytes()]),
+        "MEMBER_JOINED"
+    );
+    let query = tokio::time::timeout(T, room_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(query.payload.as_ref(), bus(0xA4, &[&room]), "MEMBERS_QUERY");
+    let members = bus(0xA5, &[&room, &1u32.to_be_bytes(), &fake.to_be_bytes()]);
+    peer.publish(query.reply.unwrap(), members.into())
+        .await
+        .unwrap();
+    match next(&mut x).await {
+        Frame::Relay(RelayFrame::Joined { peers, .. }) => assert_eq!(peers, vec![fake]),
+        other => panic!("expected JOINED listing the pretend member, got {other:?}"),
+    }
+    // The node's heartbeat carries its node id; the pretend node beats too.
+    let node_id = (x_id >> 32) as u32;
+    loop {
+        let beat = tokio::time::timeout(T, node_sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if beat.payload.as_ref() == bus(0xA0, &[&node_id.to_be_bytes()]) {
+            break;
+        }
+    }
+    let heartbeat = bus(0xA0, &[&fake_node.to_be_bytes()]);
+    peer.publish(format!("{p}.node"), heartbeat.into())
+        .await
+        .unwrap();
+
+    // Anything else is dropped and counted; the old format's frames are not bus messages.
+    let x_subject = format!("{p}.conn.{:08x}.{:08x}", x_id >> 32, x_id as u32);
+    let hostile: Vec<(String, Vec<u8>)> = vec![
+        // The old goodbye (PONG node): must not make the node forget the pretend member.
+        (
+            format!("{p}.node"),
+            bus(0x06, &[&u64::from(fake_node).to_be_bytes()]),
+        ),
+        // The old membership query (JOIN room).
+        (room_subject.clone(), bus(0x01, &[&room])),
+        // A truncated MEMBER_LEFT of the pretend member.
+        (room_subject.clone(), bus(0xA3, &[&room, &[0, 0, 0]])),
+        // Bad DELIVER flags.
+        (room_subject.clone(), deliver_bytes(room, fake, 2, b"x")),
+        // A direct DELIVER on the room subject, a broadcast one on a connection subject.
+        (room_subject.clone(), deliver_bytes(room, fake, 0, b"x")),
+        (x_subject.clone(), deliver_bytes(room, fake, 1, b"x")),
+        // Another room's announcement on this room's subject.
+        (
+            room_subject.clone(),
+            bus(0xA3, &[&[6; 32], &fake.to_be_bytes()]),
+        ),
+        (room_subject.clone(), Vec::new()),
+    ];
+    let count = hostile.len() as u64;
+    for (subject, payload) in hostile {
+        peer.publish(subject, payload.into()).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    counter_reaches(&relay, "pluresdb_relay_nats_dropped_total", count).await;
+
+    // Well-formed traffic from the pretend node reaches X as the very same bytes.
+    let broadcast = deliver_bytes(room, fake, 1, b"to all");
+    peer.publish(room_subject.clone(), broadcast.clone().into())
+        .await
+        .unwrap();
+    let direct = deliver_bytes(room, fake, 0, b"to x");
+    peer.publish(x_subject, direct.clone().into())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match tokio::time::timeout(T, x.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Binary(b) => got.push(b.to_vec()),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got.sort();
+    let mut want = vec![broadcast, direct];
+    want.sort();
+    assert_eq!(got, want);
+
+    // X's SEND to the pretend member (still known: the old goodbye did nothing) is published
+    // on its connection subject as a DELIVER.
+    send(
+        &mut x,
+        Frame::Client(ClientFrame::Send {
+            room,
+            to: fake,
+            payload: b"to fake".to_vec(),
+        }),
+    )
+    .await;
+    let sent = tokio::time::timeout(T, fake_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sent.payload.as_ref(),
+        deliver_bytes(room, x_id, 0, b"to fake")
+    );
+
+    // MEMBER_LEFT of the pretend member: X hears PEER_LEFT.
+    peer.publish(
+        room_subject,
+        bus(0xA3, &[&room, &fake.to_be_bytes()]).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut x).await,
+        Frame::Relay(RelayFrame::PeerLeft { room, peer: fake })
+    );
+    relay.shutdown().await;
+    nats.stop().await;
+}

@@ -1,4 +1,5 @@
-//! Relay server limits.
+//! The relay server's settings: every limit with its documented default, the checks that
+//! they fit together, the builder, and a `Debug` that never shows a secret.
 
 use std::time::Duration;
 
@@ -42,7 +43,10 @@ pub const DEFAULT_NATS_SUBJECT_PREFIX: &str = "pluresdb.relay.v1";
 pub const DEFAULT_NATS_MEMBERSHIP_WAIT: Duration = Duration::from_millis(250);
 
 /// The relay server's limits. Build with [`RelayServerConfig::builder`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Its `Debug` output shows how many bearer tokens there are, never the tokens, and NATS URLs
+/// without their user info (credentials).
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RelayServerConfig {
     /// The largest relay frame (one WebSocket message), in bytes.
@@ -98,6 +102,64 @@ impl Default for RelayServerConfig {
             nats_membership_wait: DEFAULT_NATS_MEMBERSHIP_WAIT,
         }
     }
+}
+
+impl std::fmt::Debug for RelayServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured, so a new field cannot be forgotten here.
+        let Self {
+            max_frame_bytes,
+            max_rooms_per_connection,
+            max_peers_per_room,
+            max_connections_per_ip,
+            handshake_timeout,
+            join_timeout,
+            ping_interval,
+            idle_timeout,
+            send_queue_frames,
+            slow_consumer_timeout,
+            auth_tokens,
+            max_bytes_per_sec_per_ip,
+            nats_url,
+            nats_subject_prefix,
+            nats_membership_wait,
+        } = self;
+        f.debug_struct("RelayServerConfig")
+            .field("max_frame_bytes", max_frame_bytes)
+            .field("max_rooms_per_connection", max_rooms_per_connection)
+            .field("max_peers_per_room", max_peers_per_room)
+            .field("max_connections_per_ip", max_connections_per_ip)
+            .field("handshake_timeout", handshake_timeout)
+            .field("join_timeout", join_timeout)
+            .field("ping_interval", ping_interval)
+            .field("idle_timeout", idle_timeout)
+            .field("send_queue_frames", send_queue_frames)
+            .field("slow_consumer_timeout", slow_consumer_timeout)
+            .field(
+                "auth_tokens",
+                &format_args!("<{} redacted>", auth_tokens.len()),
+            )
+            .field("max_bytes_per_sec_per_ip", max_bytes_per_sec_per_ip)
+            .field("nats_url", &nats_url.as_deref().map(redact_url))
+            .field("nats_subject_prefix", nats_subject_prefix)
+            .field("nats_membership_wait", nats_membership_wait)
+            .finish()
+    }
+}
+
+/// NATS URL(s) (comma-separated) without user info: `nats://user:secret@host:4222` shows as
+/// `nats://<redacted>@host:4222`. For logs, errors and `Debug`.
+pub(crate) fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| {
+            let rest_at = u.find("://").map_or(0, |i| i + 3);
+            match u[rest_at..].rfind('@') {
+                Some(at) => format!("{}<redacted>{}", &u[..rest_at], &u[rest_at + at..]),
+                None => u.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl RelayServerConfig {
@@ -269,5 +331,50 @@ impl RelayServerConfigBuilder {
     pub fn build(self) -> Result<RelayServerConfig, RelayError> {
         self.0.check()?;
         Ok(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_tokens_or_nats_credentials() {
+        let config = RelayServerConfig::builder()
+            .auth_tokens(vec!["s3cret-token".into(), "other-token".into()])
+            .nats_url(Some(
+                "nats://relay:pa55word@10.0.0.1:4222,tls://tok3n@10.0.0.2:4222,nats://10.0.0.3"
+                    .into(),
+            ))
+            .build()
+            .unwrap();
+        for text in [
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            format!(
+                "{:?}",
+                RelayServerConfig::builder().auth_tokens(config.auth_tokens.clone())
+            ),
+        ] {
+            for secret in ["s3cret", "other-token", "pa55word", "relay:", "tok3n"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+        }
+        let text = format!("{config:?}");
+        assert!(text.contains("auth_tokens: <2 redacted>"), "{text}");
+        assert!(
+            text.contains(
+                "nats://<redacted>@10.0.0.1:4222,tls://<redacted>@10.0.0.2:4222,nats://10.0.0.3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("max_frame_bytes: 65536"), "{text}");
+    }
+
+    #[test]
+    fn urls_without_user_info_are_shown_as_they_are() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("user:pw@host:4222"), "<redacted>@host:4222");
+        assert_eq!(redact_url(""), "");
     }
 }

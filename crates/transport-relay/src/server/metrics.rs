@@ -1,11 +1,12 @@
-//! Prometheus text metrics of a relay server.
+//! The relay server's counters and their Prometheus text. A leaf: it knows nothing of the
+//! server's other modules, which only count into it.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why the relay dropped a frame or a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Drop {
+pub(crate) enum DropReason {
     Malformed,
     UnknownType,
     TextFrame,
@@ -26,27 +27,40 @@ pub(crate) enum Drop {
     NatsDown,
 }
 
-const DROPS: [(Drop, &str); 18] = [
-    (Drop::Malformed, "malformed"),
-    (Drop::UnknownType, "unknown_type"),
-    (Drop::TextFrame, "text_frame"),
-    (Drop::Oversized, "oversized"),
-    (Drop::NotInRoom, "not_in_room"),
-    (Drop::UnknownPeer, "unknown_peer"),
-    (Drop::RoomFull, "room_full"),
-    (Drop::TooManyRooms, "too_many_rooms"),
-    (Drop::AlreadyJoined, "already_joined"),
-    (Drop::SlowConsumer, "slow_consumer"),
-    (Drop::IdleTimeout, "idle_timeout"),
-    (Drop::JoinTimeout, "join_timeout"),
-    (Drop::HandshakeTimeout, "handshake_timeout"),
-    (Drop::PerIpLimit, "per_ip_limit"),
-    (Drop::BadUpgrade, "bad_upgrade"),
-    (Drop::Unauthorized, "unauthorized"),
-    (Drop::RateLimited, "rate_limited"),
-    (Drop::NatsDown, "nats_down"),
+const DROPS: [(DropReason, &str); 18] = [
+    (DropReason::Malformed, "malformed"),
+    (DropReason::UnknownType, "unknown_type"),
+    (DropReason::TextFrame, "text_frame"),
+    (DropReason::Oversized, "oversized"),
+    (DropReason::NotInRoom, "not_in_room"),
+    (DropReason::UnknownPeer, "unknown_peer"),
+    (DropReason::RoomFull, "room_full"),
+    (DropReason::TooManyRooms, "too_many_rooms"),
+    (DropReason::AlreadyJoined, "already_joined"),
+    (DropReason::SlowConsumer, "slow_consumer"),
+    (DropReason::IdleTimeout, "idle_timeout"),
+    (DropReason::JoinTimeout, "join_timeout"),
+    (DropReason::HandshakeTimeout, "handshake_timeout"),
+    (DropReason::PerIpLimit, "per_ip_limit"),
+    (DropReason::BadUpgrade, "bad_upgrade"),
+    (DropReason::Unauthorized, "unauthorized"),
+    (DropReason::RateLimited, "rate_limited"),
+    (DropReason::NatsDown, "nats_down"),
 ];
 
+/// Counters of the NATS path (with `nats_url`).
+#[derive(Debug, Default)]
+pub(crate) struct NatsMetrics {
+    pub(crate) published: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) publish_errors: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) slow_consumer: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) up: AtomicU64,
+}
+
+/// Counters of one relay server.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     pub(crate) connections_open: AtomicU64,
@@ -58,7 +72,7 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn drop(&self, reason: Drop) {
+    pub(crate) fn dropped(&self, reason: DropReason) {
         if let Some(i) = DROPS.iter().position(|(d, _)| *d == reason) {
             self.drops[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -71,7 +85,7 @@ impl Metrics {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, rooms: usize, nats: Option<&super::nats::NatsMetrics>) -> String {
+    pub(crate) fn render(&self, rooms: usize, nats: Option<&NatsMetrics>) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -190,8 +204,8 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
-        m.drop(Drop::SlowConsumer);
-        m.drop(Drop::SlowConsumer);
+        m.dropped(DropReason::SlowConsumer);
+        m.dropped(DropReason::SlowConsumer);
         m.forwarded(2, 100);
         let text = m.render(3, None);
         assert!(text.contains("pluresdb_relay_rooms 3\n"), "{text}");

@@ -3,6 +3,16 @@
 //! Stateless beyond live sockets: a room is the set of connections that joined it, and goes
 //! away with them. Any relay can serve any client; a restart loses only the live sockets.
 //!
+//! This file is the server handle and its listeners. The rest, each owning one kind of state
+//! (imports only go down this list, so there is no cycle): `config` (settings), `metrics`
+//! (counters; a leaf), `outbox` (a queued batch of frames), `rooms` (room → local members, and
+//! every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
+//! `nats` (the bus to other nodes: remote members, node liveness), `state` (what every
+//! connection shares), `gather` (one burst's DELIVERs per receiver), `requests` (a
+//! connection's state and what each frame does), `writer` (a connection's writer task),
+//! `conn` (its reader loop), `http` and `upgrade` (the request head, checks and upgrade),
+//! `tls` (PEM loading).
+//!
 //! ```no_run
 //! use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 //!
@@ -17,155 +27,38 @@
 
 mod config;
 mod conn;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+mod gather;
 mod http;
+mod limits;
 mod metrics;
 mod nats;
 mod outbox;
+mod requests;
+mod rooms;
+mod state;
+mod tls;
+mod upgrade;
+mod writer;
 
-pub use nats::{
-    NATS_CLIENT_CAPACITY, NATS_CONNECT_TIMEOUT, NATS_HEARTBEAT_INTERVAL, NATS_MAX_NODES,
-    NATS_NODE_TIMEOUT, NATS_PUBLISH_TIMEOUT, NATS_SUBSCRIPTION_CAPACITY,
-};
-
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use config::*;
+pub use tls::tls_config_from_pem;
 
-use crate::protocol::{ConnId, RoomId};
-use metrics::Metrics;
-
-type IpEntry = (usize, Arc<Mutex<Bucket>>);
-
-/// A member of a room, as other connections see it.
-#[derive(Clone, Debug)]
-struct Member {
-    tx: tokio::sync::mpsc::Sender<outbox::Batch>,
-    kill: Arc<watch::Sender<Option<(u16, String)>>>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    config: RelayServerConfig,
-    rooms: Mutex<HashMap<RoomId, HashMap<ConnId, Member>>>,
-    /// Open connections and the shared byte-rate bucket of each client IP.
-    per_ip: Mutex<HashMap<IpAddr, IpEntry>>,
-    next_id: std::sync::atomic::AtomicU64,
-    metrics: Metrics,
-    shutdown: watch::Receiver<bool>,
-    /// The bus to the other relay nodes, with `nats_url`.
-    nats: Option<nats::Nats>,
-}
-
-impl Shared {
-    fn rooms(&self) -> MutexGuard<'_, HashMap<RoomId, HashMap<ConnId, Member>>> {
-        // A panic while holding the lock cannot leave the map inconsistent in a way that
-        // matters more than losing the relay, so poisoning is ignored.
-        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn metrics_text(&self) -> String {
-        let rooms = self.rooms().len();
-        self.metrics
-            .render(rooms, self.nats.as_ref().map(|n| &*n.metrics))
-    }
-}
-
-/// Counts a connection against its IP's limit until dropped.
-struct IpSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-    over_limit: bool,
-    /// The IP's byte-rate bucket, shared by all its connections.
-    bucket: Arc<Mutex<Bucket>>,
-}
-
-impl IpSlot {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Self {
-        let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let (n, bucket) = map.entry(ip).or_insert_with(|| {
-            let rate = shared.config.max_bytes_per_sec_per_ip.unwrap_or(0);
-            (
-                0,
-                Arc::new(Mutex::new(Bucket::new(rate, shared.config.max_frame_bytes))),
-            )
-        });
-        *n += 1;
-        let over_limit = *n > shared.config.max_connections_per_ip;
-        Self {
-            shared: shared.clone(),
-            ip,
-            over_limit,
-            bucket: bucket.clone(),
-        }
-    }
-
-    /// Charges `bytes` read; returns how long to pause reading (zero when within the rate).
-    fn charge(&self, bytes: usize) -> std::time::Duration {
-        if self.shared.config.max_bytes_per_sec_per_ip.is_none() {
-            return std::time::Duration::ZERO;
-        }
-        self.bucket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(bytes as f64, std::time::Instant::now())
-    }
-}
-
-/// A token bucket of bytes: `rate` per second, holding at most one second's worth (and at
-/// least two frames, so one frame can always pass).
-#[derive(Debug)]
-struct Bucket {
-    rate: f64,
-    capacity: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    fn new(rate: u64, max_frame: usize) -> Self {
-        let rate = rate as f64;
-        let capacity = rate.max(2.0 * max_frame as f64);
-        Self {
-            rate,
-            capacity,
-            tokens: capacity,
-            last: std::time::Instant::now(),
-        }
-    }
-
-    fn take(&mut self, bytes: f64, now: std::time::Instant) -> std::time::Duration {
-        if self.rate <= 0.0 {
-            return std::time::Duration::ZERO;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity) - bytes;
-        if self.tokens >= 0.0 {
-            std::time::Duration::ZERO
-        } else {
-            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
-        }
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((n, _)) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
+use limits::PerIp;
+use metrics::{DropReason, Metrics};
+use rooms::Rooms;
+use state::Shared;
 
 /// A running relay server. Dropping it stops accepting and aborts every connection;
 /// [`RelayServer::shutdown`] first tells clients to go away (close code 1001).
@@ -191,8 +84,16 @@ impl RelayServer {
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> io::Result<Self> {
         config.check().map_err(io::Error::other)?;
+        let metrics = Arc::new(Metrics::default());
+        let rooms = Arc::new(Rooms::new(
+            metrics.clone(),
+            config.slow_consumer_timeout,
+            config.send_queue_frames,
+        ));
         let nats = match &config.nats_url {
-            Some(url) => Some(nats::Nats::connect(url, &config.nats_subject_prefix).await?),
+            Some(url) => Some(Arc::new(
+                nats::Nats::connect(url, &config, rooms.clone()).await?,
+            )),
             None => None,
         };
         // With NATS, the high 32 bits of a connection id are this node's random id, so ids
@@ -201,16 +102,23 @@ impl RelayServer {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        if let Some(n) = &nats {
+            n.start().await?;
+        }
+        let per_ip = PerIp::new(
+            config.max_connections_per_ip,
+            config.max_bytes_per_sec_per_ip,
+            config.max_frame_bytes,
+        );
         let shared = Arc::new(Shared {
             config,
-            rooms: Mutex::default(),
-            per_ip: Mutex::default(),
-            next_id: std::sync::atomic::AtomicU64::new(first_id),
-            metrics: Metrics::default(),
+            rooms,
+            per_ip: Arc::new(per_ip),
+            next_id: AtomicU64::new(first_id),
+            metrics,
             shutdown: shutdown_rx,
             nats,
         });
-        nats::Nats::start(&shared).await?;
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(
             listener,
@@ -295,22 +203,22 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let slot = IpSlot::take(&shared, peer.ip());
+                    let slot = shared.per_ip.take(peer.ip());
                     match &tls {
                         None => {
-                            conns.spawn(conn::handle(shared.clone(), stream, peer, slot));
+                            conns.spawn(upgrade::handle(shared.clone(), stream, peer, slot));
                         }
                         Some(acceptor) => {
                             let (acceptor, shared) = (acceptor.clone(), shared.clone());
                             conns.spawn(async move {
                                 let limit = shared.config.handshake_timeout;
                                 match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                                    Ok(Ok(tls)) => conn::handle(shared, tls, peer, slot).await,
+                                    Ok(Ok(tls)) => upgrade::handle(shared, tls, peer, slot).await,
                                     Ok(Err(e)) => {
-                                        shared.metrics.drop(metrics::Drop::BadUpgrade);
+                                        shared.metrics.dropped(DropReason::BadUpgrade);
                                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                                     }
-                                    Err(_) => shared.metrics.drop(metrics::Drop::HandshakeTimeout),
+                                    Err(_) => shared.metrics.dropped(DropReason::HandshakeTimeout),
                                 }
                             });
                         }
@@ -368,67 +276,5 @@ async fn serve_metrics_request(mut stream: TcpStream, shared: Arc<Shared>) {
             )
             .await
         }
-    }
-}
-
-/// A rustls server configuration (ring, TLS 1.2 and 1.3) from PEM files: a certificate chain
-/// and its private key (PKCS#8, PKCS#1 or SEC1).
-pub fn tls_config_from_pem(
-    cert_path: &std::path::Path,
-    key_path: &std::path::Path,
-) -> Result<Arc<rustls::ServerConfig>, crate::RelayError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |name: &'static str, path: &std::path::Path, reason: String| {
-        crate::RelayError::InvalidSetting {
-            name,
-            value: path.display().to_string(),
-            reason,
-        }
-    };
-    let certs = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad(
-            "tls_cert",
-            cert_path,
-            "no certificate in the file".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad("tls_cert", cert_path, e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| bad("tls_key", key_path, e.to_string()))?;
-    Ok(Arc::new(config))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn bucket_pauses_after_the_burst_and_refills_at_the_rate() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(1000, 100); // capacity 1000 bytes
-        b.last = t0;
-        assert_eq!(b.take(1000.0, t0), Duration::ZERO);
-        let wait = b.take(500.0, t0);
-        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
-        // One second later the debt is paid and 500 more are available.
-        assert_eq!(b.take(500.0, t0 + Duration::from_secs(1)), Duration::ZERO);
-        // Never more than the capacity after a long idle.
-        let wait = b.take(1500.0, t0 + Duration::from_secs(100));
-        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
-        let mut off = Bucket::new(0, 100);
-        assert_eq!(off.take(1e9, t0), Duration::ZERO);
     }
 }

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pluresdb_sync_core::testkit::TransportFactory;
 use pluresdb_sync_core::{Connection, Transport};
-use pluresdb_sync_transport_relay::RelayTransport;
 use pluresdb_sync_transport_relay::protocol::{Frame, RoomId, SUBPROTOCOL};
 use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
 use pluresdb_sync_transport_relay::testkit::{self, raw};
+use pluresdb_sync_transport_relay::{RelayError, RelayTransport};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
 
@@ -82,20 +82,29 @@ pub(crate) async fn recv(c: &mut Box<dyn Connection>) -> Vec<u8> {
     next_message(c).await.expect("connection closed")
 }
 
-/// Waits until `t` reported an error containing `needle`; returns it.
-pub(crate) async fn wait_for_error(t: &RelayTransport, needle: &str) -> String {
+/// Waits until `t` reported an error whose message contains `needle`; returns it.
+pub(crate) async fn wait_for_error(t: &RelayTransport, needle: &str) -> RelayError {
     let deadline = Instant::now() + T;
     loop {
-        if let Some(e) = t.recent_errors().into_iter().find(|e| e.contains(needle)) {
+        if let Some(e) = t
+            .recent_errors()
+            .into_iter()
+            .find(|e| e.to_string().contains(needle))
+        {
             return e;
         }
         assert!(
             Instant::now() < deadline,
             "no error containing {needle:?}: {:?}",
-            t.recent_errors()
+            errors(t)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The messages of `t`'s recent errors.
+pub(crate) fn errors(t: &RelayTransport) -> Vec<String> {
+    t.recent_errors().iter().map(ToString::to_string).collect()
 }
 
 /// A loopback port that was free a moment ago.

@@ -1,0 +1,252 @@
+//! Discovery on the mainline DHT: a topic's info-hash, the DHT node (bootstrap names are
+//! resolved here, so that errors can say what each resolved to), announcing and refreshing,
+//! `connect`'s periodic lookups feeding dial rounds, and `lookup`'s query feeding the
+//! identify checks; "no DHT node answered" is told apart from a timeout.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
+use tokio::sync::mpsc;
+
+use super::Node;
+use super::candidates::{DialRound, LOOKUP_CHECK_BUDGET, MAX_CANDIDATES};
+use crate::HyperswarmError;
+use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
+use crate::error::BootstrapNode;
+
+/// Re-announce interval while the public address is still unknown.
+const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
+
+/// The 20-byte DHT info-hash of a topic: a domain-separated hash, so the topic stays private.
+fn info_hash(topic: &TopicHash) -> mainline::Id {
+    let derived = derive_from_topic(topic, Domain::DhtInfoHash);
+    let mut id = [0u8; 20];
+    id.copy_from_slice(&derived[..20]);
+    // `from_bytes` only fails on a length other than 20.
+    mainline::Id::from_bytes(id).unwrap_or_else(|_| mainline::Id::random())
+}
+
+/// Builds the DHT node for `settings`, with the bootstrap nodes resolved to IPv4 addresses
+/// (blocking: name resolution). Returns what each bootstrap node resolved to.
+pub(super) fn start_dht(s: &Settings) -> Result<(mainline::Dht, Vec<BootstrapNode>), String> {
+    let bootstrap = match &s.bootstrap {
+        Some(nodes) => resolve_bootstrap(nodes),
+        None => resolve_bootstrap(&mainline::DEFAULT_BOOTSTRAP_NODES),
+    };
+    let resolved: Vec<SocketAddrV4> = bootstrap
+        .iter()
+        .flat_map(|n| n.resolved.iter().copied())
+        .collect();
+    let mut b = mainline::Dht::builder();
+    b.bind_address(*s.bind.ip()).port(0).bootstrap(&resolved);
+    if s.dht_server_mode {
+        b.server_mode();
+    }
+    if let Some(t) = s.dht_request_timeout {
+        b.request_timeout(t);
+    }
+    let dht = b
+        .build()
+        .map_err(|e| format!("cannot start the DHT node: {e}"))?;
+    Ok((dht, bootstrap))
+}
+
+/// Resolves bootstrap `host:port` names to IPv4 addresses (blocking).
+fn resolve_bootstrap(nodes: &[impl AsRef<str>]) -> Vec<BootstrapNode> {
+    use std::net::ToSocketAddrs;
+    nodes
+        .iter()
+        .map(|node| {
+            let node = node.as_ref();
+            let resolved = match node.to_socket_addrs() {
+                Ok(addrs) => addrs
+                    .filter_map(|a| match a {
+                        SocketAddr::V4(v4) => Some(v4),
+                        SocketAddr::V6(_) => None,
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "cannot resolve a DHT bootstrap node");
+                    Vec::new()
+                }
+            };
+            BootstrapNode::new(node, resolved)
+        })
+        .collect()
+}
+
+impl Node {
+    /// Announces `topic` now (the data socket's public port, learned first) and keeps
+    /// refreshing it until shutdown: every announce interval, or every 5 s while the public
+    /// address is unknown.
+    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
+        self.register_topic(topic);
+        if self.state().topics.is_announcing(&topic) {
+            return Ok(());
+        }
+        self.announce_once(topic).await?;
+        let node = self.clone();
+        let handle = self.spawn(async move {
+            loop {
+                // Until the public address is known, retry soon: the announced port may be
+                // the wrong one behind a NAT that does not keep ports.
+                let wait = if node.public_addr().is_some() {
+                    node.settings.announce_interval
+                } else {
+                    node.settings.announce_interval.min(UNKNOWN_ADDR_RETRY)
+                };
+                tokio::time::sleep(wait).await;
+                if let Err(e) = node.announce_once(topic).await {
+                    tracing::warn!(error = %e, "re-announcing on the DHT failed; retrying later");
+                }
+            }
+        });
+        self.state().topics.set_announcing(&topic, handle);
+        Ok(())
+    }
+
+    async fn announce_once(&self, topic: TopicHash) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let public = self.learn_public_addr().await;
+        let port = self
+            .settings
+            .announce_port
+            .or(public.map(|p| p.port()))
+            .unwrap_or(self.local_addr.port());
+        match tokio::time::timeout(
+            self.settings.timeout,
+            self.dht.announce_peer(info_hash(&topic), Some(port)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(mainline::errors::PutQueryError::ErrorResponse(e))) => {
+                Err(HyperswarmError::Start {
+                    bind: self.local_addr.to_string(),
+                    reason: format!("DHT nodes refused the announcement: {e:?}"),
+                }
+                .into())
+            }
+            // No node to send it to, or none of them answered.
+            Ok(Err(_)) => Err(self.unreachable("announcing", started)),
+            Err(_) => Err(self.timeout_error(format!(
+                "announcing on the mainline DHT (bootstrap nodes: {})",
+                self.bootstrap_text()
+            ))),
+        }
+    }
+
+    /// Joins `topic`: announce, then look up and dial peers periodically.
+    pub(crate) async fn connect(
+        self: &Arc<Self>,
+        topic: TopicHash,
+    ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
+        self.announce(topic).await?;
+        let (tx, rx) = mpsc::channel(self.settings.max_peers);
+        let node = self.clone();
+        let handle = self.spawn(async move { node.discover(topic).await });
+        self.state().topics.set_accepting(&topic, tx, handle);
+        Ok(rx)
+    }
+
+    /// Looks the topic up periodically (0.25 s after joining, then doubling up to the lookup
+    /// interval) and feeds each query's answers, as they arrive, to a [`DialRound`], which
+    /// gets [`LOOKUP_CHECK_BUDGET`] after the query for what it could not dial at once.
+    async fn discover(self: Arc<Self>, topic: TopicHash) {
+        let mut interval = FIRST_LOOKUP_INTERVAL;
+        loop {
+            let mut round = DialRound::new(topic);
+            let mut stream = self.dht.get_peers(info_hash(&topic));
+            let deadline = tokio::time::Instant::now() + self.settings.timeout;
+            while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+                if !round.offer(&self, batch.into_iter().map(SocketAddr::V4)) {
+                    break;
+                }
+            }
+            drop(stream);
+            let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
+            round.finish(&self, budget).await;
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(self.settings.lookup_interval);
+        }
+    }
+
+    /// Lists the peers on `topic`: the DHT's answers (at most [`MAX_CANDIDATES`]), each
+    /// verified by its Noise key (see [`Node::verify`]). Fails with
+    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all.
+    pub(crate) async fn lookup(
+        self: &Arc<Self>,
+        topic: TopicHash,
+    ) -> anyhow::Result<Vec<PeerInfo>> {
+        self.register_topic(topic);
+        let started = Instant::now();
+        let mut stream = self.dht.get_peers(info_hash(&topic));
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut candidates: Vec<SocketAddr> = Vec::new();
+        let mut got_any_batch = false;
+        'outer: while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+            got_any_batch = true;
+            for addr in batch {
+                let addr = SocketAddr::V4(addr);
+                if !candidates.contains(&addr) {
+                    candidates.push(addr);
+                    if candidates.len() >= MAX_CANDIDATES {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        drop(stream);
+        if !got_any_batch && !self.dht_reachable().await {
+            return Err(self.unreachable("looking up peers", started));
+        }
+        Ok(self.verify(topic, candidates).await)
+    }
+
+    /// Whether the DHT node knows any other node.
+    async fn dht_reachable(&self) -> bool {
+        let id = *self.dht.info().await.id();
+        !self.dht.find_node(id).await.is_empty()
+    }
+
+    /// The error of an operation that ran out of time (DHT nodes answered, but too slowly).
+    fn timeout_error(&self, what: String) -> anyhow::Error {
+        Error::Timeout {
+            what,
+            ms: self.settings.timeout.as_millis() as u64,
+        }
+        .into()
+    }
+
+    fn bootstrap_text(&self) -> String {
+        let nodes: Vec<String> = self.bootstrap.iter().map(ToString::to_string).collect();
+        nodes.join(", ")
+    }
+
+    /// The error of an operation that found no DHT node to talk to.
+    fn unreachable(&self, operation: &'static str, started: Instant) -> anyhow::Error {
+        HyperswarmError::DhtUnreachable {
+            operation,
+            bootstrap: self.bootstrap.clone(),
+            elapsed: started.elapsed(),
+        }
+        .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_hash_is_the_derived_prefix() {
+        let topic = [7u8; 32];
+        let derived = derive_from_topic(&topic, Domain::DhtInfoHash);
+        assert_eq!(info_hash(&topic).as_bytes()[..], derived[..20]);
+        assert_ne!(info_hash(&topic).as_bytes()[..], topic[..20]);
+    }
+}
