@@ -87,7 +87,8 @@ pub use pluresdb_sync_transport_disabled as disabled;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-/// The workspace README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "disabled"))]
+/// The workspace README's examples, compiled and run as doctests (its replica example runs
+/// over the relay transport).
+#[cfg(all(doctest, feature = "disabled", feature = "relay"))]
 #[doc = include_str!("../../../README.md")]
 pub struct WorkspaceReadmeDoctests;
