@@ -7,6 +7,8 @@
 //!   waiting together share a transport message). Baseline: N raw `Connection` messages of
 //!   the size of one event's envelope, sent from A's connection until B's connection
 //!   received them all.
+//! - Events one by one: the same, but each event (each raw message) is sent only once the
+//!   previous one arrived: no batching, the cost of one event's trip (N / 20 of them).
 //! - Messages: M application messages of 16 KiB with `send_to` until B's `Messages` receiver
 //!   has them all, against M raw 16 KiB `Connection` messages.
 
@@ -147,20 +149,29 @@ async fn measure(
     };
 
     let (mut raw_events, mut bridge_events) = (Vec::new(), Vec::new());
+    let (mut raw_single, mut bridge_single) = (Vec::new(), Vec::new());
+    let singles = (args.events / 20).max(1);
     let (mut raw_msgs, mut bridge_msgs) = (Vec::new(), Vec::new());
     for round in 0..args.rounds.max(1) {
         let (x, y, r) = raw_rate(ca, cb, event_bytes, args.events).await?;
         (ca, cb) = (x, y);
         raw_events.push(r);
         bridge_events.push(bridge_event_rate(&hub_a, &mut seen_b, args.events).await?);
+        raw_single.push(raw_one_by_one(&mut ca, &mut cb, event_bytes, singles).await?);
+        bridge_single.push(bridge_one_by_one(&hub_a, &mut seen_b, singles).await?);
         let (x, y, r) = raw_rate(ca, cb, MESSAGE, args.messages).await?;
         (ca, cb) = (x, y);
         raw_msgs.push(r);
         bridge_msgs.push(bridge_message_rate(&a, &peer_b, &mut messages_b, args.messages).await?);
         eprintln!(
-            "  {mode} round {round}: events raw {:.0}/s bridge {:.0}/s; 16 KiB messages raw \
-             {:.0}/s bridge {:.0}/s",
-            raw_events[round], bridge_events[round], raw_msgs[round], bridge_msgs[round]
+            "  {mode} round {round}: events raw {:.0}/s bridge {:.0}/s; one by one raw {:.0}/s \
+             bridge {:.0}/s; 16 KiB messages raw {:.0}/s bridge {:.0}/s",
+            raw_events[round],
+            bridge_events[round],
+            raw_single[round],
+            bridge_single[round],
+            raw_msgs[round],
+            bridge_msgs[round]
         );
     }
     let status = a.status();
@@ -181,6 +192,11 @@ async fn measure(
             name: format!("{mode}: events of {event_bytes} B"),
             raw: median(&mut raw_events),
             bridge: median(&mut bridge_events),
+        },
+        Row {
+            name: format!("{mode}: events of {event_bytes} B, one by one"),
+            raw: median(&mut raw_single),
+            bridge: median(&mut bridge_single),
         },
         Row {
             name: format!("{mode}: messages (16 KiB)"),
@@ -234,6 +250,44 @@ async fn raw_rate(
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
     Ok((sender.await??, b, rate))
+}
+
+/// `count` raw messages of `size` bytes, each sent once the previous one arrived, per second.
+async fn raw_one_by_one(
+    a: &mut Box<dyn Connection>,
+    b: &mut Box<dyn Connection>,
+    size: usize,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let message = vec![0x5a; size];
+    let started = Instant::now();
+    for i in 0..count {
+        a.send(&message).await?;
+        let got = tokio::time::timeout(WAIT, b.receive())
+            .await
+            .with_context(|| format!("raw message {i} timed out"))??
+            .context("raw connection closed")?;
+        ensure!(got.len() == size, "raw message {i} has {} bytes", got.len());
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `count` events, each published once the previous one reached the peer's hub, per second.
+async fn bridge_one_by_one(
+    hub: &SyncBroadcaster,
+    seen: &mut broadcast::Receiver<SyncEvent>,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    for i in 0..count {
+        hub.publish(event(i)).context("publishing")?;
+        let got = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .with_context(|| format!("event {i} timed out"))?
+            .with_context(|| format!("event {i}"))?;
+        ensure!(got == event(i), "event {i} arrived as {got:?}");
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// `count` events published on `hub` until `seen` (the peer's hub) has them all, per second.
