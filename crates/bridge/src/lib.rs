@@ -40,7 +40,8 @@
 //!
 //! - **Events out.** Every `NodeUpsert` / `NodeDelete` the application publishes on the hub
 //!   ([`SyncBroadcaster::publish`]) goes to every peer linked at that moment, in the order
-//!   published, in the event codec inside a small envelope (`docs/event-codec.md`).
+//!   published, in the event codec inside a small envelope (`docs/event-codec.md`); events
+//!   already waiting for a peer travel together in one envelope (no timer, no added wait).
 //! - **Events in.** Events from peers are published on the local hub with
 //!   [`SyncBroadcaster::publish_remote`]; `PeerConnected` / `PeerDisconnected` are published as
 //!   peers come and go.
