@@ -262,9 +262,9 @@ fn benchmarks_run_in_miniature() {
     );
     for row in [
         "relay: events of 20 B",
-        "relay: messages (16 KiB)",
+        "relay: messages of 16384 B",
         "hyperswarm: events of 20 B",
-        "hyperswarm: messages (16 KiB)",
+        "hyperswarm: messages of 16384 B",
     ] {
         assert!(table.contains(row), "{table}");
     }

@@ -9,8 +9,8 @@
 //!   received them all.
 //! - Events one by one: the same, but each event (each raw message) is sent only once the
 //!   previous one arrived: no batching, the cost of one event's trip (N / 20 of them).
-//! - Messages: M application messages of 16 KiB with `send_to` until B's `Messages` receiver
-//!   has them all, against M raw 16 KiB `Connection` messages.
+//! - Messages: M application messages (16 KiB by default) with `send_to` until B's
+//!   `Messages` receiver has them all, against M raw `Connection` messages of the same size.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,8 +26,6 @@ use tokio::sync::broadcast;
 
 use super::median;
 
-/// Bytes of one application message in the message rows.
-const MESSAGE: usize = 16 * 1024;
 /// How long any one wait may take before the benchmark fails.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -37,9 +35,12 @@ pub(crate) struct BridgeBenchArgs {
     /// Events per round.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
-    /// 16 KiB messages per round.
+    /// Application messages per round.
     #[arg(long, default_value_t = 10_000)]
     messages: usize,
+    /// Bytes per application message.
+    #[arg(long, default_value_t = 16 * 1024)]
+    message_bytes: usize,
     /// Rounds of each measurement (interleaved; the median is reported).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -159,13 +160,22 @@ async fn measure(
         bridge_events.push(bridge_event_rate(&hub_a, &mut seen_b, args.events).await?);
         raw_single.push(raw_one_by_one(&mut ca, &mut cb, event_bytes, singles).await?);
         bridge_single.push(bridge_one_by_one(&hub_a, &mut seen_b, singles).await?);
-        let (x, y, r) = raw_rate(ca, cb, MESSAGE, args.messages).await?;
+        let (x, y, r) = raw_rate(ca, cb, args.message_bytes, args.messages).await?;
         (ca, cb) = (x, y);
         raw_msgs.push(r);
-        bridge_msgs.push(bridge_message_rate(&a, &peer_b, &mut messages_b, args.messages).await?);
+        bridge_msgs.push(
+            bridge_message_rate(
+                &a,
+                &peer_b,
+                &mut messages_b,
+                args.message_bytes,
+                args.messages,
+            )
+            .await?,
+        );
         eprintln!(
             "  {mode} round {round}: events raw {:.0}/s bridge {:.0}/s; one by one raw {:.0}/s \
-             bridge {:.0}/s; 16 KiB messages raw {:.0}/s bridge {:.0}/s",
+             bridge {:.0}/s; messages raw {:.0}/s bridge {:.0}/s",
             raw_events[round],
             bridge_events[round],
             raw_single[round],
@@ -199,7 +209,7 @@ async fn measure(
             bridge: median(&mut bridge_single),
         },
         Row {
-            name: format!("{mode}: messages (16 KiB)"),
+            name: format!("{mode}: messages of {} B", args.message_bytes),
             raw: median(&mut raw_msgs),
             bridge: median(&mut bridge_msgs),
         },
@@ -310,15 +320,16 @@ async fn bridge_event_rate(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// `count` 16 KiB messages sent with `send_to` until `messages` has them all, per second.
-/// The sender is its own task, as in the raw baseline.
+/// `count` messages of `size` bytes sent with `send_to` until `messages` has them all, per
+/// second. The sender is its own task, as in the raw baseline.
 async fn bridge_message_rate(
     bridge: &Arc<SyncBridge>,
     peer: &str,
     messages: &mut Messages,
+    size: usize,
     count: usize,
 ) -> anyhow::Result<f64> {
-    let message = vec![0x5a; MESSAGE];
+    let message = vec![0x5a; size];
     let started = Instant::now();
     let (bridge, peer) = (bridge.clone(), peer.to_owned());
     let send = tokio::spawn(async move {
@@ -333,7 +344,7 @@ async fn bridge_message_rate(
                 .await
                 .with_context(|| format!("message {i} timed out"))?
                 .context("the bridge stopped")?;
-            ensure!(got.len() == MESSAGE, "message {i} has {} bytes", got.len());
+            ensure!(got.len() == size, "message {i} has {} bytes", got.len());
         }
         anyhow::Ok(())
     };
