@@ -13,6 +13,9 @@
 //! | `handshake.rs` | dialling and answering: QUIC, probes, Noise XX, hello, typed causes |
 //! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
 //! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
+//! | `lan.rs` | LAN discovery's driver: the multicast socket, interfaces, candidates to dial rounds |
+//! | `lan_machine.rs` | pure: LAN announces, queries and answers, packet checks, the candidate table |
+//! | `offline.rs` | no DHT while LAN discovery runs: `announce` succeeds, warns once, retries |
 //!
 //! `topics`, `sessions` and `book` live under one lock ([`Node::state`]); the dialer and the
 //! reflexive learner have their own. Lock order: the dialer's in-flight lock, then the state.
@@ -39,6 +42,9 @@ mod dialer;
 mod discovery;
 mod duplicate;
 mod handshake;
+mod lan;
+mod lan_machine;
+mod offline;
 mod reflexive;
 mod sessions;
 mod topics;
@@ -46,6 +52,8 @@ mod topics;
 use book::AddressBook;
 use candidates::WarnLimit;
 use dialer::{Dialer, MAX_CONCURRENT_DIALS};
+use lan::Lan;
+pub use lan_machine::LanStats;
 use reflexive::Reflexive;
 use sessions::Sessions;
 use topics::Topics;
@@ -77,6 +85,8 @@ pub(crate) struct Node {
     dialer: Arc<Dialer>,
     /// Rate limit of "cannot reach a peer" warnings.
     unreachable_warnings: Mutex<WarnLimit>,
+    /// LAN discovery (`None` when off or bound to loopback).
+    lan: Option<Lan>,
 }
 
 impl std::fmt::Debug for Node {
@@ -119,6 +129,7 @@ impl Node {
         let (endpoint, data, diverted) = endpoint;
         let local_addr = endpoint.local_addr()?;
         let announce_port = settings.announce_port;
+        let lan = Lan::new(&settings, local_addr);
         let node = Arc::new(Node {
             public_key: settings.identity.public_bytes(),
             settings,
@@ -137,11 +148,15 @@ impl Node {
             shutdown: CancellationToken::new(),
             dialer: Dialer::new(MAX_CONCURRENT_DIALS),
             unreachable_warnings: Mutex::new(WarnLimit::default()),
+            lan,
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
         let handler = node.clone();
         node.spawn(async move { handler.handle_diverted(diverted).await });
+        if node.lan.is_some() {
+            node.spawn(node.clone().lan_driver());
+        }
         tracing::debug!(addr = %local_addr, peer = %node.settings.identity.peer_id(), "hyperswarm node started");
         Ok(node)
     }

@@ -80,10 +80,10 @@ fn resolve_bootstrap(nodes: &[impl AsRef<str>]) -> Vec<BootstrapNode> {
 }
 
 impl Node {
-    /// Announces `topic` now (the data socket's public port, learned first) and keeps
-    /// refreshing it until shutdown: every announce interval, or every 5 s while the public
-    /// address is unknown.
-    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
+    /// Announces `topic` on the DHT now (the data socket's public port, learned first) and
+    /// keeps refreshing it until shutdown: every announce interval, or every 5 s while the
+    /// public address is unknown. (`Node::announce` adds the LAN.)
+    pub(crate) async fn announce_dht(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
         self.register_topic(topic);
         if self.state().topics.is_announcing(&topic) {
             return Ok(());
@@ -140,16 +140,34 @@ impl Node {
         }
     }
 
-    /// Joins `topic`: announce, then look up and dial peers periodically.
+    /// Joins `topic`: announce, then look up and dial peers periodically. With LAN
+    /// discovery, it returns at once: connections are taken and LAN peers dialled from the
+    /// start, and the DHT is announced on in the background (unreachable, it is retried:
+    /// see `offline.rs`).
     pub(crate) async fn connect(
         self: &Arc<Self>,
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
-        self.announce(topic).await?;
+        let lan = self.lan_on();
+        if lan {
+            self.register_topic(topic);
+        } else {
+            self.announce(topic).await?;
+        }
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
         let node = self.clone();
         let handle = self.spawn(async move { node.discover(topic).await });
         self.state().topics.set_accepting(&topic, tx, handle);
+        if lan {
+            self.lan_seek(topic);
+            self.lan_advertise(topic);
+            let node = self.clone();
+            self.spawn(async move {
+                if let Err(e) = node.announce(topic).await {
+                    tracing::warn!(error = %e, "announcing on the DHT failed");
+                }
+            });
+        }
         Ok(rx)
     }
 
@@ -175,14 +193,16 @@ impl Node {
         }
     }
 
-    /// Lists the peers on `topic`: the DHT's answers (at most [`MAX_CANDIDATES`]), each
-    /// verified by its Noise key (see [`Node::verify`]). Fails with
-    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all.
+    /// Lists the peers on `topic`: the LAN's and the DHT's candidates (at most
+    /// [`MAX_CANDIDATES`]), each verified by its Noise key (see [`Node::verify`]). Fails with
+    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all, unless LAN
+    /// discovery runs.
     pub(crate) async fn lookup(
         self: &Arc<Self>,
         topic: TopicHash,
     ) -> anyhow::Result<Vec<PeerInfo>> {
         self.register_topic(topic);
+        let lan_answers = self.lan_seek(topic);
         let started = Instant::now();
         let mut stream = self.dht.get_peers(info_hash(&topic));
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
@@ -202,8 +222,15 @@ impl Node {
         }
         drop(stream);
         if !got_any_batch && !self.dht_reachable().await {
-            return Err(self.unreachable("looking up peers", started));
+            let e = self.unreachable("looking up peers", started);
+            if !self.lan_on() {
+                return Err(e);
+            }
+            self.dht_unreachable(&e);
         }
+        let candidates = self
+            .with_lan_candidates(topic, lan_answers, candidates)
+            .await;
         Ok(self.verify(topic, candidates).await)
     }
 
