@@ -43,7 +43,7 @@ mod discovery;
 mod duplicate;
 mod handshake;
 mod lan;
-mod lan_machine;
+pub(crate) mod lan_machine;
 mod offline;
 mod reflexive;
 mod sessions;
