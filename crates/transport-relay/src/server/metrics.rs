@@ -25,9 +25,11 @@ pub(crate) enum DropReason {
     Unauthorized,
     RateLimited,
     NatsDown,
+    DatagramNoRoute,
+    DatagramQueueFull,
 }
 
-const DROPS: [(DropReason, &str); 18] = [
+const DROPS: [(DropReason, &str); 20] = [
     (DropReason::Malformed, "malformed"),
     (DropReason::UnknownType, "unknown_type"),
     (DropReason::TextFrame, "text_frame"),
@@ -46,6 +48,8 @@ const DROPS: [(DropReason, &str); 18] = [
     (DropReason::Unauthorized, "unauthorized"),
     (DropReason::RateLimited, "rate_limited"),
     (DropReason::NatsDown, "nats_down"),
+    (DropReason::DatagramNoRoute, "datagram_no_route"),
+    (DropReason::DatagramQueueFull, "datagram_queue_full"),
 ];
 
 /// Counters of the NATS path (with `nats_url`).
@@ -68,6 +72,7 @@ pub(crate) struct Metrics {
     pub(crate) frames_forwarded: AtomicU64,
     pub(crate) bytes_forwarded: AtomicU64,
     pub(crate) frames_received: AtomicU64,
+    pub(crate) datagrams_forwarded: AtomicU64,
     drops: [AtomicU64; DROPS.len()],
 }
 
@@ -129,6 +134,12 @@ impl Metrics {
             "counter",
             "Bytes of DELIVER frames queued to receivers.",
             get(&self.bytes_forwarded),
+        );
+        metric(
+            "pluresdb_relay_datagrams_forwarded_total",
+            "counter",
+            "DATAGRAM frames queued to receivers (the others are counted as drops).",
+            get(&self.datagrams_forwarded),
         );
         let _ = writeln!(
             out,

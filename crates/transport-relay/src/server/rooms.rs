@@ -27,11 +27,13 @@ pub(super) fn kill(k: &watch::Sender<Option<(u16, String)>>, code: u16, reason: 
     });
 }
 
-/// A member of a room, as other connections see it: its writer's queue and its kill switch.
+/// A member of a room, as other connections see it: its writer's queue, its kill switch,
+/// and whether it speaks `pluresdb-relay.v2` (only those receive datagrams).
 #[derive(Clone, Debug)]
 pub(super) struct Member {
     pub(super) tx: mpsc::Sender<Batch>,
     pub(super) kill: Kill,
+    pub(super) datagrams: bool,
 }
 
 /// What a JOIN did to the registry.
@@ -233,6 +235,7 @@ mod tests {
             Member {
                 tx,
                 kill: Arc::new(kill),
+                datagrams: true,
             },
             rx,
             killed,
