@@ -9,14 +9,19 @@
 //!   machine (rooms, per-peer sessions, the handshake patterns), speaking [`action`]s.
 //! - [`wire`] (peer frames) and [`flow`] (windows): pure formats and arithmetic.
 //! - [`connection`]: the application's `Connection` (chunking, sealing, reassembly).
+//! - [`datagram`] (with [`link_machine`] and [`link_socket`]): the datagram link of relay
+//!   protocol v2, a path for QUIC packets (Auto mode): rooms, membership, datagrams.
 
 mod action;
 mod builder;
 mod connection;
+mod datagram;
 mod dial;
 mod driver;
 mod flow;
 mod handshake;
+mod link_machine;
+mod link_socket;
 mod machine;
 mod outbound;
 mod proxy;
@@ -39,6 +44,10 @@ use crate::RelayError;
 use driver::{Cmd, Driver};
 
 pub use builder::RelayTransportBuilder;
+pub use datagram::{
+    Datagram, DatagramLink, LINK_DATAGRAM_QUEUE, LINK_EVENT_QUEUE, LinkEvent, LinkReceivers,
+    LinkStats, MAX_LINK_ROOMS, datagrams_of,
+};
 pub use flow::FLOW_WINDOW_BYTES;
 pub use wire::SESSION_VERSION;
 
@@ -65,7 +74,7 @@ impl ErrorLog {
         errors.push_back(e);
     }
 
-    fn snapshot(&self) -> Vec<RelayError> {
+    pub(crate) fn snapshot(&self) -> Vec<RelayError> {
         let errors = self.0.lock().unwrap_or_else(|p| p.into_inner());
         errors.iter().cloned().collect()
     }
