@@ -25,10 +25,10 @@ pub(crate) struct PeerArgs {
     /// The topic to join, as 64 hex digits (as `pluresdb-sync topic` prints it).
     #[arg(long)]
     topic: Option<String>,
-    /// The transport: hyperswarm, relay or disabled.
+    /// The transport: hyperswarm, relay, auto (the DHT and a relay together) or disabled.
     #[arg(long, default_value = "hyperswarm")]
     mode: TransportMode,
-    /// The relay's ws:// or wss:// URL (relay mode).
+    /// The relay's ws:// or wss:// URL (relay and auto modes).
     #[arg(long, env = "PLURESDB_SYNC_RELAY_URL")]
     relay_url: Option<String>,
     /// Timeout for network operations, in milliseconds.
@@ -40,7 +40,7 @@ pub(crate) struct PeerArgs {
     /// Identity key file (from `pluresdb-sync keygen`); a new random identity without it.
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
-    /// DHT bootstrap nodes, host:port, comma-separated (Hyperswarm mode) [default:
+    /// DHT bootstrap nodes, host:port, comma-separated (Hyperswarm and auto modes) [default:
     /// $PLURESDB_SYNC_BOOTSTRAP, else the public mainline DHT].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     bootstrap: Vec<String>,
@@ -141,6 +141,16 @@ fn build_transport(
                 .relay_url(config.relay_url.clone().unwrap_or_default())
                 .encryption(config.encryption)
                 .timeout(config.timeout());
+            if let Some(identity) = identity {
+                builder = builder.identity(identity);
+            }
+            Box::new(builder.build()?)
+        }
+        TransportMode::Auto => {
+            let mut builder = pluresdb_sync::AutoTransportBuilder::from_config(&config)?;
+            if !args.bootstrap.is_empty() {
+                builder = builder.bootstrap(args.bootstrap.clone());
+            }
             if let Some(identity) = identity {
                 builder = builder.identity(identity);
             }

@@ -43,6 +43,11 @@
 //! Networking starts lazily: [`HyperswarmTransport::from_config`] and the builder only check
 //! settings; the first async call binds the socket and starts the DHT node.
 //!
+//! With a [`relay_path::RelayPath`] ([`HyperswarmTransportBuilder::relay_path`], what Auto
+//! mode's crate sets), a relay is one more path and discovery source: topics are joined in
+//! its rooms too, and members met there are dialled and connected through it exactly like
+//! DHT peers (see [`relay_path`]).
+//!
 //! With the `testkit` feature, [`testkit::LoopbackDht`] runs a private DHT on loopback for
 //! tests, demos and benchmarks.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -56,7 +61,9 @@ pub mod fuzzing;
 mod krpc;
 mod node;
 mod noise;
+mod path;
 mod quic;
+pub mod relay_path;
 mod socket;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
@@ -149,6 +156,21 @@ impl HyperswarmTransport {
         self.node.get().map_or(0, |n| n.probes_received())
     }
 
+    /// Counters of the data socket's paths (direct UDP, relay); zero before networking
+    /// starts.
+    pub fn path_stats(&self) -> relay_path::PathStats {
+        self.node.get().map(|n| n.path_stats()).unwrap_or_default()
+    }
+
+    /// Every address where a peer proved its key (by peer id), direct or through a relay:
+    /// a peer met both on the DHT and in a relay room is listed at both.
+    pub fn verified_addresses(&self) -> Vec<(String, relay_path::PeerAddress)> {
+        self.node
+            .get()
+            .map(|n| n.verified_addresses())
+            .unwrap_or_default()
+    }
+
     /// The data socket's local address, once networking has started.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.node.get().map(|n| n.local_addr())
@@ -169,15 +191,27 @@ impl Transport for HyperswarmTransport {
         &mut self,
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
-        self.node().await?.connect(topic).await
+        let node = self.node().await?;
+        match self.settings.relay {
+            Some(_) => node.auto_connect(topic).await,
+            None => node.connect(topic).await,
+        }
     }
 
     async fn announce(&mut self, topic: TopicHash) -> anyhow::Result<()> {
-        self.node().await?.announce(topic).await
+        let node = self.node().await?;
+        match self.settings.relay {
+            Some(_) => node.auto_announce(topic).await,
+            None => node.announce(topic).await,
+        }
     }
 
     async fn lookup(&self, topic: TopicHash) -> anyhow::Result<Vec<PeerInfo>> {
-        self.node().await?.lookup(topic).await
+        let node = self.node().await?;
+        match self.settings.relay {
+            Some(_) => node.auto_lookup(topic).await,
+            None => node.lookup(topic).await,
+        }
     }
 
     async fn disconnect(&mut self) -> anyhow::Result<()> {

@@ -13,9 +13,12 @@
 //! | `handshake.rs` | dialling and answering: QUIC, probes, Noise XX, hello, typed causes |
 //! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
 //! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
+//! | `relay_rooms.rs` | pure: with a relay path, each topic's room: joined or not, its members' virtual addresses |
+//! | `relayed.rs` | with a relay path (Auto mode): its events, dialling room members, `announce`/`connect`/`lookup` over the relay and the DHT |
 //!
-//! `topics`, `sessions` and `book` live under one lock ([`Node::state`]); the dialer and the
-//! reflexive learner have their own. Lock order: the dialer's in-flight lock, then the state.
+//! `topics`, `sessions`, `book` and `relay` live under one lock ([`Node::state`]); the dialer
+//! and the reflexive learner have their own. Lock order: the dialer's in-flight lock, then the
+//! state.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,6 +43,8 @@ mod discovery;
 mod duplicate;
 mod handshake;
 mod reflexive;
+mod relay_rooms;
+mod relayed;
 mod sessions;
 mod topics;
 
@@ -47,6 +52,7 @@ use book::AddressBook;
 use candidates::WarnLimit;
 use dialer::{Dialer, MAX_CONCURRENT_DIALS};
 use reflexive::Reflexive;
+use relay_rooms::RelayRooms;
 use sessions::Sessions;
 use topics::Topics;
 
@@ -56,6 +62,7 @@ struct State {
     topics: Topics,
     sessions: Sessions,
     book: AddressBook,
+    relay: RelayRooms,
 }
 
 pub(crate) struct Node {
@@ -67,7 +74,10 @@ pub(crate) struct Node {
     /// The data socket's public address as DHT nodes report it.
     reflexive: Reflexive,
     local_addr: SocketAddr,
-    dht: AsyncDht,
+    /// The DHT node (`None` when the DHT is off).
+    dht: Option<AsyncDht>,
+    /// Woken when a relay room is joined (with a relay path).
+    relay_joined: tokio::sync::Notify,
     /// The bootstrap nodes and what they resolved to (given to the DHT node as addresses).
     bootstrap: Vec<BootstrapNode>,
     state: Mutex<State>,
@@ -102,7 +112,12 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let socket = quic::bind_socket(s.bind)
                     .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
-                let (dht, bootstrap) = discovery::start_dht(&s)?;
+                let (dht, bootstrap) = if s.dht {
+                    let (dht, bootstrap) = discovery::start_dht(&s)?;
+                    (Some(dht), bootstrap)
+                } else {
+                    (None, Vec::new())
+                };
                 Ok((socket, dht, bootstrap))
             }),
         )
@@ -126,12 +141,14 @@ impl Node {
             data,
             reflexive: Reflexive::default(),
             local_addr,
-            dht: dht.as_async(),
+            dht: dht.map(|d| d.as_async()),
+            relay_joined: tokio::sync::Notify::new(),
             bootstrap,
             state: Mutex::new(State {
                 topics: Topics::default(),
                 sessions: Sessions::default(),
                 book: AddressBook::new(local_addr, announce_port),
+                relay: RelayRooms::default(),
             }),
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
@@ -142,6 +159,10 @@ impl Node {
         node.spawn(async move { accepting.accept_loop().await });
         let handler = node.clone();
         node.spawn(async move { handler.handle_diverted(diverted).await });
+        if let Some(path) = node.settings.relay.clone() {
+            let events = node.clone();
+            node.spawn(async move { events.relay_events(path).await });
+        }
         tracing::debug!(addr = %local_addr, peer = %node.settings.identity.peer_id(), "hyperswarm node started");
         Ok(node)
     }
@@ -172,6 +193,9 @@ impl Node {
     /// Stops everything: no more announcing, every connection closed, receivers ended.
     pub(crate) fn shutdown(&self) {
         self.shutdown.cancel();
+        if let Some(path) = &self.settings.relay {
+            path.close();
+        }
         self.endpoint.close(code::DISCONNECT, b"disconnect");
         {
             let mut st = self.state();
@@ -203,6 +227,35 @@ impl Node {
 
     pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
         self.state().book.dial_failures()
+    }
+
+    pub(crate) fn path_stats(&self) -> crate::relay_path::PathStats {
+        let c = &self.data.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        crate::relay_path::PathStats {
+            relayed_out: get(&c.relayed_out),
+            relayed_in: get(&c.relayed_in),
+            direct_blocked: get(&c.direct_blocked),
+            unroutable: get(&c.unroutable),
+        }
+    }
+
+    pub(crate) fn verified_addresses(&self) -> Vec<(String, crate::relay_path::PeerAddress)> {
+        use crate::relay_path::PeerAddress;
+        let verified = self.state().book.verified_peers();
+        verified
+            .into_iter()
+            .map(|(addr, peer)| {
+                let at = match self.data.routes().route(&addr) {
+                    Some(route) => PeerAddress::Relayed(self.describe_route(&route)),
+                    None if crate::path::is_virtual(&addr) => {
+                        PeerAddress::Relayed("relay (route gone)".into())
+                    }
+                    None => PeerAddress::Direct(addr),
+                };
+                (hex::encode(peer), at)
+            })
+            .collect()
     }
 
     pub(crate) fn probes_received(&self) -> u64 {

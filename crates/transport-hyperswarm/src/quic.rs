@@ -87,7 +87,11 @@ pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result
     // must not be greased.
     endpoint_config.grease_quic_bit(false);
     let runtime = Arc::new(quinn::TokioRuntime);
-    let (data, diverted) = DataSocket::new(runtime.wrap_udp_socket(socket)?);
+    let (data, diverted) = DataSocket::new(
+        runtime.wrap_udp_socket(socket)?,
+        settings.relay.clone(),
+        settings.direct,
+    );
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         Some(server),

@@ -96,9 +96,19 @@ impl Node {
                 .await
                 .map_err(|e| fail(stream_cause(&conn, e)))?;
             let mut reply = [0u8; TAG_LEN];
-            recv.read_exact(&mut reply)
-                .await
-                .map_err(|e| fail(stream_cause(&conn, e)))?;
+            if let Err(e) = recv.read_exact(&mut reply).await {
+                // A leader that already holds a connection with us closes this one as a
+                // duplicate right after its tag, which the close may overtake: the peer (its
+                // key proven by Noise) is there, just connected already.
+                if closed_cause(&conn)
+                    == Some(HandshakeFailure::Closed {
+                        reason: code::describe(code::DUPLICATE),
+                    })
+                {
+                    return Ok(Outcome::Known(hs.remote_static));
+                }
+                return Err(fail(stream_cause(&conn, e)));
+            }
             if !noise::tags_equal(&reply, &noise::topic_tag(&psk, Role::Responder, &hs.hash)) {
                 conn.close(code::PROTOCOL, b"bad topic tag");
                 return Err(DialError::protocol(

@@ -196,7 +196,7 @@ impl Node {
     /// Learns the data socket's public address from up to [`REFLEXIVE_PINGS`] DHT nodes of
     /// the routing table (or, right after start while it is empty, the bootstrap nodes).
     pub(super) async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
-        let table = self.dht.to_bootstrap().await;
+        let table = self.dht.as_ref()?.to_bootstrap().await;
         let bootstrap = self
             .bootstrap
             .iter()

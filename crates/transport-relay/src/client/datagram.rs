@@ -195,7 +195,6 @@ impl Shared {
 /// # Ok(())
 /// # }
 /// ```
-
 pub struct DatagramLink {
     shared: Arc<Shared>,
 }
