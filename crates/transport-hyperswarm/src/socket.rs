@@ -447,6 +447,99 @@ mod tests {
         assert_eq!(diverted, vec![probe.clone(), probe]);
     }
 
+    /// A relay path over channels: what the data socket sends, and what it is to receive.
+    #[derive(Debug)]
+    struct Channels {
+        sent: std::sync::Mutex<Vec<(crate::relay_path::RelayRoute, usize, Vec<u8>)>>,
+        incoming: std::sync::Mutex<mpsc::UnboundedReceiver<RelayDatagram>>,
+    }
+
+    impl RelayPath for Channels {
+        fn join(&self, _: &pluresdb_sync_core::TopicHash) {}
+        fn send(&self, to: &crate::relay_path::RelayRoute, segment: usize, d: &[u8]) -> bool {
+            self.sent.lock().unwrap().push((*to, segment, d.to_vec()));
+            true
+        }
+        fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<RelayDatagram>> {
+            self.incoming.lock().unwrap().poll_recv(cx)
+        }
+        fn poll_event(&self, _: &mut Context<'_>) -> Poll<Option<crate::relay_path::RelayEvent>> {
+            Poll::Pending
+        }
+        fn close(&self) {}
+        fn url(&self, _: u64) -> Option<String> {
+            None
+        }
+    }
+
+    /// Packets to a virtual address go to its route (a GSO batch with its segment size),
+    /// never to UDP; relay batches come back from the route's address, a batch larger than
+    /// quinn's buffer split over several entries at whole datagrams; with direct UDP off,
+    /// real addresses are neither sent to nor read from.
+    #[tokio::test]
+    async fn virtual_addresses_are_routed_through_the_relay() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let path = Arc::new(Channels {
+            sent: Default::default(),
+            incoming: std::sync::Mutex::new(rx),
+        });
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_nonblocking(true).unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, udp).unwrap();
+        let (socket, _diverted) = DataSocket::new(inner, Some(path.clone()), false);
+        let route = crate::relay_path::RelayRoute {
+            link: 1,
+            room: [5; 32],
+            conn: 9,
+        };
+        let vaddr = socket.routes().addr_for(&route).unwrap();
+        let batch = quic(3 * 1200 + 100, 7);
+        let send = |to: SocketAddr, segment_size: Option<usize>| {
+            socket.try_send(&Transmit {
+                destination: to,
+                ecn: None,
+                contents: &batch,
+                segment_size,
+                src_ip: None,
+            })
+        };
+        send(vaddr, Some(1200)).unwrap();
+        send("240.9.9.9:1".parse().unwrap(), None).unwrap();
+        send("127.0.0.1:9".parse().unwrap(), None).unwrap();
+        assert_eq!(
+            *path.sent.lock().unwrap(),
+            vec![(route, 1200, batch.clone())]
+        );
+        let c = &socket.counters;
+        assert_eq!(c.unroutable.load(Ordering::Relaxed), 1, "no route: dropped");
+        assert_eq!(c.direct_blocked.load(Ordering::Relaxed), 1, "direct is off");
+        // Receiving: 5 datagrams of 1000 bytes (the last 400) into buffers of 2,500 bytes.
+        let from_relay = quic(4 * 1000 + 400, 3);
+        tx.send(RelayDatagram {
+            from: route,
+            segment: 1000,
+            bytes: from_relay.clone(),
+        })
+        .unwrap();
+        let mut storage = vec![vec![0u8; 2500]; 2];
+        let mut meta = vec![RecvMeta::default(); 2];
+        let mut got = Vec::new();
+        while got.len() < from_relay.len() {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta))
+                .await
+                .unwrap();
+            for i in 0..n {
+                assert_eq!(meta[i].addr, vaddr);
+                assert_eq!(meta[i].stride, 1000.min(meta[i].len));
+                assert!(meta[i].len % 1000 == 0 || got.len() + meta[i].len == 4400);
+                got.extend_from_slice(&bufs[i][..meta[i].len]);
+            }
+        }
+        assert_eq!(got, from_relay);
+    }
+
     proptest! {
         #[test]
         fn keeps_exactly_the_quic_segments_in_order(
