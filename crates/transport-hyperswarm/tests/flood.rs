@@ -138,9 +138,12 @@ async fn lookup_until_listed(t: &HyperswarmTransport, topic: [u8; 32], peer: &st
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let found = t.lookup(topic).await.unwrap();
-            if found.iter().any(|p| p.id == peer) {
-                return;
+            // The loopback DHT's 250 ms timeouts can all expire on a loaded machine (the
+            // lookup then fails with `DhtUnreachable`); the DHT is not what is tested here.
+            match t.lookup(topic).await {
+                Ok(found) if found.iter().any(|p| p.id == peer) => return,
+                Ok(_) => {}
+                Err(e) => eprintln!("lookup failed, trying again: {e:#}"),
             }
         }
     })
