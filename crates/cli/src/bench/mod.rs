@@ -2,6 +2,7 @@
 //! on the same machine, in the same run. Results go to `docs/benchmarks.md`.
 
 mod hyperswarm;
+mod join;
 mod relay;
 
 use std::time::Duration;
