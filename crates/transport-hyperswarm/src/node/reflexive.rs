@@ -157,7 +157,12 @@ impl Reflexive {
     }
 
     /// Pings `nodes` from the data socket and tallies their replies; remembers the verdict.
-    pub(crate) async fn learn(&self, data: &DataSocket, nodes: &[SocketAddrV4]) -> Option<Learned> {
+    /// Returns whether any node answered, and the verdict.
+    pub(crate) async fn learn(
+        &self,
+        data: &DataSocket,
+        nodes: &[SocketAddrV4],
+    ) -> (bool, Option<Learned>) {
         let (tx, mut rx) = mpsc::channel(REFLEXIVE_PINGS.max(nodes.len()));
         let mut txids = Vec::new();
         for node in nodes {
@@ -166,7 +171,10 @@ impl Reflexive {
             let txid = [bytes[0], bytes[1], bytes[2], bytes[3]];
             self.pings()
                 .insert(txid, (SocketAddr::V4(*node), tx.clone()));
-            data.send_raw(SocketAddr::V4(*node), &krpc::encode_ping(txid, self.node_id));
+            data.send_raw(
+                SocketAddr::V4(*node),
+                &krpc::encode_ping(txid, self.node_id),
+            );
             txids.push(txid);
         }
         drop(tx);
@@ -184,7 +192,10 @@ impl Reflexive {
                 pings.remove(txid);
             }
         }
-        let learned = tally.verdict()?;
+        let answered = tally.answered > 0;
+        let Some(learned) = tally.verdict() else {
+            return (answered, None);
+        };
         if !learned.unanimous {
             tracing::warn!(
                 seen = ?tally.seen(),
@@ -193,7 +204,7 @@ impl Reflexive {
             );
         }
         *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(learned.public);
-        Some(learned)
+        (answered, Some(learned))
     }
 }
 
@@ -210,7 +221,8 @@ impl Node {
 
     /// Learns the data socket's public address from up to [`REFLEXIVE_PINGS`] DHT nodes of
     /// the routing table (or, right after start while it is empty, the bootstrap nodes).
-    pub(super) async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
+    /// Returns whether any DHT node answered, and the address.
+    pub(super) async fn learn_public_addr(&self) -> (bool, Option<SocketAddrV4>) {
         let table = self.dht.to_bootstrap().await;
         let bootstrap = self
             .bootstrap
@@ -223,9 +235,12 @@ impl Node {
                 nodes.push(node);
             }
         }
-        let learned = self.reflexive.learn(&self.data, &nodes).await?;
+        let (answered, learned) = self.reflexive.learn(&self.data, &nodes).await;
+        let Some(learned) = learned else {
+            return (answered, None);
+        };
         self.state().book.add_own(SocketAddr::V4(learned.public));
-        Some(learned.public)
+        (true, Some(learned.public))
     }
 }
 
