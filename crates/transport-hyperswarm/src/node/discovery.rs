@@ -19,6 +19,8 @@ use crate::HyperswarmError;
 use crate::config::{FIRST_LOOKUP_INTERVAL, Settings};
 use crate::error::BootstrapNode;
 
+mod request_timeout;
+
 /// Re-announce interval while the public address is still unknown.
 const UNKNOWN_ADDR_RETRY: Duration = Duration::from_secs(5);
 
@@ -40,7 +42,8 @@ fn info_hash(topic: &TopicHash) -> mainline::Id {
 }
 
 /// Builds the DHT node for `settings`, with the bootstrap nodes resolved to IPv4 addresses
-/// (blocking: name resolution). Returns what each bootstrap node resolved to.
+/// (blocking: name resolution, and the round trips that set the request timeout unless the
+/// settings fix it). Returns what each bootstrap node resolved to.
 pub(super) fn start_dht(s: &Settings) -> Result<(mainline::Dht, Vec<BootstrapNode>), String> {
     let bootstrap = match &s.bootstrap {
         Some(nodes) => resolve_bootstrap(nodes),
@@ -55,9 +58,17 @@ pub(super) fn start_dht(s: &Settings) -> Result<(mainline::Dht, Vec<BootstrapNod
     if s.dht_server_mode {
         b.server_mode();
     }
-    if let Some(t) = s.dht_request_timeout {
-        b.request_timeout(t);
-    }
+    let request_timeout = s.dht_request_timeout.unwrap_or_else(|| {
+        let rtts = request_timeout::measure(*s.bind.ip(), &resolved);
+        let timeout = request_timeout::from_round_trips(&rtts);
+        tracing::debug!(
+            ?rtts,
+            ?timeout,
+            "DHT request timeout from the bootstrap nodes' round trips"
+        );
+        timeout
+    });
+    b.request_timeout(request_timeout);
     let dht = b
         .build()
         .map_err(|e| format!("cannot start the DHT node: {e}"))?;
