@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use futures_lite::StreamExt;
 use pluresdb_sync_core::topic::{Domain, derive_from_topic};
 use pluresdb_sync_core::{Connection, Error, PeerInfo, TopicHash};
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Notify, mpsc};
 
 use super::Node;
 use super::candidates::{DialRound, LOOKUP_CHECK_BUDGET, MAX_CANDIDATES};
@@ -119,7 +119,7 @@ impl Node {
         if self.state().topics.is_announcing(&topic) {
             return Ok(());
         }
-        let mut events = self.start_announcing(topic);
+        let mut events = self.start_announcing(topic, None);
         let result = loop {
             match events.recv().await {
                 Some(Announced::Answered) => {}
@@ -134,8 +134,12 @@ impl Node {
     }
 
     /// Starts the task announcing `topic`; its events say when a DHT node answered and how the
-    /// first announcement ended.
-    fn start_announcing(self: &Arc<Self>, topic: TopicHash) -> mpsc::Receiver<Announced> {
+    /// first announcement ended. Each announcement that lands notifies `landed`.
+    fn start_announcing(
+        self: &Arc<Self>,
+        topic: TopicHash,
+        landed: Option<Arc<Notify>>,
+    ) -> mpsc::Receiver<Announced> {
         let (tx, events) = mpsc::channel(2);
         let node = self.clone();
         let handle = self.spawn(async move {
@@ -143,6 +147,9 @@ impl Node {
             loop {
                 let result = node.announce_once(topic, first.as_ref()).await;
                 let failed = result.is_err();
+                if let (false, Some(landed)) = (failed, &landed) {
+                    landed.notify_one();
+                }
                 match (first.take(), result) {
                     (Some(tx), result) => {
                         if let Err(TrySendError::Full(Announced::Done(Err(e))))
@@ -227,13 +234,16 @@ impl Node {
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
         self.register_topic(topic);
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
+        let announcing = self.state().topics.is_announcing(&topic);
+        let announced = (!announcing).then(|| Arc::new(Notify::new()));
         let node = self.clone();
-        let handle = self.spawn(async move { node.discover(topic).await });
+        let landed = announced.clone();
+        let handle = self.spawn(async move { node.discover(topic, landed).await });
         self.state().topics.set_accepting(&topic, tx, handle);
-        if self.state().topics.is_announcing(&topic) {
+        let Some(announced) = announced else {
             return Ok(rx);
-        }
-        let mut events = self.start_announcing(topic);
+        };
+        let mut events = self.start_announcing(topic, Some(announced));
         let reached = match events.recv().await {
             Some(Announced::Answered | Announced::Done(Ok(()))) => Ok(()),
             Some(Announced::Done(Err(e))) => Err(e),
@@ -249,7 +259,9 @@ impl Node {
     /// Looks the topic up periodically (0.25 s after joining, then doubling up to the lookup
     /// interval) and feeds each query's answers, as they arrive, to a [`DialRound`], which
     /// gets [`LOOKUP_CHECK_BUDGET`] after the query for what it could not dial at once.
-    async fn discover(self: Arc<Self>, topic: TopicHash) {
+    /// `announced` cuts a wait short when this node's announcement has landed: a peer that
+    /// joined at the same moment announced at about the same time, so the next lookup finds it.
+    async fn discover(self: Arc<Self>, topic: TopicHash, announced: Option<Arc<Notify>>) {
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
             let mut round = DialRound::new(topic);
@@ -263,7 +275,15 @@ impl Node {
             drop(stream);
             let budget = tokio::time::Instant::now() + LOOKUP_CHECK_BUDGET;
             round.finish(&self, budget).await;
-            tokio::time::sleep(interval).await;
+            match &announced {
+                Some(announced) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = announced.notified() => {}
+                    }
+                }
+                None => tokio::time::sleep(interval).await,
+            }
             interval = (interval * 2).min(self.settings.lookup_interval);
         }
     }
