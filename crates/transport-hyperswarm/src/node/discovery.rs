@@ -1,7 +1,12 @@
 //! Discovery on the mainline DHT: a topic's info-hash, the DHT node (bootstrap names are
-//! resolved here, so that errors can say what each resolved to), announcing and refreshing,
-//! `connect`'s periodic lookups feeding dial rounds, and `lookup`'s query feeding the
-//! identify checks; "no DHT node answered" is told apart from a timeout.
+//! resolved here, so that errors can say what each resolved to; its request timeout comes
+//! from `request_timeout.rs`), announcing and refreshing, `connect`'s periodic lookups
+//! feeding dial rounds, and `lookup`'s query feeding the identify checks; "no DHT node
+//! answered" is told apart from a timeout.
+//!
+//! A join does not wait for its announcement: `connect` looks up at once, announces beside
+//! it (the announcement rides on the lookup's `get_peers` query), returns once a DHT node has
+//! answered, and looks up again as soon as its announcement has landed.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;

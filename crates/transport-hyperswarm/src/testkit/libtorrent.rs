@@ -125,21 +125,37 @@ impl LibtorrentDht {
 
     /// Starts `nodes` libtorrent nodes on `ip` that know each other, off the async workers.
     pub async fn start(nodes: usize, ip: Ipv4Addr) -> anyhow::Result<Self> {
-        tokio::task::spawn_blocking(move || Self::start_blocking(nodes, ip))
+        Self::start_in(&[], nodes, ip).await
+    }
+
+    /// [`LibtorrentDht::start`] with the script run under `prefix` (a command and its
+    /// arguments, e.g. `["ip", "netns", "exec", "ns"]` to run the nodes in a network
+    /// namespace).
+    pub async fn start_in(prefix: &[&str], nodes: usize, ip: Ipv4Addr) -> anyhow::Result<Self> {
+        let prefix: Vec<String> = prefix.iter().map(|s| (*s).to_owned()).collect();
+        tokio::task::spawn_blocking(move || Self::start_blocking(&prefix, nodes, ip))
             .await
             .context("the task starting the libtorrent DHT failed")?
     }
 
-    fn start_blocking(nodes: usize, ip: Ipv4Addr) -> anyhow::Result<Self> {
+    fn start_blocking(prefix: &[String], nodes: usize, ip: Ipv4Addr) -> anyhow::Result<Self> {
         let python = Self::python()
             .context("no Python with libtorrent (apt-get install python3-libtorrent)")?;
-        let mut child = Command::new(python)
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(python);
+                c
+            }
+            None => Command::new(python),
+        };
+        let mut child = command
             .args(["-c", SCRIPT, &nodes.to_string(), &ip.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("cannot run {python}"))?;
+            .with_context(|| format!("cannot run {python} (under {prefix:?})"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let stdin = child.stdin.take();
         // The first line names the nodes; read it on a thread so a stuck script times out.
