@@ -152,6 +152,7 @@ impl RelayArgs {
 /// Runs the relay until SIGINT or SIGTERM, then closes every connection with 1001.
 pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    raise_open_file_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_config_from_pem(cert, key)?),
         _ => None,
@@ -161,6 +162,7 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let mut signals = Signals::watch()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let nats = config.nats_url.is_some();
         let mut relay = RelayServer::bind_with_tls(args.listen, config, tls)
@@ -184,26 +186,59 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         }
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        wait_for_signal().await?;
+        signals.recv().await?;
         eprintln!("shutting down: closing connections with 1001");
         relay.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
-            _ = term.recv() => {}
-        }
+/// Every connection is a file descriptor, and the usual soft limit (1,024) is far below what a
+/// relay holds: at it, accepts fail with "Too many open files" and pairs take seconds to
+/// connect. The hard limit is what the operator allows; take all of it.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open file limit (RLIMIT_NOFILE soft limit)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot watch Ctrl-C")?;
-    Ok(())
+}
+
+/// SIGINT and SIGTERM, watched from before the relay binds: a signal that arrives while the
+/// relay starts (a supervisor stopping it at once, a test that connects and signals fast)
+/// still shuts it down cleanly instead of killing the process with its sockets open.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts watching (needs the runtime).
+    fn watch() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the first of them.
+    async fn recv(&mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot watch Ctrl-C")?;
+        Ok(())
+    }
 }
