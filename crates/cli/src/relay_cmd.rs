@@ -152,6 +152,7 @@ impl RelayArgs {
 /// Runs the relay until SIGINT or SIGTERM, then closes every connection with 1001.
 pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    raise_open_file_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_config_from_pem(cert, key)?),
         _ => None,
@@ -189,6 +190,16 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         relay.shutdown().await;
         Ok(())
     })
+}
+
+/// Every connection is a file descriptor, and the usual soft limit (1,024) is far below what a
+/// relay holds: at it, accepts fail with "Too many open files" and pairs take seconds to
+/// connect. The hard limit is what the operator allows; take all of it.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open file limit (RLIMIT_NOFILE soft limit)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -715,3 +715,461 @@ async fn sigterm_closes_clients_with_going_away_and_exits_cleanly() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Hostile request heads before authentication (issue 10, "a pre-auth panic"): non-ASCII,
+/// empty, repeated and oversized values in every header the relay reads. Self-contained (its
+/// own process handling and raw HTTP client) so the helpers above can move freely.
+mod pre_auth_heads {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use pluresdb_sync_transport_relay::protocol::{Frame, RelayFrame, SUBPROTOCOL, decode};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::process::{Child, Command};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    const T: Duration = Duration::from_secs(30);
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    /// Requests in flight at once (well under the default 64 connections per IP).
+    const PARALLEL: usize = 16;
+
+    /// A relay process whose stderr is kept (with backtraces on, as an operator might run it).
+    struct Watched {
+        child: Child,
+        addr: SocketAddr,
+        metrics: SocketAddr,
+        stderr: Arc<Mutex<String>>,
+    }
+
+    impl Watched {
+        async fn start(extra: &[&str]) -> Self {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+                .args([
+                    "relay",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--metrics",
+                    "127.0.0.1:0",
+                ])
+                .args(extra)
+                .env("RUST_BACKTRACE", "1")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let stderr = Arc::new(Mutex::new(String::new()));
+            let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+            let sink = stderr.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = err_lines.next_line().await {
+                    let mut s = sink.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let (mut addr, mut metrics) = (None, None);
+            while addr.is_none() || metrics.is_none() {
+                let line = tokio::time::timeout(T, lines.next_line())
+                    .await
+                    .expect("relay did not print its addresses")
+                    .unwrap()
+                    .expect("relay exited early");
+                if let Some(rest) = line.strip_prefix("relay listening on ws://") {
+                    addr = Some(rest.trim_end_matches("/relay").parse().unwrap());
+                } else if let Some(rest) = line.strip_prefix("metrics on http://") {
+                    metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+                }
+            }
+            Self {
+                child,
+                addr: addr.unwrap(),
+                metrics: metrics.unwrap(),
+                stderr,
+            }
+        }
+
+        /// The process is alive and has printed no panic.
+        fn assert_unharmed(&mut self) {
+            assert!(self.child.try_wait().unwrap().is_none(), "the relay exited");
+            let stderr = self.stderr.lock().unwrap();
+            let panics = stderr.matches("panicked").count();
+            assert_eq!(
+                panics, 0,
+                "{panics} panics; stderr begins: {:.2000}",
+                *stderr
+            );
+        }
+    }
+
+    /// Sends `request` on a fresh connection and returns the response's status code, or what
+    /// happened instead. Stops reading at the end of the response head.
+    async fn status(addr: SocketAddr, request: &[u8]) -> Result<u16, String> {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(request).await.map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let read = async {
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(T, read)
+            .await
+            .map_err(|_| "no response in 30 s".to_owned())?;
+        let text = String::from_utf8_lossy(&got);
+        text.strip_prefix("HTTP/1.1 ")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("not an HTTP response: {text:?}"))
+    }
+
+    /// A complete WebSocket upgrade for the relay, with `replace` applied to its text and
+    /// `extra` header lines (raw bytes, each ending in CRLF) added.
+    fn upgrade(replace: &[(&str, &[u8])], extra: &[u8]) -> Vec<u8> {
+        let mut req = format!(
+            "GET /relay HTTP/1.1\r\nHost: relay.example\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\
+             Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"
+        )
+        .into_bytes();
+        for (from, to) in replace {
+            let at = req
+                .windows(from.len())
+                .position(|w| w == from.as_bytes())
+                .unwrap_or_else(|| panic!("{from:?} is not in the request"));
+            req.splice(at..at + from.len(), to.iter().copied());
+        }
+        req.extend_from_slice(extra);
+        req.extend_from_slice(b"\r\n");
+        req
+    }
+
+    /// (what, request, status without tokens, status with tokens configured). `token` is a
+    /// valid one, sent where a case is about something else than authentication.
+    fn cases(token: &str) -> Vec<(&'static str, Vec<u8>, u16, u16)> {
+        let auth = format!("Authorization: Bearer {token}\r\n").into_bytes();
+        let with_auth = |replace: &[(&str, &[u8])], extra: &[u8]| {
+            let mut lines = auth.clone();
+            lines.extend_from_slice(extra);
+            upgrade(replace, &lines)
+        };
+        let many = |line: &str, n: usize| line.repeat(n).into_bytes();
+        let mut huge = b"GET /relay HTTP/1.1\r\nX: ".to_vec();
+        // Exactly the head limit and no end: the relay reads all of it before answering, so
+        // no unread bytes turn its close into a reset.
+        huge.resize(8 * 1024, b'a');
+        vec![
+            (
+                "bearer then a two-byte character",
+                upgrade(&[], b"Authorization: Bearer\xc3\xa9x\r\n"),
+                101,
+                401,
+            ),
+            (
+                "non-ASCII bearer token",
+                upgrade(&[], b"Authorization: Bearer \xc3\xa9\xc3\xa9\r\n"),
+                101,
+                401,
+            ),
+            (
+                "bearer token not UTF-8",
+                upgrade(&[], b"Authorization: Bearer \xff\xfe\r\n"),
+                101,
+                401,
+            ),
+            (
+                "only non-ASCII in authorization",
+                upgrade(
+                    &[],
+                    b"Authorization: \xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\r\n",
+                ),
+                101,
+                401,
+            ),
+            (
+                "empty authorization",
+                upgrade(&[], b"Authorization:\r\n"),
+                101,
+                401,
+            ),
+            (
+                "bare scheme",
+                upgrade(&[], b"Authorization: Bearer\r\n"),
+                101,
+                401,
+            ),
+            (
+                "two authorizations",
+                upgrade(&[], &[auth.clone(), auth.clone()].concat()),
+                400,
+                400,
+            ),
+            (
+                "plain GET with the bad bearer",
+                b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\xc3\xa9x\r\n\r\n".to_vec(),
+                426,
+                426,
+            ),
+            (
+                "health check with the bad bearer",
+                b"GET /healthz HTTP/1.1\r\nAuthorization: Bearer\xc3\xa9x\r\n\r\n".to_vec(),
+                200,
+                200,
+            ),
+            (
+                "non-ASCII subprotocols beside ours",
+                with_auth(&[], b"Sec-WebSocket-Protocol: \xc3\xa9, \xff,,\r\n"),
+                101,
+                101,
+            ),
+            (
+                "only non-ASCII subprotocols",
+                with_auth(&[(SUBPROTOCOL, b"\xc3\xa9")], b""),
+                400,
+                400,
+            ),
+            (
+                "empty subprotocol",
+                with_auth(&[(SUBPROTOCOL, b"")], b""),
+                400,
+                400,
+            ),
+            (
+                "non-ASCII upgrade",
+                with_auth(
+                    &[("Upgrade: websocket", b"Upgrade: websocket\xc3\xa9")],
+                    b"",
+                ),
+                426,
+                426,
+            ),
+            (
+                "empty upgrade",
+                with_auth(&[("Upgrade: websocket", b"Upgrade:")], b""),
+                426,
+                426,
+            ),
+            (
+                "non-ASCII connection",
+                with_auth(&[("Connection: Upgrade", b"Connection: \xc3\xa9")], b""),
+                400,
+                400,
+            ),
+            (
+                "non-ASCII key",
+                with_auth(&[(KEY, b"\xc3\xa9GhlIHNhbXBsZSBub25jZQ=")], b""),
+                400,
+                400,
+            ),
+            ("empty key", with_auth(&[(KEY, b"")], b""), 400, 400),
+            (
+                "non-ASCII version",
+                with_auth(&[("Version: 13", b"Version: 1\xc3\xa9")], b""),
+                400,
+                400,
+            ),
+            (
+                "old version",
+                with_auth(&[("Version: 13", b"Version: 8")], b""),
+                400,
+                400,
+            ),
+            (
+                "non-ASCII host",
+                with_auth(&[("relay.example", b"\xc3\xa9.example")], b""),
+                101,
+                101,
+            ),
+            (
+                "empty host",
+                with_auth(&[("relay.example", b"")], b""),
+                101,
+                101,
+            ),
+            (
+                "non-ASCII path",
+                with_auth(&[("/relay", b"/relay\xc3\xa9")], b""),
+                101,
+                101,
+            ),
+            (
+                "path not UTF-8",
+                with_auth(&[("/relay", b"/relay?\xff=\xfe")], b""),
+                400,
+                400,
+            ),
+            (
+                "non-ASCII header name",
+                with_auth(&[], b"\xc3\xa9: x\r\n"),
+                400,
+                400,
+            ),
+            (
+                "40 subprotocol headers",
+                with_auth(&[], &many("Sec-WebSocket-Protocol: x, y\r\n", 40)),
+                101,
+                101,
+            ),
+            (
+                "65 headers",
+                with_auth(&[], &many("X: y\r\n", 65)),
+                400,
+                400,
+            ),
+            ("8 KiB head without an end", huge, 431, 431),
+            (
+                "binary garbage",
+                b"\xc3\xa9\x00\xff\r\n\r\n".to_vec(),
+                400,
+                400,
+            ),
+        ]
+    }
+
+    /// Sends `rounds` requests, cycling through the cases, `PARALLEL` at a time; every one must
+    /// get its status.
+    async fn attack(relay: &Watched, authed: bool, token: &str, rounds: usize) {
+        let cases = Arc::new(cases(token));
+        let addr = relay.addr;
+        let results: Vec<_> = futures_util::stream::iter(0..rounds)
+            .map(|i| {
+                let cases = cases.clone();
+                async move {
+                    let (what, req, open, closed) = &cases[i % cases.len()];
+                    let want = if authed { *closed } else { *open };
+                    (*what, want, status(addr, req).await)
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        let wrong: Vec<_> = results
+            .iter()
+            .filter(|(_, want, got)| got.as_ref() != Ok(want))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{} of {rounds} requests got the wrong answer, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+    }
+
+    /// An honest client still gets in: upgraded with our subprotocol and welcomed.
+    async fn honest_client(addr: SocketAddr, token: Option<&str>) {
+        let mut req = format!("ws://{addr}/relay").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
+        if let Some(t) = token {
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
+            .await
+            .unwrap()
+            .unwrap();
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Binary(b))) => assert!(
+                matches!(decode(&b), Ok(Frame::Relay(RelayFrame::Welcome { .. }))),
+                "{b:?}"
+            ),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_thousand_hostile_heads_get_statuses_and_never_panic_the_relay() {
+        let mut relay = Watched::start(&[]).await;
+        attack(&relay, false, "unused", 1000).await;
+        // The metrics listener reads heads with the same parser.
+        for path in ["/metrics", "/healthz"] {
+            let req = format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer\u{e9}x\r\n\r\n");
+            assert_eq!(
+                status(relay.metrics, req.as_bytes()).await,
+                Ok(200),
+                "{path}"
+            );
+        }
+        relay.assert_unharmed();
+        honest_client(relay.addr, None).await;
+    }
+
+    #[tokio::test]
+    async fn a_thousand_hostile_heads_against_a_relay_with_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "s3cret-token\n").unwrap();
+        let mut relay = Watched::start(&["--auth-token-file", tokens.to_str().unwrap()]).await;
+        attack(&relay, true, "s3cret-token", 1000).await;
+        relay.assert_unharmed();
+        honest_client(relay.addr, Some("s3cret-token")).await;
+    }
+}
+
+/// The relay raises its soft open-file limit to the hard limit (issue 10, "file descriptors"):
+/// started under `ulimit -Sn 256`, its /proc limits show soft = hard, and it logs the limit.
+#[tokio::test]
+async fn the_relay_raises_its_open_file_limit_to_the_hard_limit() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" relay --listen 127.0.0.1:0")
+        .arg(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(T, out.next_line())
+            .await
+            .expect("relay did not start")
+            .unwrap()
+            .expect("relay exited early");
+        if line.starts_with("relay listening on") {
+            break;
+        }
+    }
+    let pid = child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let row: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (soft, hard) = (row[3], row[4]);
+    assert_eq!(soft, hard, "{limits}");
+    // Otherwise the relay had nothing to raise and this test would prove nothing.
+    assert!(
+        hard.parse::<u64>().is_ok_and(|h| h > 256),
+        "the hard open-file limit must exceed 256 for this test: {limits}"
+    );
+    child.start_kill().unwrap();
+    let mut err = String::new();
+    let mut stderr = child.stderr.take().unwrap();
+    tokio::time::timeout(
+        T,
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        err.contains(&format!("limit={hard}")) && err.contains("open file limit"),
+        "{err}"
+    );
+}

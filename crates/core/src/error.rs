@@ -70,6 +70,12 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// Bytes that should be an identity key are not a usable one.
+    #[error("invalid identity key: {reason}")]
+    InvalidIdentity {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A network wait ran out of time.
     #[error("{what} timed out after {ms} ms")]
     Timeout {
