@@ -1173,3 +1173,218 @@ async fn the_relay_raises_its_open_file_limit_to_the_hard_limit() {
         "{err}"
     );
 }
+
+/// Memory attacks against the relay process: never-reading receivers from several client IPs
+/// (issue 10, "memory per client IP"). The process's RSS stays within the queued-bytes budget
+/// plus a margin while they push, and comes back once they leave; a bystander pair on
+/// another IP keeps talking throughout.
+mod memory {
+    use std::net::Ipv4Addr;
+    use std::time::Instant;
+
+    use tokio_tungstenite::MaybeTlsStream;
+
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+    const PAYLOAD: usize = 60_000;
+
+    /// The resident set of process `pid`, in bytes.
+    pub(super) fn rss(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    /// A raw client connecting from loopback address `ip` (any 127.0.0.x is ours), after its
+    /// WELCOME, and its connection id. `tiny_window`: a 4 KiB receive buffer, so that the
+    /// kernel holds next to nothing for a client that stops reading and the relay's own
+    /// queues take the rest (what an attacker wants).
+    pub(super) async fn client_from(
+        ip: Ipv4Addr,
+        addr: SocketAddr,
+        tiny_window: bool,
+    ) -> (Ws, u64) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if tiny_window {
+            socket.set_recv_buffer_size(4096).unwrap();
+        }
+        socket.bind((ip, 0).into()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let req = raw::upgrade_request(&ws_url(addr), Some(SUBPROTOCOL), None).unwrap();
+        let (mut ws, _) = tokio::time::timeout(
+            T,
+            tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let (id, _) = raw::welcome(&mut ws).await.unwrap();
+        (ws, id)
+    }
+
+    /// A client-to-server WebSocket binary frame carrying `payload`, masked with the key 0
+    /// (masking is required; a zero key leaves the bytes as they are, so one buffer can be
+    /// written again and again at no cost to the attacker).
+    fn ws_frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x82];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// One attacking IP: 63 receivers that never read and one sender pushing `rounds` SENDs
+    /// of 60 KB to each of them as pre-built WebSocket frames (it reads and discards what it
+    /// is sent, so only the receivers' queues grow). Returns the receivers, still open, and
+    /// how many SENDs went out before the relay stopped taking them.
+    async fn attack(ip: Ipv4Addr, addr: SocketAddr, rounds: usize) -> (Vec<Ws>, usize) {
+        use tokio::io::AsyncWriteExt;
+        let room = [ip.octets()[3]; 32];
+        let mut receivers = Vec::new();
+        let mut frames = Vec::new();
+        let payload = vec![0xA7u8; PAYLOAD];
+        for _ in 0..63 {
+            let (mut ws, id) = client_from(ip, addr, true).await;
+            join(&mut ws, room).await;
+            receivers.push(ws);
+            let send = pluresdb_sync_transport_relay::protocol::encode_send(&room, id, &payload);
+            frames.push(ws_frame(&send));
+        }
+        let (mut sender, _) = client_from(ip, addr, false).await;
+        join(&mut sender, room).await;
+        let MaybeTlsStream::Plain(tcp) = sender.into_inner() else {
+            unreachable!("ws://")
+        };
+        let (mut rd, mut wr) = tcp.into_split();
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await, Ok(n) if n > 0) {
+            }
+        });
+        let mut sent = 0;
+        'push: for _ in 0..rounds {
+            for f in &frames {
+                let r = tokio::time::timeout(Duration::from_secs(60), wr.write_all(f)).await;
+                if !matches!(r, Ok(Ok(()))) {
+                    break 'push;
+                }
+                sent += 1;
+            }
+        }
+        drop(wr);
+        drain.abort();
+        (receivers, sent)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_reading_receivers_on_three_ips_stay_within_the_budget_and_memory_comes_back() {
+        const BUDGET: u64 = 64 * MIB;
+        let budget = BUDGET.to_string();
+        let relay = Relay::start(&["--max-queued-bytes", &budget]).await;
+        let pid = relay.child.id().unwrap();
+        let mut by = Bystanders::new(relay.addr).await;
+        by.exchange(100).await;
+        let baseline = rss(pid);
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(rss(pid), std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let started = Instant::now();
+        let attackers = futures_util::future::join_all(
+            [2u8, 3, 4].map(|i| attack(Ipv4Addr::new(127, 0, 0, i), relay.addr, 110)),
+        );
+        // The bystanders talk all along: every message arrives; the slowest round is noted.
+        let talking = async {
+            let mut slowest = Duration::ZERO;
+            let mut rounds = 0u64;
+            loop {
+                let t = Instant::now();
+                by.exchange(20).await;
+                // The receiving bystander pings too, so it is not idle for the relay.
+                send(&mut by.b, Frame::Ping(rounds)).await;
+                assert_eq!(next_data(&mut by.b).await, Frame::Pong(rounds));
+                slowest = slowest.max(t.elapsed());
+                rounds += 1;
+                if rounds >= 5 && started.elapsed() > Duration::from_secs(2) {
+                    return (rounds, slowest);
+                }
+            }
+        };
+        let (results, (rounds, slowest)) = tokio::join!(attackers, talking);
+        let attack_time = started.elapsed();
+        let sent: usize = results.iter().map(|(_, s)| s).sum();
+        let during = peak.load(std::sync::atomic::Ordering::Relaxed);
+        drop(results);
+        let left = Instant::now();
+        let deadline = left + T;
+        while relay.metric("pluresdb_relay_connections").await != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "attackers' connections did not close"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Memory comes back once they are gone (waiting for it, within the test's patience).
+        let mut after = rss(pid);
+        while after > baseline + 16 * MIB && Instant::now() < left + T {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            after = rss(pid);
+        }
+        let recovered = left.elapsed();
+        sampler.abort();
+        by.exchange(100).await;
+        let budget_drops = relay
+            .metric("pluresdb_relay_drops_total{reason=\"memory_budget\"}")
+            .await;
+        let slow = relay
+            .metric("pluresdb_relay_drops_total{reason=\"slow_consumer\"}")
+            .await;
+        eprintln!(
+            "memory attack: {sent} SENDs of {PAYLOAD} B ({} MiB) in {attack_time:?}; RSS baseline {} MiB, peak {} MiB, after {} MiB ({recovered:?} after they left); {budget_drops} closed for the budget, {slow} as slow consumers; bystanders: {rounds} rounds of 20 messages, slowest {slowest:?}",
+            sent as u64 * PAYLOAD as u64 / MIB,
+            baseline / MIB,
+            during / MIB,
+            after / MIB
+        );
+        assert!(
+            sent as u64 * PAYLOAD as u64 > 4 * BUDGET,
+            "the attack pushed too little to test anything"
+        );
+        assert!(
+            during <= baseline + BUDGET + 64 * MIB,
+            "RSS peaked at {} MiB (baseline {} MiB, budget {} MiB)",
+            during / MIB,
+            baseline / MIB,
+            BUDGET / MIB
+        );
+        assert!(
+            after <= baseline + 16 * MIB,
+            "RSS stayed at {} MiB after the attackers left (baseline {} MiB)",
+            after / MIB,
+            baseline / MIB
+        );
+        assert!(budget_drops >= 1, "the budget never had to close a queue");
+    }
+}

@@ -59,4 +59,7 @@ pub mod close_code {
     pub const TIMEOUT: u16 = 4008;
     /// The send queue stayed full.
     pub const SLOW_CONSUMER: u16 = 4009;
+    /// The relay's memory budget for queued frames was used up and this connection's send
+    /// queue was among the largest.
+    pub const OVER_BUDGET: u16 = 4010;
 }

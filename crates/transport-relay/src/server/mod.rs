@@ -5,8 +5,9 @@
 //!
 //! This file is the server handle and its listeners. The rest, each owning one kind of state
 //! (imports only go down this list, so there is no cycle): `config` (settings), `metrics`
-//! (counters; a leaf), `outbox` (a queued batch of frames), `rooms` (room → local members, and
-//! every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
+//! (counters; a leaf), `outbox` (a queued batch of frames), `budget` (the bytes every queue
+//! holds, against a cap per connection and one for the server, and who is closed when it is
+//! short), `rooms` (room → local members, and every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
 //! `nats` (the bus to other nodes: remote members, node liveness), `state` (what every
 //! connection shares), `gather` (one burst's DELIVERs per receiver), `requests` (a
 //! connection's state and what each frame does), `writer` (a connection's writer task),
@@ -25,6 +26,7 @@
 //! # }
 //! ```
 
+mod budget;
 mod config;
 mod conn;
 #[cfg(feature = "fuzzing")]
@@ -85,8 +87,15 @@ impl RelayServer {
     ) -> io::Result<Self> {
         config.check().map_err(io::Error::other)?;
         let metrics = Arc::new(Metrics::default());
+        let budget = budget::Budget::new(
+            config.max_queued_bytes,
+            config.max_queued_bytes_per_connection,
+            config.slow_consumer_timeout,
+            metrics.clone(),
+        );
         let rooms = Arc::new(Rooms::new(
             metrics.clone(),
+            budget,
             config.slow_consumer_timeout,
             config.send_queue_frames,
         ));
