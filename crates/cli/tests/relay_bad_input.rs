@@ -1388,3 +1388,137 @@ mod memory {
         assert!(budget_drops >= 1, "the budget never had to close a queue");
     }
 }
+
+/// Raw WebSocket bytes after a real upgrade (issue 10, "WebSocket details"): protocol errors
+/// close with 1002 and are counted; pings and unfinished fragmented messages are not activity.
+mod websocket {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::MaybeTlsStream;
+
+    use super::*;
+
+    /// A client-to-server frame: `first` is the FIN/RSV/opcode byte; masked with the key 0
+    /// (the payload goes as it is) unless `unmasked`.
+    fn frame(first: u8, payload: &[u8], unmasked: bool) -> Vec<u8> {
+        let mask = if unmasked { 0 } else { 0x80 };
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(mask | n as u8),
+            n => {
+                f.push(mask | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        if !unmasked {
+            f.extend_from_slice(&[0; 4]);
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A joined client's raw TCP stream (after WELCOME and JOINED).
+    async fn raw_tcp(addr: SocketAddr) -> tokio::net::TcpStream {
+        let (mut ws, _) = client(addr).await;
+        join(&mut ws, [0x3C; 32]).await;
+        match ws.into_inner() {
+            MaybeTlsStream::Plain(s) => s,
+            _ => unreachable!("ws://"),
+        }
+    }
+
+    /// Reads server frames until a close frame: its code and reason.
+    async fn close_of<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+        let mut buf = Vec::new();
+        loop {
+            // Parse what is there: server frames are unmasked.
+            let mut at = 0;
+            while buf.len() >= at + 2 {
+                let (op, len7) = (buf[at] & 0x0F, (buf[at + 1] & 0x7F) as usize);
+                let (len, head) = match len7 {
+                    126 if buf.len() >= at + 4 => {
+                        (u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize, 4)
+                    }
+                    127 if buf.len() >= at + 10 => (
+                        u64::from_be_bytes(buf[at + 2..at + 10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => break,
+                    n => (n, 2),
+                };
+                if buf.len() < at + head + len {
+                    break;
+                }
+                let body = &buf[at + head..at + head + len];
+                if op == 8 {
+                    let code = u16::from_be_bytes([body[0], body[1]]);
+                    return (code, String::from_utf8_lossy(&body[2..]).into_owned());
+                }
+                at += head + len;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(T, s.read(&mut chunk))
+                .await
+                .expect("no close frame in time")
+                .unwrap();
+            assert!(n > 0, "the connection ended without a close frame");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_close_with_1002_and_are_counted() {
+        let relay = Relay::start(&[]).await;
+        let mut by = Bystanders::new(relay.addr).await;
+        let ping = Frame::Ping(1).encode();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("oversized ping", frame(0x89, &[7; 126], false)),
+            ("RSV1 set", frame(0xC2, &ping, false)),
+            ("reserved data opcode", frame(0x83, &ping, false)),
+            ("reserved control opcode", frame(0x8B, &[], false)),
+            ("unmasked binary", frame(0x82, &ping, true)),
+            ("fragmented ping", frame(0x09, &[1], false)),
+        ];
+        for (name, bytes) in &cases {
+            let mut s = raw_tcp(relay.addr).await;
+            s.write_all(bytes).await.unwrap();
+            let (code, reason) = close_of(&mut s).await;
+            assert_eq!(code, 1002, "{name}: {reason}");
+            assert!(reason.contains("protocol error"), "{name}: {reason}");
+            by.exchange(20).await;
+        }
+        assert_eq!(
+            relay
+                .metric("pluresdb_relay_drops_total{reason=\"websocket_protocol\"}")
+                .await,
+            cases.len() as u64
+        );
+    }
+
+    /// A client that only sends WebSocket pings, or keeps an unfinished fragmented message
+    /// open with them, is closed at the idle timeout like any silent one.
+    #[tokio::test]
+    async fn pings_and_unfinished_messages_are_not_activity() {
+        let relay = Relay::start(&["--idle-timeout-ms", "1500", "--ping-interval-ms", "500"]).await;
+        for fragment in [false, true] {
+            let (mut rd, mut wr) = raw_tcp(relay.addr).await.into_split();
+            if fragment {
+                // The first 60 KB of a binary message that never gets its last fragment.
+                wr.write_all(&frame(0x02, &[0x03; 60_000], false))
+                    .await
+                    .unwrap();
+            }
+            let pinger = tokio::spawn(async move {
+                while wr.write_all(&frame(0x89, b"alive", false)).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+            let (code, reason) = close_of(&mut rd).await;
+            pinger.abort();
+            assert_eq!(code, close_code::TIMEOUT, "fragment {fragment}: {reason}");
+            assert!(reason.contains("nothing received"), "{reason}");
+        }
+        // Still serving.
+        let (mut ws, _) = client(relay.addr).await;
+        join(&mut ws, [5; 32]).await;
+    }
+}

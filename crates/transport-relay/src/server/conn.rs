@@ -142,9 +142,11 @@ where
             msg = stream.next(), if reading => {
                 // Frames already buffered or readable are handled in one burst, without
                 // re-arming the select's timers per frame.
+                // Only relay frames are activity: WebSocket pings and pongs are not (nor are
+                // the fragments of an unfinished message, which yield nothing), so a client
+                // that sends only those is closed at the idle timeout.
                 let mut next = msg;
                 let mut burst = 0;
-                reads.last_rx = Instant::now();
                 loop {
                     // Only a binary frame's bytes are held across the await: the reader's
                     // future (one per connection) stays small.
@@ -153,10 +155,11 @@ where
                         Some(Err(ControlFlow::Continue(()))) => None,
                         Some(Err(ControlFlow::Break(()))) | None => break 'conn,
                     };
-                    if let Some(data) = data
-                        && conn.frame_bytes(data, slot, &mut reads, &kill_tx).await.is_break()
-                    {
-                        break 'conn;
+                    if let Some(data) = data {
+                        reads.last_rx = Instant::now();
+                        if conn.frame_bytes(data, slot, &mut reads, &kill_tx).await.is_break() {
+                            break 'conn;
+                        }
                     }
                     burst += 1;
                     if burst >= READ_BURST || reads.read_at > reads.last_rx {
@@ -232,6 +235,16 @@ impl Conn<'_> {
                     other => other.to_string(),
                 };
                 kill(kill_tx, close_code::FRAME_TOO_LARGE, reason);
+                Err(ControlFlow::Break(()))
+            }
+            Err(tungstenite::Error::Protocol(e)) => {
+                // RSV bits, reserved opcodes, unmasked or oversized control frames, ...
+                shared.metrics.dropped(DropReason::WebSocketProtocol);
+                kill(
+                    kill_tx,
+                    close_code::PROTOCOL_ERROR,
+                    format!("WebSocket protocol error: {e}"),
+                );
                 Err(ControlFlow::Break(()))
             }
             Err(e) => {

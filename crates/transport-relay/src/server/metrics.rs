@@ -26,9 +26,10 @@ pub(crate) enum DropReason {
     RateLimited,
     NatsDown,
     MemoryBudget,
+    WebSocketProtocol,
 }
 
-const DROPS: [(DropReason, &str); 19] = [
+const DROPS: [(DropReason, &str); 20] = [
     (DropReason::Malformed, "malformed"),
     (DropReason::UnknownType, "unknown_type"),
     (DropReason::TextFrame, "text_frame"),
@@ -48,6 +49,7 @@ const DROPS: [(DropReason, &str); 19] = [
     (DropReason::RateLimited, "rate_limited"),
     (DropReason::NatsDown, "nats_down"),
     (DropReason::MemoryBudget, "memory_budget"),
+    (DropReason::WebSocketProtocol, "websocket_protocol"),
 ];
 
 /// Counters of the NATS path (with `nats_url`).
