@@ -1522,3 +1522,95 @@ mod websocket {
         join(&mut ws, [5; 32]).await;
     }
 }
+
+/// The relay out of file descriptors (issue 10, "file descriptors"): started under
+/// `prlimit --nofile=64:64`, flooded with connections on both listeners, it waits between
+/// failing accepts instead of spinning, and a client gets in once the flood leaves.
+mod descriptors {
+    use super::*;
+
+    /// CPU time (user + system) of process `pid`, in clock ticks (1/100 s).
+    fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The fields after the command name (which ends with the last ')').
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    #[tokio::test]
+    async fn out_of_descriptors_the_relay_backs_off_and_recovers() {
+        let mut child = Command::new("prlimit")
+            .args(["--nofile=64:64", env!("CARGO_BIN_EXE_pluresdb-sync")])
+            .args([
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .args(["--handshake-timeout-ms", "120000"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prlimit (util-linux) is needed");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut addr, mut metrics) = (None::<SocketAddr>, None::<SocketAddr>);
+        while addr.is_none() || metrics.is_none() {
+            let line = tokio::time::timeout(T, lines.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("relay exited early");
+            if let Some(rest) = line.strip_prefix("relay listening on ws://") {
+                addr = Some(rest.trim_end_matches("/relay").parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("metrics on http://") {
+                metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+            }
+        }
+        let (addr, metrics) = (addr.unwrap(), metrics.unwrap());
+        let pid = child.id().unwrap();
+        // Silent TCP connections to both listeners, from several IPs (so the per-IP limit is
+        // not what refuses them): far more than 64 descriptors.
+        let mut flood = Vec::new();
+        for i in 0..160u32 {
+            let ip = std::net::Ipv4Addr::new(127, 0, 1, 1 + (i % 4) as u8);
+            let target = if i % 2 == 0 { addr } else { metrics };
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind((ip, 0).into()).unwrap();
+            flood.push(s.connect(target).await.unwrap());
+        }
+        // Let it hit the limit, then measure its CPU for two seconds.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (t0, c0) = (std::time::Instant::now(), cpu_ticks(pid));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = (cpu_ticks(pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+        eprintln!(
+            "out of descriptors: the relay used {:.1}% of a core",
+            used * 100.0
+        );
+        assert!(
+            used < 0.25,
+            "the relay spun at {:.0}% of a core",
+            used * 100.0
+        );
+        // The flood leaves; a client gets in, and the metrics answer.
+        drop(flood);
+        let started = std::time::Instant::now();
+        let deadline = started + T;
+        let mut ws = loop {
+            match tokio::time::timeout(Duration::from_secs(5), raw::client(&ws_url(addr))).await {
+                Ok(Ok((ws, _))) => break ws,
+                _ => assert!(std::time::Instant::now() < deadline, "no client got in"),
+            }
+        };
+        join(&mut ws, [0x44; 32]).await;
+        eprintln!(
+            "a client got in {:?} after the flood left",
+            started.elapsed()
+        );
+        let text = http(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.contains("pluresdb_relay_connections 1"), "{text}");
+    }
+}
