@@ -49,14 +49,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Two replicas on this machine find each other and sync over each transport (a relay
-    /// server and a DHT testnet run in-process on loopback); prints what happens and a table.
+    /// Three replicas on this machine find each other and sync through SyncBridge over each
+    /// transport (a relay server and a DHT testnet run in-process on loopback): events, a
+    /// message stream, one leaving; prints what happens and a table.
     Demo(demo::DemoArgs),
     /// Benchmarks against baselines measured in the same run (use a --release build).
     Bench(bench::BenchArgs),
     /// Run a mainline DHT node for Hyperswarm-mode peers of a private network to bootstrap from.
     Dht(dht_cmd::DhtArgs),
-    /// Join a topic: print what peers send, send each stdin line to every peer.
+    /// Join a topic as a replica (a SyncBridge): stdin `upsert ID` / `delete ID` publish
+    /// events, other lines are messages to every peer; prints peers, events and messages.
     Peer(peer::PeerArgs),
     /// Print the peer id of an existing identity key file.
     PeerId {

@@ -1,20 +1,26 @@
-//! `pluresdb-sync peer`: join a topic, print what peers send, send stdin lines to every peer.
+//! `pluresdb-sync peer`: one replica on a topic through a `SyncBridge`. Stdin lines
+//! `upsert ID` / `delete ID` publish events, any other line is an application message to
+//! every peer; peers, their addresses, events and messages are printed as they happen
+//! (`--json`: one JSON object per line on stdout, for scripts).
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use pluresdb_sync::{
-    Connection, HyperswarmTransportBuilder, Identity, RelayTransport, TopicHash, TransportConfig,
-    TransportMode, derive_topic, topic::parse_topic_hex, try_create_transport,
+    BridgeEvent, HyperswarmTransportBuilder, Identity, PeerInfo, RelayTransport, SyncBridge,
+    SyncBroadcaster, SyncEvent, TopicHash, Transport, TransportConfig, TransportMode, derive_topic,
+    topic::parse_topic_hex, try_create_transport,
 };
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::broadcast::error::RecvError;
 
-/// Lines queued per peer before the slowest peer starts dropping them (and says so).
-const OUTBOX_LINES: usize = 256;
+/// How often a progress line is printed while no peer is linked.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Options of `pluresdb-sync peer`.
 #[derive(Debug, Args)]
@@ -44,6 +50,10 @@ pub(crate) struct PeerArgs {
     /// $PLURESDB_SYNC_BOOTSTRAP, else the public mainline DHT].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     bootstrap: Vec<String>,
+    /// Print one JSON object per line on stdout (joined, peer_connected, peer_address,
+    /// peer_disconnected, event, message, published, sent, report, leaving) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 impl PeerArgs {
@@ -56,10 +66,65 @@ impl PeerArgs {
     }
 }
 
-type Outboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Arc<[u8]>>>>>;
+/// Where output goes: text (status on stderr, traffic on stdout) or JSON lines on stdout.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// A status line: stderr as text; a JSON object on stdout.
+    fn status(&self, text: String, object: serde_json::Value) {
+        if self.json {
+            println!("{object}");
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    /// A traffic line: stdout either way.
+    fn traffic(&self, text: String, object: serde_json::Value) {
+        if self.json {
+            println!("{object}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+/// What a stdin line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Event(SyncEvent),
+    Message(String),
+}
+
+fn parse_line(line: String) -> Line {
+    let mut words = line.splitn(2, ' ');
+    match (words.next(), words.next().map(str::trim)) {
+        (Some("upsert"), Some(id)) if !id.is_empty() => {
+            Line::Event(SyncEvent::NodeUpsert { id: id.to_owned() })
+        }
+        (Some("delete"), Some(id)) if !id.is_empty() => {
+            Line::Event(SyncEvent::NodeDelete { id: id.to_owned() })
+        }
+        _ => Line::Message(line),
+    }
+}
+
+fn describe(event: &SyncEvent) -> (&'static str, &str) {
+    match event {
+        SyncEvent::NodeUpsert { id } => ("upsert", id),
+        SyncEvent::NodeDelete { id } => ("delete", id),
+        SyncEvent::PeerConnected { peer_id } => ("peer_connected", peer_id),
+        SyncEvent::PeerDisconnected { peer_id } => ("peer_disconnected", peer_id),
+    }
+}
+
+type Lookup<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<PeerInfo>>> + 'a>>;
 
 /// Runs until stdin ends or Ctrl-C.
 pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
+    let out = Out { json: args.json };
     let topic = args.topic()?;
     let config = TransportConfig {
         mode: args.mode,
@@ -67,62 +132,227 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
         timeout_ms: args.timeout_ms,
         encryption: !args.no_encryption,
     };
-    let mut transport = build_transport(&args, config)?;
-    eprintln!(
-        "joining topic {} over {} (type lines to send them to every peer; Ctrl-D to leave)",
-        hex_short(&topic),
-        transport.name()
+    let (me, transport) = build_transport(&args, config)?;
+    let name = transport.name().to_owned();
+    out.status(
+        format!(
+            "joining topic {} over {name} as {} (lines: `upsert ID` / `delete ID` publish an \
+             event, anything else is a message to every peer; Ctrl-D to leave)",
+            short(&hex::encode(topic)),
+            me.as_deref().map_or("-".into(), short)
+        ),
+        json!({"type": "joining", "topic": hex::encode(topic), "mode": name, "peer": me}),
     );
-    if let Some(key) = &args.key {
-        eprintln!("identity {}", short(&Identity::load(key)?.peer_id()));
-    }
-    let mut incoming = transport.connect(topic).await.context("connect")?;
-    let outboxes: Outboxes = Arc::default();
-
-    let accept = {
-        let outboxes = outboxes.clone();
-        tokio::spawn(async move {
-            while let Some(conn) = incoming.recv().await {
-                let peer = conn.peer_id().to_owned();
-                let (tx, rx) = mpsc::channel(OUTBOX_LINES);
-                // Registered before it is announced, so a line typed on seeing
-                // "connected" reaches this peer.
-                outboxes.lock().await.insert(peer.clone(), tx);
-                eprintln!("peer {} connected", short(&peer));
-                let outboxes = outboxes.clone();
-                tokio::spawn(async move {
-                    serve(conn, rx).await;
-                    outboxes.lock().await.remove(&peer);
-                    eprintln!("peer {} disconnected", short(&peer));
-                });
-            }
-        })
-    };
+    let hub = SyncBroadcaster::default();
+    let mut from_network = hub.subscribe_remote();
+    let started = Instant::now();
+    let bridge = SyncBridge::start(transport, topic, hub.clone())
+        .await
+        .map_err(|e| with_hint(e, &args))?;
+    let mut reports = bridge.reports();
+    let mut messages = bridge
+        .messages()
+        .context("the message receiver is taken once")?;
+    out.status(
+        format!("joined; discovering peers over {name}…"),
+        json!({"type": "joined", "ms": started.elapsed().as_millis() as u64}),
+    );
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut progress =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    let wants_addresses = args.mode == TransportMode::Hyperswarm;
+    let mut lookup: Option<Lookup<'_>> = None;
+    let mut lookup_again = false;
+    let mut addressed: BTreeSet<String> = BTreeSet::new();
+    let mut ever_linked = false;
     loop {
         tokio::select! {
             line = lines.next_line() => match line.context("reading stdin")? {
-                Some(line) => broadcast(&outboxes, line.into_bytes().into()).await,
+                Some(line) => match parse_line(line) {
+                    Line::Event(event) => {
+                        let (kind, id) = describe(&event);
+                        out.status(
+                            format!("published {kind} {id} to {} peers", bridge.peers().len()),
+                            json!({"type": "published", "kind": kind, "id": id}),
+                        );
+                        hub.publish(event).ok();
+                    }
+                    Line::Message(text) => {
+                        let sent = bridge.broadcast(text.as_bytes())?;
+                        if sent == 0 {
+                            out.status(
+                                "(no peers yet; not sent)".into(),
+                                json!({"type": "sent", "peers": 0}),
+                            );
+                        } else if out.json {
+                            println!("{}", json!({"type": "sent", "peers": sent}));
+                        }
+                    }
+                },
                 None => break,
             },
-            _ = tokio::signal::ctrl_c() => break,
+            event = from_network.recv() => match event {
+                Ok(SyncEvent::PeerConnected { peer_id }) => {
+                    ever_linked = true;
+                    let via = match args.mode {
+                        TransportMode::Relay => format!(
+                            " via relay {}",
+                            args.relay_url.as_deref().unwrap_or("?")
+                        ),
+                        _ => String::new(),
+                    };
+                    out.status(
+                        format!("peer {} connected{via}", short(&peer_id)),
+                        json!({"type": "peer_connected", "peer": peer_id,
+                               "via": via.trim()}),
+                    );
+                    if wants_addresses {
+                        lookup_again = true;
+                    }
+                }
+                Ok(SyncEvent::PeerDisconnected { peer_id }) => {
+                    addressed.remove(&peer_id);
+                    out.status(
+                        format!("peer {} disconnected", short(&peer_id)),
+                        json!({"type": "peer_disconnected", "peer": peer_id}),
+                    );
+                }
+                Ok(event) => {
+                    let (kind, id) = describe(&event);
+                    out.traffic(
+                        format!("event {kind} {id}"),
+                        json!({"type": "event", "kind": kind, "id": id}),
+                    );
+                }
+                Err(RecvError::Lagged(n)) => out.status(
+                    format!("(missed {n} events: printing is slower than they arrive)"),
+                    json!({"type": "report", "text": format!("missed {n} events")}),
+                ),
+                Err(RecvError::Closed) => break,
+            },
+            message = messages.recv() => match message {
+                Some((peer, bytes)) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    out.traffic(
+                        format!("[{}] {text}", short(&peer)),
+                        json!({"type": "message", "peer": peer, "text": text,
+                               "bytes": bytes.len()}),
+                    );
+                }
+                None => break,
+            },
+            report = reports.recv() => match report {
+                // Arrivals and departures are printed from the hub; the rest says what
+                // went wrong.
+                Ok(BridgeEvent::PeerConnected { .. } | BridgeEvent::PeerDisconnected {
+                    reason: pluresdb_sync::DisconnectReason::Closed
+                        | pluresdb_sync::DisconnectReason::Stopped,
+                    ..
+                }) => {}
+                Ok(report) => out.status(
+                    format!("bridge: {report}"),
+                    json!({"type": "report", "text": report.to_string()}),
+                ),
+                Err(RecvError::Lagged(n)) => out.status(
+                    format!("(missed {n} bridge reports)"),
+                    json!({"type": "report", "text": format!("missed {n} reports")}),
+                ),
+                Err(RecvError::Closed) => {}
+            },
+            found = async {
+                match lookup.as_mut() {
+                    Some(running) => running.await,
+                    None => std::future::pending().await,
+                }
+            }, if lookup.is_some() => {
+                lookup = None;
+                match found {
+                    Ok(found) => {
+                        let linked = bridge.peers();
+                        for p in found {
+                            let Some(addr) = p.address else { continue };
+                            if linked.contains(&p.id) && addressed.insert(p.id.clone()) {
+                                out.status(
+                                    format!("peer {} at {addr} (direct, QUIC)", short(&p.id)),
+                                    json!({"type": "peer_address", "peer": p.id,
+                                           "address": addr, "path": "direct"}),
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "lookup for peer addresses failed"),
+                }
+            }
+            _ = progress.tick() => {
+                if bridge.peers().is_empty() {
+                    let secs = started.elapsed().as_secs();
+                    let hint = if ever_linked { "" } else { discovery_hint(&args) };
+                    out.status(
+                        format!("still discovering peers over {name} ({secs} s){hint}"),
+                        json!({"type": "discovering", "seconds": secs}),
+                    );
+                }
+            }
+        }
+        if lookup.is_none() && lookup_again {
+            lookup_again = false;
+            lookup = Some(Box::pin(bridge.lookup()));
         }
     }
-    eprintln!("leaving");
-    tokio::time::timeout(Duration::from_secs(5), transport.disconnect())
+    drop(lookup);
+    out.status("leaving".into(), json!({"type": "leaving"}));
+    tokio::time::timeout(Duration::from_secs(10), bridge.stop())
         .await
-        .context("disconnect timed out")??;
-    accept.abort();
+        .context("leaving took more than 10 s")??;
     Ok(())
 }
 
-/// The transport for `config`, with the identity and bootstrap options that the facade's
-/// `TransportConfig` does not carry.
+/// What to try when no peer shows up.
+fn discovery_hint(args: &PeerArgs) -> &'static str {
+    match args.mode {
+        TransportMode::Hyperswarm if args.bootstrap.is_empty() => {
+            ": is another peer on the same --db? behind a strict NAT, try --mode relay"
+        }
+        TransportMode::Hyperswarm => ": is another peer on the same --db and --bootstrap?",
+        TransportMode::Relay => ": is another peer on the same --db and relay?",
+        TransportMode::Disabled => ": disabled mode never finds peers",
+    }
+}
+
+/// The start error with what to do about it.
+fn with_hint(err: anyhow::Error, args: &PeerArgs) -> anyhow::Error {
+    let secs = args.timeout_ms / 1000;
+    match args.mode {
+        TransportMode::Hyperswarm
+            if matches!(
+                err.downcast_ref::<pluresdb_sync::Error>(),
+                Some(pluresdb_sync::Error::Timeout { .. })
+            ) =>
+        {
+            err.context(format!(
+                "no DHT bootstrap node answered within {secs} s: pass --bootstrap, or use \
+                 --mode relay"
+            ))
+        }
+        TransportMode::Hyperswarm => {
+            err.context("cannot start hyperswarm mode: check --bootstrap, or use --mode relay")
+        }
+        TransportMode::Relay => err.context(format!(
+            "cannot reach the relay at {}: check --relay-url and that the relay runs, or use \
+             --mode hyperswarm",
+            args.relay_url.as_deref().unwrap_or("?")
+        )),
+        TransportMode::Disabled => err,
+    }
+}
+
+/// The transport for `config` and its peer id, with the identity and bootstrap options that
+/// the facade's `TransportConfig` does not carry.
 fn build_transport(
     args: &PeerArgs,
     config: TransportConfig,
-) -> anyhow::Result<Box<dyn pluresdb_sync::Transport>> {
+) -> anyhow::Result<(Option<String>, Box<dyn Transport>)> {
     config.validate()?;
     let identity = args.key.as_deref().map(Identity::load).transpose()?;
     Ok(match config.mode {
@@ -134,7 +364,8 @@ fn build_transport(
             if let Some(identity) = identity {
                 builder = builder.identity(identity);
             }
-            Box::new(builder.build()?)
+            let t = builder.build()?;
+            (Some(t.peer_id()), Box::new(t))
         }
         TransportMode::Relay => {
             let mut builder = RelayTransport::builder()
@@ -144,54 +375,11 @@ fn build_transport(
             if let Some(identity) = identity {
                 builder = builder.identity(identity);
             }
-            Box::new(builder.build()?)
+            let t = builder.build()?;
+            (Some(t.peer_id()), Box::new(t))
         }
-        TransportMode::Disabled => try_create_transport(config)?,
+        TransportMode::Disabled => (None, try_create_transport(config)?),
     })
-}
-
-async fn broadcast(outboxes: &Outboxes, msg: Arc<[u8]>) {
-    let boxes = outboxes.lock().await;
-    if boxes.is_empty() {
-        eprintln!("(no peers yet; not sent)");
-    }
-    for (peer, tx) in boxes.iter() {
-        if tx.try_send(msg.clone()).is_err() {
-            eprintln!(
-                "peer {} is not keeping up; line dropped for it",
-                short(peer)
-            );
-        }
-    }
-}
-
-/// Owns one connection: prints what arrives, sends what the outbox holds.
-async fn serve(mut conn: Box<dyn Connection>, mut outbox: mpsc::Receiver<Arc<[u8]>>) {
-    let peer = short(conn.peer_id());
-    loop {
-        tokio::select! {
-            msg = conn.receive() => match msg {
-                Ok(Some(bytes)) => println!("[{peer}] {}", String::from_utf8_lossy(&bytes)),
-                Ok(None) => return,
-                Err(e) => {
-                    eprintln!("peer {peer}: {e:#}");
-                    return;
-                }
-            },
-            out = outbox.recv() => match out {
-                Some(bytes) => {
-                    if let Err(e) = conn.send(&bytes).await {
-                        eprintln!("peer {peer}: send failed: {e:#}");
-                        return;
-                    }
-                }
-                None => {
-                    let _ = conn.close().await;
-                    return;
-                }
-            },
-        }
-    }
 }
 
 /// The first 8 hex digits of a peer id, enough to tell peers apart on a screen.
@@ -199,6 +387,24 @@ pub(crate) fn short(peer_id: &str) -> String {
     peer_id.chars().take(8).collect()
 }
 
-fn hex_short(topic: &TopicHash) -> String {
-    short(&hex::encode(topic))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_events_or_messages() {
+        assert_eq!(
+            parse_line("upsert users/1".into()),
+            Line::Event(SyncEvent::NodeUpsert {
+                id: "users/1".into()
+            })
+        );
+        assert_eq!(
+            parse_line("delete a b".into()),
+            Line::Event(SyncEvent::NodeDelete { id: "a b".into() })
+        );
+        for text in ["upsert", "upsert ", "hello", "deleted x", ""] {
+            assert_eq!(parse_line(text.into()), Line::Message(text.into()));
+        }
+    }
 }

@@ -176,6 +176,7 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let mut signals = Signals::watch()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let nats = config.nats_url.is_some();
         let mut relay = RelayServer::bind_with_tls(args.listen, config, tls)
@@ -199,7 +200,7 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         }
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        wait_for_signal().await?;
+        signals.recv().await?;
         eprintln!("shutting down: closing connections with 1001");
         relay.shutdown().await;
         Ok(())
@@ -225,19 +226,42 @@ fn return_freed_memory() {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGINT and SIGTERM, watched from before the relay binds: a signal that arrives while the
+/// relay starts (a supervisor stopping it at once, a test that connects and signals fast)
+/// still shuts it down cleanly instead of killing the process with its sockets open.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts watching (needs the runtime).
+    fn watch() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot watch Ctrl-C")?;
-    Ok(())
+
+    /// Waits for the first of them.
+    async fn recv(&mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot watch Ctrl-C")?;
+        Ok(())
+    }
 }

@@ -139,7 +139,8 @@ fn peer_reports_config_errors() {
     assert!(String::from_utf8_lossy(&bad_topic.stderr).contains("64 hex digits"));
 }
 
-/// The README's main job: both transports connect, sync events and bulk data, and close.
+/// The README's main job: over both transports three replicas link up, sync a burst of
+/// events exactly once, stream a snapshot, and notice one leaving; then the table.
 #[test]
 fn demo_runs_every_transport_end_to_end() {
     let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
@@ -150,22 +151,49 @@ fn demo_runs_every_transport_end_to_end() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     for mode in ["relay", "hyperswarm"] {
-        assert!(
-            err.contains(&format!("[{mode}] B applied 1000 events from A")),
-            "{err}"
-        );
-        assert!(
-            err.contains(&format!("[{mode}] A left; B saw the connection close")),
-            "{err}"
-        );
+        for line in [
+            "full mesh of 3 replicas in",
+            "each replica published 5000 events; each applied the other 10000 exactly once",
+            "A streamed a 16 MiB snapshot to B and C",
+            "C left; A and B saw PeerDisconnected C",
+        ] {
+            assert!(err.contains(&format!("[{mode}] {line}")), "{line}: {err}");
+        }
     }
     let table = stdout(&out);
     let rows: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(rows.len(), 3, "{table}");
+    for column in ["mode", "peers", "connect ms", "events/s", "MiB/s"] {
+        assert!(rows[0].contains(column), "{table}");
+    }
     assert!(
         rows[1].starts_with("relay") && rows[2].starts_with("hyperswarm"),
         "{table}"
     );
+    // Every number in the rows is positive.
+    for row in &rows[1..] {
+        let numbers: Vec<f64> = row
+            .split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(numbers.len(), 4, "{row}");
+        assert_eq!(numbers[0], 3.0, "{row}");
+        assert!(numbers[2..].iter().all(|n| *n > 0.0), "{row}");
+    }
+}
+
+/// A demo step that fails says which one and why, and exits non-zero.
+#[test]
+fn demo_failure_names_the_step() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["demo", "--mode", "relay", "--timeout-ms", "1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error: relay demo"), "{err}");
 }
 
 /// The benchmarks in miniature, so they keep working (numbers from debug builds mean nothing).
@@ -217,6 +245,26 @@ fn benchmarks_run_in_miniature() {
         "hyperswarm",
         "time to first message",
         "(3 links)",
+    ] {
+        assert!(table.contains(row), "{table}");
+    }
+
+    let bridge = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["bench", "bridge", "--events", "500", "--messages", "50"])
+        .args(["--rounds", "1"])
+        .output()
+        .unwrap();
+    let table = stdout(&bridge);
+    assert!(
+        bridge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bridge.stderr)
+    );
+    for row in [
+        "relay: events of 20 B",
+        "relay: messages of 16384 B",
+        "hyperswarm: events of 20 B",
+        "hyperswarm: messages of 16384 B",
     ] {
         assert!(table.contains(row), "{table}");
     }

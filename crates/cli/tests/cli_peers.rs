@@ -119,11 +119,17 @@ fn hyperswarm_peers_in_separate_processes_meet_through_a_private_dht_node() {
     assert!(connected.contains(&a_id[..8]), "{connected}");
     a.stderr_line("connected");
 
+    // Where B reaches A: the transport's verified address (a DHT lookup).
+    let at = b.stderr_line(&format!("peer {} at 127.0.0.1:", &a_id[..8]));
+    assert!(at.ends_with("(direct, QUIC)"), "{at}");
+
     a.say("hello from A");
     let got = b.stdout_line("hello from A");
     assert_eq!(got, format!("[{}] hello from A", &a_id[..8]));
     b.say("hello from B");
     a.stdout_line("hello from B");
+    a.say("upsert doc-1");
+    assert_eq!(b.stdout_line("doc-1"), "event upsert doc-1");
 
     // A leaves (stdin closed): it says so and exits cleanly; B sees the disconnect.
     a.stdin = None;
@@ -133,18 +139,118 @@ fn hyperswarm_peers_in_separate_processes_meet_through_a_private_dht_node() {
     b.stderr_line(&format!("peer {} disconnected", &a_id[..8]));
 }
 
+/// The JSON object of the next stdout line whose "type" is `kind`.
+fn json_line(p: &Proc, kind: &str) -> serde_json::Value {
+    let line = p.stdout_line(&format!("\"type\":\"{kind}\""));
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
+}
+
 #[test]
 fn relay_peers_in_separate_processes_talk_through_a_relay_process() {
     let relay = Proc::spawn(&["relay", "--listen", "127.0.0.1:0"]);
     let line = relay.stdout_line("relay listening on ");
     let url = line.rsplit(' ').next().unwrap().to_owned();
     let db = format!("cli-relay-peers-{}", std::process::id());
-    let peer = || Proc::spawn(&["peer", "--mode", "relay", "--relay-url", &url, "--db", &db]);
-    let mut a = peer();
-    let b = peer();
-    a.stderr_line("connected");
-    b.stderr_line("connected");
+    let peer = |extra: &[&str]| {
+        let mut args = vec!["peer", "--mode", "relay", "--relay-url", &url, "--db", &db];
+        args.extend_from_slice(extra);
+        Proc::spawn(&args)
+    };
+    let mut a = peer(&[]);
+    let mut b = peer(&["--json"]);
+    let joining = json_line(&b, "joining");
+    assert_eq!(joining["mode"], "relay");
+    let b_id = joining["peer"].as_str().unwrap().to_owned();
+    let connected = a.stderr_line("connected");
+    assert!(
+        connected.contains(&b_id[..8]) && connected.contains("via relay ws://"),
+        "{connected}"
+    );
+    let connected = json_line(&b, "peer_connected");
+    let a_id = connected["peer"].as_str().unwrap().to_owned();
+    assert_eq!(a_id.len(), 64, "{connected}");
+
+    // Messages and events, both ways; B's side as JSON.
     a.say("through the relay");
-    let got = b.stdout_line("through the relay");
-    assert!(got.ends_with("] through the relay"), "{got}");
+    let m = json_line(&b, "message");
+    assert_eq!(
+        (m["peer"].as_str(), m["text"].as_str()),
+        (Some(&*a_id), Some("through the relay"))
+    );
+    a.say("upsert users/7");
+    let e = json_line(&b, "event");
+    assert_eq!(
+        (e["kind"].as_str(), e["id"].as_str()),
+        (Some("upsert"), Some("users/7"))
+    );
+    b.say("delete users/7");
+    assert_eq!(a.stdout_line("users/7"), "event delete users/7");
+    b.say("hello from B");
+    assert_eq!(
+        a.stdout_line("hello from B"),
+        format!("[{}] hello from B", &b_id[..8])
+    );
+
+    // A leaves: B reports it.
+    a.stdin = None;
+    assert!(a.child.wait().unwrap().success());
+    assert_eq!(
+        json_line(&b, "peer_disconnected")["peer"].as_str(),
+        Some(&*a_id)
+    );
+    b.stdin = None;
+    json_line(&b, "leaving");
+    assert!(b.child.wait().unwrap().success());
+}
+
+#[test]
+fn peer_errors_say_the_cause_and_a_hint() {
+    // Nothing listens on this port: the relay cannot be reached.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}/relay");
+    let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args(["peer", "--mode", "relay", "--relay-url", &url, "--db", "x"])
+        .args(["--timeout-ms", "2000"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the relay at {url}"))
+            && err.contains("--mode hyperswarm"),
+        "{err}"
+    );
+
+    // No DHT node answers at the bootstrap address.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent = udp.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args([
+            "peer",
+            "--mode",
+            "hyperswarm",
+            "--bootstrap",
+            &silent,
+            "--db",
+            "x",
+        ])
+        .args(["--timeout-ms", "2000"])
+        .env_remove("PLURESDB_SYNC_BOOTSTRAP")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "no DHT bootstrap node answered within 2 s: pass --bootstrap, or use --mode relay"
+        ),
+        "{err}"
+    );
+    drop(udp);
 }

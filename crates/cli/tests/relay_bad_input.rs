@@ -716,6 +716,28 @@ async fn sigterm_closes_clients_with_going_away_and_exits_cleanly() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// A SIGTERM sent the moment the relay has printed its addresses (a supervisor stopping it at
+/// once) is a clean shutdown, not a kill: the signals are watched from before the relay binds.
+/// Before that, the handler was installed only after the addresses were printed, and a signal
+/// in between killed the process (exit by signal, clients reset without a close frame).
+#[tokio::test]
+async fn sigterm_right_after_start_is_a_clean_shutdown() {
+    for _ in 0..20 {
+        let mut relay = Relay::start(&[]).await;
+        let pid = relay.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(T, relay.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(exit.success(), "{exit:?}");
+    }
+}
+
 /// Hostile request heads before authentication (issue 10, "a pre-auth panic"): non-ASCII,
 /// empty, repeated and oversized values in every header the relay reads. Self-contained (its
 /// own process handling and raw HTTP client) so the helpers above can move freely.

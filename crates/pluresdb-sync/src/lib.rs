@@ -1,8 +1,9 @@
 //! Peer discovery and secure transports for PluresDB replication.
 //!
-//! This facade re-exports [`pluresdb_sync_core`] (traits, topics, events, configuration) and
-//! the transports compiled in by Cargo features, and builds a transport from a
-//! [`TransportConfig`] with [`create_transport`] or [`try_create_transport`].
+//! This facade re-exports [`pluresdb_sync_core`] (traits, topics, events, configuration),
+//! the [`SyncBridge`] that keeps replicas' hubs in sync over a transport, and the transports
+//! compiled in by Cargo features, and builds a transport from a [`TransportConfig`] with
+//! [`create_transport`] or [`try_create_transport`].
 //!
 //! | feature | transport | mode |
 //! |---|---|---|
@@ -38,6 +39,14 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use pluresdb_sync_core::*;
+
+/// The SyncBridge: a hub's events and the application's messages between the replicas on a
+/// topic, over any transport (the `pluresdb-sync-bridge` crate).
+pub use pluresdb_sync_bridge as bridge;
+pub use pluresdb_sync_bridge::{
+    BridgeError, BridgeEvent, BridgeStatus, CutReason, DisconnectReason, Messages, SyncBridge,
+    SyncBridgeBuilder,
+};
 
 #[cfg(feature = "disabled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disabled")))]
@@ -78,7 +87,8 @@ pub use pluresdb_sync_transport_disabled as disabled;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-/// The workspace README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "disabled"))]
+/// The workspace README's examples, compiled and run as doctests (its replica example runs
+/// over the relay transport).
+#[cfg(all(doctest, feature = "disabled", feature = "relay"))]
 #[doc = include_str!("../../../README.md")]
 pub struct WorkspaceReadmeDoctests;

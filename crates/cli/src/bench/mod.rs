@@ -1,6 +1,7 @@
 //! `pluresdb-sync bench`: measurements as ratios against baselines run in the same process,
 //! on the same machine, in the same run. Results go to `docs/benchmarks.md`.
 
+mod bridge;
 mod hyperswarm;
 mod relay;
 
@@ -23,6 +24,9 @@ enum BenchTarget {
     /// Hyperswarm connections against raw quinn, rustls TLS over TCP and plain TCP: throughput
     /// with 64 KiB messages, time to first message, idle CPU, memory per connection.
     Hyperswarm(hyperswarm::HyperswarmBenchArgs),
+    /// SyncBridge events and messages against raw Connection messages of the same size, over
+    /// relay and hyperswarm on loopback.
+    Bridge(bridge::BridgeBenchArgs),
 }
 
 /// Runs the chosen benchmark; progress on stderr, the result table on stdout.
@@ -33,6 +37,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         BenchTarget::Relay(a) => relay::run(a).await,
         BenchTarget::Hyperswarm(a) => hyperswarm::run(a).await,
+        BenchTarget::Bridge(a) => bridge::run(a).await,
     }
 }
 
