@@ -1448,8 +1448,14 @@ mod websocket {
         }
     }
 
-    /// Reads server frames until a close frame: its code and reason.
+    /// Reads server frames until a close frame: its code and reason (within [`T`] in all).
     async fn close_of<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+        tokio::time::timeout(T, close_frame(s))
+            .await
+            .expect("no close frame in time")
+    }
+
+    async fn close_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
         let mut buf = Vec::new();
         loop {
             // Parse what is there: server frames are unmasked.
@@ -1478,10 +1484,7 @@ mod websocket {
                 at += head + len;
             }
             let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(T, s.read(&mut chunk))
-                .await
-                .expect("no close frame in time")
-                .unwrap();
+            let n = s.read(&mut chunk).await.unwrap();
             assert!(n > 0, "the connection ended without a close frame");
             buf.extend_from_slice(&chunk[..n]);
         }
