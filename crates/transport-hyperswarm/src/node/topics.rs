@@ -106,6 +106,26 @@ impl Topics {
         }
     }
 
+    /// Stops announcing `topic` (its task is aborted): a first announcement that failed.
+    pub(crate) fn stop_announcing(&mut self, topic: &TopicHash) {
+        if let Some(old) = self.map.get_mut(topic).and_then(|t| t.announcing.take()) {
+            old.abort();
+        }
+    }
+
+    /// Stops taking connections on `topic` and announcing it (a `connect` that failed): the
+    /// accept queue is dropped, the discovery and announce tasks are aborted; the topic stays
+    /// joined.
+    pub(crate) fn stop_accepting(&mut self, topic: &TopicHash) {
+        self.stop_announcing(topic);
+        if let Some(t) = self.map.get_mut(topic) {
+            t.accept = None;
+            if let Some(old) = t.discovering.take() {
+                old.abort();
+            }
+        }
+    }
+
     /// The joined topic whose info-hash is `info_hash`.
     pub(crate) fn find_by_info_hash(&self, info_hash: &[u8; INFO_HASH_LEN]) -> Option<Found> {
         self.map.iter().find_map(|(topic, t)| {
@@ -160,7 +180,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepting_replaces_the_discovery_task_and_clear_closes_the_queue() {
+    async fn accepting_replaces_the_discovery_task_and_stopping_closes_the_queue() {
         let mut topics = Topics::default();
         let topic = [1u8; 32];
         topics.join(topic);
@@ -175,8 +195,20 @@ mod tests {
             "the old task stopped"
         );
         assert!(topics.accept_queue(&topic).is_some());
-        topics.clear();
+        let announcing = tokio::spawn(std::future::pending::<()>());
+        topics.set_announcing(&topic, announcing.abort_handle());
+        assert!(topics.is_announcing(&topic));
+        topics.stop_accepting(&topic);
+        assert!(
+            second.await.unwrap_err().is_cancelled(),
+            "discovery stopped"
+        );
+        assert!(
+            announcing.await.unwrap_err().is_cancelled(),
+            "announcing stopped"
+        );
+        assert!(!topics.is_accepting(&topic) && !topics.is_announcing(&topic));
+        assert!(topics.psk(&topic).is_some(), "still joined");
         assert!(rx.recv().await.is_none(), "the queue closed");
-        second.abort();
     }
 }
