@@ -69,6 +69,13 @@ pub(crate) struct RelayArgs {
     /// Milliseconds a full queue may block forwarding before its reader is closed [default: 5000].
     #[arg(long, env = "PLURESDB_SYNC_RELAY_SLOW_CONSUMER_TIMEOUT_MS")]
     slow_consumer_timeout_ms: Option<u64>,
+    /// Bytes queued to one connection at most; senders to it wait beyond it [default: 4194304].
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_QUEUED_BYTES_PER_CONNECTION")]
+    max_queued_bytes_per_connection: Option<usize>,
+    /// Bytes queued to all connections together at most; when used up, the largest queues are
+    /// closed (4010) [default: 268435456].
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_QUEUED_BYTES")]
+    max_queued_bytes: Option<usize>,
     /// Bytes per second each client IP may send; reads pause beyond it [default: no limit].
     #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_BYTES_PER_SEC_PER_IP")]
     max_bytes_per_sec_per_ip: Option<u64>,
@@ -120,6 +127,12 @@ impl RelayArgs {
         if let Some(v) = self.slow_consumer_timeout_ms {
             b = b.slow_consumer_timeout(ms(v));
         }
+        if let Some(v) = self.max_queued_bytes_per_connection {
+            b = b.max_queued_bytes_per_connection(v);
+        }
+        if let Some(v) = self.max_queued_bytes {
+            b = b.max_queued_bytes(v);
+        }
         if let Some(v) = self.max_bytes_per_sec_per_ip {
             b = b.max_bytes_per_sec_per_ip(Some(v));
         }
@@ -152,6 +165,7 @@ impl RelayArgs {
 /// Runs the relay until SIGINT or SIGTERM, then closes every connection with 1001.
 pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    return_freed_memory();
     raise_open_file_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_config_from_pem(cert, key)?),
@@ -162,6 +176,7 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let mut signals = Signals::watch()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let nats = config.nats_url.is_some();
         let mut relay = RelayServer::bind_with_tls(args.listen, config, tls)
@@ -185,7 +200,7 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
         }
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        wait_for_signal().await?;
+        signals.recv().await?;
         eprintln!("shutting down: closing connections with 1001");
         relay.shutdown().await;
         Ok(())
@@ -202,19 +217,51 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
-            _ = term.recv() => {}
-        }
+/// jemalloc returns freed pages to the system only as it allocates, after its decay time
+/// (10 s); a relay that goes quiet after a burst would keep them. Its background thread
+/// purges on time instead.
+fn return_freed_memory() {
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start jemalloc's background purge thread");
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot watch Ctrl-C")?;
-    Ok(())
+}
+
+/// SIGINT and SIGTERM, watched from before the relay binds: a signal that arrives while the
+/// relay starts (a supervisor stopping it at once, a test that connects and signals fast)
+/// still shuts it down cleanly instead of killing the process with its sockets open.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts watching (needs the runtime).
+    fn watch() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the first of them.
+    async fn recv(&mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot watch Ctrl-C")?;
+        Ok(())
+    }
 }

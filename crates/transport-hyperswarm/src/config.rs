@@ -43,7 +43,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default longest interval between two DHT lookups of a joined topic. Lookups start 0.25 s
 /// apart and the interval doubles up to this, so new peers are found fast at first and the
-/// DHT is not hammered later.
+/// DHT is not hammered later (a wait also ends once this node's announcement has landed: a
+/// peer that joined at the same moment is on the DHT by then).
 pub const DEFAULT_LOOKUP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The first interval between DHT lookups after joining (then doubling up to the lookup
@@ -197,8 +198,9 @@ impl HyperswarmTransportBuilder {
         self
     }
 
-    /// Time limit of one operation: `announce`, `lookup`, `connect`'s first announce, and
-    /// starting the node (default [`DEFAULT_TIMEOUT`]; `TransportConfig::timeout_ms` sets it).
+    /// Time limit of one operation: `announce`, `lookup`, each announcement (also those
+    /// `connect` makes in the background), and starting the node (default
+    /// [`DEFAULT_TIMEOUT`]; `TransportConfig::timeout_ms` sets it).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -239,8 +241,12 @@ impl HyperswarmTransportBuilder {
         self
     }
 
-    /// How long the DHT node waits for each KRPC reply (default: the `mainline` crate's,
-    /// 2 s). Short values make local test networks fast.
+    /// How long the DHT node waits for each KRPC reply. Default: measured when the node
+    /// starts, from read-only pings to up to 4 bootstrap nodes: 3 times the slowest answer,
+    /// at least 0.5 s and at most 2 s (the `mainline` crate's default, also used when no
+    /// bootstrap node answers within 0.5 s). A DHT query ends only when every node it asked
+    /// answered or timed out, so one node that never answers holds an announcement for this
+    /// long; short values make local test networks fast.
     pub fn dht_request_timeout(mut self, timeout: Duration) -> Self {
         self.dht_request_timeout = Some(timeout);
         self

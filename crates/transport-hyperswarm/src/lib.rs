@@ -26,11 +26,16 @@
 //!   `derive_from_topic(topic, Domain::DhtInfoHash)`; the topic itself is never published.
 //!   `announce` stores this node's data-socket endpoint under it (refreshed every
 //!   [`DEFAULT_ANNOUNCE_INTERVAL`] until `disconnect`); `lookup` and `connect` read it back.
-//! - **Connections**: QUIC (quinn) on one UDP socket, then a Noise XX handshake
-//!   (`Noise_XX_25519_ChaChaPoly_BLAKE2s`) on the connection's stream, with the QUIC
-//!   connection's exported keying material as the Noise prologue. Noise authenticates both
-//!   static keys (the peer id is the remote's key); QUIC's packet protection encrypts the
-//!   messages, once.
+//! - **Connections**: QUIC (quinn) on one UDP socket, then the dialler names the topic's
+//!   info-hash and a Noise handshake keyed with the topic from its first message
+//!   (`Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s`) runs on the connection's stream, with the QUIC
+//!   connection's exported keying material as the Noise prologue. Only peers that know the
+//!   topic get past message 1 or learn each other's key; Noise authenticates both static keys
+//!   (the peer id is the remote's key); QUIC's packet protection encrypts the messages, once.
+//! - **Hostile input**: incoming attempts are admitted before any crypto within bounds
+//!   (handshakes in progress per IP and in total, a QUIC Retry under load, per-IP rates);
+//!   [`HyperswarmTransport::incoming_stats`] counts how they ended, and refusals are logged
+//!   as one summary line per interval.
 //! - **One connection per peer**: when both sides dial, the peer with the smaller key decides
 //!   which connection survives.
 //! - **Errors**: the `anyhow` errors of the `Transport` calls downcast to
@@ -65,6 +70,7 @@ mod path;
 mod quic;
 pub mod relay_path;
 mod socket;
+mod stats;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
@@ -85,6 +91,7 @@ pub use config::{
 pub use error::{BootstrapNode, DialFailure, HandshakeFailure, HyperswarmError};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
+pub use stats::IncomingStats;
 
 use config::Settings;
 use node::Node;
@@ -168,6 +175,16 @@ impl HyperswarmTransport {
         self.node
             .get()
             .map(|n| n.verified_addresses())
+            .unwrap_or_default()
+    }
+
+    /// What this node did with incoming connection attempts: how many were retried, refused
+    /// (and why), or completed, and how many Diffie-Hellman-costing messages 2 it sent.
+    /// Zero before networking starts.
+    pub fn incoming_stats(&self) -> IncomingStats {
+        self.node
+            .get()
+            .map(|n| n.incoming_stats())
             .unwrap_or_default()
     }
 

@@ -10,15 +10,20 @@
 //! | `book.rs` | the pure address book: verified peers, backoff, tiers, own addresses |
 //! | `dialer.rs` | dial slots, dials and checks in flight, the `InFlight` guard |
 //! | `candidates.rs` | candidates of any source to dials (`DialRound`) and `lookup` checks |
-//! | `handshake.rs` | dialling and answering: QUIC, probes, Noise XX, hello, typed causes |
+//! | `handshake.rs` | dialling: QUIC, probes, info-hash, Noise XXpsk0; typed causes |
+//! | `respond.rs` | answering: admission of each Initial, the responder's handshake, records |
+//! | `admission.rs` | pure: who may start a handshake (half-open bounds, Retry, rates) |
+//! | `limiter.rs` | pure: token buckets per key in a bounded table |
+//! | `incoming.rs` | pure: counts of how incoming handshakes end; log lines and summaries |
 //! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
 //! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
 //! | `relay_rooms.rs` | pure: with a relay path, each topic's room: joined or not, its members' virtual addresses |
 //! | `relayed.rs` | with a relay path (Auto mode): its events, dialling room members, `announce`/`connect`/`lookup` over the relay and the DHT |
 //!
 //! `topics`, `sessions`, `book` and `relay` live under one lock ([`Node::state`]); the dialer
-//! and the reflexive learner have their own. Lock order: the dialer's in-flight lock, then the
-//! state.
+//! and the reflexive learner have their own, and so do admission and the incoming record.
+//! Lock order: the dialer's in-flight lock, then the state; admission and the record are
+//! taken alone.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,17 +41,24 @@ use crate::error::BootstrapNode;
 use crate::quic;
 use crate::socket::DataSocket;
 
+mod admission;
 mod book;
 mod candidates;
 mod dialer;
 mod discovery;
 mod duplicate;
 mod handshake;
+mod incoming;
+mod limiter;
 mod reflexive;
 mod relay_rooms;
 mod relayed;
+mod respond;
 mod sessions;
 mod topics;
+
+use admission::Admission;
+use incoming::Record;
 
 use book::AddressBook;
 use candidates::WarnLimit;
@@ -87,6 +99,11 @@ pub(crate) struct Node {
     dialer: Arc<Dialer>,
     /// Rate limit of "cannot reach a peer" warnings.
     unreachable_warnings: Mutex<WarnLimit>,
+    /// Who may start an incoming handshake now.
+    admission: Mutex<Admission>,
+    /// How incoming handshakes ended; `incoming_changed` wakes the summary writer.
+    incoming: Mutex<Record>,
+    incoming_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Node {
@@ -154,6 +171,9 @@ impl Node {
             shutdown: CancellationToken::new(),
             dialer: Dialer::new(MAX_CONCURRENT_DIALS),
             unreachable_warnings: Mutex::new(WarnLimit::default()),
+            admission: Mutex::new(Admission::default()),
+            incoming: Mutex::new(Record::default()),
+            incoming_changed: tokio::sync::Notify::new(),
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
@@ -215,6 +235,18 @@ impl Node {
         self.unreachable_warnings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn admission(&self) -> MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn incoming(&self) -> MutexGuard<'_, Record> {
+        self.incoming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn incoming_stats(&self) -> crate::IncomingStats {
+        self.incoming().stats()
     }
 
     fn register_topic(&self, topic: TopicHash) {

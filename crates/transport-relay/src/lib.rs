@@ -25,10 +25,11 @@
 //!
 //! - The relay only sees a room id, `derive_from_topic(topic, Domain::RelayRoom)`, and
 //!   connection ids it assigned; it never learns the topic, a peer identity or plaintext.
-//! - Each pair of peers runs a Noise `XXpsk3_25519_ChaChaPoly_BLAKE2s` handshake through the
-//!   relay with a pre-shared key derived from the topic, so only peers that know the topic can
-//!   talk. The remote's peer id is the static key it proved. `encryption: false` turns this off
-//!   (both sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
+//! - Each pair of peers runs a Noise `XXpsk0_25519_ChaChaPoly_BLAKE2s` handshake through the
+//!   relay with a pre-shared key derived from the topic and mixed in from the first message,
+//!   so only peers that know the topic can talk, or even learn each other's static keys. The
+//!   remote's peer id is the static key it proved. `encryption: false` turns this off (both
+//!   sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
 //! - Errors are typed: [`RelayTransport::recent_errors`] returns [`RelayError`]s, and a failed
 //!   session is [`RelayError::Session`] with a [`SessionError`] cause (a handshake timeout, a
 //!   version or encryption mismatch, a window violation, …).

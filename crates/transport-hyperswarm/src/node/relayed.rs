@@ -224,7 +224,10 @@ impl Node {
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
         let node = self.clone();
         let handle = self.spawn(async move {
-            tokio::join!(node.clone().discover(topic), node.relay_discover(topic));
+            tokio::join!(
+                node.clone().discover(topic, None),
+                node.relay_discover(topic)
+            );
         });
         self.state().topics.set_accepting(&topic, tx, handle);
         Ok(rx)

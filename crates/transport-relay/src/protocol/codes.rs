@@ -50,6 +50,9 @@ pub mod error_code {
 pub mod close_code {
     /// The relay shuts down.
     pub const GOING_AWAY: u16 = 1001;
+    /// A WebSocket protocol error (RSV bits, a reserved opcode, an unmasked frame, an
+    /// oversized or fragmented control frame, ...).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A message over the frame limit, or a SEND/BROADCAST payload over
     /// `max_frame - DELIVER_OVERHEAD`.
     pub const FRAME_TOO_LARGE: u16 = 1009;
@@ -63,4 +66,7 @@ pub mod close_code {
     pub const TIMEOUT: u16 = 4008;
     /// The send queue stayed full.
     pub const SLOW_CONSUMER: u16 = 4009;
+    /// The relay's memory budget for queued frames was used up and this connection's send
+    /// queue was among the largest.
+    pub const OVER_BUDGET: u16 = 4010;
 }

@@ -1,13 +1,11 @@
 //! Forwarding DATAGRAM frames (`pluresdb-relay.v2`): best effort, never backpressure. A
-//! datagram goes to the receiver's queue only if it has room at once; otherwise, or when the
+//! datagram goes to the receiver's queue only if it and the memory budget have room at once; otherwise, or when the
 //! receiver is not in the room with the sender, does not speak version 2, or is the sender
 //! itself, it is dropped and counted. The sender never waits and never gets an ERROR (QUIC
 //! above does loss recovery and congestion control; an ERROR per datagram would only be a
 //! flood of its own).
 
 use std::sync::atomic::Ordering;
-
-use tokio::sync::mpsc;
 
 use super::metrics::DropReason;
 use super::outbox::Batch;
@@ -35,20 +33,17 @@ pub(super) fn forward(
         return false;
     };
     let header = datagram_header(kind::DATAGRAM_FROM, &room, from, segment);
-    match receiver.tx.try_send(Batch::two(&header, payload)) {
-        Ok(()) => {
-            metrics.datagrams_forwarded.fetch_add(1, Ordering::Relaxed);
-            metrics.forwarded(1, header.len() + payload.len());
-            true
-        }
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            metrics.dropped(DropReason::DatagramQueueFull);
-            false
-        }
-        // The receiver is going away.
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            metrics.dropped(DropReason::DatagramNoRoute);
-            false
-        }
+    // Charged to the receiver's queue and the memory budget like every frame (its writer
+    // gives the bytes back as it sends them); a queue or budget without room drops it.
+    if shared
+        .rooms
+        .try_queue(&receiver, Batch::two(&header, payload))
+    {
+        metrics.datagrams_forwarded.fetch_add(1, Ordering::Relaxed);
+        metrics.forwarded(1, header.len() + payload.len());
+        true
+    } else {
+        metrics.dropped(DropReason::DatagramQueueFull);
+        false
     }
 }

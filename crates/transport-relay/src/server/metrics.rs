@@ -27,9 +27,11 @@ pub(crate) enum DropReason {
     NatsDown,
     DatagramNoRoute,
     DatagramQueueFull,
+    MemoryBudget,
+    WebSocketProtocol,
 }
 
-const DROPS: [(DropReason, &str); 20] = [
+const DROPS: [(DropReason, &str); 22] = [
     (DropReason::Malformed, "malformed"),
     (DropReason::UnknownType, "unknown_type"),
     (DropReason::TextFrame, "text_frame"),
@@ -50,6 +52,8 @@ const DROPS: [(DropReason, &str); 20] = [
     (DropReason::NatsDown, "nats_down"),
     (DropReason::DatagramNoRoute, "datagram_no_route"),
     (DropReason::DatagramQueueFull, "datagram_queue_full"),
+    (DropReason::MemoryBudget, "memory_budget"),
+    (DropReason::WebSocketProtocol, "websocket_protocol"),
 ];
 
 /// Counters of the NATS path (with `nats_url`).
@@ -90,7 +94,12 @@ impl Metrics {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, rooms: usize, nats: Option<&NatsMetrics>) -> String {
+    pub(crate) fn render(
+        &self,
+        rooms: usize,
+        queued_bytes: usize,
+        nats: Option<&NatsMetrics>,
+    ) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -116,6 +125,12 @@ impl Metrics {
             "gauge",
             "Rooms with at least one member.",
             rooms as u64,
+        );
+        metric(
+            "pluresdb_relay_queued_bytes",
+            "gauge",
+            "Bytes of frames queued to connections' writers (bounded by --max-queued-bytes).",
+            queued_bytes as u64,
         );
         metric(
             "pluresdb_relay_frames_received_total",
@@ -218,7 +233,8 @@ mod tests {
         m.dropped(DropReason::SlowConsumer);
         m.dropped(DropReason::SlowConsumer);
         m.forwarded(2, 100);
-        let text = m.render(3, None);
+        let text = m.render(3, 77, None);
+        assert!(text.contains("pluresdb_relay_queued_bytes 77\n"), "{text}");
         assert!(text.contains("pluresdb_relay_rooms 3\n"), "{text}");
         assert!(text.contains("pluresdb_relay_drops_total{reason=\"slow_consumer\"} 2\n"));
         assert!(text.contains("pluresdb_relay_bytes_forwarded_total 100\n"));

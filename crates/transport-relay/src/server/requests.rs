@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use super::datagram;
 use super::gather::Gathered;
@@ -222,8 +223,9 @@ impl<'a> Conn<'a> {
         let targets = self.shared.rooms.others(&room, self.id);
         let frame = protocol::encode_deliver(&room, self.id, true, payload);
         let batch = Batch::one(&frame);
+        let deadline = self.shared.rooms.deadline();
         for t in targets {
-            if self.notify(&t, batch.clone()).await {
+            if self.notify(&t, batch.clone(), deadline).await {
                 self.shared.metrics.forwarded(1, frame.len());
             }
         }
@@ -297,8 +299,9 @@ impl<'a> Conn<'a> {
             })
             .encode(),
         );
+        let deadline = self.shared.rooms.deadline();
         for o in others {
-            self.notify(&o, notice.clone()).await;
+            self.notify(&o, notice.clone(), deadline).await;
         }
         Ok(true)
     }
@@ -318,8 +321,9 @@ impl<'a> Conn<'a> {
             })
             .encode(),
         );
+        let deadline = self.shared.rooms.deadline();
         for o in others {
-            self.notify(&o, notice.clone()).await;
+            self.notify(&o, notice.clone(), deadline).await;
         }
     }
 
@@ -336,13 +340,16 @@ impl<'a> Conn<'a> {
         self.gathered.flush(rooms).await;
     }
 
-    /// Queues frames to another member; closes that member if its queue stays full.
-    async fn notify(&self, to: &Member, frames: Batch) -> bool {
-        self.shared.rooms.queue(to, frames).await
+    /// Queues frames to another member, waiting at most until `deadline` (shared by every
+    /// member one operation queues to); closes that member if its queue stays full.
+    async fn notify(&self, to: &Member, frames: Batch, deadline: Instant) -> bool {
+        self.shared.rooms.queue(to, frames, deadline).await
     }
 
     async fn reply(&self, frame: Frame) {
-        self.notify(&self.me, Batch::one(&frame.encode())).await;
+        let deadline = self.shared.rooms.deadline();
+        self.notify(&self.me, Batch::one(&frame.encode()), deadline)
+            .await;
     }
 
     async fn error(&self, code: u16, about: u8, room: RoomId, reason: DropReason, message: String) {
