@@ -327,10 +327,14 @@ fn discovery_hint(args: &PeerArgs) -> &'static str {
 fn with_hint(err: anyhow::Error, args: &PeerArgs) -> anyhow::Error {
     let secs = args.timeout_ms / 1000;
     match args.mode {
+        // Either the whole start timed out, or every DHT request did before it.
         TransportMode::Hyperswarm
             if matches!(
                 err.downcast_ref::<pluresdb_sync::Error>(),
                 Some(pluresdb_sync::Error::Timeout { .. })
+            ) || matches!(
+                err.downcast_ref::<pluresdb_sync::hyperswarm::HyperswarmError>(),
+                Some(pluresdb_sync::hyperswarm::HyperswarmError::DhtUnreachable { .. })
             ) =>
         {
             err.context(format!(
