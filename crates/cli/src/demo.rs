@@ -339,7 +339,7 @@ async fn relay(timeout: Duration) -> anyhow::Result<Outcome> {
     let room = derive_from_topic(&derive_topic(DB), Domain::RelayRoom);
     eprintln!(
         "[relay] relay server on {url}; replicas join room {}… (the relay never sees the topic \
-         or a plaintext byte: Noise end to end)",
+         or a plaintext byte: Noise XXpsk0 end to end)",
         &hex::encode(room)[..16]
     );
     let mut transports = Vec::new();

@@ -69,6 +69,13 @@ pub(crate) struct RelayArgs {
     /// Milliseconds a full queue may block forwarding before its reader is closed [default: 5000].
     #[arg(long, env = "PLURESDB_SYNC_RELAY_SLOW_CONSUMER_TIMEOUT_MS")]
     slow_consumer_timeout_ms: Option<u64>,
+    /// Bytes queued to one connection at most; senders to it wait beyond it [default: 4194304].
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_QUEUED_BYTES_PER_CONNECTION")]
+    max_queued_bytes_per_connection: Option<usize>,
+    /// Bytes queued to all connections together at most; when used up, the largest queues are
+    /// closed (4010) [default: 268435456].
+    #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_QUEUED_BYTES")]
+    max_queued_bytes: Option<usize>,
     /// Bytes per second each client IP may send; reads pause beyond it [default: no limit].
     #[arg(long, env = "PLURESDB_SYNC_RELAY_MAX_BYTES_PER_SEC_PER_IP")]
     max_bytes_per_sec_per_ip: Option<u64>,
@@ -120,6 +127,12 @@ impl RelayArgs {
         if let Some(v) = self.slow_consumer_timeout_ms {
             b = b.slow_consumer_timeout(ms(v));
         }
+        if let Some(v) = self.max_queued_bytes_per_connection {
+            b = b.max_queued_bytes_per_connection(v);
+        }
+        if let Some(v) = self.max_queued_bytes {
+            b = b.max_queued_bytes(v);
+        }
         if let Some(v) = self.max_bytes_per_sec_per_ip {
             b = b.max_bytes_per_sec_per_ip(Some(v));
         }
@@ -152,6 +165,7 @@ impl RelayArgs {
 /// Runs the relay until SIGINT or SIGTERM, then closes every connection with 1001.
 pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    return_freed_memory();
     raise_open_file_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_config_from_pem(cert, key)?),
@@ -200,6 +214,15 @@ fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!(limit, "open file limit (RLIMIT_NOFILE soft limit)"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+}
+
+/// jemalloc returns freed pages to the system only as it allocates, after its decay time
+/// (10 s); a relay that goes quiet after a burst would keep them. Its background thread
+/// purges on time instead.
+fn return_freed_memory() {
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start jemalloc's background purge thread");
     }
 }
 

@@ -200,7 +200,8 @@ async fn plain_http_and_bad_upgrades_get_clear_statuses() {
     )
     .await;
     assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
-    for protocol in [None, Some("chat"), Some("pluresdb-relay.v2")] {
+    // v2 is spoken too (datagrams); an unknown version is refused.
+    for protocol in [None, Some("chat"), Some("pluresdb-relay.v3")] {
         match ws_with(relay.addr, protocol, None).await {
             Err(tungstenite::Error::Http(resp)) => {
                 assert_eq!(resp.status(), 400, "{protocol:?}");
@@ -1194,4 +1195,448 @@ async fn the_relay_raises_its_open_file_limit_to_the_hard_limit() {
         err.contains(&format!("limit={hard}")) && err.contains("open file limit"),
         "{err}"
     );
+}
+
+/// Memory attacks against the relay process: never-reading receivers from several client IPs
+/// (issue 10, "memory per client IP"). The process's RSS stays within the queued-bytes budget
+/// plus a margin while they push, and comes back once they leave; a bystander pair on
+/// another IP keeps talking throughout.
+mod memory {
+    use std::net::Ipv4Addr;
+    use std::time::Instant;
+
+    use tokio_tungstenite::MaybeTlsStream;
+
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+    const PAYLOAD: usize = 60_000;
+
+    /// The resident set of process `pid`, in bytes.
+    pub(super) fn rss(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    /// A raw client connecting from loopback address `ip` (any 127.0.0.x is ours), after its
+    /// WELCOME, and its connection id. `tiny_window`: a 4 KiB receive buffer, so that the
+    /// kernel holds next to nothing for a client that stops reading and the relay's own
+    /// queues take the rest (what an attacker wants).
+    pub(super) async fn client_from(
+        ip: Ipv4Addr,
+        addr: SocketAddr,
+        tiny_window: bool,
+    ) -> (Ws, u64) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if tiny_window {
+            socket.set_recv_buffer_size(4096).unwrap();
+        }
+        socket.bind((ip, 0).into()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let req = raw::upgrade_request(&ws_url(addr), Some(SUBPROTOCOL), None).unwrap();
+        let (mut ws, _) = tokio::time::timeout(
+            T,
+            tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let (id, _) = raw::welcome(&mut ws).await.unwrap();
+        (ws, id)
+    }
+
+    /// A client-to-server WebSocket binary frame carrying `payload`, masked with the key 0
+    /// (masking is required; a zero key leaves the bytes as they are, so one buffer can be
+    /// written again and again at no cost to the attacker).
+    fn ws_frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x82];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// One attacking IP: 63 receivers that never read and one sender pushing `rounds` SENDs
+    /// of 60 KB to each of them as pre-built WebSocket frames (it reads and discards what it
+    /// is sent, so only the receivers' queues grow). Returns the receivers, still open, and
+    /// how many SENDs went out before the relay stopped taking them.
+    async fn attack(ip: Ipv4Addr, addr: SocketAddr, rounds: usize) -> (Vec<Ws>, usize) {
+        use tokio::io::AsyncWriteExt;
+        let room = [ip.octets()[3]; 32];
+        let mut receivers = Vec::new();
+        let mut frames = Vec::new();
+        let payload = vec![0xA7u8; PAYLOAD];
+        for _ in 0..63 {
+            let (mut ws, id) = client_from(ip, addr, true).await;
+            join(&mut ws, room).await;
+            receivers.push(ws);
+            let send = pluresdb_sync_transport_relay::protocol::encode_send(&room, id, &payload);
+            frames.push(ws_frame(&send));
+        }
+        let (mut sender, _) = client_from(ip, addr, false).await;
+        join(&mut sender, room).await;
+        let MaybeTlsStream::Plain(tcp) = sender.into_inner() else {
+            unreachable!("ws://")
+        };
+        let (mut rd, mut wr) = tcp.into_split();
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await, Ok(n) if n > 0) {
+            }
+        });
+        let mut sent = 0;
+        'push: for _ in 0..rounds {
+            for f in &frames {
+                let r = tokio::time::timeout(Duration::from_secs(60), wr.write_all(f)).await;
+                if !matches!(r, Ok(Ok(()))) {
+                    break 'push;
+                }
+                sent += 1;
+            }
+        }
+        drop(wr);
+        drain.abort();
+        (receivers, sent)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_reading_receivers_on_three_ips_stay_within_the_budget_and_memory_comes_back() {
+        const BUDGET: u64 = 64 * MIB;
+        let budget = BUDGET.to_string();
+        let relay = Relay::start(&["--max-queued-bytes", &budget]).await;
+        let pid = relay.child.id().unwrap();
+        let mut by = Bystanders::new(relay.addr).await;
+        by.exchange(100).await;
+        let baseline = rss(pid);
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(rss(pid), std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let started = Instant::now();
+        let attackers = futures_util::future::join_all(
+            [2u8, 3, 4].map(|i| attack(Ipv4Addr::new(127, 0, 0, i), relay.addr, 110)),
+        );
+        // The bystanders talk all along: every message arrives; the slowest round is noted.
+        let talking = async {
+            let mut slowest = Duration::ZERO;
+            let mut rounds = 0u64;
+            loop {
+                let t = Instant::now();
+                by.exchange(20).await;
+                // The receiving bystander pings too, so it is not idle for the relay.
+                send(&mut by.b, Frame::Ping(rounds)).await;
+                assert_eq!(next_data(&mut by.b).await, Frame::Pong(rounds));
+                slowest = slowest.max(t.elapsed());
+                rounds += 1;
+                if rounds >= 5 && started.elapsed() > Duration::from_secs(2) {
+                    return (rounds, slowest);
+                }
+            }
+        };
+        let (results, (rounds, slowest)) = tokio::join!(attackers, talking);
+        let attack_time = started.elapsed();
+        let sent: usize = results.iter().map(|(_, s)| s).sum();
+        let during = peak.load(std::sync::atomic::Ordering::Relaxed);
+        drop(results);
+        let left = Instant::now();
+        let deadline = left + T;
+        while relay.metric("pluresdb_relay_connections").await != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "attackers' connections did not close"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Memory comes back once they are gone (waiting for it, within the test's patience).
+        let mut after = rss(pid);
+        while after > baseline + 16 * MIB && Instant::now() < left + T {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            after = rss(pid);
+        }
+        let recovered = left.elapsed();
+        sampler.abort();
+        by.exchange(100).await;
+        let budget_drops = relay
+            .metric("pluresdb_relay_drops_total{reason=\"memory_budget\"}")
+            .await;
+        let slow = relay
+            .metric("pluresdb_relay_drops_total{reason=\"slow_consumer\"}")
+            .await;
+        eprintln!(
+            "memory attack: {sent} SENDs of {PAYLOAD} B ({} MiB) in {attack_time:?}; RSS baseline {} MiB, peak {} MiB, after {} MiB ({recovered:?} after they left); {budget_drops} closed for the budget, {slow} as slow consumers; bystanders: {rounds} rounds of 20 messages, slowest {slowest:?}",
+            sent as u64 * PAYLOAD as u64 / MIB,
+            baseline / MIB,
+            during / MIB,
+            after / MIB
+        );
+        assert!(
+            sent as u64 * PAYLOAD as u64 > 4 * BUDGET,
+            "the attack pushed too little to test anything"
+        );
+        assert!(
+            during <= baseline + BUDGET + 64 * MIB,
+            "RSS peaked at {} MiB (baseline {} MiB, budget {} MiB)",
+            during / MIB,
+            baseline / MIB,
+            BUDGET / MIB
+        );
+        assert!(
+            after <= baseline + 16 * MIB,
+            "RSS stayed at {} MiB after the attackers left (baseline {} MiB)",
+            after / MIB,
+            baseline / MIB
+        );
+        assert!(budget_drops >= 1, "the budget never had to close a queue");
+    }
+}
+
+/// Raw WebSocket bytes after a real upgrade (issue 10, "WebSocket details"): protocol errors
+/// close with 1002 and are counted; pings and unfinished fragmented messages are not activity.
+mod websocket {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::MaybeTlsStream;
+
+    use super::*;
+
+    /// A client-to-server frame: `first` is the FIN/RSV/opcode byte; masked with the key 0
+    /// (the payload goes as it is) unless `unmasked`.
+    fn frame(first: u8, payload: &[u8], unmasked: bool) -> Vec<u8> {
+        let mask = if unmasked { 0 } else { 0x80 };
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(mask | n as u8),
+            n => {
+                f.push(mask | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        if !unmasked {
+            f.extend_from_slice(&[0; 4]);
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A joined client's raw TCP stream (after WELCOME and JOINED).
+    async fn raw_tcp(addr: SocketAddr) -> tokio::net::TcpStream {
+        let (mut ws, _) = client(addr).await;
+        join(&mut ws, [0x3C; 32]).await;
+        match ws.into_inner() {
+            MaybeTlsStream::Plain(s) => s,
+            _ => unreachable!("ws://"),
+        }
+    }
+
+    /// Reads server frames until a close frame: its code and reason (within [`T`] in all).
+    async fn close_of<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+        tokio::time::timeout(T, close_frame(s))
+            .await
+            .expect("no close frame in time")
+    }
+
+    async fn close_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+        let mut buf = Vec::new();
+        loop {
+            // Parse what is there: server frames are unmasked.
+            let mut at = 0;
+            while buf.len() >= at + 2 {
+                let (op, len7) = (buf[at] & 0x0F, (buf[at + 1] & 0x7F) as usize);
+                let (len, head) = match len7 {
+                    126 if buf.len() >= at + 4 => {
+                        (u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize, 4)
+                    }
+                    127 if buf.len() >= at + 10 => (
+                        u64::from_be_bytes(buf[at + 2..at + 10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => break,
+                    n => (n, 2),
+                };
+                if buf.len() < at + head + len {
+                    break;
+                }
+                let body = &buf[at + head..at + head + len];
+                if op == 8 {
+                    let code = u16::from_be_bytes([body[0], body[1]]);
+                    return (code, String::from_utf8_lossy(&body[2..]).into_owned());
+                }
+                at += head + len;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection ended without a close frame");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_close_with_1002_and_are_counted() {
+        let relay = Relay::start(&[]).await;
+        let mut by = Bystanders::new(relay.addr).await;
+        let ping = Frame::Ping(1).encode();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("oversized ping", frame(0x89, &[7; 126], false)),
+            ("RSV1 set", frame(0xC2, &ping, false)),
+            ("reserved data opcode", frame(0x83, &ping, false)),
+            ("reserved control opcode", frame(0x8B, &[], false)),
+            ("unmasked binary", frame(0x82, &ping, true)),
+            ("fragmented ping", frame(0x09, &[1], false)),
+        ];
+        for (name, bytes) in &cases {
+            let mut s = raw_tcp(relay.addr).await;
+            s.write_all(bytes).await.unwrap();
+            let (code, reason) = close_of(&mut s).await;
+            assert_eq!(code, 1002, "{name}: {reason}");
+            assert!(reason.contains("protocol error"), "{name}: {reason}");
+            by.exchange(20).await;
+        }
+        assert_eq!(
+            relay
+                .metric("pluresdb_relay_drops_total{reason=\"websocket_protocol\"}")
+                .await,
+            cases.len() as u64
+        );
+    }
+
+    /// A client that only sends WebSocket pings, or keeps an unfinished fragmented message
+    /// open with them, is closed at the idle timeout like any silent one.
+    #[tokio::test]
+    async fn pings_and_unfinished_messages_are_not_activity() {
+        let relay = Relay::start(&["--idle-timeout-ms", "1500", "--ping-interval-ms", "500"]).await;
+        for fragment in [false, true] {
+            let (mut rd, mut wr) = raw_tcp(relay.addr).await.into_split();
+            if fragment {
+                // The first 60 KB of a binary message that never gets its last fragment.
+                wr.write_all(&frame(0x02, &[0x03; 60_000], false))
+                    .await
+                    .unwrap();
+            }
+            let pinger = tokio::spawn(async move {
+                while wr.write_all(&frame(0x89, b"alive", false)).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+            let (code, reason) = close_of(&mut rd).await;
+            pinger.abort();
+            assert_eq!(code, close_code::TIMEOUT, "fragment {fragment}: {reason}");
+            assert!(reason.contains("nothing received"), "{reason}");
+        }
+        // Still serving.
+        let (mut ws, _) = client(relay.addr).await;
+        join(&mut ws, [5; 32]).await;
+    }
+}
+
+/// The relay out of file descriptors (issue 10, "file descriptors"): started under
+/// `prlimit --nofile=64:64`, flooded with connections on both listeners, it waits between
+/// failing accepts instead of spinning, and a client gets in once the flood leaves.
+mod descriptors {
+    use super::*;
+
+    /// CPU time (user + system) of process `pid`, in clock ticks (1/100 s).
+    fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The fields after the command name (which ends with the last ')').
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    #[tokio::test]
+    async fn out_of_descriptors_the_relay_backs_off_and_recovers() {
+        let mut child = Command::new("prlimit")
+            .args(["--nofile=64:64", env!("CARGO_BIN_EXE_pluresdb-sync")])
+            .args([
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .args(["--handshake-timeout-ms", "120000"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prlimit (util-linux) is needed");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut addr, mut metrics) = (None::<SocketAddr>, None::<SocketAddr>);
+        while addr.is_none() || metrics.is_none() {
+            let line = tokio::time::timeout(T, lines.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("relay exited early");
+            if let Some(rest) = line.strip_prefix("relay listening on ws://") {
+                addr = Some(rest.trim_end_matches("/relay").parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("metrics on http://") {
+                metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+            }
+        }
+        let (addr, metrics) = (addr.unwrap(), metrics.unwrap());
+        let pid = child.id().unwrap();
+        // Silent TCP connections to both listeners, from several IPs (so the per-IP limit is
+        // not what refuses them): far more than 64 descriptors.
+        let mut flood = Vec::new();
+        for i in 0..160u32 {
+            let ip = std::net::Ipv4Addr::new(127, 0, 1, 1 + (i % 4) as u8);
+            let target = if i % 2 == 0 { addr } else { metrics };
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind((ip, 0).into()).unwrap();
+            flood.push(s.connect(target).await.unwrap());
+        }
+        // Let it hit the limit, then measure its CPU for two seconds.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (t0, c0) = (std::time::Instant::now(), cpu_ticks(pid));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = (cpu_ticks(pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+        eprintln!(
+            "out of descriptors: the relay used {:.1}% of a core",
+            used * 100.0
+        );
+        assert!(
+            used < 0.25,
+            "the relay spun at {:.0}% of a core",
+            used * 100.0
+        );
+        // The flood leaves; a client gets in, and the metrics answer.
+        drop(flood);
+        let started = std::time::Instant::now();
+        let deadline = started + T;
+        let mut ws = loop {
+            match tokio::time::timeout(Duration::from_secs(5), raw::client(&ws_url(addr))).await {
+                Ok(Ok((ws, _))) => break ws,
+                _ => assert!(std::time::Instant::now() < deadline, "no client got in"),
+            }
+        };
+        join(&mut ws, [0x44; 32]).await;
+        eprintln!(
+            "a client got in {:?} after the flood left",
+            started.elapsed()
+        );
+        let text = http(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.contains("pluresdb_relay_connections 1"), "{text}");
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use pluresdb_sync_core::config::DEFAULT_TIMEOUT_MS;
 use pluresdb_sync_core::{Identity, TransportConfig};
 
+use crate::relay_path::RelayPath;
 use crate::{HyperswarmError, HyperswarmTransport};
 
 /// Environment variable with comma-separated `host:port` DHT bootstrap nodes, read by
@@ -42,7 +43,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default longest interval between two DHT lookups of a joined topic. Lookups start 0.25 s
 /// apart and the interval doubles up to this, so new peers are found fast at first and the
-/// DHT is not hammered later.
+/// DHT is not hammered later (a wait also ends once this node's announcement has landed: a
+/// peer that joined at the same moment is on the DHT by then).
 pub const DEFAULT_LOOKUP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The first interval between DHT lookups after joining (then doubling up to the lookup
@@ -94,6 +96,12 @@ pub(crate) struct Settings {
     pub(crate) announce_port: Option<u16>,
     pub(crate) lan_discovery: bool,
     pub(crate) lan_announce_interval: Duration,
+    /// The relay path (Auto mode), if any.
+    pub(crate) relay: Option<Arc<dyn RelayPath>>,
+    /// Whether the DHT is used (off only with a relay path).
+    pub(crate) dht: bool,
+    /// Whether UDP to real addresses is used (off only with a relay path).
+    pub(crate) direct: bool,
 }
 
 /// Builds a [`HyperswarmTransport`]; every setting has a documented default.
@@ -131,6 +139,9 @@ pub struct HyperswarmTransportBuilder {
     lan_announce_interval: Duration,
     /// A value of [`LAN_DISCOVERY_ENV`] that is no switch, reported by `build`.
     lan_env_invalid: Option<String>,
+    relay: Option<Arc<dyn RelayPath>>,
+    dht: bool,
+    direct: bool,
 }
 
 impl Default for HyperswarmTransportBuilder {
@@ -154,6 +165,9 @@ impl Default for HyperswarmTransportBuilder {
             lan_discovery: true,
             lan_announce_interval: DEFAULT_LAN_ANNOUNCE_INTERVAL,
             lan_env_invalid: None,
+            relay: None,
+            dht: true,
+            direct: true,
         }
     }
 }
@@ -216,8 +230,9 @@ impl HyperswarmTransportBuilder {
         self
     }
 
-    /// Time limit of one operation: `announce`, `lookup`, `connect`'s first announce, and
-    /// starting the node (default [`DEFAULT_TIMEOUT`]; `TransportConfig::timeout_ms` sets it).
+    /// Time limit of one operation: `announce`, `lookup`, each announcement (also those
+    /// `connect` makes in the background), and starting the node (default
+    /// [`DEFAULT_TIMEOUT`]; `TransportConfig::timeout_ms` sets it).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -258,8 +273,12 @@ impl HyperswarmTransportBuilder {
         self
     }
 
-    /// How long the DHT node waits for each KRPC reply (default: the `mainline` crate's,
-    /// 2 s). Short values make local test networks fast.
+    /// How long the DHT node waits for each KRPC reply. Default: measured when the node
+    /// starts, from read-only pings to up to 4 bootstrap nodes: 3 times the slowest answer,
+    /// at least 0.5 s and at most 2 s (the `mainline` crate's default, also used when no
+    /// bootstrap node answers within 0.5 s). A DHT query ends only when every node it asked
+    /// answered or timed out, so one node that never answers holds an announcement for this
+    /// long; short values make local test networks fast.
     pub fn dht_request_timeout(mut self, timeout: Duration) -> Self {
         self.dht_request_timeout = Some(timeout);
         self
@@ -304,9 +323,39 @@ impl HyperswarmTransportBuilder {
         self
     }
 
+    /// Adds a relay as one more path and discovery source (what Auto mode does; see
+    /// [`relay_path`](crate::relay_path)): topics are joined in the relay's rooms too, their
+    /// members dialled like DHT peers, and their packets carried as relay datagrams.
+    pub fn relay_path(mut self, path: Arc<dyn RelayPath>) -> Self {
+        self.relay = Some(path);
+        self
+    }
+
+    /// Uses the mainline DHT (default on). Off needs a [`relay_path`](Self::relay_path): peers
+    /// then meet only in the relay's rooms, and no DHT node is started.
+    pub fn dht(mut self, on: bool) -> Self {
+        self.dht = on;
+        self
+    }
+
+    /// Sends and reads UDP to and from real addresses (default on). Off needs a
+    /// [`relay_path`](Self::relay_path): every packet then crosses the relay (for tests of
+    /// the relayed path, and for networks that block UDP).
+    pub fn direct(mut self, on: bool) -> Self {
+        self.direct = on;
+        self
+    }
+
     /// Checks the settings and builds the transport. Nothing touches the network yet: the
     /// socket and the DHT node start on the first async call.
     pub fn build(self) -> Result<HyperswarmTransport, HyperswarmError> {
+        if self.relay.is_none() && !(self.dht && self.direct) {
+            return Err(invalid(
+                "dht and direct",
+                "on, unless a relay path is set",
+                "off",
+            ));
+        }
         if let Some(nodes) = &self.bootstrap {
             for node in nodes {
                 check_host_port(node).map_err(|reason| HyperswarmError::InvalidBootstrap {
@@ -377,6 +426,9 @@ impl HyperswarmTransportBuilder {
             announce_port: self.announce_port,
             lan_discovery: self.lan_discovery,
             lan_announce_interval: self.lan_announce_interval,
+            relay: self.relay,
+            dht: self.dht,
+            direct: self.direct,
         })))
     }
 

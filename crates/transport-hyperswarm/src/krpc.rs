@@ -1,5 +1,6 @@
-//! The few bytes of BitTorrent KRPC (BEP 5) and BEP 42 needed to learn the data socket's
-//! public address: a `ping` query, and the `t` and `ip` keys of a reply. Pure functions.
+//! The few bytes of BitTorrent KRPC (BEP 5), BEP 42 and BEP 43 needed to learn the data
+//! socket's public address: a read-only `ping` query, and the `t` and `ip` keys of a reply.
+//! Pure functions.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -7,12 +8,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 const MAX_DEPTH: usize = 8;
 
 /// Encodes a KRPC `ping` query with a 4-byte transaction id (the `mainline` crate drops other
-/// lengths) and a node id.
+/// lengths) and a node id, marked read-only (`ro: 1`, BEP 43): the data socket is no DHT node,
+/// and a node that took it for one would add it to its routing table and list it to others,
+/// whose queries to it would then wait out their timeouts. Keys in bencode's sorted order.
 pub(crate) fn encode_ping(txid: [u8; 4], node_id: [u8; 20]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(58);
+    let mut out = Vec::with_capacity(66);
     out.extend_from_slice(b"d1:ad2:id20:");
     out.extend_from_slice(&node_id);
-    out.extend_from_slice(b"e1:q4:ping1:t4:");
+    out.extend_from_slice(b"e1:q4:ping2:roi1e1:t4:");
     out.extend_from_slice(&txid);
     out.extend_from_slice(b"1:y1:qe");
     out
@@ -156,6 +159,20 @@ mod tests {
         let r = decode_reply(&reply).unwrap();
         assert_eq!(r.txid, b"abcd");
         assert_eq!(r.seen_as, Some("127.0.0.1:6881".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_ping_is_a_sorted_read_only_query() {
+        let ping = encode_ping(*b"wxyz", [b'i'; 20]);
+        assert_eq!(
+            ping,
+            b"d1:ad2:id20:iiiiiiiiiiiiiiiiiiiie1:q4:ping2:roi1e1:t4:wxyz1:y1:qe".to_vec()
+        );
+        assert_eq!(
+            skip_value(&ping, 0, 0),
+            Ok(ping.len()),
+            "one well-formed value"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Test plumbing for Hyperswarm mode (feature `testkit`): a private mainline DHT testnet on
 //! loopback and transports bootstrapped from it, shared by this crate's integration tests and
-//! the CLI's demo and benchmarks. Nothing here touches the public network.
+//! the CLI's demo and benchmarks; [`LibtorrentDht`], a private DHT of libtorrent nodes (needs
+//! Python with `python3-libtorrent`). Nothing here touches the public network.
 //!
 //! ```
 //! use pluresdb_sync_core::Transport;
@@ -27,6 +28,9 @@ use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::TransportFactory;
 
 use crate::{HyperswarmError, HyperswarmTransport, HyperswarmTransportBuilder};
+
+mod libtorrent;
+pub use libtorrent::{DhtPacket, LibtorrentDht};
 
 /// DHT nodes in the loopback testnet: enough for lookups to find announcements by routing,
 /// few enough to start in well under a second.

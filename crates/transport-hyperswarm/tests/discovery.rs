@@ -409,3 +409,150 @@ async fn a_flooded_connect_does_not_starve_lookup_on_another_topic() {
         live.disconnect().await.unwrap();
     }
 }
+
+/// Against a private DHT of libtorrent 2.0 nodes (what most of the public mainline DHT runs;
+/// needs Debian's `python3-libtorrent`, which `scripts/test` installs), with every transport
+/// setting at its default as on the public network: A is on the topic, B joins, they connect
+/// and talk, and the join's mechanics hold, as libtorrent saw them:
+/// - the data sockets' public-address pings are read-only (BEP 43 `ro: 1`) and each socket
+///   names one node id, so no libtorrent node takes a data socket for a DHT node;
+/// - later, when libtorrent's nodes run lookups of their own and query our read-only DHT
+///   sockets (libtorrent adds every announcer to its routing table), they never query or list
+///   a data socket (which never answers a query: whoever is told about it as a DHT node waits
+///   out a request timeout on it);
+/// - `connect` looks up at once, not after announcing: B's first `get_peers` comes before
+///   its first `announce_peer` (if any within the join), and an announcement rides on a
+///   `get_peers` lookup sent first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libtorrent_dht_join_needs_python3_libtorrent() {
+    use pluresdb_sync_transport_hyperswarm::testkit::{DhtPacket, LibtorrentDht};
+    common::init_tracing();
+    if LibtorrentDht::python().is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "libtorrent_dht_join_needs_python3_libtorrent needs python3-libtorrent; scripts/test installs it"
+        );
+        eprintln!("skipped: no Python with libtorrent (apt-get install python3-libtorrent)");
+        return;
+    }
+    let dht = LibtorrentDht::start(8, Ipv4Addr::LOCALHOST).await.unwrap();
+    let topic = fresh_topic("libtorrent");
+    let make = || {
+        dht.builder(Ipv4Addr::LOCALHOST)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    };
+    let (mut a, mut b) = (make(), make());
+    a.announce(topic).await.unwrap();
+    let mut ra = a.connect(topic).await.unwrap();
+    let b_started = dht.ready_at().elapsed();
+    let mut rb = b.connect(topic).await.unwrap();
+    let mut ca = common::next_conn(&mut ra, Duration::from_secs(30)).await;
+    let mut cb = common::next_conn(&mut rb, Duration::from_secs(30)).await;
+    ca.send(b"over libtorrent's DHT").await.unwrap();
+    assert_eq!(
+        cb.receive().await.unwrap().as_deref(),
+        Some(&b"over libtorrent's DHT"[..])
+    );
+    let joined = dht.ready_at().elapsed();
+
+    let packets: Vec<_> = dht
+        .packets()
+        .into_iter()
+        .filter(|p| p.at <= joined)
+        .collect();
+    let data_sockets: Vec<SocketAddrV4> = [&a, &b]
+        .iter()
+        .map(|t| match t.local_addr().unwrap() {
+            std::net::SocketAddr::V4(v4) => v4,
+            other => panic!("not IPv4: {other}"),
+        })
+        .collect();
+    for data in &data_sockets {
+        let pings: Vec<_> = packets
+            .iter()
+            .filter(|p| p.is_query_from(*data, "ping"))
+            .collect();
+        assert!(pings.len() >= 2, "{data} sent {} pings", pings.len());
+        assert!(
+            pings.iter().all(|p| p.read_only),
+            "a ping from the data socket {data} is not read-only: {pings:?}"
+        );
+        let ids: HashSet<_> = pings.iter().map(|p| p.id.clone()).collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "the data socket {data} changed its node id: {ids:?}"
+        );
+    }
+    // A announced on its own before B started: its announcement rode on a lookup too.
+    let first_query = |from: SocketAddrV4, method: &str| {
+        packets.iter().position(|p| p.is_query_from(from, method))
+    };
+    let a_dht: HashSet<SocketAddrV4> = packets
+        .iter()
+        .filter(|p| p.at < b_started && p.method.as_deref() == Some("announce_peer"))
+        .map(|p| p.peer)
+        .collect();
+    assert_eq!(a_dht.len(), 1, "A's DHT socket: {a_dht:?}");
+    for &a_dht in &a_dht {
+        assert!(
+            first_query(a_dht, "get_peers") < first_query(a_dht, "announce_peer"),
+            "A announced before looking up"
+        );
+    }
+    // B's DHT socket looked up at once: before announcing, if it announced at all yet (its
+    // connection may come before its own announcement is out).
+    // (Pings alone come from the sockets measuring round trips before a DHT node starts.)
+    let b_dht: HashSet<SocketAddrV4> = packets
+        .iter()
+        .filter(|p| p.incoming && p.at >= b_started && p.kind == "q")
+        .filter(|p| p.method.as_deref() != Some("ping"))
+        .map(|p| p.peer)
+        .filter(|peer| !a_dht.contains(peer) && !data_sockets.contains(peer))
+        .collect();
+    assert_eq!(b_dht.len(), 1, "B's DHT socket: {b_dht:?}");
+    for &b_dht in &b_dht {
+        let lookup = first_query(b_dht, "get_peers").expect("B never looked up");
+        if let Some(announce) = first_query(b_dht, "announce_peer") {
+            assert!(lookup < announce, "B announced before looking up");
+        }
+    }
+
+    // libtorrent lists a read-only DHT socket that announced through it (it adds every
+    // announcer to its routing table) and queries it in its own periodic lookups; those
+    // lookups must never query a data socket, which no read-only ping made a DHT node.
+    let our_dht = |p: &DhtPacket| {
+        !p.incoming && p.kind == "q" && (a_dht.contains(&p.peer) || b_dht.contains(&p.peer))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dht.packets().iter().any(our_dht) {
+        assert!(
+            Instant::now() < deadline,
+            "libtorrent never ran a lookup of its own"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let to_data: Vec<_> = dht
+        .packets()
+        .into_iter()
+        .filter(|p| !p.incoming && p.kind == "q" && data_sockets.contains(&p.peer))
+        .collect();
+    assert!(
+        to_data.is_empty(),
+        "libtorrent nodes took a data socket for a DHT node: {to_data:?}"
+    );
+    let listed: Vec<_> = dht
+        .packets()
+        .into_iter()
+        .filter(|p| p.nodes.iter().any(|n| data_sockets.contains(n)))
+        .collect();
+    assert!(
+        listed.is_empty(),
+        "a data socket was listed as a DHT node: {listed:?}"
+    );
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+    dht.stop().await.unwrap();
+}

@@ -144,14 +144,15 @@ pub enum SessionError {
         remote: bool,
     },
     /// The two peers speak different end-to-end session versions (version 2 added flow
-    /// control; version 1 clients send no session parameters).
+    /// control, and version 1 clients send no session parameters; version 3 mixes the topic
+    /// key into the handshake from its first message, and versions 1 and 2 look alike there).
     #[error(
-        "the peer speaks end-to-end session version {remote} but this transport speaks version {local} (version 2 added flow control): run the same pluresdb-sync release on both sides"
+        "the peer speaks end-to-end session version {remote} but this transport speaks version {local} (version 2 added flow control, version 3 keeps static keys from anyone who does not know the topic): run the same pluresdb-sync release on both sides"
     )]
     VersionMismatch {
         /// This transport's session version.
         local: u8,
-        /// The peer's (1 when it sent no session parameters).
+        /// The peer's (1 when it sent no session parameters; 2 for any `XXpsk3` handshake).
         remote: u8,
     },
     /// The peer announced a flow-control window too small to carry the largest frame twice.

@@ -25,10 +25,11 @@
 //!
 //! - The relay only sees a room id, `derive_from_topic(topic, Domain::RelayRoom)`, and
 //!   connection ids it assigned; it never learns the topic, a peer identity or plaintext.
-//! - Each pair of peers runs a Noise `XXpsk3_25519_ChaChaPoly_BLAKE2s` handshake through the
-//!   relay with a pre-shared key derived from the topic, so only peers that know the topic can
-//!   talk. The remote's peer id is the static key it proved. `encryption: false` turns this off
-//!   (both sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
+//! - Each pair of peers runs a Noise `XXpsk0_25519_ChaChaPoly_BLAKE2s` handshake through the
+//!   relay with a pre-shared key derived from the topic and mixed in from the first message,
+//!   so only peers that know the topic can talk, or even learn each other's static keys. The
+//!   remote's peer id is the static key it proved. `encryption: false` turns this off (both
+//!   sides must agree; a mismatch is reported in [`RelayTransport::recent_errors`]).
 //! - Errors are typed: [`RelayTransport::recent_errors`] returns [`RelayError`]s, and a failed
 //!   session is [`RelayError::Session`] with a [`SessionError`] cause (a handshake timeout, a
 //!   version or encryption mismatch, a window violation, …).
@@ -46,6 +47,9 @@
 //!   after a failure, `receive` returns the error once and then `Ok(None)`.
 //!   `Transport::disconnect` sends CLOSE on every session, so peers' `receive` returns
 //!   `Ok(None)` at once.
+//! - [`DatagramLink`] (from [`RelayTransportBuilder::build_datagram_link`]) is a path for
+//!   droppable datagrams through a relay (protocol version 2): Auto mode carries its QUIC
+//!   packets on it.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
 //! - With the `testkit` feature, [`testkit`] holds test plumbing: an in-process relay, a raw
@@ -62,5 +66,9 @@ pub mod server;
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
-pub use client::{FLOW_WINDOW_BYTES, RelayTransport, RelayTransportBuilder, SESSION_VERSION};
+pub use client::{
+    Datagram, DatagramLink, FLOW_WINDOW_BYTES, LINK_DATAGRAM_QUEUE, LINK_EVENT_QUEUE, LinkEvent,
+    LinkReceivers, LinkStats, MAX_LINK_ROOMS, RelayTransport, RelayTransportBuilder,
+    SESSION_VERSION, datagrams_of,
+};
 pub use error::{RelayError, SessionError};

@@ -571,7 +571,13 @@ async fn relay_that_stops_reading() -> String {
         });
         sink.send(send(joined.encode())).await.unwrap();
         let key = Identity::generate().unwrap().public_bytes();
-        let hello = [&[0x20][..], &key, &[2], &u32::MAX.to_be_bytes()].concat();
+        let hello = [
+            &[0x20][..],
+            &key,
+            &[pluresdb_sync_transport_relay::SESSION_VERSION],
+            &u32::MAX.to_be_bytes(),
+        ]
+        .concat();
         sink.send(send(encode_deliver(&room, 2, false, &hello)))
             .await
             .unwrap();

@@ -264,57 +264,82 @@ impl Raw {
         }
     }
 
-    /// The Noise XXpsk3 handshake as the initiator with relay connection `to`, sending
-    /// `params` as the payload of message 3 (empty: a session version 1 client). Returns the
-    /// transport state and the responder's static key.
+    /// A Noise state of `pattern` (`XXpsk0`: this version; `XXpsk3`: session versions 1 and
+    /// 2) for the topic, with this client's key.
+    fn noise_state(&self, topic: &TopicHash, psk0: bool, initiator: bool) -> snow::HandshakeState {
+        let mut prologue = SUBPROTOCOL.as_bytes().to_vec();
+        prologue.extend_from_slice(&self.room);
+        let (pattern, at) = if psk0 {
+            ("Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s", 0)
+        } else {
+            ("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s", 3)
+        };
+        let (secret, psk) = (
+            self.id.secret_bytes(),
+            derive_from_topic(topic, Domain::NoisePsk),
+        );
+        let b = snow::Builder::new(pattern.parse().unwrap())
+            .local_private_key(&secret)
+            .unwrap()
+            .psk(at, &psk)
+            .unwrap()
+            .prologue(&prologue)
+            .unwrap();
+        if initiator {
+            b.build_initiator().unwrap()
+        } else {
+            b.build_responder().unwrap()
+        }
+    }
+
+    /// The Noise XXpsk0 handshake (HS1 0x04, HS2 0x05, HS3 0x06) as the initiator with relay
+    /// connection `to`, sending `params` as the payload of message 3. Returns the transport
+    /// state and the responder's static key.
     async fn noise(
         &mut self,
         topic: &TopicHash,
         to: u64,
         params: &[u8],
     ) -> (snow::StatelessTransportState, Vec<u8>) {
-        let mut prologue = SUBPROTOCOL.as_bytes().to_vec();
-        prologue.extend_from_slice(&self.room);
-        let mut hs = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-            .local_private_key(&self.id.secret_bytes())
-            .unwrap()
-            .psk(3, &derive_from_topic(topic, Domain::NoisePsk))
-            .unwrap()
-            .prologue(&prologue)
-            .unwrap()
-            .build_initiator()
-            .unwrap();
+        let mut hs = self.noise_state(topic, true, true);
         let mut buf = vec![0u8; 1024];
         let n = hs.write_message(&[], &mut buf).unwrap();
-        self.send(to, [&[0x01][..], &buf[..n]].concat()).await;
+        self.send(to, [&[0x04][..], &buf[..n]].concat()).await;
         let hs2 = self.deliver_from(to).await;
-        assert_eq!(hs2[0], 0x02, "expected HS2, got {hs2:?}");
+        assert_eq!(hs2[0], 0x05, "expected HS2, got {hs2:?}");
         hs.read_message(&hs2[1..], &mut buf).unwrap();
         let n = hs.write_message(params, &mut buf).unwrap();
-        self.send(to, [&[0x03][..], &buf[..n]].concat()).await;
+        self.send(to, [&[0x06][..], &buf[..n]].concat()).await;
         let remote = hs.get_remote_static().unwrap().to_vec();
         (hs.into_stateless_transport_mode().unwrap(), remote)
     }
 
-    /// The Noise XXpsk3 handshake as the responder to whoever sends HS1 first, sending
-    /// nothing as the payload of message 2: a session version 1 client. Returns who started.
-    async fn v1_responder(&mut self, topic: &TopicHash) -> u64 {
-        let mut prologue = SUBPROTOCOL.as_bytes().to_vec();
-        prologue.extend_from_slice(&self.room);
-        let mut hs = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-            .local_private_key(&self.id.secret_bytes())
-            .unwrap()
-            .psk(3, &derive_from_topic(topic, Domain::NoisePsk))
-            .unwrap()
-            .prologue(&prologue)
-            .unwrap()
-            .build_responder()
-            .unwrap();
-        let (from, hs1) = self.deliver().await;
-        assert_eq!(hs1[0], 0x01, "expected HS1, got {hs1:?}");
+    /// A session version 2 initiator: its XXpsk3 HS1 (kind 0x01, empty payload) to `to`.
+    async fn v2_hs1(&mut self, topic: &TopicHash, to: u64) {
+        let mut hs = self.noise_state(topic, false, true);
         let mut buf = vec![0u8; 1024];
-        hs.read_message(&hs1[1..], &mut buf).unwrap();
         let n = hs.write_message(&[], &mut buf).unwrap();
+        self.send(to, [&[0x01][..], &buf[..n]].concat()).await;
+    }
+
+    /// A session version 2 responder to whoever starts: it cannot read the XXpsk0 HS1 (kind
+    /// 0x04, unknown to it, so it ignores it) and answers the XXpsk3 version probe (kind
+    /// 0x01) with its HS2 (kind 0x02) carrying version 2's parameters. Returns who started.
+    async fn v2_responder(&mut self, topic: &TopicHash) -> u64 {
+        let mut hs = self.noise_state(topic, false, false);
+        let (from, hs1) = self.deliver().await;
+        assert_eq!(hs1[0], 0x04, "expected HS1, got {hs1:?}");
+        let probe = self.deliver_from(from).await;
+        assert_eq!(probe[0], 0x01, "expected the version probe, got {probe:?}");
+        let mut buf = vec![0u8; 1024];
+        let n = hs.read_message(&probe[1..], &mut buf).unwrap();
+        assert_eq!(
+            buf[0], SESSION_VERSION,
+            "the probe names the prober's version"
+        );
+        assert_eq!(n, 5);
+        let params = [&[2][..], &FLOW_WINDOW_BYTES.to_be_bytes()].concat();
+        let n = hs.write_message(&params, &mut buf).unwrap();
         self.send(from, [&[0x02][..], &buf[..n]].concat()).await;
         from
     }
@@ -456,8 +481,9 @@ async fn an_encrypted_peer_without_flow_control_gets_a_clear_error_not_a_hang() 
     without_flow_control(true).await;
 }
 
-/// A session version 1 peer (no session parameters) is rejected with a clear error on this
-/// side and a REJECT on its side, not left to hang waiting for credit.
+/// An older peer is rejected with a clear error on this side and a REJECT on its side, not
+/// left to hang: encrypted, a session version 2 initiator (XXpsk3); unencrypted, a version 1
+/// HELLO (no session parameters, so no flow control).
 async fn without_flow_control(encryption: bool) {
     let (server, url) = relay().await;
     let mut victim = transport_with(&url, encryption);
@@ -467,25 +493,25 @@ async fn without_flow_control(encryption: bool) {
     let [v] = members[..] else {
         panic!("{members:?}")
     };
-    if encryption {
-        // A version 1 initiator: nothing in the payload of handshake message 3.
-        let (_, key) = x.noise(&topic, v, &[]).await;
-        assert_eq!(hex::encode(key), victim.peer_id());
+    let remote = if encryption {
+        x.v2_hs1(&topic, v).await;
+        2
     } else {
-        // A version 1 HELLO: the static key and nothing else.
         let hello = x.hello(true);
         x.send(v, hello).await;
-    }
-    rejected_as_v1(&mut x, v, &mut victim, &mut v_rx).await;
+        1
+    };
+    rejected_as_old(&mut x, v, &mut victim, &mut v_rx, remote).await;
 }
 
 /// `x` gets REJECT (version mismatch) from relay connection `v`, and `t` reports the clear
-/// error and hands out no connection.
-async fn rejected_as_v1(
+/// error (the peer's version `remote`) and hands out no connection.
+async fn rejected_as_old(
     x: &mut Raw,
     v: u64,
     t: &mut RelayTransport,
     rx: &mut mpsc::Receiver<Box<dyn Connection>>,
+    remote: u8,
 ) {
     let reject = x.deliver_from(v).await;
     assert_eq!(
@@ -493,12 +519,12 @@ async fn rejected_as_v1(
         [0x2F, 2, SESSION_VERSION],
         "REJECT, version mismatch, our version"
     );
-    let err = wait_for_error(t, "session version 1").await;
+    let err = wait_for_error(t, &format!("session version {remote}")).await;
     assert_eq!(
         err.session_cause(),
         Some(&SessionError::VersionMismatch {
             local: SESSION_VERSION,
-            remote: 1
+            remote
         })
     );
     assert!(err.to_string().contains("flow control"), "{err}");
@@ -509,19 +535,19 @@ async fn rejected_as_v1(
     t.disconnect().await.unwrap();
 }
 
-/// The other direction: this side starts the handshake and a session version 1 responder
-/// answers without session parameters. This side rejects it with the same clear error.
+/// The other direction: this side starts the handshake and a session version 2 responder
+/// answers the version probe. This side rejects it with the same clear error.
 #[tokio::test]
-async fn a_v1_responder_gets_a_clear_error_not_a_hang() {
+async fn a_v2_responder_gets_a_clear_error_not_a_hang() {
     let (server, url) = relay().await;
-    let topic = fresh_topic("v1-responder");
+    let topic = fresh_topic("v2-responder");
     let (mut x, members) = Raw::join(&server, &topic).await;
     assert!(members.is_empty(), "{members:?}");
     // The newcomer starts every handshake: the transport joins second.
     let mut newcomer = transport_with(&url, true);
     let mut n_rx = newcomer.connect(topic).await.unwrap();
-    let n = x.v1_responder(&topic).await;
-    rejected_as_v1(&mut x, n, &mut newcomer, &mut n_rx).await;
+    let n = x.v2_responder(&topic).await;
+    rejected_as_old(&mut x, n, &mut newcomer, &mut n_rx, 2).await;
 }
 
 /// `chunk` sealed with `nonce` as a SEALED peer frame.

@@ -4,8 +4,10 @@
 //!   (nodelay), rustls TLS 1.3 over TCP, raw quinn with one stream (the ceiling for a
 //!   QUIC-based path; 4 MiB socket buffers like ours), and two `HyperswarmTransport`s on a
 //!   loopback DHT testnet. Every stream carries the same `u32` length-prefixed framing.
-//! - Time to first message: two fresh transports join a fresh topic; until B receives A's
-//!   first message.
+//! - Time to first message (`join.rs`): fresh pairs join a fresh topic, both at once and one
+//!   after the other; until B receives A's first message. Median and p90. With
+//!   `--dht libtorrent` on a private DHT of libtorrent nodes (needs `python3-libtorrent`)
+//!   with every transport setting at its default, as on the public network; only this runs.
 //! - Idle CPU: process CPU time over a quiet interval with a joined pair, minus the same
 //!   interval with only the testnet running.
 //! - Memory per connection: RSS growth when N transports form a full mesh, divided by the
@@ -16,14 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use pluresdb_sync::{Connection, HyperswarmTransport, Transport};
 use pluresdb_sync_core::testkit::fresh_topic;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{cpu_time, median, mib_per_s, rss_bytes};
+use super::{cpu_time, join, median, mib_per_s, rss_bytes};
 
 const MESSAGE: usize = 64 * 1024;
 
@@ -45,12 +47,70 @@ pub(crate) struct HyperswarmBenchArgs {
     /// Transports in the full mesh of the memory measurement.
     #[arg(long, default_value_t = 16)]
     mesh: usize,
+    /// The DHT the pairs join on: the loopback `mainline` testnet (every measurement), or a
+    /// private DHT of libtorrent nodes (only the join times; needs `python3-libtorrent`).
+    #[arg(long, value_enum, default_value_t = Dht::Mainline)]
+    dht: Dht,
+    /// Nodes of the libtorrent DHT.
+    #[arg(long, default_value_t = 8)]
+    libtorrent_nodes: usize,
+    /// Only the join times.
+    #[arg(long)]
+    joins_only: bool,
+}
+
+/// The DHT of a benchmark run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Dht {
+    /// `testkit::LoopbackDht`: mainline nodes on 127.0.0.1, transports tuned for it.
+    Mainline,
+    /// `testkit::LibtorrentDht`: libtorrent 2.0 nodes on 127.0.0.1, transports at defaults.
+    Libtorrent,
+}
+
+fn print_joins(joins: &join::JoinTimes) {
+    println!(
+        "{:<44} {:>8} {:>8}",
+        "time to first message (ms)", "median", "p90"
+    );
+    for (name, median, p90) in joins.rows() {
+        println!("  {name:<42} {median:>8.0} {p90:>8.0}");
+    }
+}
+
+/// Only the join times, on a private libtorrent DHT, transports at their defaults.
+async fn run_libtorrent(args: &HyperswarmBenchArgs) -> anyhow::Result<()> {
+    use pluresdb_sync_transport_hyperswarm::testkit::LibtorrentDht;
+    let dht = LibtorrentDht::start(args.libtorrent_nodes, Ipv4Addr::LOCALHOST).await?;
+    let make =
+        || -> anyhow::Result<HyperswarmTransport> { Ok(dht.builder(Ipv4Addr::LOCALHOST).build()?) };
+    eprintln!(
+        "time to first message on {} libtorrent nodes ({} fresh pairs each way)",
+        args.libtorrent_nodes, args.joins
+    );
+    let joins = join::measure(&make, args.joins).await?;
+    dht.stop().await?;
+    print_joins(&joins);
+    Ok(())
 }
 
 pub(super) async fn run(args: HyperswarmBenchArgs) -> anyhow::Result<()> {
+    if args.dht == Dht::Libtorrent {
+        return run_libtorrent(&args).await;
+    }
     let bytes = args.mib.max(1) * 1024 * 1024;
     let dht = pluresdb_sync_transport_hyperswarm::testkit::LoopbackDht::start().await?;
     let make = || -> anyhow::Result<HyperswarmTransport> { Ok(dht.builder().build()?) };
+    if args.joins_only {
+        eprintln!(
+            "time to first message ({} fresh pairs each way)",
+            args.joins
+        );
+        let joins = join::measure(&make, args.joins).await?;
+        dht.stop().await?;
+        print_joins(&joins);
+        return Ok(());
+    }
 
     // Idle CPU baseline: the testnet alone.
     let idle = Duration::from_secs_f64(args.idle_secs);
@@ -88,24 +148,11 @@ pub(super) async fn run(args: HyperswarmBenchArgs) -> anyhow::Result<()> {
     a.disconnect().await?;
     b.disconnect().await?;
 
-    eprintln!("time to first message ({} fresh pairs)", args.joins);
-    let mut joins = Vec::new();
-    for _ in 0..args.joins.max(1) {
-        let (mut a, mut b) = (make()?, make()?);
-        let started = Instant::now();
-        let (mut ca, mut cb) = pair(&mut a, &mut b).await?;
-        ca.send(b"first").await?;
-        let got = tokio::time::timeout(Duration::from_secs(30), cb.receive())
-            .await
-            .context("first message timed out")??;
-        if got.as_deref() != Some(&b"first"[..]) {
-            bail!("first message arrived as {got:?}");
-        }
-        joins.push(started.elapsed().as_secs_f64() * 1000.0);
-        a.disconnect().await?;
-        b.disconnect().await?;
-    }
-    let join_ms = median(&mut joins);
+    eprintln!(
+        "time to first message ({} fresh pairs each way)",
+        args.joins
+    );
+    let joins = join::measure(&make, args.joins).await?;
 
     eprintln!("memory per connection (full mesh of {})", args.mesh);
     let (per_conn, links) = memory_per_connection(&make, args.mesh).await?;
@@ -118,7 +165,7 @@ pub(super) async fn run(args: HyperswarmBenchArgs) -> anyhow::Result<()> {
     for (name, m) in names.iter().zip(&medians) {
         println!("{name:<36} {m:>10.0} {:>18.2}", medians[3] / m);
     }
-    println!("time to first message (median ms)     {join_ms:>10.0}");
+    print_joins(&joins);
     println!("idle CPU of a joined pair (% of a core) {idle_pct:>8.2}");
     println!("RSS per connection (bytes, both ends) {per_conn:>10.0}   ({links} links)");
     Ok(())

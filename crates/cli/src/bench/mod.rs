@@ -3,6 +3,7 @@
 
 mod bridge;
 mod hyperswarm;
+mod join;
 mod relay;
 
 use std::time::Duration;

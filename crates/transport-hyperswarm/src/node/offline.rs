@@ -63,7 +63,7 @@ impl Node {
     }
 
     /// Announces `topic` on the DHT again and again in the background until it works.
-    fn retry_dht(self: &Arc<Self>, topic: TopicHash) {
+    pub(super) fn retry_dht(self: &Arc<Self>, topic: TopicHash) {
         let fresh = self.offline().is_some_and(|mut o| o.retrying.insert(topic));
         if !fresh {
             return;

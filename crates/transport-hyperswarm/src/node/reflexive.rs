@@ -1,7 +1,10 @@
 //! Public-address learning: KRPC pings sent from the data socket to a few DHT nodes, whose
 //! replies say where they saw the socket (BEP 42 `ip`); the majority is the public (reflexive)
-//! address, which is announced. The tally of replies is pure (`now` in, verdict out); the
-//! pings and the replies diverted from the data socket are its thin driver.
+//! address, which is announced. The pings are read-only (BEP 43 `ro: 1`) and carry one node
+//! id for the node's lifetime, so DHT nodes do not take the data socket for a DHT node (and
+//! list it to others, whose queries to it would wait out their timeouts). The tally of
+//! replies is pure (`now` in, verdict out); the pings and the replies diverted from the data
+//! socket are its thin driver.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -108,10 +111,22 @@ impl Tally {
 type PendingPing = (SocketAddr, mpsc::Sender<Option<SocketAddrV4>>);
 
 /// The node's pings in flight (by transaction id) and the address they taught it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Reflexive {
+    /// The node id every ping carries (BEP 5 wants one per sender, not one per message).
+    node_id: [u8; 20],
     pings: Mutex<HashMap<[u8; 4], PendingPing>>,
     public: Mutex<Option<SocketAddrV4>>,
+}
+
+impl Default for Reflexive {
+    fn default() -> Self {
+        Self {
+            node_id: *mainline::Id::random().as_bytes(),
+            pings: Mutex::default(),
+            public: Mutex::default(),
+        }
+    }
 }
 
 impl Reflexive {
@@ -142,16 +157,24 @@ impl Reflexive {
     }
 
     /// Pings `nodes` from the data socket and tallies their replies; remembers the verdict.
-    pub(crate) async fn learn(&self, data: &DataSocket, nodes: &[SocketAddrV4]) -> Option<Learned> {
+    /// Returns whether any node answered, and the verdict.
+    pub(crate) async fn learn(
+        &self,
+        data: &DataSocket,
+        nodes: &[SocketAddrV4],
+    ) -> (bool, Option<Learned>) {
         let (tx, mut rx) = mpsc::channel(REFLEXIVE_PINGS.max(nodes.len()));
         let mut txids = Vec::new();
         for node in nodes {
-            let id = mainline::Id::random();
-            let bytes = id.as_bytes();
+            let random = mainline::Id::random();
+            let bytes = random.as_bytes();
             let txid = [bytes[0], bytes[1], bytes[2], bytes[3]];
             self.pings()
                 .insert(txid, (SocketAddr::V4(*node), tx.clone()));
-            data.send_raw(SocketAddr::V4(*node), &krpc::encode_ping(txid, *bytes));
+            data.send_raw(
+                SocketAddr::V4(*node),
+                &krpc::encode_ping(txid, self.node_id),
+            );
             txids.push(txid);
         }
         drop(tx);
@@ -169,7 +192,10 @@ impl Reflexive {
                 pings.remove(txid);
             }
         }
-        let learned = tally.verdict()?;
+        let answered = tally.answered > 0;
+        let Some(learned) = tally.verdict() else {
+            return (answered, None);
+        };
         if !learned.unanimous {
             tracing::warn!(
                 seen = ?tally.seen(),
@@ -178,7 +204,7 @@ impl Reflexive {
             );
         }
         *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(learned.public);
-        Some(learned)
+        (answered, Some(learned))
     }
 }
 
@@ -195,8 +221,12 @@ impl Node {
 
     /// Learns the data socket's public address from up to [`REFLEXIVE_PINGS`] DHT nodes of
     /// the routing table (or, right after start while it is empty, the bootstrap nodes).
-    pub(super) async fn learn_public_addr(&self) -> Option<SocketAddrV4> {
-        let table = self.dht.to_bootstrap().await;
+    /// Returns whether any DHT node answered, and the address (neither without a DHT).
+    pub(super) async fn learn_public_addr(&self) -> (bool, Option<SocketAddrV4>) {
+        let Some(dht) = self.dht.as_ref() else {
+            return (false, None);
+        };
+        let table = dht.to_bootstrap().await;
         let bootstrap = self
             .bootstrap
             .iter()
@@ -208,9 +238,12 @@ impl Node {
                 nodes.push(node);
             }
         }
-        let learned = self.reflexive.learn(&self.data, &nodes).await?;
+        let (answered, learned) = self.reflexive.learn(&self.data, &nodes).await;
+        let Some(learned) = learned else {
+            return (answered, None);
+        };
         self.state().book.add_own(SocketAddr::V4(learned.public));
-        Some(learned.public)
+        (true, Some(learned.public))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::refusal_log::Quieted;
 use crate::RelayError;
 use crate::protocol::{ConnId, RoomId};
 
@@ -32,6 +33,8 @@ pub(crate) enum Action {
     },
     /// Keep this error for `recent_errors` (and log it).
     Record(RelayError),
+    /// Log the summary of the refusals not recorded one by one.
+    Quieted(Quieted),
     /// `room` is joined: answer the joins waiting for it.
     Joined { room: RoomId },
     /// The relay refused to join `room`: fail the joins waiting for it (the room is forgotten).

@@ -250,6 +250,13 @@ impl Driver {
                     }
                 }
                 Action::Record(e) => self.record(e),
+                Action::Quieted(q) => tracing::warn!(
+                    relay = %self.url,
+                    "in the last {} s, {} more refused handshakes and {} rate-limited handshake openings were not logged one by one",
+                    q.over.as_secs(),
+                    q.refused,
+                    q.limited
+                ),
                 Action::Joined { room } => {
                     if let Some(t) = self.topics.get_mut(&room) {
                         for w in t.waiting.drain(..) {

@@ -10,6 +10,9 @@ use pluresdb_sync_core::{Identity, PeerInfo, TopicHash};
 
 use super::action::{Action, SessionId};
 use super::flow::FLOW_WINDOW_BYTES;
+use super::handshake_limit::{HandshakeLimit, MAX_TRACKED_REMOTES};
+use super::noise_crypto::ScalarMults;
+use super::refusal_log::RefusalLog;
 use super::room::{Ctx, Room};
 use crate::RelayError;
 use crate::protocol::{self, ClientFrame, ConnId, Frame, RelayFrame, RoomId};
@@ -22,16 +25,24 @@ pub(crate) struct Config {
     pub(crate) handshake_timeout: Duration,
     /// The window this side grants each peer ([`FLOW_WINDOW_BYTES`] outside tests).
     pub(crate) window: u32,
+    /// Where handshakes count their scalar multiplications.
+    pub(crate) mults: ScalarMults,
 }
 
 impl Config {
     /// The settings a transport runs with.
-    pub(crate) fn new(identity: Identity, encryption: bool, handshake_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        identity: Identity,
+        encryption: bool,
+        handshake_timeout: Duration,
+        mults: ScalarMults,
+    ) -> Self {
         Self {
             identity,
             encryption,
             handshake_timeout,
             window: FLOW_WINDOW_BYTES,
+            mults,
         }
     }
 }
@@ -43,6 +54,10 @@ pub(crate) struct Machine {
     me: ConnId,
     rooms: HashMap<RoomId, Room>,
     next_session: SessionId,
+    /// Handshake openings per remote connection (across rooms: one remote socket).
+    limit: HandshakeLimit,
+    /// Which refusals are logged one by one.
+    log: RefusalLog,
 }
 
 /// Runs `f` on room `$room` with the shared context, collecting its actions.
@@ -55,8 +70,11 @@ macro_rules! in_room {
                 encryption: $self.config.encryption,
                 timeout: $self.config.handshake_timeout,
                 window: $self.config.window,
+                mults: &$self.config.mults,
                 me: $self.me,
                 next_session: &mut $self.next_session,
+                limit: &mut $self.limit,
+                log: &mut $self.log,
                 out: &mut out,
             };
             $body;
@@ -73,6 +91,8 @@ impl Machine {
             me: 0,
             rooms: HashMap::new(),
             next_session: 1,
+            limit: HandshakeLimit::new(MAX_TRACKED_REMOTES),
+            log: RefusalLog::new(),
         }
     }
 
@@ -84,8 +104,11 @@ impl Machine {
             encryption: self.config.encryption,
             timeout: self.config.handshake_timeout,
             window: self.config.window,
+            mults: &self.config.mults,
             me: self.me,
             next_session: &mut self.next_session,
+            limit: &mut self.limit,
+            log: &mut self.log,
             out: &mut out,
         };
         for room in self.rooms.values_mut() {
@@ -131,6 +154,7 @@ impl Machine {
 
     /// The socket is gone: every session ends (rooms are kept for the rejoin).
     pub(crate) fn on_socket_lost(&mut self) -> Vec<Action> {
+        self.limit.clear();
         self.each_room(|r, cx| r.on_socket_lost(cx))
     }
 
@@ -139,9 +163,14 @@ impl Machine {
         self.each_room(|r, cx| r.close_all(cx))
     }
 
-    /// Handshake expiry and the PEER_JOINED fallback; call it about twice a second.
+    /// Handshake expiry, the PEER_JOINED fallback and the refusal summary; call it about
+    /// twice a second.
     pub(crate) fn on_timeout(&mut self, now: Instant) -> Vec<Action> {
-        self.each_room(|r, cx| r.on_timeout(now, cx))
+        let mut out = self.each_room(|r, cx| r.on_timeout(now, cx));
+        if let Some(q) = self.log.on_timeout(now) {
+            out.push(Action::Quieted(q));
+        }
+        out
     }
 
     /// The connection of `session` ended on this side (`failed`: after a protocol error).
@@ -193,7 +222,8 @@ impl Machine {
                 room,
                 message,
             } => self.on_error(code, about, room, message),
-            RelayFrame::Welcome { .. } => Vec::new(),
+            // Sessions never use datagrams (and a v1 socket is never sent one).
+            RelayFrame::Welcome { .. } | RelayFrame::Datagram { .. } => Vec::new(),
         }
     }
 

@@ -11,6 +11,10 @@ use super::{Config, Machine};
 use crate::RelayError;
 use crate::client::action::{Action, Opened, SessionId};
 use crate::client::flow::{FLOW_MIN_WINDOW_BYTES, frame_cost};
+use crate::client::handshake::{self, Local};
+use crate::client::handshake_limit::HANDSHAKE_BURST;
+use crate::client::noise_crypto::ScalarMults;
+use crate::client::refusal_log::{Quieted, REFUSAL_LOG_INTERVAL, REFUSALS_LOGGED_PER_INTERVAL};
 use crate::client::reject_limit::REJECT_NO_SESSION_INTERVAL;
 use crate::client::room::PEER_JOINED_FALLBACK;
 use crate::client::wire::{self, SESSION_VERSION, chunk, kind, reject};
@@ -37,6 +41,7 @@ struct Side {
     delivered: Vec<(SessionId, Vec<u8>, u64)>,
     credits: Vec<(SessionId, u64)>,
     errors: Vec<RelayError>,
+    quieted: Vec<Quieted>,
     /// Peer frames it sent and the relay has not delivered yet: (to, payload).
     outbox: VecDeque<(ConnId, Vec<u8>)>,
     joins: usize,
@@ -64,6 +69,7 @@ impl Side {
                 encryption,
                 handshake_timeout: TIMEOUT,
                 window: FLOW_MIN_WINDOW_BYTES,
+                mults: ScalarMults::default(),
             }),
             me,
             identity,
@@ -72,6 +78,7 @@ impl Side {
             delivered: Vec::new(),
             credits: Vec::new(),
             errors: Vec::new(),
+            quieted: Vec::new(),
             outbox: VecDeque::new(),
             joins: 0,
             joined: 0,
@@ -102,6 +109,7 @@ impl Side {
                 Action::Credit { session, limit } => self.credits.push((session, limit)),
                 Action::End { session, error } => self.ended.push((session, error)),
                 Action::Record(e) => self.errors.push(e),
+                Action::Quieted(q) => self.quieted.push(q),
                 Action::Joined { .. } => self.joined += 1,
                 Action::JoinFailed { error, .. } => panic!("join failed: {error}"),
             }
@@ -352,7 +360,7 @@ fn a_session_version_mismatch_is_rejected_with_our_version() {
     a.joined_with(&[], now);
     let key = Identity::generate().unwrap().public_bytes();
     a.deliver(5, plain_hello(key, &[]), now); // version 1: no parameters
-    a.deliver(6, plain_hello(key, &[3, 0, 0, 0, 0]), now); // a later version
+    a.deliver(6, plain_hello(key, &[9, 0, 0, 0, 0]), now); // a later version
     let reply = vec![kind::REJECT, reject::VERSION_MISMATCH, SESSION_VERSION];
     assert_eq!(a.take_sent_to(5), std::slice::from_ref(&reply));
     assert_eq!(a.take_sent_to(6), [reply]);
@@ -360,13 +368,13 @@ fn a_session_version_mismatch_is_rejected_with_our_version() {
         local: SESSION_VERSION,
         remote,
     };
-    assert_eq!(a.causes(), [&v(1), &v(3)]);
+    assert_eq!(a.causes(), [&v(1), &v(9)]);
     assert!(a.opened.is_empty());
     // Rejected by a peer with another version: the attempt ends, named.
     a.joined_with(&[7], now);
     assert_eq!(a.take_sent_to(7).len(), 1, "HELLO to the member");
-    a.deliver(7, vec![kind::REJECT, reject::VERSION_MISMATCH, 3], now);
-    assert_eq!(a.causes().last(), Some(&&v(3)));
+    a.deliver(7, vec![kind::REJECT, reject::VERSION_MISMATCH, 9], now);
+    assert_eq!(a.causes().last(), Some(&&v(9)));
     p.advance(TIMEOUT);
     assert!(
         !p.sides[0]
@@ -374,6 +382,152 @@ fn a_session_version_mismatch_is_rejected_with_our_version() {
             .iter()
             .any(|c| matches!(c, SessionError::HandshakeTimeout { .. })),
         "the rejected attempt is gone, not left to expire"
+    );
+}
+
+/// An `XXpsk3` state of a session version 2 client in the room.
+fn old_noise(id: &Identity, initiator: bool) -> snow::HandshakeState {
+    let (t, r, mults) = (topic(), room(), ScalarMults::default());
+    let local = Local {
+        identity: id,
+        topic: &t,
+        room: &r,
+        encryption: true,
+        window: FLOW_MIN_WINDOW_BYTES,
+        mults: &mults,
+    };
+    handshake::noise(local, "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s", 3, initiator).unwrap()
+}
+
+/// A session version 2 peer (`XXpsk3`) in either role: a version mismatch on this side, and
+/// REJECT (version mismatch, our version) to it, which it reports as one too.
+#[test]
+fn an_xxpsk3_peer_is_refused_with_our_version_in_both_roles() {
+    let mut p = Pair::new([(1, true)]);
+    let now = p.now;
+    let old = Identity::generate().unwrap();
+    let reply = vec![kind::REJECT, reject::VERSION_MISMATCH, SESSION_VERSION];
+    let v2 = SessionError::VersionMismatch {
+        local: SESSION_VERSION,
+        remote: 2,
+    };
+    let a = p.side(1);
+    a.joined_with(&[], now);
+    // It starts: its HS1 is XXpsk3 message 1, empty.
+    let hs1 = handshake::write(&mut old_noise(&old, true), kind::LEGACY_HS1, &[]).unwrap();
+    a.deliver(5, hs1, now);
+    assert_eq!(a.take_sent_to(5), std::slice::from_ref(&reply));
+    assert_eq!(a.causes(), [&v2]);
+    // This side starts: the old peer ignores HS1 (a kind it does not know) and answers the
+    // version probe with its HS2.
+    a.joined_with(&[7], now);
+    let sent = a.take_sent_to(7);
+    assert_eq!((sent[0][0], sent[1][0]), (kind::HS1, kind::LEGACY_HS1));
+    let mut r = old_noise(&old, false);
+    handshake::read(&mut r, &sent[1][1..]).unwrap();
+    let hs2 = handshake::write(&mut r, kind::LEGACY_HS2, &[2, 0, 2, 0, 0]).unwrap();
+    a.deliver(7, hs2, now);
+    assert_eq!(a.take_sent_to(7), [reply]);
+    assert_eq!(a.causes(), [&v2, &v2]);
+    assert!(a.opened.is_empty());
+    p.advance(TIMEOUT);
+    assert_eq!(
+        p.sides[0].errors.len(),
+        2,
+        "the refused attempt does not expire too"
+    );
+    // And it reads our REJECT as a version mismatch with version 3.
+    assert_eq!(
+        wire::rejected(&[reject::VERSION_MISMATCH, SESSION_VERSION], true),
+        Some(SessionError::VersionMismatch {
+            local: SESSION_VERSION,
+            remote: 3
+        })
+    );
+}
+
+/// Someone in the room without the topic: whatever HS1 it sends, nothing comes back (no
+/// static key, no reply at all) and no curve arithmetic is done.
+#[test]
+fn an_hs1_without_the_topic_gets_no_answer_and_costs_no_dh() {
+    let mut p = Pair::new([(1, true)]);
+    let now = p.now;
+    let a = p.side(1);
+    a.joined_with(&[], now);
+    let wrong = pluresdb_sync_core::derive_topic("another topic");
+    let (r, mults, id) = (
+        room(),
+        ScalarMults::default(),
+        Identity::generate().unwrap(),
+    );
+    let stranger = Local {
+        identity: &id,
+        topic: &wrong,
+        room: &r,
+        encryption: true,
+        window: FLOW_MIN_WINDOW_BYTES,
+        mults: &mults,
+    };
+    let (_, opening) = handshake::Handshake::initiate(stranger).unwrap();
+    for (i, f) in opening.iter().enumerate() {
+        a.deliver(10 + i as u64, f.clone(), now);
+    }
+    a.deliver(20, [&[kind::HS1][..], &[0u8; 48]].concat(), now);
+    assert!(a.outbox.is_empty(), "{:?}", a.outbox);
+    assert_eq!(a.machine.config.mults.get(), 0);
+    assert!(matches!(
+        a.causes()[..],
+        [
+            SessionError::Noise { message: 1, .. },
+            SessionError::Noise { message: 1, .. }
+        ]
+    ));
+}
+
+/// One valid HS1 replayed 20,000 times by a room member, and 20,000 bogus ones: a burst of
+/// answers and records, then one per interval, and a summary line instead of the rest.
+#[test]
+fn handshake_floods_are_rate_limited_per_remote_and_logged_in_summary() {
+    let mut p = Pair::meet((1, true), (2, true));
+    let now = p.now;
+    let opening = p.side(2).take_sent_to(1);
+    let hs1 = opening[0].clone();
+    assert_eq!(hs1[0], kind::HS1);
+    let a = p.side(1);
+    for _ in 0..20_000 {
+        a.deliver(66, hs1.clone(), now);
+    }
+    let replies = a.take_sent_to(66);
+    assert_eq!(replies.len(), HANDSHAKE_BURST as usize);
+    assert!(replies.iter().all(|r| r[0] == kind::HS2));
+    let dhs = a.machine.config.mults.get();
+    assert_eq!(
+        dhs,
+        4 * u64::from(HANDSHAKE_BURST),
+        "e, ee, s, es per answer"
+    );
+    for i in 0..20_000u32 {
+        a.deliver(77, [&[kind::HS1][..], &[i as u8; 48]].concat(), now);
+    }
+    assert!(a.outbox.is_empty());
+    assert_eq!(a.errors.len(), REFUSALS_LOGGED_PER_INTERVAL as usize);
+    assert_eq!(a.machine.config.mults.get(), dhs, "bogus ones cost no DH");
+    // The real initiator is not held back by either flood.
+    for f in opening {
+        p.side(1).deliver(2, f, now);
+    }
+    p.drive();
+    assert_eq!(p.sides[0].live().len(), 1, "{:?}", p.sides[0].errors);
+    assert_eq!(p.sides[1].live().len(), 1, "{:?}", p.sides[1].errors);
+    p.advance(REFUSAL_LOG_INTERVAL);
+    let q = p.sides[0].quieted.clone();
+    assert_eq!(
+        q,
+        [Quieted {
+            refused: u64::from(HANDSHAKE_BURST) - u64::from(REFUSALS_LOGGED_PER_INTERVAL),
+            limited: 2 * (20_000 - u64::from(HANDSHAKE_BURST)),
+            over: REFUSAL_LOG_INTERVAL
+        }]
     );
 }
 
@@ -458,9 +612,11 @@ fn a_duplicate_handshake_start_replaces_the_attempt_under_way() {
     let mut p = Pair::meet((1, true), (2, true));
     let now = p.now;
     let first = p.side(2).take_sent_to(1);
-    assert_eq!(first.len(), 1);
-    assert_eq!(first[0][0], kind::HS1);
-    p.side(1).deliver(2, first[0].clone(), now);
+    assert_eq!(first.len(), 2, "HS1 and the version probe");
+    assert_eq!((first[0][0], first[1][0]), (kind::HS1, kind::LEGACY_HS1));
+    for f in first {
+        p.side(1).deliver(2, f, now);
+    }
     let lost = p.side(1).take_sent_to(2);
     assert_eq!(lost[0][0], kind::HS2, "answered, but the answer is lost");
     // B starts over: a new machine with the same identity and relay connection.
@@ -504,8 +660,9 @@ fn a_peer_that_reconnects_replaces_its_old_session() {
 fn handshakes_expire() {
     let mut p = Pair::meet((1, true), (2, true));
     let now = p.now;
-    let hs1 = p.side(2).take_sent_to(1);
-    p.side(1).deliver(2, hs1[0].clone(), now);
+    for f in p.side(2).take_sent_to(1) {
+        p.side(1).deliver(2, f, now);
+    }
     let _lost_hs2 = p.side(1).take_sent_to(2);
     p.advance(TIMEOUT - Duration::from_millis(1));
     assert!(p.sides.iter().all(|s| s.errors.is_empty()));
@@ -540,7 +697,7 @@ fn a_peer_announced_only_by_peer_joined_is_greeted_after_the_fallback() {
     assert!(p.sides[0].outbox.is_empty(), "the newcomer starts first");
     p.advance(Duration::from_millis(1));
     let sent = p.side(1).take_sent_to(2);
-    assert_eq!(sent.len(), 1);
+    assert_eq!(sent.len(), 2);
     assert_eq!(sent[0][0], kind::HS1);
 }
 
@@ -655,7 +812,7 @@ proptest::proptest! {
         frames in proptest::collection::vec(
             (1u64..5, proptest::sample::select(vec![
                 kind::HS1, kind::HS2, kind::HS3, kind::SEALED, kind::HELLO, kind::PLAIN,
-                kind::REJECT, 0x00, 0x7F,
+                kind::REJECT, kind::LEGACY_HS1, kind::LEGACY_HS2, 0x03, 0x00, 0x7F,
             ]), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)),
             0..40,
         ),

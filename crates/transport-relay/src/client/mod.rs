@@ -5,21 +5,33 @@
 //! - [`supervisor`]: the task that owns the link: one socket at a time, the writer, pings and
 //!   the idle timeout, reconnects with backoff.
 //! - [`driver`]: executes what the session machine decides; [`outbound`] queues its frames.
-//! - [`machine`], [`room`], [`session`], [`handshake`], [`reject_limit`]: the pure session
-//!   machine (rooms, per-peer sessions, the handshake patterns), speaking [`action`]s.
+//! - [`machine`], [`room`], [`session`], [`handshake`], [`reject_limit`],
+//!   [`handshake_limit`], [`refusal_log`]: the pure session machine (rooms, per-peer
+//!   sessions, the handshake patterns, rate limits), speaking [`action`]s;
+//!   [`legacy`]: telling session versions apart; [`noise_crypto`]: the X25519 its
+//!   handshakes run on (lazy, counted).
 //! - [`wire`] (peer frames) and [`flow`] (windows): pure formats and arithmetic.
 //! - [`connection`]: the application's `Connection` (chunking, sealing, reassembly).
+//! - [`datagram`] (with [`link_machine`] and [`link_socket`]): the datagram link of relay
+//!   protocol v2, a path for QUIC packets (Auto mode): rooms, membership, datagrams.
 
 mod action;
 mod builder;
 mod connection;
+mod datagram;
 mod dial;
 mod driver;
 mod flow;
 mod handshake;
+mod handshake_limit;
+mod legacy;
+mod link_machine;
+mod link_socket;
 mod machine;
+mod noise_crypto;
 mod outbound;
 mod proxy;
+mod refusal_log;
 mod reject_limit;
 mod room;
 mod session;
@@ -39,6 +51,10 @@ use crate::RelayError;
 use driver::{Cmd, Driver};
 
 pub use builder::RelayTransportBuilder;
+pub use datagram::{
+    Datagram, DatagramLink, LINK_DATAGRAM_QUEUE, LINK_EVENT_QUEUE, LinkEvent, LinkReceivers,
+    LinkStats, MAX_LINK_ROOMS, datagrams_of,
+};
 pub use flow::FLOW_WINDOW_BYTES;
 pub use wire::SESSION_VERSION;
 
@@ -65,7 +81,7 @@ impl ErrorLog {
         errors.push_back(e);
     }
 
-    fn snapshot(&self) -> Vec<RelayError> {
+    pub(crate) fn snapshot(&self) -> Vec<RelayError> {
         let errors = self.0.lock().unwrap_or_else(|p| p.into_inner());
         errors.iter().cloned().collect()
     }
@@ -89,11 +105,12 @@ enum Slot {
 }
 
 /// The relay transport: peers meet in a room on a WebSocket relay, and talk over end-to-end
-/// encrypted (Noise XXpsk3) sessions carried through it. See the [crate docs](crate).
+/// encrypted (Noise XXpsk0) sessions carried through it. See the [crate docs](crate).
 pub struct RelayTransport {
     settings: Arc<builder::Settings>,
     slot: tokio::sync::Mutex<Slot>,
     errors: ErrorLog,
+    mults: noise_crypto::ScalarMults,
 }
 
 impl std::fmt::Debug for RelayTransport {
@@ -123,7 +140,15 @@ impl RelayTransport {
             settings,
             slot: tokio::sync::Mutex::new(Slot::Idle),
             errors: ErrorLog::default(),
+            mults: noise_crypto::ScalarMults::default(),
         }
+    }
+
+    /// Scalar multiplications (X25519 Diffie-Hellman and key derivations) this transport's
+    /// handshakes did so far.
+    #[cfg(feature = "testkit")]
+    pub(crate) fn scalar_mults(&self) -> u64 {
+        self.mults.get()
     }
 
     /// This transport's peer id (the hex of its Noise static public key).
@@ -159,7 +184,12 @@ impl RelayTransport {
         let socket = dial::connect_any(&self.settings, 0).await?;
         let (cmds, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let s = &self.settings;
-        let config = machine::Config::new(s.identity.clone(), s.encryption, s.timeout);
+        let config = machine::Config::new(
+            s.identity.clone(),
+            s.encryption,
+            s.timeout,
+            self.mults.clone(),
+        );
         let (driver, ctl) = Driver::new(config, self.errors.clone());
         let task = tokio::spawn(supervisor::supervise(
             self.settings.clone(),

@@ -10,6 +10,10 @@ use pluresdb_sync_core::{Identity, PeerInfo, TopicHash};
 use super::action::{Action, Opened, SessionId};
 use super::flow::LARGEST_FRAME_COST;
 use super::handshake::{self, Handshake, Local, Step};
+use super::handshake_limit::HandshakeLimit;
+use super::legacy::LEGACY_VERSION;
+use super::noise_crypto::ScalarMults;
+use super::refusal_log::RefusalLog;
 use super::reject_limit::RejectLimit;
 use super::session::{Event, Live, Session, State};
 use super::wire::{self, kind, reject};
@@ -36,10 +40,16 @@ pub(crate) struct Ctx<'a> {
     pub(crate) timeout: Duration,
     /// The window this side grants each peer.
     pub(crate) window: u32,
+    /// Where handshakes count their scalar multiplications.
+    pub(crate) mults: &'a ScalarMults,
     /// This side's relay connection id.
     pub(crate) me: ConnId,
     /// The next session id (the only place one is made).
     pub(crate) next_session: &'a mut SessionId,
+    /// The rate limit on handshake openings per remote.
+    pub(crate) limit: &'a mut HandshakeLimit,
+    /// Which refusals are recorded one by one.
+    pub(crate) log: &'a mut RefusalLog,
     pub(crate) out: &'a mut Vec<Action>,
 }
 
@@ -52,6 +62,14 @@ impl Ctx<'_> {
 
     fn record(&mut self, e: RelayError) {
         self.out.push(Action::Record(e));
+    }
+
+    /// Records a refused handshake (or a REJECT received), unless the quota of refusals
+    /// logged one by one is used up for this interval.
+    fn refused(&mut self, e: RelayError, now: Instant) {
+        if let Some(e) = self.log.refused(e, now) {
+            self.record(e);
+        }
     }
 }
 
@@ -266,19 +284,22 @@ impl Room {
         // The peer is engaging: no fallback handshake towards it.
         self.announced.remove(&from);
         if Handshake::opens(k) {
+            // Charged before any crypto: a flood of openings costs a few answers at most.
+            if !cx.limit.allow(from, now) {
+                return cx.log.limited(now);
+            }
             if !self.sessions.contains_key(&from) && self.sessions.len() >= MAX_SESSIONS_PER_TOPIC {
-                return cx.record(RelayError::session(
-                    from,
-                    SessionError::TooManySessions {
-                        max: MAX_SESSIONS_PER_TOPIC,
-                    },
-                ));
+                let e = SessionError::TooManySessions {
+                    max: MAX_SESSIONS_PER_TOPIC,
+                };
+                return cx.refused(RelayError::session(from, e), now);
             }
             return self.on_open(from, k, body, now, cx);
         }
         match k {
             kind::HS2 | kind::HS3 => self.on_handshake(from, k, body, now, cx),
-            kind::REJECT => self.on_reject(from, body, cx),
+            kind::LEGACY_HS2 => self.on_legacy(from, k, now, cx),
+            kind::REJECT => self.on_reject(from, body, now, cx),
             _ => self.on_session_frame(from, payload, now, cx),
         }
     }
@@ -290,6 +311,7 @@ impl Room {
             room,
             encryption: cx.encryption,
             window: cx.window,
+            mults: cx.mults,
         }
     }
 
@@ -302,7 +324,7 @@ impl Room {
         }
         let (topic, room) = (self.topic, self.id);
         match Handshake::initiate(Self::local(&topic, &room, cx)) {
-            Ok((hs, first)) => {
+            Ok((hs, opening)) => {
                 let id = cx.new_session_id();
                 self.sessions.insert(
                     peer,
@@ -311,7 +333,9 @@ impl Room {
                         state: State::Pending { hs, started: now },
                     },
                 );
-                self.send(peer, &first, cx);
+                for frame in opening {
+                    self.send(peer, &frame, cx);
+                }
             }
             Err(e) => cx.record(RelayError::session(peer, e)),
         }
@@ -328,20 +352,22 @@ impl Room {
                 // Encryption off, both sent HELLO: each one's HELLO answers the other's.
                 return self.on_handshake(from, k, body, now, cx);
             }
-            if hs.is_opening() && k == kind::HS1 && cx.me < from {
+            if hs.is_opening() && matches!(k, kind::HS1 | kind::LEGACY_HS1) && cx.me < from {
                 // Both started; the lower connection id's attempt wins (the peer answers ours).
                 return;
             }
         }
         let (topic, room) = (self.topic, self.id);
         match Handshake::respond(Self::local(&topic, &room, cx), k, body) {
-            Ok(step) => {
+            // A version probe from a peer of this version: its HS1 is what counts.
+            Ok(None) => {}
+            Ok(Some(step)) => {
                 // The peer started over (or won the tie-break): its attempt replaces ours.
                 self.end(from, None, cx);
                 let id = cx.new_session_id();
                 self.step(from, id, step, now, cx);
             }
-            Err(e) => self.refuse(from, e, cx),
+            Err(e) => self.refuse(from, e, now, cx),
         }
     }
 
@@ -364,7 +390,23 @@ impl Room {
         let (topic, room) = (self.topic, self.id);
         match hs.read(Self::local(&topic, &room, cx), k, body) {
             Ok(step) => self.step(from, id, step, now, cx),
-            Err(e) => self.refuse(from, e, cx),
+            Err(e) => self.refuse(from, e, now, cx),
+        }
+    }
+
+    /// An old responder's answer to this side's version probe: refused with REJECT (version
+    /// mismatch), so both sides name the cause.
+    fn on_legacy(&mut self, from: ConnId, k: u8, now: Instant, cx: &mut Ctx<'_>) {
+        let legacy = matches!(
+            self.sessions.get(&from),
+            Some(Session { state: State::Pending { hs, .. }, .. }) if hs.expects_legacy(k)
+        );
+        if legacy {
+            let e = SessionError::VersionMismatch {
+                local: wire::SESSION_VERSION,
+                remote: LEGACY_VERSION,
+            };
+            self.refuse(from, e, now, cx);
         }
     }
 
@@ -391,7 +433,7 @@ impl Room {
 
     /// An attempt failed: answer it when the protocol does (REJECT for a mismatch) and record
     /// why. An established session with the peer stays.
-    fn refuse(&mut self, from: ConnId, e: SessionError, cx: &mut Ctx<'_>) {
+    fn refuse(&mut self, from: ConnId, e: SessionError, now: Instant, cx: &mut Ctx<'_>) {
         if matches!(
             self.sessions.get(&from),
             Some(Session {
@@ -404,7 +446,7 @@ impl Room {
         if let Some(answer) = wire::reject_for(&e) {
             self.send(from, &answer, cx);
         }
-        cx.record(RelayError::session(from, e));
+        cx.refused(RelayError::session(from, e), now);
     }
 
     fn establish(&mut self, from: ConnId, id: SessionId, done: handshake::Done, cx: &mut Ctx<'_>) {
@@ -445,7 +487,7 @@ impl Room {
         }));
     }
 
-    fn on_reject(&mut self, from: ConnId, body: &[u8], cx: &mut Ctx<'_>) {
+    fn on_reject(&mut self, from: ConnId, body: &[u8], now: Instant, cx: &mut Ctx<'_>) {
         match wire::rejected(body, cx.encryption) {
             None => {
                 // The peer ended our session without its CLOSE reaching us: end it here too
@@ -460,7 +502,7 @@ impl Room {
             }
             Some(cause) => {
                 self.end(from, None, cx);
-                cx.record(RelayError::session(from, cause));
+                cx.refused(RelayError::session(from, cause), now);
             }
         }
     }

@@ -12,12 +12,17 @@ pub(crate) const NOISE_MAX: usize = 65_535;
 
 /// Peer frame kinds (the first byte of a SEND payload).
 pub(crate) mod kind {
-    /// Noise handshake message 1.
-    pub(crate) const HS1: u8 = 0x01;
-    /// Noise handshake message 2.
-    pub(crate) const HS2: u8 = 0x02;
-    /// Noise handshake message 3.
-    pub(crate) const HS3: u8 = 0x03;
+    /// `XXpsk3` message 1: a session version 1 or 2 initiator's HS1, or (with the sender's
+    /// session parameters as its payload) a version 3 initiator's version probe.
+    pub(crate) const LEGACY_HS1: u8 = 0x01;
+    /// `XXpsk3` message 2: a session version 1 or 2 responder's HS2.
+    pub(crate) const LEGACY_HS2: u8 = 0x02;
+    /// Noise `XXpsk0` handshake message 1.
+    pub(crate) const HS1: u8 = 0x04;
+    /// Noise `XXpsk0` handshake message 2.
+    pub(crate) const HS2: u8 = 0x05;
+    /// Noise `XXpsk0` handshake message 3.
+    pub(crate) const HS3: u8 = 0x06;
     /// A sealed chunk.
     pub(crate) const SEALED: u8 = 0x10;
     /// Encryption off: the static key and session parameters.
@@ -40,12 +45,14 @@ pub(crate) mod reject {
 }
 
 /// The end-to-end session version this client speaks. Version 1 (no handshake payload, a
-/// 32-byte HELLO) had no flow control; version 2 adds the session parameters (version and
-/// receive window) to HS2, HS3 and HELLO, and the CREDIT and ABORT chunks.
+/// 32-byte HELLO) had no flow control; version 2 added the session parameters (version and
+/// receive window) to HS2, HS3 and HELLO, and the CREDIT and ABORT chunks; version 3 runs
+/// `Noise_XXpsk0` instead of `XXpsk3` (the topic key from the first message, so only peers
+/// that know the topic learn each other's static keys), with HS2 and HS3 under new kinds.
 ///
 /// Public because it is what two releases must agree on to talk (a mismatch is reported as
 /// [`SessionError::VersionMismatch`]).
-pub const SESSION_VERSION: u8 = 2;
+pub const SESSION_VERSION: u8 = 3;
 
 /// Bytes of the session parameters (`version:u8 window:u32`) in HS2, HS3 and HELLO.
 pub(crate) const SESSION_PARAMS_LEN: usize = 5;
@@ -321,7 +328,8 @@ mod tests {
             })
         };
         assert_eq!(parse_session_params(&[], min), v(1));
-        assert_eq!(parse_session_params(&[3, 0, 0], min), v(3));
+        assert_eq!(parse_session_params(&[2, 0, 0], min), v(2));
+        assert_eq!(parse_session_params(&[4, 0, 0], min), v(4));
         assert_eq!(
             parse_session_params(&[SESSION_VERSION, 0, 0, 0, 1], min),
             Err(SessionError::WindowTooSmall { window: 1, min })
@@ -376,10 +384,10 @@ mod tests {
             })
         );
         assert_eq!(
-            rejected(&[reject::VERSION_MISMATCH, 3], true),
+            rejected(&[reject::VERSION_MISMATCH, 2], true),
             Some(SessionError::VersionMismatch {
                 local: SESSION_VERSION,
-                remote: 3
+                remote: 2
             })
         );
         assert_eq!(

@@ -14,6 +14,8 @@ pub mod kind {
     pub const PING: u8 = 0x05;
     /// Both: pong.
     pub const PONG: u8 = 0x06;
+    /// Client (`pluresdb-relay.v2`): a droppable datagram for one peer.
+    pub const DATAGRAM: u8 = 0x07;
     /// Relay: first frame, connection id and limits.
     pub const WELCOME: u8 = 0x80;
     /// Relay: join succeeded, with the members already present.
@@ -24,6 +26,8 @@ pub mod kind {
     pub const PEER_LEFT: u8 = 0x83;
     /// Relay: a payload from a peer.
     pub const DELIVER: u8 = 0x84;
+    /// Relay (`pluresdb-relay.v2`): a datagram from a peer.
+    pub const DATAGRAM_FROM: u8 = 0x85;
     /// Relay: a request failed.
     pub const ERROR: u8 = 0x8F;
 }
@@ -46,6 +50,9 @@ pub mod error_code {
 pub mod close_code {
     /// The relay shuts down.
     pub const GOING_AWAY: u16 = 1001;
+    /// A WebSocket protocol error (RSV bits, a reserved opcode, an unmasked frame, an
+    /// oversized or fragmented control frame, ...).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A message over the frame limit, or a SEND/BROADCAST payload over
     /// `max_frame - DELIVER_OVERHEAD`.
     pub const FRAME_TOO_LARGE: u16 = 1009;
@@ -59,4 +66,7 @@ pub mod close_code {
     pub const TIMEOUT: u16 = 4008;
     /// The send queue stayed full.
     pub const SLOW_CONSUMER: u16 = 4009;
+    /// The relay's memory budget for queued frames was used up and this connection's send
+    /// queue was among the largest.
+    pub const OVER_BUDGET: u16 = 4010;
 }

@@ -23,9 +23,17 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(15);
 /// Default silence after which the relay closes a connection (three ping intervals).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Default send queue per connection, in entries. An entry is one frame, or the small frames
-/// one sender's burst produced for this receiver gathered up to 16 KiB; either way at most
-/// 64 KiB, so at most 16 MiB per socket.
+/// one sender's burst produced for this receiver gathered up to 16 KiB; what the entries may
+/// hold in bytes is capped by [`DEFAULT_MAX_QUEUED_BYTES_PER_CONNECTION`].
 pub const DEFAULT_SEND_QUEUE_FRAMES: usize = 256;
+/// Default cap on the bytes queued to one connection: 64 frames of 64 KiB, more than a fast
+/// link drains in a round trip; past it, senders to that connection wait (backpressure).
+pub const DEFAULT_MAX_QUEUED_BYTES_PER_CONNECTION: usize = 4 * 1024 * 1024;
+/// Default budget for the bytes queued to all connections together: what never-reading
+/// receivers can pin, however many IPs they come from. When it is used up, the largest
+/// queues are closed (4010). Sized for a small relay host; raise it with the memory you
+/// give the relay (each connection can also hold its WebSocket buffers, ~150 KiB at most).
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
 /// Default wait for room in a full send queue before the receiver is closed as a slow
 /// consumer. Senders are paused (backpressure) meanwhile, never buffered without bound.
 pub const DEFAULT_SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,6 +77,10 @@ pub struct RelayServerConfig {
     pub send_queue_frames: usize,
     /// How long a forward waits on a full queue before closing the receiver.
     pub slow_consumer_timeout: Duration,
+    /// Bytes queued to one connection at most.
+    pub max_queued_bytes_per_connection: usize,
+    /// Bytes queued to all connections together at most.
+    pub max_queued_bytes: usize,
     /// Accepted bearer tokens (empty: an open relay).
     pub auth_tokens: Vec<String>,
     /// Bytes per second one IP may send (token bucket; reads pause, nothing is buffered).
@@ -95,6 +107,8 @@ impl Default for RelayServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             send_queue_frames: DEFAULT_SEND_QUEUE_FRAMES,
             slow_consumer_timeout: DEFAULT_SLOW_CONSUMER_TIMEOUT,
+            max_queued_bytes_per_connection: DEFAULT_MAX_QUEUED_BYTES_PER_CONNECTION,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             auth_tokens: Vec::new(),
             max_bytes_per_sec_per_ip: DEFAULT_MAX_BYTES_PER_SEC_PER_IP,
             nats_url: None,
@@ -118,6 +132,8 @@ impl std::fmt::Debug for RelayServerConfig {
             idle_timeout,
             send_queue_frames,
             slow_consumer_timeout,
+            max_queued_bytes_per_connection,
+            max_queued_bytes,
             auth_tokens,
             max_bytes_per_sec_per_ip,
             nats_url,
@@ -135,6 +151,11 @@ impl std::fmt::Debug for RelayServerConfig {
             .field("idle_timeout", idle_timeout)
             .field("send_queue_frames", send_queue_frames)
             .field("slow_consumer_timeout", slow_consumer_timeout)
+            .field(
+                "max_queued_bytes_per_connection",
+                max_queued_bytes_per_connection,
+            )
+            .field("max_queued_bytes", max_queued_bytes)
             .field(
                 "auth_tokens",
                 &format_args!("<{} redacted>", auth_tokens.len()),
@@ -268,6 +289,27 @@ impl RelayServerConfig {
                 "must name a NATS server, e.g. nats://127.0.0.1:4222".into(),
             );
         }
+        // A batch is at most one frame and its 4-byte length; two must fit a queue.
+        let least = 2 * (self.max_frame_bytes + 4);
+        if !(least..=u32::MAX as usize).contains(&self.max_queued_bytes_per_connection) {
+            return bad(
+                "max_queued_bytes_per_connection",
+                self.max_queued_bytes_per_connection.to_string(),
+                format!("must be {least}..=4294967295 (two frames of max_frame_bytes)"),
+            );
+        }
+        if self.max_queued_bytes < self.max_queued_bytes_per_connection
+            || self.max_queued_bytes > usize::MAX >> 4
+        {
+            return bad(
+                "max_queued_bytes",
+                self.max_queued_bytes.to_string(),
+                format!(
+                    "must be at least max_queued_bytes_per_connection ({})",
+                    self.max_queued_bytes_per_connection
+                ),
+            );
+        }
         if self.auth_tokens.iter().any(String::is_empty) {
             return bad(
                 "auth_tokens",
@@ -315,6 +357,10 @@ impl RelayServerConfigBuilder {
         send_queue_frames: usize,
         /// [`DEFAULT_SLOW_CONSUMER_TIMEOUT`].
         slow_consumer_timeout: Duration,
+        /// [`DEFAULT_MAX_QUEUED_BYTES_PER_CONNECTION`].
+        max_queued_bytes_per_connection: usize,
+        /// [`DEFAULT_MAX_QUEUED_BYTES`].
+        max_queued_bytes: usize,
         /// Bearer tokens a client must present (default none: an open relay).
         auth_tokens: Vec<String>,
         /// [`DEFAULT_MAX_BYTES_PER_SEC_PER_IP`].

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use super::budget::Inbox;
 use super::limits::IpSlot;
 use super::metrics::DropReason;
 use super::outbox::Batch;
@@ -51,7 +52,8 @@ impl Reads {
 
 /// Runs the connection until the client leaves, breaks the protocol, times out, is killed
 /// (slow consumer) or the relay shuts down; then leaves its rooms and lets the writer close.
-pub(super) async fn run<S>(shared: &Shared, ws: WebSocketStream<S>, slot: &IpSlot)
+/// `datagrams`: the client speaks `pluresdb-relay.v2` and may be sent datagrams.
+pub(super) async fn run<S>(shared: &Shared, ws: WebSocketStream<S>, slot: &IpSlot, datagrams: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -64,10 +66,14 @@ where
     let (tx, rx) = mpsc::channel::<Batch>(cfg.send_queue_frames);
     let (kill_tx, kill_rx) = watch::channel(None);
     let kill_tx: Kill = Arc::new(kill_tx);
-    let mut writer = tokio::spawn(writer::run(sink, rx, kill_rx.clone()));
+    let queue = shared.rooms.budget().open(id, kill_tx.clone());
+    let inbox = Inbox::new(rx, queue.clone());
+    let mut writer = tokio::spawn(writer::run(sink, inbox, kill_rx.clone()));
     let me = Member {
         tx,
+        queue,
         kill: kill_tx.clone(),
+        datagrams,
     };
     let mut conn = Conn::new(shared, id, me);
     let welcome = Frame::Relay(RelayFrame::Welcome {
@@ -76,7 +82,9 @@ where
         max_rooms: cfg.max_rooms_per_connection as u32,
         max_peers: cfg.max_peers_per_room as u32,
     });
-    let _ = conn.me.tx.try_send(Batch::one(&welcome.encode()));
+    shared
+        .rooms
+        .try_queue(&conn.me, Batch::one(&welcome.encode()));
 
     let started = Instant::now();
     let mut reads = Reads {
@@ -129,16 +137,18 @@ where
                 }
                 if now >= ping_at && now >= reads.read_at {
                     ping_nonce += 1;
-                    let _ = conn.me.tx.try_send(Batch::one(&Frame::Ping(ping_nonce).encode()));
+                    shared.rooms.try_queue(&conn.me, Batch::one(&Frame::Ping(ping_nonce).encode()));
                     last_ping = now;
                 }
             }
             msg = stream.next(), if reading => {
                 // Frames already buffered or readable are handled in one burst, without
                 // re-arming the select's timers per frame.
+                // Only relay frames are activity: WebSocket pings and pongs are not (nor are
+                // the fragments of an unfinished message, which yield nothing), so a client
+                // that sends only those is closed at the idle timeout.
                 let mut next = msg;
                 let mut burst = 0;
-                reads.last_rx = Instant::now();
                 loop {
                     // Only a binary frame's bytes are held across the await: the reader's
                     // future (one per connection) stays small.
@@ -147,10 +157,11 @@ where
                         Some(Err(ControlFlow::Continue(()))) => None,
                         Some(Err(ControlFlow::Break(()))) | None => break 'conn,
                     };
-                    if let Some(data) = data
-                        && conn.frame_bytes(data, slot, &mut reads, &kill_tx).await.is_break()
-                    {
-                        break 'conn;
+                    if let Some(data) = data {
+                        reads.last_rx = Instant::now();
+                        if conn.frame_bytes(data, slot, &mut reads, &kill_tx).await.is_break() {
+                            break 'conn;
+                        }
                     }
                     burst += 1;
                     if burst >= READ_BURST || reads.read_at > reads.last_rx {
@@ -171,6 +182,7 @@ where
     conn.flush().await;
     conn.leave_all().await;
     kill(&kill_tx, 1000, String::new());
+    shared.rooms.budget().close(id);
     drop(conn);
     if tokio::time::timeout(writer::CLOSE_WRITE_TIMEOUT * 2, &mut writer)
         .await
@@ -225,6 +237,16 @@ impl Conn<'_> {
                     other => other.to_string(),
                 };
                 kill(kill_tx, close_code::FRAME_TOO_LARGE, reason);
+                Err(ControlFlow::Break(()))
+            }
+            Err(tungstenite::Error::Protocol(e)) => {
+                // RSV bits, reserved opcodes, unmasked or oversized control frames, ...
+                shared.metrics.dropped(DropReason::WebSocketProtocol);
+                kill(
+                    kill_tx,
+                    close_code::PROTOCOL_ERROR,
+                    format!("WebSocket protocol error: {e}"),
+                );
                 Err(ControlFlow::Break(()))
             }
             Err(e) => {

@@ -2,7 +2,7 @@
 //! queue entry (a [`Batch`](super::outbox::Batch)) and one writer wake-up per receiver per
 //! burst instead of per frame, and a slow receiver never delays what was gathered for others.
 
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::outbox::BatchBuilder;
 use super::rooms::{Member, Rooms};
@@ -95,8 +95,9 @@ impl Gathered {
 
     /// Queues every receiver's gathered DELIVERs: first to every receiver with room in its
     /// queue, without waiting, then to the ones whose queue was full, waiting at most the
-    /// slow-consumer timeout for each. A slow receiver thus never delays what was gathered
-    /// for the others.
+    /// slow-consumer timeout for all of them together. A slow receiver thus never delays
+    /// what was gathered for the others, and full receivers stall the sender once, not once
+    /// each.
     pub(super) async fn flush(&mut self, rooms: &Rooms) {
         let metrics = rooms.metrics();
         let mut full = Vec::new();
@@ -105,16 +106,17 @@ impl Gathered {
             if frames == 0 {
                 continue;
             }
-            match p.member.tx.try_send(p.frames.take()) {
-                Ok(()) => metrics.forwarded(frames, bytes),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(batch)) => {
-                    full.push((p.member, batch, frames, bytes));
-                }
+            let batch = p.frames.take();
+            if rooms.try_queue(&p.member, batch.clone()) {
+                metrics.forwarded(frames, bytes);
+            } else if !p.member.tx.is_closed() {
+                p.member.queue.full(Instant::now());
+                full.push((p.member, batch, frames, bytes));
             }
         }
+        let deadline = rooms.deadline();
         for (member, batch, frames, bytes) in full {
-            if rooms.queue(&member, batch).await {
+            if rooms.queue(&member, batch, deadline).await {
                 metrics.forwarded(frames, bytes);
             }
         }

@@ -38,6 +38,7 @@ impl PerIp {
         *n += 1;
         IpSlot {
             over_limit: *n > self.max_connections,
+            far_over_limit: *n > 2 * self.max_connections,
             bucket: bucket.clone(),
             per_ip: self.clone(),
             ip,
@@ -52,6 +53,8 @@ pub(super) struct IpSlot {
     ip: IpAddr,
     /// More than `max_connections_per_ip` connections from this IP are open, this one included.
     pub(super) over_limit: bool,
+    /// More than twice as many: not even worth a 429.
+    pub(super) far_over_limit: bool,
     /// The IP's byte-rate bucket, shared by all its connections.
     bucket: Arc<Mutex<Bucket>>,
 }
@@ -148,6 +151,10 @@ mod tests {
         let s2 = per_ip.take(a);
         let s3 = per_ip.take(a);
         assert!(!s1.over_limit && !s2.over_limit && s3.over_limit);
+        assert!(!s3.far_over_limit);
+        let (s4, s5) = (per_ip.take(a), per_ip.take(a));
+        assert!(!s4.far_over_limit && s5.far_over_limit);
+        drop((s4, s5));
         assert!(!per_ip.take(b).over_limit, "another IP has its own count");
         drop(s3);
         drop(s2);

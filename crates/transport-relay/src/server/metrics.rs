@@ -25,9 +25,13 @@ pub(crate) enum DropReason {
     Unauthorized,
     RateLimited,
     NatsDown,
+    DatagramNoRoute,
+    DatagramQueueFull,
+    MemoryBudget,
+    WebSocketProtocol,
 }
 
-const DROPS: [(DropReason, &str); 18] = [
+const DROPS: [(DropReason, &str); 22] = [
     (DropReason::Malformed, "malformed"),
     (DropReason::UnknownType, "unknown_type"),
     (DropReason::TextFrame, "text_frame"),
@@ -46,6 +50,10 @@ const DROPS: [(DropReason, &str); 18] = [
     (DropReason::Unauthorized, "unauthorized"),
     (DropReason::RateLimited, "rate_limited"),
     (DropReason::NatsDown, "nats_down"),
+    (DropReason::DatagramNoRoute, "datagram_no_route"),
+    (DropReason::DatagramQueueFull, "datagram_queue_full"),
+    (DropReason::MemoryBudget, "memory_budget"),
+    (DropReason::WebSocketProtocol, "websocket_protocol"),
 ];
 
 /// Counters of the NATS path (with `nats_url`).
@@ -68,6 +76,7 @@ pub(crate) struct Metrics {
     pub(crate) frames_forwarded: AtomicU64,
     pub(crate) bytes_forwarded: AtomicU64,
     pub(crate) frames_received: AtomicU64,
+    pub(crate) datagrams_forwarded: AtomicU64,
     drops: [AtomicU64; DROPS.len()],
 }
 
@@ -85,7 +94,12 @@ impl Metrics {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, rooms: usize, nats: Option<&NatsMetrics>) -> String {
+    pub(crate) fn render(
+        &self,
+        rooms: usize,
+        queued_bytes: usize,
+        nats: Option<&NatsMetrics>,
+    ) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -113,6 +127,12 @@ impl Metrics {
             rooms as u64,
         );
         metric(
+            "pluresdb_relay_queued_bytes",
+            "gauge",
+            "Bytes of frames queued to connections' writers (bounded by --max-queued-bytes).",
+            queued_bytes as u64,
+        );
+        metric(
             "pluresdb_relay_frames_received_total",
             "counter",
             "Relay frames received from clients.",
@@ -129,6 +149,12 @@ impl Metrics {
             "counter",
             "Bytes of DELIVER frames queued to receivers.",
             get(&self.bytes_forwarded),
+        );
+        metric(
+            "pluresdb_relay_datagrams_forwarded_total",
+            "counter",
+            "DATAGRAM frames queued to receivers (the others are counted as drops).",
+            get(&self.datagrams_forwarded),
         );
         let _ = writeln!(
             out,
@@ -207,7 +233,8 @@ mod tests {
         m.dropped(DropReason::SlowConsumer);
         m.dropped(DropReason::SlowConsumer);
         m.forwarded(2, 100);
-        let text = m.render(3, None);
+        let text = m.render(3, 77, None);
+        assert!(text.contains("pluresdb_relay_queued_bytes 77\n"), "{text}");
         assert!(text.contains("pluresdb_relay_rooms 3\n"), "{text}");
         assert!(text.contains("pluresdb_relay_drops_total{reason=\"slow_consumer\"} 2\n"));
         assert!(text.contains("pluresdb_relay_bytes_forwarded_total 100\n"));

@@ -3,13 +3,14 @@
 //! Stateless beyond live sockets: a room is the set of connections that joined it, and goes
 //! away with them. Any relay can serve any client; a restart loses only the live sockets.
 //!
-//! This file is the server handle and its listeners. The rest, each owning one kind of state
+//! This file is the server handle and its listeners (`accept`: accepting without spinning). The rest, each owning one kind of state
 //! (imports only go down this list, so there is no cycle): `config` (settings), `metrics`
-//! (counters; a leaf), `outbox` (a queued batch of frames), `rooms` (room → local members, and
-//! every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
+//! (counters; a leaf), `outbox` (a queued batch of frames), `budget` (the bytes every queue
+//! holds, against a cap per connection and one for the server, and who is closed when it is
+//! short), `rooms` (room → local members, and every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
 //! `nats` (the bus to other nodes: remote members, node liveness), `state` (what every
-//! connection shares), `gather` (one burst's DELIVERs per receiver), `requests` (a
-//! connection's state and what each frame does), `writer` (a connection's writer task),
+//! connection shares), `gather` (one burst's DELIVERs per receiver), `datagram` (forwarding
+//! DATAGRAMs without waiting), `requests` (a connection's state and what each frame does), `writer` (a connection's writer task),
 //! `conn` (its reader loop), `http` and `upgrade` (the request head, checks and upgrade),
 //! `tls` (PEM loading).
 //!
@@ -25,8 +26,11 @@
 //! # }
 //! ```
 
+mod accept;
+mod budget;
 mod config;
 mod conn;
+mod datagram;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -85,8 +89,15 @@ impl RelayServer {
     ) -> io::Result<Self> {
         config.check().map_err(io::Error::other)?;
         let metrics = Arc::new(Metrics::default());
+        let budget = budget::Budget::new(
+            config.max_queued_bytes,
+            config.max_queued_bytes_per_connection,
+            config.slow_consumer_timeout,
+            metrics.clone(),
+        );
         let rooms = Arc::new(Rooms::new(
             metrics.clone(),
+            budget,
             config.slow_consumer_timeout,
             config.send_queue_frames,
         ));
@@ -198,12 +209,18 @@ async fn accept_loop(
 ) {
     let mut conns = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
+    let mut backoff = accept::Backoff::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
+            (stream, peer) = accept::accept(&listener, &mut backoff, "relay") => {
                     let slot = shared.per_ip.take(peer.ip());
+                    if slot.far_over_limit {
+                        // Twice the per-IP limit: refused before it costs a task (the first
+                        // ones over the limit get their 429).
+                        shared.metrics.dropped(DropReason::PerIpLimit);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
                     match &tls {
                         None => {
                             conns.spawn(upgrade::handle(shared.clone(), stream, peer, slot));
@@ -223,12 +240,6 @@ async fn accept_loop(
                             });
                         }
                     }
-                }
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "relay accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = shutdown.changed() => {
@@ -240,12 +251,17 @@ async fn accept_loop(
     }
 }
 
+/// Most metrics requests served at once: a scraper sends one at a time; more are closed at
+/// once, without a task.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+
 async fn metrics_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut conns = JoinSet::new();
+    let mut backoff = accept::Backoff::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
+            (stream, _) = accept::accept(&listener, &mut backoff, "metrics") => {
+                if conns.len() < MAX_METRICS_CONNECTIONS {
                     conns.spawn(serve_metrics_request(stream, shared.clone()));
                 }
             }

@@ -32,6 +32,21 @@ impl Batch {
         Self(buf.freeze())
     }
 
+    /// A batch of one frame whose bytes are `head` then `body` (one copy of the payload).
+    pub(super) fn two(head: &[u8], body: &[u8]) -> Self {
+        let len = head.len() + body.len();
+        let mut buf = BytesMut::with_capacity(LEN_BYTES + len);
+        put_len(&mut buf, len);
+        buf.put_slice(head);
+        buf.put_slice(body);
+        Self(buf.freeze())
+    }
+
+    /// The bytes it holds, as the memory budget counts them.
+    pub(super) fn cost(&self) -> u32 {
+        u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
     /// The frames, in order, without copying.
     pub(super) fn frames(self) -> impl Iterator<Item = Bytes> {
         let mut rest = self.0;
@@ -88,10 +103,16 @@ impl BatchBuilder {
         self.buf.len() - self.frames * LEN_BYTES
     }
 
-    /// The batch so far; the builder starts over empty (with no buffer).
+    /// The batch so far; the builder starts over empty (with no buffer). A buffer that grew
+    /// well past what it holds is copied to one of its size, so that what a queued batch
+    /// pins is what the memory budget charges for it.
     pub(super) fn take(&mut self) -> Batch {
         self.frames = 0;
-        Batch(std::mem::take(&mut self.buf).freeze())
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() - buf.len() > buf.len() / 4 {
+            return Batch(Bytes::copy_from_slice(&buf));
+        }
+        Batch(buf.freeze())
     }
 }
 

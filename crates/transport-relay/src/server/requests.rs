@@ -1,12 +1,14 @@
 //! A connection's state (its id, rooms and the DELIVERs its burst gathered) and what each
 //! client frame does to it: JOIN and LEAVE change the room registry (and tell the other
-//! members, here and through NATS), SEND and BROADCAST become DELIVERs to members, PING is
-//! answered; a request that cannot be served gets an ERROR, a protocol violation closes.
+//! members, here and through NATS), SEND and BROADCAST become DELIVERs to members, DATAGRAM
+//! a DATAGRAM_FROM if the receiver has room (`datagram`), PING is answered; a request that cannot be served gets an ERROR, a protocol violation closes.
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
+use super::datagram;
 use super::gather::Gathered;
 use super::metrics::DropReason;
 use super::outbox::Batch;
@@ -52,6 +54,17 @@ impl<'a> Conn<'a> {
         let view = protocol::decode_forward(data);
         if let Some(ForwardView::Send { room, to, payload }) = view {
             self.send_to(room, to, payload).await?;
+            return Ok(false);
+        }
+        // Datagrams are unordered by nature: they need not wait for what was gathered.
+        if let Some(ForwardView::Datagram {
+            room,
+            to,
+            segment,
+            payload,
+        }) = view
+        {
+            self.datagram(room, to, segment, payload);
             return Ok(false);
         }
         self.flush().await;
@@ -104,7 +117,22 @@ impl<'a> Conn<'a> {
             Frame::Client(ClientFrame::Broadcast { room, payload }) => {
                 self.broadcast(room, &payload).await.map(|()| false)
             }
+            Frame::Client(ClientFrame::Datagram {
+                room,
+                to,
+                segment,
+                payload,
+            }) => {
+                self.datagram(room, to, segment, &payload);
+                Ok(false)
+            }
         }
+    }
+
+    /// A DATAGRAM: forwarded or dropped, never waited for (see `datagram`).
+    fn datagram(&self, room: RoomId, to: ConnId, segment: u16, payload: &[u8]) {
+        let in_room = self.rooms.contains(&room);
+        datagram::forward(self.shared, self.id, in_room, room, to, segment, payload);
     }
 
     /// A payload over `max_frame - DELIVER_OVERHEAD` could not be forwarded: close (1009).
@@ -195,8 +223,9 @@ impl<'a> Conn<'a> {
         let targets = self.shared.rooms.others(&room, self.id);
         let frame = protocol::encode_deliver(&room, self.id, true, payload);
         let batch = Batch::one(&frame);
+        let deadline = self.shared.rooms.deadline();
         for t in targets {
-            if self.notify(&t, batch.clone()).await {
+            if self.notify(&t, batch.clone(), deadline).await {
                 self.shared.metrics.forwarded(1, frame.len());
             }
         }
@@ -270,8 +299,9 @@ impl<'a> Conn<'a> {
             })
             .encode(),
         );
+        let deadline = self.shared.rooms.deadline();
         for o in others {
-            self.notify(&o, notice.clone()).await;
+            self.notify(&o, notice.clone(), deadline).await;
         }
         Ok(true)
     }
@@ -291,8 +321,9 @@ impl<'a> Conn<'a> {
             })
             .encode(),
         );
+        let deadline = self.shared.rooms.deadline();
         for o in others {
-            self.notify(&o, notice.clone()).await;
+            self.notify(&o, notice.clone(), deadline).await;
         }
     }
 
@@ -309,13 +340,16 @@ impl<'a> Conn<'a> {
         self.gathered.flush(rooms).await;
     }
 
-    /// Queues frames to another member; closes that member if its queue stays full.
-    async fn notify(&self, to: &Member, frames: Batch) -> bool {
-        self.shared.rooms.queue(to, frames).await
+    /// Queues frames to another member, waiting at most until `deadline` (shared by every
+    /// member one operation queues to); closes that member if its queue stays full.
+    async fn notify(&self, to: &Member, frames: Batch, deadline: Instant) -> bool {
+        self.shared.rooms.queue(to, frames, deadline).await
     }
 
     async fn reply(&self, frame: Frame) {
-        self.notify(&self.me, Batch::one(&frame.encode())).await;
+        let deadline = self.shared.rooms.deadline();
+        self.notify(&self.me, Batch::one(&frame.encode()), deadline)
+            .await;
     }
 
     async fn error(&self, code: u16, about: u8, room: RoomId, reason: DropReason, message: String) {

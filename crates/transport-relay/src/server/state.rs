@@ -30,6 +30,7 @@ impl Shared {
     pub(super) fn metrics_text(&self) -> String {
         self.metrics.render(
             self.rooms.len(),
+            self.rooms.budget().queued(),
             self.nats.as_ref().map(|n| n.metrics.as_ref()),
         )
     }

@@ -6,13 +6,14 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use super::budget::Inbox;
 use super::outbox::Batch;
-use crate::protocol;
+use crate::protocol::{self, close_code};
 
 /// How long the writer may take to put a close frame on the wire.
 pub(super) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -25,10 +26,12 @@ const MAX_CLOSE_REASON_BYTES: usize = 123;
 pub(super) type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 
 /// Writes what the queue `rx` yields until it closes or `kill` is set; when killed, then what
-/// is still queued (within the close timeout) and the close frame with the kill's code.
+/// is still queued (within the close timeout) and the close frame with the kill's code. A
+/// connection closed for not reading (slow consumer, memory budget) gets only the close
+/// frame: what it had queued is dropped at once, giving its bytes back to the budget.
 pub(super) async fn run<S>(
     mut sink: Sink<S>,
-    mut rx: mpsc::Receiver<Batch>,
+    mut rx: Inbox,
     mut kill: watch::Receiver<Option<(u16, String)>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -43,8 +46,8 @@ pub(super) async fn run<S>(
                     feed(&mut sink, m).await?;
                     for _ in 0..WRITE_BATCH {
                         match rx.try_recv() {
-                            Ok(m) => feed(&mut sink, m).await?,
-                            Err(_) => break,
+                            Some(m) => feed(&mut sink, m).await?,
+                            None => break,
                         }
                     }
                     sink.flush().await
@@ -57,6 +60,9 @@ pub(super) async fn run<S>(
         }
     }
     let reason = kill.borrow().clone();
+    if let Some((close_code::SLOW_CONSUMER | close_code::OVER_BUDGET, _)) = reason {
+        rx.discard();
+    }
     if let Some((code, text)) = reason {
         let frame = CloseFrame {
             code: code.into(),
@@ -65,7 +71,7 @@ pub(super) async fn run<S>(
         // What was queued before the close (replies, errors) goes first, if the client
         // takes it within the timeout; a slow consumer gets only the close attempt.
         let goodbye = async {
-            while let Ok(m) = rx.try_recv() {
+            while let Some(m) = rx.try_recv() {
                 feed(&mut sink, m).await?;
             }
             sink.send(Message::Close(Some(frame))).await

@@ -30,6 +30,12 @@ use std::time::Duration;
 /// take before it is an error: generous, because a loaded 2-core CI machine is slow.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Scalar multiplications (X25519 Diffie-Hellman and public-key derivations) `transport`'s
+/// handshakes have done so far: how tests see what a hostile handshake message cost.
+pub fn scalar_mults(transport: &crate::RelayTransport) -> u64 {
+    transport.scalar_mults()
+}
+
 /// The relay URL clients use for a relay listening on `addr`: `ws://{addr}/relay`.
 pub fn ws_url(addr: SocketAddr) -> String {
     format!("ws://{addr}/relay")
