@@ -29,12 +29,20 @@
 //! - **What the relay sees**: room hashes (`derive_from_topic(topic, Domain::RelayRoom)`),
 //!   connection ids it assigned, and QUIC packets (ciphertext). Peers authenticate each other
 //!   with Noise XX inside QUIC, end to end, exactly as in Hyperswarm mode.
-//! - **Milestone 1** (this version): a connection has one path, the one it was made on
-//!   (direct when the peer was dialled at a DHT address, relayed when met in the room); when
-//!   both exist for a peer, the one-connection-per-peer rule keeps one. A relayed
-//!   connection ends when its route does (the peer leaves the room, a relay socket is lost;
-//!   `receive` returns `Ok(None)`), and the peers connect again as soon as both are back in
-//!   the room. Moving a connection between paths is the next milestone.
+//! - **One connection, two paths** (milestone 2): a connection made through the relay
+//!   upgrades itself: the peers send each other their direct candidates over the
+//!   connection, probe them at the same moment with UDP probes authenticated by a key from
+//!   the connection's TLS exporter, and once one is answered the data socket sends the
+//!   connection's packets to it directly while quinn still sees the same (virtual) address,
+//!   so its loss recovery and congestion control carry the connection across the switch.
+//!   When the direct endpoint stops answering for 2 s the packets go back through the relay,
+//!   and probing goes on, so it upgrades again later. [`AutoTransport::paths`] and
+//!   [`AutoTransport::path_events`] show each connection's path. A connection made directly
+//!   (a peer dialled at a DHT address) keeps its path; when both exist for a peer, the
+//!   one-connection-per-peer rule keeps one. A relayed connection whose route ends (the peer
+//!   leaves the room, a relay socket is lost) while it is not direct ends too (`receive`
+//!   returns `Ok(None)`), and the peers connect again once both are back in the room; one
+//!   that is direct carries on.
 //! - Errors are typed: [`AutoError`] from the builder; the `anyhow` errors of the
 //!   `Transport` calls downcast to [`pluresdb_sync_core::Error`] or the transports' own.
 //!
@@ -54,7 +62,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use pluresdb_sync_core::{Connection, PeerInfo, TopicHash, Transport, TransportConfig};
 use pluresdb_sync_transport_hyperswarm::HyperswarmTransport;
-use pluresdb_sync_transport_hyperswarm::relay_path::{PathStats, PeerAddress};
+use pluresdb_sync_transport_hyperswarm::relay_path::{PathInfo, PathStats, PeerAddress};
 use pluresdb_sync_transport_relay::{LinkStats, RelayError};
 use tokio::sync::mpsc;
 
@@ -117,6 +125,20 @@ impl AutoTransport {
     /// Counters of the data socket's paths.
     pub fn path_stats(&self) -> PathStats {
         self.inner.path_stats()
+    }
+
+    /// The current path of every open connection: direct to an address or relayed via a
+    /// relay URL. A connection made through the relay moves to a proven direct endpoint
+    /// and back; see the [crate docs](crate).
+    pub fn paths(&self) -> Vec<PathInfo> {
+        self.inner.paths()
+    }
+
+    /// Path events: one when a connection is handed to the application (its first path)
+    /// and one each time a connection's path changes (bounded: a receiver more than 256
+    /// events behind loses the oldest). Can be called before networking starts.
+    pub fn path_events(&self) -> tokio::sync::broadcast::Receiver<PathInfo> {
+        self.inner.path_events()
     }
 
     /// Counters of the relay link (datagrams sent, received, dropped).

@@ -64,6 +64,7 @@
 
 mod config;
 mod conn;
+mod direct;
 mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -73,6 +74,7 @@ mod lan_wire;
 mod node;
 mod noise;
 mod path;
+mod path_wire;
 mod quic;
 pub mod relay_path;
 mod socket;
@@ -114,6 +116,7 @@ pub struct HyperswarmTransport {
     settings: Arc<Settings>,
     node: OnceCell<Arc<Node>>,
     disconnected: bool,
+    board: Arc<node::PathBoard>,
 }
 
 impl HyperswarmTransport {
@@ -134,6 +137,7 @@ impl HyperswarmTransport {
             settings,
             node: OnceCell::new(),
             disconnected: false,
+            board: Arc::default(),
         }
     }
 
@@ -193,6 +197,22 @@ impl HyperswarmTransport {
             .unwrap_or_default()
     }
 
+    /// The current path of every open connection (one entry per connection handed to the
+    /// application): direct to an address, or relayed via a relay URL. In Auto mode a
+    /// connection made through the relay moves to a proven direct endpoint and back (see the
+    /// Auto mode section of the architecture doc); any other connection keeps its path.
+    pub fn paths(&self) -> Vec<relay_path::PathInfo> {
+        self.node.get().map(|n| n.paths()).unwrap_or_default()
+    }
+
+    /// A receiver of path events: one when a connection is handed to the application (its
+    /// first path) and one each time a connection's path changes. Bounded: a receiver that
+    /// falls behind by more than 256 events loses the oldest (`RecvError::Lagged`). Can be
+    /// called before networking starts.
+    pub fn path_events(&self) -> tokio::sync::broadcast::Receiver<relay_path::PathInfo> {
+        self.board.subscribe()
+    }
+
     /// What this node did with incoming connection attempts: how many were retried, refused
     /// (and why), or completed, and how many Diffie-Hellman-costing messages 2 it sent.
     /// Zero before networking starts.
@@ -213,7 +233,10 @@ impl HyperswarmTransport {
             return Err(Error::TransportDisconnected { transport: NAME }.into());
         }
         let settings = self.settings.clone();
-        self.node.get_or_try_init(|| Node::start(settings)).await
+        let board = self.board.clone();
+        self.node
+            .get_or_try_init(|| Node::start(settings, board))
+            .await
     }
 }
 

@@ -22,6 +22,9 @@
 //! | `offline.rs` | no DHT while LAN discovery runs: `announce` succeeds, warns once, retries |
 //! | `relay_rooms.rs` | pure: with a relay path, each topic's room: joined or not, its members' virtual addresses |
 //! | `relayed.rs` | with a relay path (Auto mode): its events, dialling room members, `announce`/`connect`/`lookup` over the relay and the DHT |
+//! | `path_state.rs` | pure: one relay-made connection's path choice: candidates, probes, proven, silent, back to the relay |
+//! | `upgrade.rs` | the path choice's driver: candidates over the connection, probes over UDP, switching the data socket |
+//! | `path_board.rs` | every connection's current path and the broadcast of changes |
 //!
 //! `topics`, `sessions`, `book` and `relay` live under one lock ([`Node::state`]); the dialer
 //! and the reflexive learner have their own, and so do admission and the incoming record.
@@ -56,12 +59,15 @@ mod lan;
 pub(crate) mod lan_machine;
 mod limiter;
 mod offline;
+mod path_board;
+pub(crate) mod path_state;
 mod reflexive;
 mod relay_rooms;
 mod relayed;
 mod respond;
 mod sessions;
 mod topics;
+mod upgrade;
 
 use admission::Admission;
 use incoming::Record;
@@ -71,6 +77,7 @@ use candidates::WarnLimit;
 use dialer::{Dialer, MAX_CONCURRENT_DIALS};
 use lan::Lan;
 pub use lan_machine::LanStats;
+pub(crate) use path_board::PathBoard;
 use reflexive::Reflexive;
 use relay_rooms::RelayRooms;
 use sessions::Sessions;
@@ -114,6 +121,10 @@ pub(crate) struct Node {
     /// How incoming handshakes ended; `incoming_changed` wakes the summary writer.
     incoming: Mutex<Record>,
     incoming_changed: tokio::sync::Notify,
+    /// Every connection's path (shared with the transport).
+    board: Arc<PathBoard>,
+    /// Where path probes of relay-made connections go.
+    probe_routes: Mutex<upgrade::ProbeRoutes>,
 }
 
 impl std::fmt::Debug for Node {
@@ -126,7 +137,10 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Binds the data socket, starts the DHT node and the QUIC endpoint.
-    pub(crate) async fn start(settings: Arc<Settings>) -> anyhow::Result<Arc<Node>> {
+    pub(crate) async fn start(
+        settings: Arc<Settings>,
+        board: Arc<PathBoard>,
+    ) -> anyhow::Result<Arc<Node>> {
         let s = settings.clone();
         let bind = settings.bind;
         let start_failed = |reason: String| HyperswarmError::Start {
@@ -186,6 +200,8 @@ impl Node {
             admission: Mutex::new(Admission::default()),
             incoming: Mutex::new(Record::default()),
             incoming_changed: tokio::sync::Notify::new(),
+            board,
+            probe_routes: Mutex::default(),
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
@@ -284,6 +300,10 @@ impl Node {
             relayed_in: get(&c.relayed_in),
             direct_blocked: get(&c.direct_blocked),
             unroutable: get(&c.unroutable),
+            upgraded_out: get(&c.upgraded_out),
+            upgraded_out_bytes: get(&c.upgraded_out_bytes),
+            upgraded_in: get(&c.upgraded_in),
+            upgraded_in_bytes: get(&c.upgraded_in_bytes),
         }
     }
 
@@ -303,6 +323,10 @@ impl Node {
                 (hex::encode(peer), at)
             })
             .collect()
+    }
+
+    pub(crate) fn paths(&self) -> Vec<crate::relay_path::PathInfo> {
+        self.board.snapshot()
     }
 
     pub(crate) fn probes_received(&self) -> u64 {

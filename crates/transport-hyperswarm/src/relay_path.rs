@@ -127,6 +127,53 @@ pub struct PathStats {
     /// Packets for a virtual address without a route, and relay datagrams that could not be
     /// handed to QUIC.
     pub unroutable: u64,
+    /// Packets (or GSO batches) of connections made through the relay that went over UDP to
+    /// the peer's proven direct endpoint instead (the connection upgraded), and their bytes.
+    pub upgraded_out: u64,
+    /// See [`upgraded_out`](Self::upgraded_out).
+    pub upgraded_out_bytes: u64,
+    /// UDP packet batches from a proven direct endpoint handed to QUIC as the relay-made
+    /// connection's, and their bytes.
+    pub upgraded_in: u64,
+    /// See [`upgraded_in`](Self::upgraded_in).
+    pub upgraded_in_bytes: u64,
+}
+
+/// Which way a connection's packets go now.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PeerPath {
+    /// Over UDP to this address of the peer.
+    Direct(std::net::SocketAddr),
+    /// Through the relay at `url` (without credentials; `(gone)` once its socket is lost).
+    Relayed {
+        /// The relay.
+        url: String,
+    },
+}
+
+impl fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerPath::Direct(addr) => write!(f, "direct {addr}"),
+            PeerPath::Relayed { url } => write!(f, "relayed via {url}"),
+        }
+    }
+}
+
+/// A connection's current path: listed by
+/// [`HyperswarmTransport::paths`](crate::HyperswarmTransport::paths), and sent to
+/// [`HyperswarmTransport::path_events`](crate::HyperswarmTransport::path_events) receivers
+/// when a connection is handed to the application and each time its path changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PathInfo {
+    /// The peer.
+    pub peer_id: String,
+    /// The topic of the connection.
+    pub topic: TopicHash,
+    /// The path.
+    pub path: PeerPath,
 }
 
 /// An address where a peer proved its key in a handshake.

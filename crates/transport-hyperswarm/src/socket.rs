@@ -3,8 +3,10 @@
 //! quinn sees them, so one UDP socket carries QUIC, probes and address discovery; and, with
 //! a relay path (Auto mode), the router between UDP and the relay: packets to a virtual
 //! address (`path.rs`) go to its relay route, relay datagrams come back from the route's
-//! virtual address, so quinn sees relayed peers as ordinary addresses. Reading alternates
-//! between the UDP socket and the relay so that neither starves the other.
+//! virtual address, so quinn sees relayed peers as ordinary addresses; once such a peer has
+//! a proven direct endpoint (`direct.rs`), its packets go over UDP instead and its UDP
+//! packets are presented from the virtual address. Reading alternates between the UDP
+//! socket and the relay so that neither starves the other.
 //!
 //! Classification uses the QUIC "fixed bit" (0x40 of the first byte), which this endpoint
 //! never greases (`grease_quic_bit(false)`): probes start with 0x00. KRPC messages start with
@@ -23,6 +25,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
+use crate::direct::DirectTable;
 use crate::path::{RouteTable, is_virtual};
 use crate::relay_path::{RelayDatagram, RelayPath};
 
@@ -42,6 +45,8 @@ pub(crate) enum Kind {
     Probe,
     /// A bencoded KRPC message (a DHT node's reply to our ping).
     Krpc,
+    /// A path probe (`path_wire.rs`) of a connection made through a relay.
+    Path,
     /// Neither: dropped.
     Garbage,
 }
@@ -53,6 +58,9 @@ pub(crate) fn classify(d: &[u8]) -> Kind {
     };
     if d.starts_with(PROBE) {
         return Kind::Probe;
+    }
+    if crate::path_wire::is_probe(d) {
+        return Kind::Path;
     }
     if first == b'd' && d.last() == Some(&b'e') && d.windows(5).any(|w| w == b"1:y1:") {
         return Kind::Krpc;
@@ -118,6 +126,13 @@ pub(crate) struct Counters {
     /// Datagrams sent and received through the relay path.
     pub(crate) relayed_out: AtomicU64,
     pub(crate) relayed_in: AtomicU64,
+    /// Packets (or GSO batches) of relay-made connections sent over UDP to their proven
+    /// endpoint, and their bytes.
+    pub(crate) upgraded_out: AtomicU64,
+    pub(crate) upgraded_out_bytes: AtomicU64,
+    /// UDP packet batches presented to quinn from a virtual address, and their bytes.
+    pub(crate) upgraded_in: AtomicU64,
+    pub(crate) upgraded_in_bytes: AtomicU64,
 }
 
 /// The relay side of the data socket.
@@ -139,6 +154,8 @@ pub(crate) struct DataSocket {
     /// Which side is read first next time (they take turns).
     relay_first: AtomicBool,
     routes: Arc<RouteTable>,
+    /// Proven direct endpoints of virtual addresses.
+    directs: DirectTable,
 }
 
 impl DataSocket {
@@ -163,6 +180,7 @@ impl DataSocket {
             direct,
             relay_first: AtomicBool::new(false),
             routes,
+            directs: DirectTable::default(),
         });
         (socket, rx)
     }
@@ -170,6 +188,16 @@ impl DataSocket {
     /// The virtual addresses of relay routes.
     pub(crate) fn routes(&self) -> &Arc<RouteTable> {
         &self.routes
+    }
+
+    /// The direct endpoints of virtual addresses.
+    pub(crate) fn directs(&self) -> &DirectTable {
+        &self.directs
+    }
+
+    /// Whether UDP to real addresses is used.
+    pub(crate) fn direct_on(&self) -> bool {
+        self.direct
     }
 
     /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it). Never
@@ -206,6 +234,21 @@ impl AsyncUdpSocket for DataSocket {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let to = transmit.destination;
+        if is_virtual(&to)
+            && self.direct
+            && let Some(endpoint) = self.directs.send_to(&to)
+        {
+            let direct = Transmit {
+                destination: endpoint,
+                ..*transmit
+            };
+            self.inner.try_send(&direct)?;
+            self.counters.upgraded_out.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .upgraded_out_bytes
+                .fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
         if is_virtual(&to) {
             // Like a full UDP buffer, a packet that cannot go is dropped (QUIC recovers).
             let route = self
@@ -367,6 +410,15 @@ impl DataSocket {
                 }
             });
             if kept > 0 {
+                for m in &mut meta[..kept] {
+                    if let Some(vaddr) = self.directs.virtual_for(&m.addr) {
+                        m.addr = vaddr;
+                        self.counters.upgraded_in.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .upgraded_in_bytes
+                            .fetch_add(m.len as u64, Ordering::Relaxed);
+                    }
+                }
                 return Poll::Ready(Ok(kept));
             }
             // Everything was diverted: poll again (registers the waker when nothing is left).

@@ -390,7 +390,9 @@ mod tests {
             .bind_addr(loopback)
             .build()
             .unwrap();
-        let node = Node::start(t.settings.clone()).await.unwrap();
+        let node = Node::start(t.settings.clone(), Default::default())
+            .await
+            .unwrap();
         let topic = [9u8; 32];
         node.register_topic(topic);
         let (tx, _rx) = mpsc::channel(1);

@@ -203,7 +203,9 @@ mod tests {
             .handshake_timeout(handshake_timeout)
             .build()
             .unwrap();
-        Node::start(t.settings.clone()).await.unwrap()
+        Node::start(t.settings.clone(), Default::default())
+            .await
+            .unwrap()
     }
 
     #[test]

@@ -209,12 +209,17 @@ impl Reflexive {
 }
 
 impl Node {
-    /// Hands the datagrams the data socket kept from quinn to the reflexive-address learner.
+    /// Hands the datagrams the data socket kept from quinn to the reflexive-address learner,
+    /// and path probes to their connections.
     pub(super) async fn handle_diverted(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
     ) {
         while let Some((from, bytes)) = rx.recv().await {
+            if crate::path_wire::is_probe(&bytes) {
+                self.on_path_probe(from, &bytes);
+                continue;
+            }
             self.reflexive.on_datagram(from, &bytes);
         }
     }

@@ -1,6 +1,6 @@
 //! With a relay path (Auto mode): the relay as one more discovery source and path. The
 //! path's events keep the route table and the rooms current (a route that goes closes the
-//! connections that used it: milestone 1 has no other path for them), members are dialled
+//! connections that used it, unless they have gone direct), members are dialled
 //! through the same dial rounds, handshakes and one-connection-per-peer rule as DHT peers,
 //! and `announce`, `connect` and `lookup` use the relay room and the DHT (when on) side by
 //! side: they succeed as soon as either does, so peers meet in the relay room in
@@ -75,12 +75,15 @@ impl Node {
         }
     }
 
-    /// Closes the connections that went through relay routes at `addrs`, which are gone.
+    /// Closes the connections that went through relay routes at `addrs`, which are gone,
+    /// unless they go direct now (they carry on over UDP).
     fn path_lost(&self, addrs: &[SocketAddr]) {
+        let directs = self.data.directs();
         let conns: Vec<quinn::Connection> = {
             let st = self.state();
             addrs
                 .iter()
+                .filter(|a| !directs.is_direct(a))
                 .flat_map(|a| st.sessions.connections_to(*a))
                 .collect()
         };

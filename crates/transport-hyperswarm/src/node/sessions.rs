@@ -185,10 +185,21 @@ impl Node {
             conn.close(code::BUSY, b"not accepting");
             return Err(DialError::declined(addr, Declined::QueueFull));
         }
+        let info = crate::relay_path::PathInfo {
+            peer_id: hex::encode(remote),
+            topic,
+            path: self.initial_path(addr),
+        };
+        self.board.set(conn.stable_id(), info.clone());
+        if crate::path::is_virtual(&addr) && self.settings.relay.is_some() && self.data.direct_on()
+        {
+            self.spawn(self.clone().drive_path(conn.clone(), addr, info));
+        }
         let node = self.clone();
         self.spawn(async move {
             conn.closed().await;
             node.forget_session(key, &conn);
+            node.board.remove(conn.stable_id());
         });
         Ok(Outcome::Connected(remote))
     }

@@ -1,0 +1,565 @@
+//! Pure: the path choice of one connection made through a relay (Auto mode): which direct
+//! endpoints of the peer are candidates, when to probe them, which one is proven, and when
+//! the connection's packets go direct or back through the relay. Inputs are the peer's
+//! candidates (sent over the connection), authenticated probes received and the clock;
+//! outputs are probes to send and path switches. No I/O and no clock of its own, so every
+//! rule is unit-tested in milliseconds.
+//!
+//! The rules, in Tailscale's and iroh's manner:
+//! - Both sides send their candidates as soon as the connection is up and again every
+//!   [`CANDIDATES_EVERY`] while relayed (they travel as unreliable QUIC datagrams), and
+//!   probe each candidate of the peer at once when it arrives, then every [`PROBE_EVERY`]:
+//!   both punch at the same moment, one round trip through the relay after the connection
+//!   is up.
+//! - A ping received (already authenticated) is answered with a pong to where it came from,
+//!   and that address becomes a candidate probed at once (ICE's triggered check: the NAT
+//!   mapping the peer's packet came through is the one most likely to work back).
+//! - An answered ping proves its endpoint: the connection goes direct there.
+//! - While direct, the endpoint is pinged every [`HEARTBEAT_EVERY`]; no pong for
+//!   [`SILENCE`] puts the connection back on the relay, and probing goes on, so it goes
+//!   direct again when an endpoint answers later.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How often candidates are sent while the connection is relayed.
+pub(crate) const CANDIDATES_EVERY: Duration = Duration::from_secs(2);
+
+/// How often each candidate is probed while the connection is relayed.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the direct endpoint is pinged while the connection uses it.
+pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_millis(400);
+
+/// How long the direct endpoint may leave pings unanswered before the connection goes back
+/// to the relay.
+pub(crate) const SILENCE: Duration = Duration::from_secs(2);
+
+/// Most candidates kept per connection (the peer's own list and addresses it pinged from):
+/// a hostile peer cannot make us probe more.
+pub(crate) const MAX_CANDIDATES: usize = 8;
+
+/// Pings per candidate whose pong is still accepted (older nonces are forgotten).
+const OUTSTANDING: usize = 8;
+
+/// A triggered check is not repeated sooner than this for one address.
+const TRIGGER_GAP: Duration = Duration::from_millis(100);
+
+/// What happens to the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Input {
+    /// The connection is up (relayed).
+    Start,
+    /// Time passed (the driver calls at [`PathMachine::next_wakeup`] at the latest).
+    Tick,
+    /// The peer's candidates arrived over the connection.
+    Candidates(Vec<SocketAddr>),
+    /// An authenticated ping from `from`.
+    Ping {
+        /// Where it came from.
+        from: SocketAddr,
+        /// Its nonce (echoed in the pong).
+        nonce: u64,
+    },
+    /// An authenticated pong from `from`.
+    Pong {
+        /// Where it came from.
+        from: SocketAddr,
+        /// The nonce of the ping it answers.
+        nonce: u64,
+    },
+}
+
+/// What the driver does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Send our candidates over the connection.
+    SendCandidates,
+    /// Send an authenticated ping to `to` over UDP.
+    Ping {
+        /// The candidate.
+        to: SocketAddr,
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// Send an authenticated pong to `to` over UDP.
+    Pong {
+        /// Where the ping came from.
+        to: SocketAddr,
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// `addr` is the peer (it proved it): packets from it belong to this connection.
+    Learn(SocketAddr),
+    /// Send the connection's packets to `addr` over UDP from now on.
+    UseDirect(SocketAddr),
+    /// Send the connection's packets through the relay from now on.
+    UseRelay,
+}
+
+/// Where the connection's packets go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Current {
+    /// Through the relay.
+    Relay,
+    /// Over UDP to this proven endpoint.
+    Direct(SocketAddr),
+}
+
+#[derive(Debug)]
+struct Candidate {
+    addr: SocketAddr,
+    next_ping: Instant,
+    last_triggered: Option<Instant>,
+    outstanding: Vec<u64>,
+    last_pong: Option<Instant>,
+}
+
+/// The path choice of one relayed connection.
+#[derive(Debug)]
+pub(crate) struct PathMachine {
+    candidates: Vec<Candidate>,
+    current: Current,
+    /// When the current direct endpoint last answered (or was chosen).
+    heard: Instant,
+    next_candidates: Option<Instant>,
+    next_nonce: u64,
+    switches: u64,
+}
+
+impl PathMachine {
+    /// A machine whose nonces start at `first_nonce` (random in the driver, so nonces of
+    /// two connections do not line up).
+    pub(crate) fn new(now: Instant, first_nonce: u64) -> Self {
+        Self {
+            candidates: Vec::new(),
+            current: Current::Relay,
+            heard: now,
+            next_candidates: None,
+            next_nonce: first_nonce,
+            switches: 0,
+        }
+    }
+
+    /// Where the connection's packets go now.
+    #[cfg(test)]
+    pub(crate) fn current(&self) -> Current {
+        self.current
+    }
+
+    /// How many times the path changed.
+    #[cfg(test)]
+    pub(crate) fn switches(&self) -> u64 {
+        self.switches
+    }
+
+    /// When [`Input::Tick`] is due at the latest.
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
+        match self.current {
+            Current::Direct(addr) => {
+                let ping = self
+                    .candidates
+                    .iter()
+                    .find(|c| c.addr == addr)
+                    .map(|c| c.next_ping);
+                let silent = self.heard + SILENCE;
+                Some(ping.map_or(silent, |p| p.min(silent)))
+            }
+            Current::Relay => self
+                .candidates
+                .iter()
+                .map(|c| c.next_ping)
+                .chain(self.next_candidates)
+                .min(),
+        }
+    }
+
+    fn nonce(&mut self) -> u64 {
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        self.next_nonce
+    }
+
+    /// Pings candidate `i` now.
+    fn ping(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
+        let nonce = self.nonce();
+        let direct = self.current == Current::Direct(self.candidates[i].addr);
+        let c = &mut self.candidates[i];
+        if c.outstanding.len() == OUTSTANDING {
+            c.outstanding.remove(0);
+        }
+        c.outstanding.push(nonce);
+        c.next_ping = now + if direct { HEARTBEAT_EVERY } else { PROBE_EVERY };
+        out.push(Action::Ping { to: c.addr, nonce });
+    }
+
+    /// Adds `addr` as a candidate (unless known, unusable, or the list is full); its index.
+    fn add(&mut self, addr: SocketAddr, now: Instant) -> Option<usize> {
+        if let Some(i) = self.candidates.iter().position(|c| c.addr == addr) {
+            return Some(i);
+        }
+        if !usable(&addr) || self.candidates.len() >= MAX_CANDIDATES {
+            return None;
+        }
+        self.candidates.push(Candidate {
+            addr,
+            next_ping: now,
+            last_triggered: None,
+            outstanding: Vec::new(),
+            last_pong: None,
+        });
+        Some(self.candidates.len() - 1)
+    }
+
+    /// Applies `input` at `now`; what to do, in order.
+    pub(crate) fn on_event(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Start => {
+                out.push(Action::SendCandidates);
+                self.next_candidates = Some(now + CANDIDATES_EVERY);
+            }
+            Input::Candidates(addrs) => {
+                for addr in addrs {
+                    let known = self.candidates.iter().any(|c| c.addr == addr);
+                    if let Some(i) = self.add(addr, now)
+                        && !known
+                        && self.current == Current::Relay
+                    {
+                        self.ping(i, now, &mut out);
+                    }
+                }
+            }
+            Input::Ping { from, nonce } => {
+                out.push(Action::Learn(from));
+                out.push(Action::Pong { to: from, nonce });
+                if self.current == Current::Relay
+                    && let Some(i) = self.add(from, now)
+                {
+                    let c = &self.candidates[i];
+                    let recent = c
+                        .last_triggered
+                        .is_some_and(|t| now.saturating_duration_since(t) < TRIGGER_GAP);
+                    if !recent {
+                        self.candidates[i].last_triggered = Some(now);
+                        self.ping(i, now, &mut out);
+                    }
+                }
+            }
+            Input::Pong { from, nonce } => {
+                let Some(c) = self
+                    .candidates
+                    .iter_mut()
+                    .find(|c| c.addr == from && c.outstanding.contains(&nonce))
+                else {
+                    return out;
+                };
+                c.outstanding.retain(|n| *n != nonce);
+                c.last_pong = Some(now);
+                match self.current {
+                    Current::Direct(addr) if addr == from => self.heard = now,
+                    Current::Direct(_) => {}
+                    Current::Relay => {
+                        out.push(Action::Learn(from));
+                        self.switch(Current::Direct(from), now, &mut out);
+                        let i = self.candidates.iter().position(|c| c.addr == from);
+                        if let Some(c) = i.map(|i| &mut self.candidates[i]) {
+                            c.next_ping = now + HEARTBEAT_EVERY;
+                        }
+                    }
+                }
+            }
+            Input::Tick => {}
+        }
+        self.tick(now, &mut out);
+        out
+    }
+
+    fn switch(&mut self, to: Current, now: Instant, out: &mut Vec<Action>) {
+        self.current = to;
+        self.heard = now;
+        self.switches += 1;
+        match to {
+            Current::Direct(addr) => {
+                self.next_candidates = None;
+                out.push(Action::UseDirect(addr));
+            }
+            Current::Relay => {
+                self.next_candidates = Some(now);
+                out.push(Action::UseRelay);
+            }
+        }
+    }
+
+    /// Whatever is due at `now`: silence, pings, candidates.
+    fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if let Current::Direct(_) = self.current
+            && now.saturating_duration_since(self.heard) >= SILENCE
+        {
+            self.switch(Current::Relay, now, out);
+            // Probe every candidate again from now on.
+            for c in &mut self.candidates {
+                c.next_ping = c.next_ping.min(now + PROBE_EVERY);
+            }
+        }
+        match self.current {
+            Current::Direct(addr) => {
+                if let Some(i) = self.candidates.iter().position(|c| c.addr == addr)
+                    && self.candidates[i].next_ping <= now
+                {
+                    self.ping(i, now, out);
+                }
+            }
+            Current::Relay => {
+                for i in 0..self.candidates.len() {
+                    if self.candidates[i].next_ping <= now {
+                        self.ping(i, now, out);
+                    }
+                }
+                if self.next_candidates.is_some_and(|t| t <= now) {
+                    out.push(Action::SendCandidates);
+                    self.next_candidates = Some(now + CANDIDATES_EVERY);
+                }
+            }
+        }
+    }
+}
+
+/// Whether `addr` can be a direct endpoint: IPv4 (the data socket's family), a unicast
+/// address with a port, never a virtual address.
+pub(crate) fn usable(addr: &SocketAddr) -> bool {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let ip = v4.ip();
+            v4.port() != 0
+                && !ip.is_unspecified()
+                && !ip.is_multicast()
+                && !ip.is_broadcast()
+                && !crate::path::is_virtual(addr)
+        }
+        SocketAddr::V6(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn pings(actions: &[Action]) -> Vec<(SocketAddr, u64)> {
+        actions
+            .iter()
+            .filter_map(|x| match x {
+                Action::Ping { to, nonce } => Some((*to, *nonce)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs the machine's ticks from `from` to `to` in 10 ms steps; every action.
+    fn run(m: &mut PathMachine, from: Instant, to: Instant) -> Vec<(Duration, Action)> {
+        let mut out = Vec::new();
+        let mut t = from;
+        while t <= to {
+            for x in m.on_event(t, Input::Tick) {
+                out.push((t - from, x));
+            }
+            t += Duration::from_millis(10);
+        }
+        out
+    }
+
+    #[test]
+    fn start_sends_candidates_then_probes_each_candidate_at_once() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 100);
+        assert_eq!(m.on_event(t0, Input::Start), vec![Action::SendCandidates]);
+        let got = m.on_event(
+            t0 + Duration::from_millis(5),
+            Input::Candidates(vec![a("10.0.0.2:4000"), a("192.168.1.2:4000")]),
+        );
+        assert_eq!(
+            pings(&got),
+            vec![(a("10.0.0.2:4000"), 101), (a("192.168.1.2:4000"), 102)]
+        );
+        assert_eq!(m.current(), Current::Relay);
+        // The same list again probes nothing new.
+        let again = m.on_event(
+            t0 + Duration::from_millis(6),
+            Input::Candidates(vec![a("10.0.0.2:4000")]),
+        );
+        assert!(pings(&again).is_empty(), "{again:?}");
+        // Then every second, and candidates every 2 s.
+        let later = run(
+            &mut m,
+            t0 + Duration::from_millis(10),
+            t0 + Duration::from_millis(2010),
+        );
+        let ping_times: Vec<Duration> = later
+            .iter()
+            .filter(|(_, x)| matches!(x, Action::Ping { .. }))
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(ping_times.len(), 4, "{later:?}");
+        assert!(later.iter().any(|(_, x)| *x == Action::SendCandidates));
+    }
+
+    #[test]
+    fn a_pong_to_an_outstanding_ping_proves_the_endpoint() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        m.on_event(t0, Input::Start);
+        let e = a("10.0.0.2:4000");
+        let nonce = pings(&m.on_event(t0, Input::Candidates(vec![e])))[0].1;
+        // A pong with a wrong nonce, or from elsewhere, proves nothing.
+        let t1 = t0 + Duration::from_millis(3);
+        assert!(
+            m.on_event(
+                t1,
+                Input::Pong {
+                    from: e,
+                    nonce: nonce + 7
+                }
+            )
+            .is_empty()
+        );
+        assert!(
+            m.on_event(
+                t1,
+                Input::Pong {
+                    from: a("10.0.0.9:4000"),
+                    nonce
+                }
+            )
+            .is_empty()
+        );
+        assert_eq!(m.current(), Current::Relay);
+        let got = m.on_event(t1, Input::Pong { from: e, nonce });
+        assert_eq!(got, vec![Action::Learn(e), Action::UseDirect(e)]);
+        assert_eq!(m.current(), Current::Direct(e));
+        // A replayed pong changes nothing.
+        assert!(m.on_event(t1, Input::Pong { from: e, nonce }).is_empty());
+        assert_eq!(m.switches(), 1);
+    }
+
+    #[test]
+    fn a_ping_is_answered_and_its_source_probed_once() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        let s = a("203.0.113.5:6000");
+        let got = m.on_event(t0, Input::Ping { from: s, nonce: 42 });
+        assert_eq!(got[0], Action::Learn(s));
+        assert_eq!(got[1], Action::Pong { to: s, nonce: 42 });
+        assert_eq!(pings(&got).len(), 1, "triggered check: {got:?}");
+        let again = m.on_event(
+            t0 + Duration::from_millis(20),
+            Input::Ping { from: s, nonce: 43 },
+        );
+        assert_eq!(
+            again,
+            vec![Action::Learn(s), Action::Pong { to: s, nonce: 43 }]
+        );
+    }
+
+    #[test]
+    fn silence_while_direct_goes_back_to_the_relay_and_an_answer_upgrades_again() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        m.on_event(t0, Input::Start);
+        let e = a("10.0.0.2:4000");
+        let nonce = pings(&m.on_event(t0, Input::Candidates(vec![e])))[0].1;
+        m.on_event(t0, Input::Pong { from: e, nonce });
+        assert_eq!(m.current(), Current::Direct(e));
+        // Answered heartbeats keep it direct for 10 s.
+        let mut t = t0;
+        let end = t0 + Duration::from_secs(10);
+        while t < end {
+            t += Duration::from_millis(10);
+            for x in m.on_event(t, Input::Tick) {
+                if let Action::Ping { to, nonce } = x {
+                    assert_eq!(to, e);
+                    let answer =
+                        m.on_event(t + Duration::from_millis(1), Input::Pong { from: e, nonce });
+                    assert!(answer.iter().all(|x| !matches!(x, Action::UseRelay)));
+                }
+                assert_ne!(x, Action::UseRelay, "at {:?}", t - t0);
+            }
+        }
+        assert_eq!(m.current(), Current::Direct(e));
+        // Blackholed at `end`: back on the relay within SILENCE (+ a heartbeat).
+        let blackholed = run(&mut m, end, end + Duration::from_secs(3));
+        let (at, _) = blackholed
+            .iter()
+            .find(|(_, x)| *x == Action::UseRelay)
+            .expect("falls back");
+        // The last pong came at most 1 ms after `end`; ticks are 10 ms apart.
+        let late = SILENCE + Duration::from_millis(11);
+        assert!(*at <= late && *at >= SILENCE - HEARTBEAT_EVERY, "{at:?}");
+        assert!(blackholed.iter().any(|(_, x)| *x == Action::SendCandidates));
+        assert_eq!(m.current(), Current::Relay);
+        // Still probing; the first answer upgrades again.
+        let t2 = end + Duration::from_secs(4);
+        let probes = pings(&m.on_event(t2, Input::Tick));
+        let probes = if probes.is_empty() {
+            pings(&m.on_event(t2 + PROBE_EVERY, Input::Tick))
+        } else {
+            probes
+        };
+        let (to, nonce) = probes[0];
+        assert_eq!(to, e);
+        let got = m.on_event(t2 + PROBE_EVERY, Input::Pong { from: e, nonce });
+        assert!(got.contains(&Action::UseDirect(e)), "{got:?}");
+        assert_eq!(m.switches(), 3);
+    }
+
+    #[test]
+    fn wakeups_cover_every_deadline() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        assert_eq!(m.next_wakeup(), None, "nothing to do yet");
+        m.on_event(t0, Input::Start);
+        assert_eq!(m.next_wakeup(), Some(t0 + CANDIDATES_EVERY));
+        let e = a("10.0.0.2:4000");
+        let nonce = pings(&m.on_event(t0, Input::Candidates(vec![e])))[0].1;
+        assert_eq!(m.next_wakeup(), Some(t0 + PROBE_EVERY));
+        m.on_event(t0, Input::Pong { from: e, nonce });
+        assert_eq!(m.next_wakeup(), Some(t0 + HEARTBEAT_EVERY));
+    }
+
+    #[test]
+    fn candidates_are_bounded_and_checked() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        let many: Vec<SocketAddr> = (1..=40)
+            .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 4000)))
+            .chain([
+                a("0.0.0.0:4000"),
+                a("10.0.0.1:0"),
+                a("240.0.0.1:1"),
+                a("[::1]:4000"),
+                a("239.1.1.1:4000"),
+            ])
+            .collect();
+        let got = m.on_event(t0, Input::Candidates(many));
+        assert_eq!(pings(&got).len(), MAX_CANDIDATES);
+        assert!(!usable(&a("240.0.0.1:1")) && !usable(&a("0.0.0.0:4000")));
+        assert!(usable(&a("127.0.0.1:4000")));
+        // Pings from anywhere are still answered, but add no candidate beyond the bound.
+        let got = m.on_event(
+            t0,
+            Input::Ping {
+                from: a("10.9.9.9:1"),
+                nonce: 1,
+            },
+        );
+        assert_eq!(pings(&got).len(), 0);
+        assert!(got.contains(&Action::Pong {
+            to: a("10.9.9.9:1"),
+            nonce: 1
+        }));
+    }
+}
