@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use pluresdb_sync::hyperswarm::relay_path::{PathInfo, PeerPath};
 use pluresdb_sync::{
     BridgeEvent, HyperswarmTransportBuilder, Identity, PeerInfo, RelayTransport, SyncBridge,
     SyncBroadcaster, SyncEvent, TopicHash, Transport, TransportConfig, TransportMode, derive_topic,
@@ -17,6 +18,7 @@ use pluresdb_sync::{
 };
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 /// How often a progress line is printed while no peer is linked.
@@ -132,7 +134,7 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
         timeout_ms: args.timeout_ms,
         encryption: !args.no_encryption,
     };
-    let (me, transport) = build_transport(&args, config)?;
+    let (me, transport, mut paths) = build_transport(&args, config)?;
     let name = transport.name().to_owned();
     out.status(
         format!(
@@ -286,6 +288,29 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
                     Err(e) => tracing::debug!(error = %e, "lookup for peer addresses failed"),
                 }
             }
+            path = async {
+                match paths.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match path {
+                Ok(info) => {
+                    let (kind, at) = match &info.path {
+                        PeerPath::Direct(addr) => ("direct", addr.to_string()),
+                        PeerPath::Relayed { url } => ("relayed", url.clone()),
+                        _ => ("other", info.path.to_string()),
+                    };
+                    out.status(
+                        format!("peer {} path: {}", short(&info.peer_id), info.path),
+                        json!({"type": "path", "peer": info.peer_id, "path": kind, "at": at}),
+                    );
+                }
+                Err(RecvError::Lagged(n)) => out.status(
+                    format!("(missed {n} path changes)"),
+                    json!({"type": "report", "text": format!("missed {n} path changes")}),
+                ),
+                Err(RecvError::Closed) => paths = None,
+            },
             _ = progress.tick() => {
                 if bridge.peers().is_empty() {
                     let secs = started.elapsed().as_secs();
@@ -359,12 +384,17 @@ fn with_hint(err: anyhow::Error, args: &PeerArgs) -> anyhow::Error {
     }
 }
 
+/// What `build_transport` makes: the peer id, the transport, and (Auto mode) its path
+/// events.
+type Built = (
+    Option<String>,
+    Box<dyn Transport>,
+    Option<broadcast::Receiver<PathInfo>>,
+);
+
 /// The transport for `config` and its peer id, with the identity and bootstrap options that
 /// the facade's `TransportConfig` does not carry.
-fn build_transport(
-    args: &PeerArgs,
-    config: TransportConfig,
-) -> anyhow::Result<(Option<String>, Box<dyn Transport>)> {
+fn build_transport(args: &PeerArgs, config: TransportConfig) -> anyhow::Result<Built> {
     config.validate()?;
     let identity = args.key.as_deref().map(Identity::load).transpose()?;
     Ok(match config.mode {
@@ -377,7 +407,7 @@ fn build_transport(
                 builder = builder.identity(identity);
             }
             let t = builder.build()?;
-            (Some(t.peer_id()), Box::new(t))
+            (Some(t.peer_id()), Box::new(t), None)
         }
         TransportMode::Relay => {
             let mut builder = RelayTransport::builder()
@@ -388,7 +418,7 @@ fn build_transport(
                 builder = builder.identity(identity);
             }
             let t = builder.build()?;
-            (Some(t.peer_id()), Box::new(t))
+            (Some(t.peer_id()), Box::new(t), None)
         }
         TransportMode::Auto => {
             let mut builder = pluresdb_sync::AutoTransportBuilder::from_config(&config)?;
@@ -399,9 +429,10 @@ fn build_transport(
                 builder = builder.identity(identity);
             }
             let t = builder.build()?;
-            (Some(t.peer_id()), Box::new(t))
+            let events = t.path_events();
+            (Some(t.peer_id()), Box::new(t), Some(events))
         }
-        TransportMode::Disabled => (None, try_create_transport(config)?),
+        TransportMode::Disabled => (None, try_create_transport(config)?, None),
     })
 }
 

@@ -258,3 +258,53 @@ fn peer_errors_say_the_cause_and_a_hint() {
     );
     drop(udp);
 }
+
+/// Auto mode between processes: a relay process and a private DHT node; the two peers meet
+/// (in the relay room within milliseconds, or on the DHT), talk, and each prints its path to
+/// the other, ending direct (the relay-made connection upgrades; a DHT-made one is direct
+/// from the start); `--json` gives the same as a `path` object.
+#[test]
+fn auto_peers_print_their_path_and_end_up_direct() {
+    let relay = Proc::spawn(&["relay", "--listen", "127.0.0.1:0"]);
+    let line = relay.stdout_line("relay listening on ");
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+    let dht = Proc::spawn(&["dht", "--listen", "127.0.0.1:0"]);
+    let line = dht.stdout_line("dht node listening on ");
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    let db = format!("cli-auto-peers-{}", std::process::id());
+    let peer = |extra: &[&str]| {
+        let mut args = vec![
+            "peer",
+            "--mode",
+            "auto",
+            "--relay-url",
+            &url,
+            "--bootstrap",
+            &addr,
+            "--db",
+            &db,
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(&args)
+    };
+    let mut a = peer(&[]);
+    let b = peer(&["--json"]);
+    let b_id = json_line(&b, "joining")["peer"].as_str().unwrap().to_owned();
+    let path = a.stderr_line(&format!("peer {} path: direct ", &b_id[..8]));
+    assert!(path.contains("path: direct "), "{path}");
+    let mut seen = Vec::new();
+    let direct = loop {
+        let p = json_line(&b, "path");
+        if p["path"] == "direct" {
+            break p;
+        }
+        assert_eq!(p["path"], "relayed", "{p}");
+        assert_eq!(p["at"], url.as_str(), "{p}");
+        seen.push(p);
+    };
+    assert!(direct["at"].as_str().unwrap().contains(':'), "{direct}");
+    a.say("over the best path");
+    assert_eq!(json_line(&b, "message")["text"], "over the best path");
+    a.stdin = None;
+    assert!(a.child.wait().unwrap().success());
+}
