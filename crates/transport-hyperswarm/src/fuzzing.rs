@@ -5,7 +5,7 @@ use quinn::udp::RecvMeta;
 use std::io::IoSliceMut;
 
 use crate::socket::{Kind, PROBE, classify, filter_batch};
-use crate::{krpc, lan_wire, wire};
+use crate::{krpc, lan_wire, path_wire, wire};
 
 /// Datagrams as the data socket sees them: the classifier, the batch filter (one received
 /// entry cut into segments of a stride taken from the first byte) and the KRPC reply decoder.
@@ -15,8 +15,18 @@ pub fn datagram(data: &[u8]) {
     match kind {
         Kind::Probe => assert!(data.starts_with(PROBE)),
         Kind::Quic => assert!(data.first().is_some_and(|b| b & 0x40 != 0)),
+        Kind::Path => {
+            assert!(path_wire::is_probe(data));
+            // A path probe never decodes unless whole, and no key verifies a random tag
+            // (checked against a fixed key: any other is as good).
+            if let Some(p) = path_wire::decode_probe(data) {
+                assert_eq!(data.len(), path_wire::PROBE_LEN);
+                let _ = path_wire::PathKeys::from_material(&[7; 40]).verify(&p);
+            }
+        }
         Kind::Krpc | Kind::Garbage => {}
     }
+    let _ = path_wire::decode_candidates(data);
     if let Ok(reply) = krpc::decode_reply(data) {
         // A well-formed reply is what the socket diverts to the KRPC handler.
         assert_eq!(
