@@ -289,7 +289,10 @@ fn auto_peers_print_their_path_and_end_up_direct() {
     };
     let mut a = peer(&[]);
     let b = peer(&["--json"]);
-    let b_id = json_line(&b, "joining")["peer"].as_str().unwrap().to_owned();
+    let b_id = json_line(&b, "joining")["peer"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = a.stderr_line(&format!("peer {} path: direct ", &b_id[..8]));
     assert!(path.contains("path: direct "), "{path}");
     let mut seen = Vec::new();

@@ -158,3 +158,47 @@ async fn without_direct_udp_the_connection_stays_relayed() {
     b.disconnect().await.unwrap();
     net.stop().await.unwrap();
 }
+
+/// A connection that went direct does not notice the relay going away: the relay restarts
+/// (every relay route is lost), and the same connection carries on over UDP; the peers,
+/// back in the room, dial each other through the new routes and keep the one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_connection_survives_a_relay_restart() {
+    init_tracing();
+    let mut net = AutoNet::start().await.unwrap();
+    let mut a: AutoTransport = net.builder().dht(false).build().unwrap();
+    let mut b: AutoTransport = net.builder().dht(false).build().unwrap();
+    let (mut ea, mut eb) = (a.path_events(), b.path_events());
+    let topic = fresh_topic("upgrade-restart");
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    let (mut ca, mut cb) = tokio::join!(accept(&mut ra), accept(&mut rb));
+    wait_path(&mut ea, &b.peer_id(), |p| matches!(p, PeerPath::Direct(_))).await;
+    wait_path(&mut eb, &a.peer_id(), |p| matches!(p, PeerPath::Direct(_))).await;
+    net.restart_relay().await.unwrap();
+    // Every relay route is gone (milestone 1 closed relay-made connections then); this one
+    // carries on.
+    for i in 0..200u32 {
+        ca.send(&i.to_be_bytes()).await.unwrap();
+        assert_eq!(recv(&mut cb).await.unwrap(), i.to_be_bytes());
+        cb.send(&i.to_be_bytes()).await.unwrap();
+        assert_eq!(recv(&mut ca).await.unwrap(), i.to_be_bytes());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // No second connection was handed out: the relay-made duplicates were refused.
+    assert!(ra.try_recv().is_err() && rb.try_recv().is_err());
+    assert!(
+        matches!(
+            a.paths()[..],
+            [PathInfo {
+                path: PeerPath::Direct(_),
+                ..
+            }]
+        ),
+        "{:?}",
+        a.paths()
+    );
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+    net.stop().await.unwrap();
+}

@@ -89,6 +89,12 @@ impl DialRound {
             if self.seen.len() >= MAX_CANDIDATES {
                 break;
             }
+            // The peer there is connected through a relay-made connection that went (or
+            // is going) direct to it: a second connection would only be a duplicate, and
+            // its packets would be taken for the first one's.
+            if node.is_upgraded_endpoint(&addr) {
+                continue;
+            }
             if self.seen.insert(addr) {
                 fresh.push(addr);
             }
@@ -151,7 +157,7 @@ impl Node {
             let mut watched = Vec::new();
             let mut to_check = Vec::new();
             for addr in candidates {
-                if st.book.is_own(addr) {
+                if st.book.is_own(addr) || self.is_upgraded_endpoint(&addr) {
                     continue;
                 }
                 let listed = st.sessions.at(&topic, addr).is_some()

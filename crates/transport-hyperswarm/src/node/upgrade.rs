@@ -81,6 +81,12 @@ impl Node {
         let _ = route.tx.try_send((from, probe));
     }
 
+    /// Whether `addr` is a proven direct endpoint of a relay-made connection: its packets
+    /// are that connection's, so it is not dialled (the peer there is connected).
+    pub(super) fn is_upgraded_endpoint(&self, addr: &SocketAddr) -> bool {
+        self.data.directs().virtual_for(addr).is_some()
+    }
+
     /// Our direct candidates: the data socket's addresses (each IPv4 interface's when bound
     /// to all of them; loopback only when bound to it) and its public address.
     fn own_candidates(&self) -> Vec<SocketAddr> {
