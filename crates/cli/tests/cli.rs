@@ -270,4 +270,26 @@ fn benchmarks_run_in_miniature() {
     ] {
         assert!(table.contains(row), "{table}");
     }
+
+    let auto = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+        .args([
+            "bench", "auto", "--mib", "2", "--rounds", "1", "--joins", "1",
+        ])
+        .output()
+        .unwrap();
+    let table = stdout(&auto);
+    assert!(
+        auto.status.success(),
+        "{}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
+    for row in [
+        "auto, direct path",
+        "auto, relayed path",
+        "relay mode",
+        "bytes sent direct",
+        "joined to direct path",
+    ] {
+        assert!(table.contains(row), "{table}");
+    }
 }

@@ -197,7 +197,7 @@ async fn cpu_over(period: Duration) -> anyhow::Result<Duration> {
     Ok(after.saturating_sub(before))
 }
 
-async fn ours(
+pub(super) async fn ours(
     mut tx: Box<dyn Connection>,
     mut rx: Box<dyn Connection>,
     bytes: usize,

@@ -1,6 +1,7 @@
 //! `pluresdb-sync bench`: measurements as ratios against baselines run in the same process,
 //! on the same machine, in the same run. Results go to `docs/benchmarks.md`.
 
+mod auto;
 mod bridge;
 mod hyperswarm;
 mod join;
@@ -28,6 +29,10 @@ enum BenchTarget {
     /// SyncBridge events and messages against raw Connection messages of the same size, over
     /// relay and hyperswarm on loopback.
     Bridge(bridge::BridgeBenchArgs),
+    /// Auto mode against the modes it combines: the direct path against Hyperswarm mode,
+    /// the relayed path against Relay mode (64 KiB messages), joined to first message and to
+    /// the direct path.
+    Auto(auto::AutoBenchArgs),
 }
 
 /// Runs the chosen benchmark; progress on stderr, the result table on stdout.
@@ -39,6 +44,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Relay(a) => relay::run(a).await,
         BenchTarget::Hyperswarm(a) => hyperswarm::run(a).await,
         BenchTarget::Bridge(a) => bridge::run(a).await,
+        BenchTarget::Auto(a) => auto::run(a).await,
     }
 }
 

@@ -1,0 +1,194 @@
+//! `pluresdb-sync bench auto`: Auto mode against the modes it combines, same run, rounds
+//! interleaved, on loopback with a relay server in this process and a loopback DHT.
+//!
+//! - Direct path: an Auto pair that met in the relay room (DHT off) and upgraded to the
+//!   direct path, against a Hyperswarm pair; 64 KiB messages over one connection.
+//! - Relayed path: an Auto pair with direct UDP off (QUIC packets as relay datagrams),
+//!   against a Relay-mode pair on the same relay.
+//! - Time from both joining to the first message (relay room, DHT off) and to the direct
+//!   path: fresh pairs, median.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use pluresdb_sync::hyperswarm::relay_path::PeerPath;
+use pluresdb_sync::{AutoTransport, Connection, RelayTransport, Transport};
+use pluresdb_sync_core::testkit::fresh_topic;
+use pluresdb_sync_transport_auto::testkit::AutoNet;
+
+use super::hyperswarm::ours;
+use super::median;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Options of `pluresdb-sync bench auto`.
+#[derive(Debug, Args)]
+pub(crate) struct AutoBenchArgs {
+    /// MiB sent per throughput round.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Throughput rounds per pair (interleaved; the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Fresh Auto pairs timed from joining to the first message and to the direct path.
+    #[arg(long, default_value_t = 5)]
+    joins: usize,
+}
+
+type Pair = (Box<dyn Connection>, Box<dyn Connection>);
+
+/// Connects `a` and `b` on a fresh topic.
+async fn pair(a: &mut dyn Transport, b: &mut dyn Transport) -> anyhow::Result<Pair> {
+    let topic = fresh_topic("bench-auto");
+    let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
+    let (mut ra, mut rb) = (ra?, rb?);
+    let (ca, cb) = tokio::join!(
+        tokio::time::timeout(WAIT, ra.recv()),
+        tokio::time::timeout(WAIT, rb.recv())
+    );
+    Ok((
+        ca.context("A found no peer")?.context("A ended")?,
+        cb.context("B found no peer")?.context("B ended")?,
+    ))
+}
+
+/// Waits until `t`'s only connection is direct.
+async fn until_direct(t: &AutoTransport) -> anyhow::Result<()> {
+    let mut events = t.path_events();
+    let direct = |t: &AutoTransport| {
+        t.paths()
+            .iter()
+            .any(|p| matches!(p.path, PeerPath::Direct(_)))
+    };
+    tokio::time::timeout(WAIT, async {
+        while !direct(t) {
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .context("the Auto pair did not go direct")
+}
+
+pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
+    let bytes = args.mib.max(1) * 1024 * 1024;
+    let net = AutoNet::start().await?;
+    let url = net.relay_url().to_owned();
+    let relay = || {
+        RelayTransport::builder()
+            .relay_url(url.clone())
+            .timeout(WAIT)
+            .build()
+    };
+
+    let mut hs = (net.dht().builder().build()?, net.dht().builder().build()?);
+    let mut direct = (
+        net.builder().dht(false).build()?,
+        net.builder().dht(false).build()?,
+    );
+    let mut relayed = (net.relayed_only().build()?, net.relayed_only().build()?);
+    let mut relay_mode = (relay()?, relay()?);
+    let mut pairs: Vec<Pair> = vec![
+        pair(&mut hs.0, &mut hs.1).await.context("hyperswarm")?,
+        pair(&mut direct.0, &mut direct.1)
+            .await
+            .context("auto, direct")?,
+        pair(&mut relayed.0, &mut relayed.1)
+            .await
+            .context("auto, relayed")?,
+        pair(&mut relay_mode.0, &mut relay_mode.1)
+            .await
+            .context("relay mode")?,
+    ];
+    until_direct(&direct.0).await?;
+    until_direct(&direct.1).await?;
+    let names = [
+        "hyperswarm",
+        "auto, direct path",
+        "auto, relayed path",
+        "relay mode",
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for round in 0..args.rounds.max(1) {
+        let mut next = Vec::new();
+        for (i, (tx, rx)) in pairs.into_iter().enumerate() {
+            let (tx, rx, rate) = ours(tx, rx, bytes).await.context(names[i])?;
+            results[i].push(rate);
+            next.push((tx, rx));
+        }
+        pairs = next;
+        eprintln!(
+            "  round {round}: {}",
+            names
+                .iter()
+                .zip(&results)
+                .map(|(n, r)| format!("{n} {:.0}", r[round]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let m: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    let direct_stats = direct.0.path_stats();
+    drop(pairs);
+    for t in [&mut hs.0, &mut hs.1] {
+        t.disconnect().await?;
+    }
+    for t in [&mut direct.0, &mut direct.1, &mut relayed.0, &mut relayed.1] {
+        t.disconnect().await?;
+    }
+    for t in [&mut relay_mode.0, &mut relay_mode.1] {
+        t.disconnect().await?;
+    }
+
+    eprintln!(
+        "joins ({} fresh Auto pairs, relay room, DHT off)",
+        args.joins
+    );
+    let (mut first, mut to_direct) = (Vec::new(), Vec::new());
+    for _ in 0..args.joins.max(1) {
+        let mut a = net.builder().dht(false).build()?;
+        let mut b = net.builder().dht(false).build()?;
+        let started = Instant::now();
+        let (mut ca, mut cb) = pair(&mut a, &mut b).await?;
+        ca.send(b"first").await?;
+        tokio::time::timeout(WAIT, cb.receive())
+            .await
+            .context("no first message")??
+            .context("closed early")?;
+        first.push(started.elapsed().as_secs_f64() * 1000.0);
+        until_direct(&a).await?;
+        until_direct(&b).await?;
+        to_direct.push(started.elapsed().as_secs_f64() * 1000.0);
+        drop((ca, cb));
+        a.disconnect().await?;
+        b.disconnect().await?;
+    }
+    net.stop().await?;
+
+    println!(
+        "{:<36} {:>10} {:>14}",
+        "64 KiB messages, one connection", "MiB/s", "ratio"
+    );
+    println!("{:<36} {:>10.0} {:>14}", names[0], m[0], "-");
+    println!("{:<36} {:>10.0} {:>9.2} ÷ hs", names[1], m[1], m[1] / m[0]);
+    println!("{:<36} {:>10.0} {:>14}", names[3], m[3], "-");
+    println!(
+        "{:<36} {:>10.0} {:>9.2} ÷ relay",
+        names[2],
+        m[2],
+        m[2] / m[3]
+    );
+    println!(
+        "direct pair, side A: {} bytes sent direct, {} packets relayed",
+        direct_stats.upgraded_out_bytes, direct_stats.relayed_out
+    );
+    println!(
+        "joined to first message, median (ms) {:>10.1}",
+        median(&mut first)
+    );
+    println!(
+        "joined to direct path, median (ms)   {:>10.1}",
+        median(&mut to_direct)
+    );
+    Ok(())
+}
