@@ -3,7 +3,8 @@
 //! a stream of 10,000 numbered messages; midway the direct path is dropped with iptables
 //! (the relay's TCP stays up), so the connection falls back to the relay, then the rule is
 //! removed and the connection goes direct again. Every message arrives exactly once and in
-//! order, on the one connection. The times (drop → relayed, the longest gap in delivery,
+//! order, on the one connection; before the fallback, while the direct path is only
+//! suspect, packets go both ways. The times (drop → relayed, the longest gap in delivery,
 //! restore → direct) are printed.
 //!
 //! The parent test makes the namespace and runs `child_path_switch` of this same binary
@@ -222,6 +223,8 @@ async fn path_switch() {
         s.relayed_in > relayed_before && s.upgraded_in_bytes == direct_at_fallback,
         "500 messages went through the relay, none direct: {s:?}"
     );
+    // Before falling back, the suspect path's packets went through the relay too.
+    assert!(a.path_stats().doubled_out > 0, "{:?}", a.path_stats());
     udp_rule("-D", &ports);
     let restored = Instant::now();
     let back_a = wait_path(&mut ea, &pb, direct).await;

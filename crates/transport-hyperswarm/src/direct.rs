@@ -21,6 +21,8 @@ struct Maps {
     send: HashMap<SocketAddr, SocketAddr>,
     /// E → V: packets from E are V's.
     recv: HashMap<SocketAddr, SocketAddr>,
+    /// The Vs whose packets also go through the relay (their direct path is suspect).
+    doubled: std::collections::HashSet<SocketAddr>,
 }
 
 /// The direct endpoints of virtual addresses, both ways.
@@ -42,10 +44,27 @@ impl DirectTable {
 
     /// Where `vaddr`'s packets go over UDP (`None`: through the relay).
     pub(crate) fn send_to(&self, vaddr: &SocketAddr) -> Option<SocketAddr> {
+        self.route(vaddr).map(|(to, _)| to)
+    }
+
+    /// Where `vaddr`'s packets go over UDP, and whether they also go through the relay.
+    pub(crate) fn route(&self, vaddr: &SocketAddr) -> Option<(SocketAddr, bool)> {
         if !self.any.load(Ordering::Relaxed) {
             return None;
         }
-        self.read().send.get(vaddr).copied()
+        let m = self.read();
+        let to = *m.send.get(vaddr)?;
+        Some((to, m.doubled.contains(vaddr)))
+    }
+
+    /// Sends `vaddr`'s packets through the relay too (`true`) or not (`false`).
+    pub(crate) fn set_doubled(&self, vaddr: SocketAddr, doubled: bool) {
+        let mut m = self.write();
+        if doubled {
+            m.doubled.insert(vaddr);
+        } else {
+            m.doubled.remove(&vaddr);
+        }
     }
 
     /// The virtual address packets from `from` belong to, if `from` was learned.
@@ -83,6 +102,7 @@ impl DirectTable {
                 m.send.remove(&vaddr);
             }
         }
+        m.doubled.remove(&vaddr);
     }
 
     /// Whether `vaddr`'s packets go direct now.
@@ -94,6 +114,7 @@ impl DirectTable {
     pub(crate) fn forget(&self, vaddr: &SocketAddr) {
         let mut m = self.write();
         m.send.remove(vaddr);
+        m.doubled.remove(vaddr);
         m.recv.retain(|_, v| v != vaddr);
         let empty = m.send.is_empty() && m.recv.is_empty();
         self.any.store(!empty, Ordering::Relaxed);
@@ -119,8 +140,16 @@ mod tests {
         t.set_send(v, Some(e));
         assert_eq!(t.send_to(&v), Some(e));
         assert!(t.is_direct(&v));
+        t.set_doubled(v, true);
+        assert_eq!(t.route(&v), Some((e, true)));
+        t.set_doubled(v, false);
+        assert_eq!(t.route(&v), Some((e, false)));
+        t.set_doubled(v, true);
         t.set_send(v, None);
         assert_eq!(t.send_to(&v), None);
+        t.set_send(v, Some(e));
+        assert_eq!(t.route(&v), Some((e, false)), "a new switch is not doubled");
+        t.set_send(v, None);
         assert_eq!(
             t.virtual_for(&e),
             Some(v),

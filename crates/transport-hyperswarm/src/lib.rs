@@ -56,7 +56,11 @@
 //! With a [`relay_path::RelayPath`] ([`HyperswarmTransportBuilder::relay_path`], what Auto
 //! mode's crate sets), a relay is one more path and discovery source: topics are joined in
 //! its rooms too, and members met there are dialled and connected through it exactly like
-//! DHT peers (see [`relay_path`]).
+//! DHT peers (see [`relay_path`]). A connection made through the relay then moves to a
+//! direct path once authenticated UDP probes prove one, and back when it goes silent for
+//! 2 s, without quinn noticing (the data socket switches what is behind the connection's
+//! virtual address); [`HyperswarmTransport::paths`] and [`HyperswarmTransport::path_events`]
+//! show it.
 //!
 //! With the `testkit` feature, [`testkit::LoopbackDht`] runs a private DHT on loopback for
 //! tests, demos and benchmarks.

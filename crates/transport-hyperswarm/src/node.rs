@@ -304,6 +304,7 @@ impl Node {
             upgraded_out_bytes: get(&c.upgraded_out_bytes),
             upgraded_in: get(&c.upgraded_in),
             upgraded_in_bytes: get(&c.upgraded_in_bytes),
+            doubled_out: get(&c.doubled_out),
         }
     }
 

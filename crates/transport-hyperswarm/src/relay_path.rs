@@ -137,6 +137,9 @@ pub struct PathStats {
     pub upgraded_in: u64,
     /// See [`upgraded_in`](Self::upgraded_in).
     pub upgraded_in_bytes: u64,
+    /// Packets (or batches) also sent through the relay because the direct path they went
+    /// on was suspect (unanswered for a moment; QUIC drops the duplicate copies).
+    pub doubled_out: u64,
 }
 
 /// Which way a connection's packets go now.

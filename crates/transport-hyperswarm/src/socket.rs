@@ -133,6 +133,9 @@ pub(crate) struct Counters {
     /// UDP packet batches presented to quinn from a virtual address, and their bytes.
     pub(crate) upgraded_in: AtomicU64,
     pub(crate) upgraded_in_bytes: AtomicU64,
+    /// Packets sent both ways because their direct path was suspect (counted in
+    /// `relayed_out` and, when the UDP send worked, `upgraded_out` too).
+    pub(crate) doubled_out: AtomicU64,
 }
 
 /// The relay side of the data socket.
@@ -234,20 +237,31 @@ impl AsyncUdpSocket for DataSocket {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let to = transmit.destination;
+        let mut doubled = false;
         if is_virtual(&to)
             && self.direct
-            && let Some(endpoint) = self.directs.send_to(&to)
+            && let Some((endpoint, also_relay)) = self.directs.route(&to)
         {
             let direct = Transmit {
                 destination: endpoint,
                 ..*transmit
             };
-            self.inner.try_send(&direct)?;
-            self.counters.upgraded_out.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .upgraded_out_bytes
-                .fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
-            return Ok(());
+            match self.inner.try_send(&direct) {
+                Ok(()) => {
+                    self.counters.upgraded_out.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .upgraded_out_bytes
+                        .fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
+                }
+                // The copy through the relay still goes.
+                Err(_) if also_relay => {}
+                Err(e) => return Err(e),
+            }
+            if !also_relay {
+                return Ok(());
+            }
+            // A suspect direct path: a copy through the relay too (QUIC drops duplicates).
+            doubled = true;
         }
         if is_virtual(&to) {
             // Like a full UDP buffer, a packet that cannot go is dropped (QUIC recovers).
@@ -259,6 +273,9 @@ impl AsyncUdpSocket for DataSocket {
                 Some((r, route)) => {
                     let segment = transmit.segment_size.unwrap_or(0);
                     r.path.send(&route, segment, transmit.contents);
+                    if doubled {
+                        self.counters.doubled_out.fetch_add(1, Ordering::Relaxed);
+                    }
                     &self.counters.relayed_out
                 }
                 None => &self.counters.unroutable,

@@ -15,9 +15,12 @@
 //!   and that address becomes a candidate probed at once (ICE's triggered check: the NAT
 //!   mapping the peer's packet came through is the one most likely to work back).
 //! - An answered ping proves its endpoint: the connection goes direct there.
-//! - While direct, the endpoint is pinged every [`HEARTBEAT_EVERY`]; no pong for
-//!   [`SILENCE`] puts the connection back on the relay, and probing goes on, so it goes
-//!   direct again when an endpoint answers later.
+//! - While direct, the endpoint is pinged every [`HEARTBEAT_EVERY`]. No pong for
+//!   [`SUSPECT`] makes the path suspect: packets go both ways (direct and through the
+//!   relay; QUIC drops the duplicate copies by packet number) until a pong clears it, so a
+//!   dying path costs less than the full silence; no pong for [`SILENCE`] puts the
+//!   connection back on the relay, and probing goes on, so it goes direct again when an
+//!   endpoint answers later.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,6 +35,10 @@ pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the direct endpoint is pinged while the connection uses it.
 pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_millis(400);
+
+/// How long the direct endpoint may leave pings unanswered before packets also go through
+/// the relay (two heartbeats missed).
+pub(crate) const SUSPECT: Duration = Duration::from_millis(900);
 
 /// How long the direct endpoint may leave pings unanswered before the connection goes back
 /// to the relay.
@@ -97,6 +104,9 @@ pub(crate) enum Action {
     UseDirect(SocketAddr),
     /// Send the connection's packets through the relay from now on.
     UseRelay,
+    /// While direct: also send every packet through the relay (`true`: the direct path is
+    /// suspect) or not any more (`false`: it answered).
+    AlsoRelay(bool),
 }
 
 /// Where the connection's packets go.
@@ -127,6 +137,8 @@ pub(crate) struct PathMachine {
     next_candidates: Option<Instant>,
     next_nonce: u64,
     switches: u64,
+    /// While direct: the endpoint missed [`SUSPECT`] worth of pongs.
+    suspect: bool,
 }
 
 impl PathMachine {
@@ -140,6 +152,7 @@ impl PathMachine {
             next_candidates: None,
             next_nonce: first_nonce,
             switches: 0,
+            suspect: false,
         }
     }
 
@@ -164,7 +177,7 @@ impl PathMachine {
                     .iter()
                     .find(|c| c.addr == addr)
                     .map(|c| c.next_ping);
-                let silent = self.heard + SILENCE;
+                let silent = self.heard + if self.suspect { SILENCE } else { SUSPECT };
                 Some(ping.map_or(silent, |p| p.min(silent)))
             }
             Current::Relay => self
@@ -258,7 +271,13 @@ impl PathMachine {
                 c.outstanding.retain(|n| *n != nonce);
                 c.last_pong = Some(now);
                 match self.current {
-                    Current::Direct(addr) if addr == from => self.heard = now,
+                    Current::Direct(addr) if addr == from => {
+                        self.heard = now;
+                        if self.suspect {
+                            self.suspect = false;
+                            out.push(Action::AlsoRelay(false));
+                        }
+                    }
                     Current::Direct(_) => {}
                     Current::Relay => {
                         out.push(Action::Learn(from));
@@ -278,6 +297,7 @@ impl PathMachine {
 
     fn switch(&mut self, to: Current, now: Instant, out: &mut Vec<Action>) {
         self.current = to;
+        self.suspect = false;
         self.heard = now;
         self.switches += 1;
         match to {
@@ -294,6 +314,14 @@ impl PathMachine {
 
     /// Whatever is due at `now`: silence, pings, candidates.
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if let Current::Direct(_) = self.current
+            && !self.suspect
+            && now.saturating_duration_since(self.heard) >= SUSPECT
+            && now.saturating_duration_since(self.heard) < SILENCE
+        {
+            self.suspect = true;
+            out.push(Action::AlsoRelay(true));
+        }
         if let Current::Direct(_) = self.current
             && now.saturating_duration_since(self.heard) >= SILENCE
         {
@@ -499,6 +527,14 @@ mod tests {
         // The last pong came at most 1 ms after `end`; ticks are 10 ms apart.
         let late = SILENCE + Duration::from_millis(11);
         assert!(*at <= late && *at >= SILENCE - HEARTBEAT_EVERY, "{at:?}");
+        let (suspect_at, _) = blackholed
+            .iter()
+            .find(|(_, x)| *x == Action::AlsoRelay(true))
+            .expect("suspect first");
+        assert!(
+            *suspect_at < *at && *suspect_at >= SUSPECT - HEARTBEAT_EVERY,
+            "{suspect_at:?}"
+        );
         assert!(blackholed.iter().any(|(_, x)| *x == Action::SendCandidates));
         assert_eq!(m.current(), Current::Relay);
         // Still probing; the first answer upgrades again.
@@ -528,6 +564,33 @@ mod tests {
         assert_eq!(m.next_wakeup(), Some(t0 + PROBE_EVERY));
         m.on_event(t0, Input::Pong { from: e, nonce });
         assert_eq!(m.next_wakeup(), Some(t0 + HEARTBEAT_EVERY));
+    }
+
+    #[test]
+    fn a_suspect_path_is_doubled_through_the_relay_until_it_answers() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        let e = a("10.0.0.2:4000");
+        let nonce = pings(&m.on_event(t0, Input::Candidates(vec![e])))[0].1;
+        m.on_event(t0, Input::Pong { from: e, nonce });
+        // Heartbeats go unanswered for SUSPECT.
+        let quiet = run(&mut m, t0, t0 + SUSPECT);
+        assert_eq!(
+            quiet
+                .iter()
+                .filter(|(_, x)| *x == Action::AlsoRelay(true))
+                .count(),
+            1,
+            "{quiet:?}"
+        );
+        assert_eq!(m.current(), Current::Direct(e), "still direct");
+        // The next heartbeat is answered: no more doubling, still direct.
+        let t1 = t0 + SUSPECT + Duration::from_millis(20);
+        let (to, nonce) = pings(&m.on_event(t1 + HEARTBEAT_EVERY, Input::Tick))[0];
+        assert_eq!(to, e);
+        let got = m.on_event(t1 + HEARTBEAT_EVERY, Input::Pong { from: e, nonce });
+        assert_eq!(got, vec![Action::AlsoRelay(false)]);
+        assert_eq!(m.current(), Current::Direct(e));
     }
 
     #[test]

@@ -247,6 +247,10 @@ impl Node {
                     info.path = PeerPath::Direct(to);
                     self.board.set(conn.stable_id(), info.clone());
                 }
+                Action::AlsoRelay(doubled) => {
+                    self.data.directs().set_doubled(vaddr, doubled);
+                    tracing::debug!(peer = %info.peer_id, doubled, "direct path suspect: packets through the relay too");
+                }
                 Action::UseRelay => {
                     self.data.directs().set_send(vaddr, None);
                     info.path = PeerPath::Relayed {
