@@ -35,8 +35,9 @@
 //!   the connection's TLS exporter, and once one is answered the data socket sends the
 //!   connection's packets to it directly while quinn still sees the same (virtual) address,
 //!   so its loss recovery and congestion control carry the connection across the switch.
-//!   When the direct endpoint stops answering for 2 s the packets go back through the relay,
-//!   and probing goes on, so it upgrades again later. [`AutoTransport::paths`] and
+//!   When the direct endpoint misses pongs for 0.9 s its packets also go through the relay
+//!   (QUIC drops the duplicates); silent for 2 s, they go back through the relay alone, and
+//!   probing goes on, so it upgrades again later. [`AutoTransport::paths`] and
 //!   [`AutoTransport::path_events`] show each connection's path. A connection made directly
 //!   (a peer dialled at a DHT address) keeps its path; when both exist for a peer, the
 //!   one-connection-per-peer rule keeps one. A relayed connection whose route ends (the peer
