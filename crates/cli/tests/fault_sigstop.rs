@@ -230,8 +230,8 @@ fn sink_peer(env: &[(&str, String)]) -> Proc {
     Proc { child, out }
 }
 
-/// The relay's `pluresdb_relay_queued_bytes` from its metrics endpoint.
-async fn queued_bytes(metrics: std::net::SocketAddr) -> u64 {
+/// The relay's metrics page.
+async fn metrics_text(metrics: std::net::SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
         .await
@@ -241,6 +241,12 @@ async fn queued_bytes(metrics: std::net::SocketAddr) -> u64 {
         .await
         .unwrap()
         .unwrap();
+    body
+}
+
+/// The relay's `pluresdb_relay_queued_bytes` from its metrics endpoint.
+async fn queued_bytes(metrics: std::net::SocketAddr) -> u64 {
+    let body = metrics_text(metrics).await;
     body.lines()
         .find_map(|l| l.strip_prefix("pluresdb_relay_queued_bytes "))
         .unwrap_or_else(|| panic!("no pluresdb_relay_queued_bytes in {body}"))
@@ -389,10 +395,15 @@ async fn a_frozen_relay_peer_is_bounded_and_recovers_and_the_room_is_unaffected(
     )
     .await;
     let max_queued = max_queued.load(Ordering::Relaxed);
+    let page = metrics_text(metrics).await;
+    let drops: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("pluresdb_relay_drops_total") && !l.ends_with(" 0"))
+        .collect();
     eprintln!(
         "RESULT relay SIGSTOP {} s: recovered {} ms after SIGCONT, {} session(s); relay queued \
          at most {max_queued} B (cap {QUEUE_CAP} B per connection); P's RSS {} KiB before, {} \
-         KiB after; other pair: {} round trips, longest gap {} ms",
+         KiB after; other pair: {} round trips, longest gap {} ms; relay drops: {drops:?}",
         FROZEN.as_secs(),
         figures.recovered.as_millis(),
         figures.sessions,
