@@ -1,9 +1,9 @@
 //! Fault injection: a peer process is frozen (SIGSTOP) for 10 s, then thawed (SIGCONT), in
 //! relay mode (a real `pluresdb-sync relay` process with a 1 MiB per-connection queue cap and
 //! its metrics endpoint) and in Hyperswarm mode (a loopback DHT testnet). The frozen peer P is
-//! this test binary run as a child (`child_sink_peer`): Q streams numbered messages to it and P
-//! acknowledges every window; C and D, in the same room, ping-pong all along. Checked: P's
-//! connection survives or is re-established and Q resumes after the last acknowledged message
+//! this test binary run as a child (`child_sink_peer`): two peers Q stream numbered messages
+//! to it and P acknowledges every window; C and D, in the same room, ping-pong all along. Checked: P's
+//! connections survive or are re-established and each Q resumes after its last acknowledged message
 //! (P gets every message exactly once, in order, each session gapless); C and D never lose
 //! their connection nor stall; in relay mode the relay's queued bytes stay within the cap
 //! (and did fill up to it); P's RSS before and after is printed.
@@ -24,13 +24,17 @@ use tokio::sync::mpsc;
 const T: Duration = Duration::from_secs(30);
 /// How long P stays frozen.
 const FROZEN: Duration = Duration::from_secs(10);
-/// Messages Q streams in all.
+/// Messages each Q streams in all.
 const N: u64 = 2000;
 /// P acknowledges every this many messages (16 MiB: more than the kernel's socket buffers
 /// and the relay's queue for P hold, so a frozen P makes the relay queue fill up).
 const WINDOW: u64 = 1000;
 /// Bytes of each message (an 8-byte big-endian sequence number, then filler).
 const MESSAGE_BYTES: usize = 16 * 1024;
+/// How many peers stream to P: together more than P's kernel socket buffer (up to half of
+/// `tcp_rmem`'s 32 MiB here) and the relay's send buffer absorb, so the relay's queue for
+/// a frozen P does fill.
+const SENDERS: usize = 2;
 /// The relay's per-connection queue cap in this test.
 const QUEUE_CAP: usize = 1024 * 1024;
 
@@ -166,19 +170,37 @@ async fn pair(
     (max_gap, rounds)
 }
 
-/// A child process whose stdout lines arrive on a channel; killed on drop.
+/// A process killed (and reaped) on drop, also when the test fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A child process whose stdout lines arrive on a channel, stamped with when they were read;
+/// killed on drop.
 struct Proc {
     child: Child,
-    out: std::sync::mpsc::Receiver<String>,
+    out: std::sync::mpsc::Receiver<(String, Instant)>,
+    seen: Vec<(String, Instant)>,
 }
 
 impl Proc {
-    fn line(&self, prefix: &str, within: Duration) -> String {
+    /// The rest of the next line containing `prefix` (waiting off the async workers).
+    fn line(&mut self, prefix: &str, within: Duration) -> String {
+        tokio::task::block_in_place(|| self.line_blocking(prefix, within))
+    }
+
+    fn line_blocking(&mut self, prefix: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.out.recv_timeout(left) {
-                Ok(l) => {
+                Ok((l, at)) => {
+                    self.seen.push((l.clone(), at));
                     if let Some((_, rest)) = l.split_once(prefix) {
                         return rest.trim().to_owned();
                     }
@@ -222,12 +244,16 @@ fn sink_peer(env: &[(&str, String)]) -> Proc {
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+            if tx.send((line, Instant::now())).is_err() {
                 return;
             }
         }
     });
-    Proc { child, out }
+    Proc {
+        child,
+        out,
+        seen: Vec::new(),
+    }
 }
 
 /// The relay's metrics page.
@@ -265,8 +291,9 @@ struct Figures {
     rounds: u64,
 }
 
-/// The scenario: P (a child) on `topic`, Q, C and D in this process from `make`; P frozen
-/// for [`FROZEN`] once it has half the messages; `during` runs while P is frozen.
+/// The scenario: P (a child) on `topic`, the [`SENDERS`] Qs, C and D in this process from
+/// `make`; P frozen for [`FROZEN`] once it acknowledged a first window; `during` runs while
+/// P is frozen.
 async fn freeze_scenario<F, Fut>(
     topic: &str,
     child_env: Vec<(&str, String)>,
@@ -280,12 +307,19 @@ where
     let topic_hash = derive_topic(topic);
     let mut env = child_env;
     env.push(("FAULT_TOPIC", topic.to_owned()));
-    let p = sink_peer(&env);
+    let mut p = sink_peer(&env);
     let p_id = p.line("READY ", T);
     let p_pid = p.child.id();
 
-    let ((mut q, _), (mut c, c_id), (mut d, d_id)) = (make().await, make().await, make().await);
-    let q_in = q.connect(topic_hash).await.unwrap();
+    let mut senders = Vec::new();
+    let mut sending = Vec::new();
+    for _ in 0..SENDERS {
+        let (mut q, _) = make().await;
+        let q_in = q.connect(topic_hash).await.unwrap();
+        sending.push(tokio::spawn(sender(q_in, p_id.clone())));
+        senders.push(q);
+    }
+    let ((mut c, c_id), (mut d, d_id)) = (make().await, make().await);
     let mut c_in = c.connect(topic_hash).await.unwrap();
     let mut d_in = d.connect(topic_hash).await.unwrap();
     let (mut keep_c, mut keep_d) = (Vec::new(), Vec::new());
@@ -293,11 +327,10 @@ where
     let dc = conn_to(&mut d_in, &c_id, &mut keep_d).await;
     let stop = Arc::new(AtomicBool::new(false));
     let pairing = tokio::spawn(pair(cd, dc, stop.clone()));
-    let sending = tokio::spawn(sender(q_in, p_id));
 
-    // Mid-stream (P acknowledged the first window), freeze P.
+    // Mid-stream (P acknowledged a sender's first window), freeze P.
     let at = p.line("AT ", T);
-    assert_eq!(at, (WINDOW - 1).to_string());
+    assert!(at.ends_with(&format!(" {}", WINDOW - 1)), "{at}");
     let rss_before = rss_kib(p_pid);
     signal(p_pid, "-STOP");
     let waited = tokio::time::timeout(FROZEN, during).await;
@@ -307,24 +340,37 @@ where
 
     let done = p.line("DONE ", T + FROZEN);
     let rss_after = rss_kib(p_pid);
-    let log = tokio::time::timeout(T, sending).await.unwrap().unwrap();
+    let mut logs = Vec::new();
+    for s in sending {
+        logs.push(tokio::time::timeout(T, s).await.unwrap().unwrap());
+    }
     stop.store(true, Ordering::Relaxed);
     let (gap, rounds) = pairing.await.unwrap();
-    let recovered = log
-        .acks
+    // Recovered: P got a message again after the thaw (the first of a new session, or a
+    // window's end on the old one).
+    let recovered = p
+        .seen
         .iter()
-        .find(|&&t| t > thawed)
-        .expect("no acknowledgment after the thaw")
+        .find(|(l, t)| *t > thawed && (l.contains("FIRST ") || l.contains("AT ")))
+        .expect("P got nothing after the thaw")
+        .1
         .duration_since(thawed);
+    for log in &logs {
+        assert!(
+            log.acks.iter().any(|&t| t > thawed),
+            "no ack after the thaw"
+        );
+    }
     let sessions: usize = done
         .strip_prefix("sessions=")
         .and_then(|s| s.parse().ok())
         .unwrap();
-    assert_eq!(sessions, log.sessions.len(), "P and Q disagree: {log:?}");
+    let used: usize = logs.iter().map(|l| l.sessions.len()).sum();
+    assert_eq!(sessions, used, "P and the senders disagree: {logs:?}");
     // C and D never lost their connection (the loop unwraps every step) and never waited for
     // anything like the freeze.
     assert!(gap < FROZEN / 2, "the other pair stalled {gap:?}");
-    for t in [&mut q, &mut c, &mut d] {
+    for t in senders.iter_mut().chain([&mut c, &mut d]) {
         t.disconnect().await.unwrap();
     }
     drop(keep_c);
@@ -341,19 +387,21 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_relay_peer_is_bounded_and_recovers_and_the_room_is_unaffected() {
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
-        .args([
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .args(["--max-queued-bytes-per-connection", &QUEUE_CAP.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
+    let mut relay = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
+            .args([
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .args(["--max-queued-bytes-per-connection", &QUEUE_CAP.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(relay.0.stdout.take().unwrap()).lines();
     let (mut url, mut metrics) = (None, None);
     while url.is_none() || metrics.is_none() {
         let line = lines.next().expect("the relay ended").unwrap();
@@ -422,8 +470,7 @@ async fn a_frozen_relay_peer_is_bounded_and_recovers_and_the_room_is_unaffected(
         max_queued >= (QUEUE_CAP / 2) as u64,
         "the freeze never backed up the relay ({max_queued} B queued): the test checks nothing"
     );
-    let _ = relay.kill();
-    let _ = relay.wait();
+    drop(relay);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,9 +506,10 @@ async fn a_frozen_hyperswarm_peer_recovers_and_the_room_is_unaffected() {
 }
 
 /// The frozen peer P: joins `FAULT_TOPIC` by relay (`FAULT_RELAY_URL`) or Hyperswarm
-/// (`FAULT_BOOTSTRAP`), takes every connection, delivers each number once across sessions
+/// (`FAULT_BOOTSTRAP`), takes every connection, delivers each sender's numbers once across sessions
 /// (each session's run checked gapless and in order), acknowledges every window. Prints
-/// `READY <peer id>`, `AT <n>` per acknowledgment, `DONE sessions=<k>`, then waits for stdin
+/// `READY <peer id>`, `FIRST <session> <n>` per session, `AT <sender> <n>` per acknowledgment,
+/// `DONE sessions=<k>`, then waits for stdin
 /// to close.
 #[test]
 #[ignore = "run by the tests above as the peer they freeze"]
@@ -505,12 +553,13 @@ fn child_sink_peer() {
         println!("READY {id}");
         // Connections from every member arrive on one channel; each reads on its own task
         // and hands messages (tagged with its session) to one checker.
-        let (tx, mut msgs) = mpsc::channel::<(usize, Option<Vec<u8>>, mpsc::Sender<u64>)>(16);
+        type Item = (String, usize, Option<Vec<u8>>, mpsc::Sender<u64>);
+        let (tx, mut msgs) = mpsc::channel::<Item>(16);
         tokio::spawn(async move {
             let mut session = 0usize;
             while let Some(mut conn) = rx.recv().await {
                 session += 1;
-                let (tx, id) = (tx.clone(), session);
+                let (tx, id, peer) = (tx.clone(), session, conn.peer_id().to_owned());
                 let (ack_tx, mut ack_rx) = mpsc::channel::<u64>(4);
                 tokio::spawn(async move {
                     loop {
@@ -518,7 +567,7 @@ fn child_sink_peer() {
                             m = conn.receive() => {
                                 let m = m.ok().flatten();
                                 let end = m.is_none();
-                                if tx.send((id, m, ack_tx.clone())).await.is_err() || end {
+                                if tx.send((peer.clone(), id, m, ack_tx.clone())).await.is_err() || end {
                                     return;
                                 }
                             }
@@ -532,28 +581,34 @@ fn child_sink_peer() {
                 });
             }
         });
-        let mut delivered = 0u64;
+        // Per sender: the next number it delivers.
+        let mut next: std::collections::HashMap<String, u64> = Default::default();
         let mut runs: std::collections::HashMap<usize, u64> = Default::default();
-        while delivered < N {
-            let (id, m, ack) = msgs.recv().await.expect("the connections ended");
+        while next.values().filter(|&&n| n == N).count() < SENDERS {
+            let (peer, id, m, ack) = msgs.recv().await.expect("the connections ended");
             let Some(m) = m else {
                 continue;
             };
             let seq = seq_of(&m);
+            let delivered = next.entry(peer.clone()).or_default();
             match runs.get(&id) {
-                None => assert!(
-                    seq <= delivered,
-                    "session {id} starts at {seq} but {delivered} was never delivered"
-                ),
+                None => {
+                    assert!(
+                        seq <= *delivered,
+                        "session {id} starts at {seq} but {delivered} was never delivered"
+                    );
+                    println!("FIRST {id} {seq}");
+                }
                 Some(&last) => assert_eq!(seq, last + 1, "session {id}: {last} then {seq}"),
             }
             runs.insert(id, seq);
-            if seq == delivered {
-                delivered += 1;
+            if seq == *delivered {
+                *delivered += 1;
             }
             if seq % WINDOW == WINDOW - 1 || seq == N - 1 {
-                println!("AT {}", delivered - 1);
-                let _ = ack.send(delivered - 1).await;
+                let upto = *delivered - 1;
+                println!("AT {} {upto}", &peer[..8]);
+                let _ = ack.send(upto).await;
             }
         }
         println!("DONE sessions={}", runs.len());
