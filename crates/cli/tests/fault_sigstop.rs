@@ -2,11 +2,11 @@
 //! relay mode (a real `pluresdb-sync relay` process with a 1 MiB per-connection queue cap and
 //! its metrics endpoint) and in Hyperswarm mode (a loopback DHT testnet). The frozen peer P is
 //! this test binary run as a child (`child_sink_peer`): two peers Q stream numbered messages
-//! to it and P acknowledges every window; C and D, in the same room, ping-pong all along. Checked: P's
-//! connections survive or are re-established and each Q resumes after its last acknowledged message
-//! (P gets every message exactly once, in order, each session gapless); C and D never lose
-//! their connection nor stall; in relay mode the relay's queued bytes stay within the cap
-//! (and did fill up to it); P's RSS before and after is printed.
+//! to it and P acknowledges every window; C and D, in the same room, ping-pong all along.
+//! Checked: P's connections survive or are re-established and each Q resumes after its last
+//! acknowledged message (P gets every message exactly once, in order, each session
+//! gapless); C and D never lose their connection nor stall; in relay mode the relay's queued
+//! bytes stay within the cap (and did fill up to it); P's RSS before and after is printed.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader};
@@ -567,7 +567,8 @@ fn child_sink_peer() {
                             m = conn.receive() => {
                                 let m = m.ok().flatten();
                                 let end = m.is_none();
-                                if tx.send((peer.clone(), id, m, ack_tx.clone())).await.is_err() || end {
+                                let item = (peer.clone(), id, m, ack_tx.clone());
+                                if tx.send(item).await.is_err() || end {
                                     return;
                                 }
                             }

@@ -80,7 +80,8 @@ fn rule_packets(listing: &str, target: &str) -> u64 {
         .sum()
 }
 
-/// Sent packets (datagrams, GSO segments counted one by one) and overlimits of HTB class `class` in `tc -s class show` output.
+/// Sent packets (datagrams, GSO segments counted one by one) and overlimits of HTB class
+/// `class` in `tc -s class show` output.
 fn class_stats(listing: &str, class: &str) -> (u64, u64) {
     let mut lines = listing.lines();
     while let Some(l) = lines.next() {
