@@ -306,8 +306,9 @@ async fn killing_a_nats_node_mid_transfer_loses_nothing_acknowledged() {
         "RESULT node kill: {N} messages of {MESSAGE_BYTES} B, window {WINDOW}; B had \
          0..{} from the lost session; recovered (kill to first message on the new \
          session) in {} ms; send Ok but lost with the session: {lost_in_flight}; last ack \
-         on it: {acked:?}; resent after failover: {resent}; unaffected pair on node 2: {rounds} round trips, longest gap {} ms; node 2 \
-         RSS {rss_before} KiB before the kill, {rss_after} KiB after",
+         on it: {acked:?}; resent after failover: {resent}; unaffected pair on node 2: \
+         {rounds} round trips, longest gap {} ms; node 2 RSS {rss_before} KiB before the \
+         kill, {rss_after} KiB after",
         first.last,
         recovered.as_millis(),
         max_gap.as_millis(),
