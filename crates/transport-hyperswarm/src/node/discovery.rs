@@ -115,11 +115,12 @@ enum Announced {
 }
 
 impl Node {
-    /// Announces `topic` now (the data socket's public port, learned first) and keeps
-    /// refreshing it until shutdown: every announce interval, or every 5 s while the public
-    /// address is unknown or the last attempt failed. Returns when the first announcement is
-    /// done; if it failed, nothing keeps announcing.
-    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
+    /// Announces `topic` on the DHT now (the data socket's public port, learned first) and
+    /// keeps refreshing it until shutdown: every announce interval, or every 5 s while the
+    /// public address is unknown or the last attempt failed. Returns when the first
+    /// announcement is done; if it failed, nothing keeps announcing. (`Node::announce` adds
+    /// the LAN.)
+    pub(crate) async fn announce_dht(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
         self.register_topic(topic);
         if self.state().topics.is_announcing(&topic) {
             return Ok(());
@@ -196,7 +197,9 @@ impl Node {
         events: Option<&mpsc::Sender<Announced>>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        drop(self.dht.get_peers(info_hash(&topic)));
+        if let Some(dht) = &self.dht {
+            drop(dht.get_peers(info_hash(&topic)));
+        }
         let (answered, public) = self.learn_public_addr().await;
         if answered && let Some(events) = events {
             let _ = events.try_send(Announced::Answered);
@@ -206,9 +209,12 @@ impl Node {
             .announce_port
             .or(public.map(|p| p.port()))
             .unwrap_or(self.local_addr.port());
+        let Some(dht) = &self.dht else {
+            return Ok(());
+        };
         match tokio::time::timeout(
             self.settings.timeout,
-            self.dht.announce_peer(info_hash(&topic), Some(port)),
+            dht.announce_peer(info_hash(&topic), Some(port)),
         )
         .await
         {
@@ -233,11 +239,14 @@ impl Node {
     /// that. Returns as soon as a DHT node answered (the announcement goes on in the
     /// background; a failure is logged and retried); fails only when the first announcement
     /// failed before any DHT node answered (no DHT reachable: [`HyperswarmError::DhtUnreachable`]).
+    /// With LAN discovery it returns at once: LAN peers are dialled from the start, and an
+    /// unreachable DHT is retried in the background (see `offline.rs`).
     pub(crate) async fn connect(
         self: &Arc<Self>,
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
         self.register_topic(topic);
+        let lan = self.lan_on();
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
         let announcing = self.state().topics.is_announcing(&topic);
         let announced = (!announcing).then(|| Arc::new(Notify::new()));
@@ -245,10 +254,32 @@ impl Node {
         let landed = announced.clone();
         let handle = self.spawn(async move { node.discover(topic, landed).await });
         self.state().topics.set_accepting(&topic, tx, handle);
+        if lan {
+            self.lan_seek(topic);
+            self.lan_advertise(topic);
+        }
         let Some(announced) = announced else {
             return Ok(rx);
         };
         let mut events = self.start_announcing(topic, Some(announced));
+        if lan {
+            let node = self.clone();
+            self.spawn(async move {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        Announced::Answered => {}
+                        Announced::Done(Ok(())) => break,
+                        Announced::Done(Err(e)) => {
+                            node.state().topics.stop_announcing(&topic);
+                            node.dht_unreachable(&e);
+                            node.retry_dht(topic);
+                            break;
+                        }
+                    }
+                }
+            });
+            return Ok(rx);
+        }
         let reached = match events.recv().await {
             Some(Announced::Answered | Announced::Done(Ok(()))) => Ok(()),
             Some(Announced::Done(Err(e))) => Err(e),
@@ -266,14 +297,22 @@ impl Node {
     /// gets [`LOOKUP_CHECK_BUDGET`] after the query for what it could not dial at once.
     /// `announced` cuts a wait short when this node's announcement has landed: a peer that
     /// joined at the same moment announced at about the same time, so the next lookup finds it.
-    async fn discover(self: Arc<Self>, topic: TopicHash, announced: Option<Arc<Notify>>) {
+    pub(super) async fn discover(
+        self: Arc<Self>,
+        topic: TopicHash,
+        announced: Option<Arc<Notify>>,
+    ) {
+        let Some(dht) = self.dht.clone() else {
+            return;
+        };
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
             let mut round = DialRound::new(topic);
-            let mut stream = self.dht.get_peers(info_hash(&topic));
+            let mut stream = dht.get_peers(info_hash(&topic));
             let deadline = tokio::time::Instant::now() + self.settings.timeout;
             while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
-                if !round.offer(&self, batch.into_iter().map(SocketAddr::V4)) {
+                let real = batch.into_iter().map(SocketAddr::V4);
+                if !round.offer(&self, real.filter(|a| !crate::path::is_virtual(a))) {
                     break;
                 }
             }
@@ -293,16 +332,21 @@ impl Node {
         }
     }
 
-    /// Lists the peers on `topic`: the DHT's answers (at most [`MAX_CANDIDATES`]), each
-    /// verified by its Noise key (see [`Node::verify`]). Fails with
-    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all.
+    /// Lists the peers on `topic`: the LAN's and the DHT's candidates (at most
+    /// [`MAX_CANDIDATES`]), each verified by its Noise key (see [`Node::verify`]). Fails with
+    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all, unless LAN
+    /// discovery runs.
     pub(crate) async fn lookup(
         self: &Arc<Self>,
         topic: TopicHash,
     ) -> anyhow::Result<Vec<PeerInfo>> {
         self.register_topic(topic);
+        let lan_answers = self.lan_seek(topic);
         let started = Instant::now();
-        let mut stream = self.dht.get_peers(info_hash(&topic));
+        let Some(dht) = &self.dht else {
+            return Ok(Vec::new());
+        };
+        let mut stream = dht.get_peers(info_hash(&topic));
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
         let mut candidates: Vec<SocketAddr> = Vec::new();
         let mut got_any_batch = false;
@@ -310,7 +354,7 @@ impl Node {
             got_any_batch = true;
             for addr in batch {
                 let addr = SocketAddr::V4(addr);
-                if !candidates.contains(&addr) {
+                if !crate::path::is_virtual(&addr) && !candidates.contains(&addr) {
                     candidates.push(addr);
                     if candidates.len() >= MAX_CANDIDATES {
                         break 'outer;
@@ -320,15 +364,25 @@ impl Node {
         }
         drop(stream);
         if !got_any_batch && !self.dht_reachable().await {
-            return Err(self.unreachable("looking up peers", started));
+            let e = self.unreachable("looking up peers", started);
+            if !self.lan_on() {
+                return Err(e);
+            }
+            self.dht_unreachable(&e);
         }
+        let candidates = self
+            .with_lan_candidates(topic, lan_answers, candidates)
+            .await;
         Ok(self.verify(topic, candidates).await)
     }
 
     /// Whether the DHT node knows any other node.
     async fn dht_reachable(&self) -> bool {
-        let id = *self.dht.info().await.id();
-        !self.dht.find_node(id).await.is_empty()
+        let Some(dht) = &self.dht else {
+            return false;
+        };
+        let id = *dht.info().await.id();
+        !dht.find_node(id).await.is_empty()
     }
 
     /// The error of an operation that ran out of time (DHT nodes answered, but too slowly).

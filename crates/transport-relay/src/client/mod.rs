@@ -5,23 +5,28 @@
 //! - [`supervisor`]: the task that owns the link: one socket at a time, the writer, pings and
 //!   the idle timeout, reconnects with backoff.
 //! - [`driver`]: executes what the session machine decides; [`outbound`] queues its frames.
-//! - [`machine`], [`room`], [`session`], [`handshake`], [`reject_limit`],
+//! - [`machine`], [`room`] (with [`room_ctx`]), [`session`], [`handshake`], [`reject_limit`],
 //!   [`handshake_limit`], [`refusal_log`]: the pure session machine (rooms, per-peer
 //!   sessions, the handshake patterns, rate limits), speaking [`action`]s;
 //!   [`legacy`]: telling session versions apart; [`noise_crypto`]: the X25519 its
 //!   handshakes run on (lazy, counted).
 //! - [`wire`] (peer frames) and [`flow`] (windows): pure formats and arithmetic.
 //! - [`connection`]: the application's `Connection` (chunking, sealing, reassembly).
+//! - [`datagram`] (with [`link_machine`] and [`link_socket`]): the datagram link of relay
+//!   protocol v2, a path for QUIC packets (Auto mode): rooms, membership, datagrams.
 
 mod action;
 mod builder;
 mod connection;
+mod datagram;
 mod dial;
 mod driver;
 mod flow;
 mod handshake;
 mod handshake_limit;
 mod legacy;
+mod link_machine;
+mod link_socket;
 mod machine;
 mod noise_crypto;
 mod outbound;
@@ -29,6 +34,7 @@ mod proxy;
 mod refusal_log;
 mod reject_limit;
 mod room;
+mod room_ctx;
 mod session;
 mod supervisor;
 mod wire;
@@ -46,6 +52,10 @@ use crate::RelayError;
 use driver::{Cmd, Driver};
 
 pub use builder::RelayTransportBuilder;
+pub use datagram::{
+    Datagram, DatagramLink, LINK_DATAGRAM_QUEUE, LINK_EVENT_QUEUE, LinkEvent, LinkReceivers,
+    LinkStats, MAX_LINK_ROOMS, datagrams_of,
+};
 pub use flow::FLOW_WINDOW_BYTES;
 pub use wire::SESSION_VERSION;
 
@@ -72,7 +82,7 @@ impl ErrorLog {
         errors.push_back(e);
     }
 
-    fn snapshot(&self) -> Vec<RelayError> {
+    pub(crate) fn snapshot(&self) -> Vec<RelayError> {
         let errors = self.0.lock().unwrap_or_else(|p| p.into_inner());
         errors.iter().cloned().collect()
     }

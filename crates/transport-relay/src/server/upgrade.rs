@@ -16,7 +16,7 @@ use super::http::{self, HeadError, Prefixed};
 use super::limits::IpSlot;
 use super::metrics::DropReason;
 use super::state::Shared;
-use crate::protocol::SUBPROTOCOL;
+use crate::protocol::{SUBPROTOCOL, SUBPROTOCOL_V2, SUBPROTOCOLS};
 
 /// tungstenite's read chunk per connection (its default is 128 KiB). It dominates idle memory:
 /// measured RSS per idle, joined connection (5,000 connections, release build) was 31 KiB with
@@ -72,26 +72,30 @@ where
         http::respond(
             &mut stream,
             "426 Upgrade Required",
-            &format!("Upgrade: websocket\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"),
-            &format!("this is a pluresdb-sync relay: connect with a WebSocket using the {SUBPROTOCOL} subprotocol\n"),
+            &format!("Upgrade: websocket\r\nSec-WebSocket-Protocol: {SUBPROTOCOL_V2}, {SUBPROTOCOL}\r\n"),
+            &format!("this is a pluresdb-sync relay: connect with a WebSocket using the {SUBPROTOCOL} or {SUBPROTOCOL_V2} subprotocol\n"),
         )
         .await;
         return;
     }
-    if !head.subprotocols.iter().any(|p| p == SUBPROTOCOL) {
+    // The newest version both sides speak.
+    let Some(chosen) = SUBPROTOCOLS
+        .into_iter()
+        .find(|v| head.subprotocols.iter().any(|p| p == v))
+    else {
         shared.metrics.dropped(DropReason::BadUpgrade);
         http::respond(
             &mut stream,
             "400 Bad Request",
             "",
             &format!(
-                "unsupported WebSocket subprotocol {:?}: this relay speaks {SUBPROTOCOL}\n",
+                "unsupported WebSocket subprotocol {:?}: this relay speaks {SUBPROTOCOL} and {SUBPROTOCOL_V2}\n",
                 head.subprotocols.join(", ")
             ),
         )
         .await;
         return;
-    }
+    };
     if !shared.config.auth_tokens.is_empty()
         && !token_ok(&shared.config.auth_tokens, head.bearer.as_deref())
     {
@@ -144,7 +148,7 @@ where
                     mut resp: tungstenite::handshake::server::Response| {
         resp.headers_mut().insert(
             "Sec-WebSocket-Protocol",
-            tungstenite::http::HeaderValue::from_static(SUBPROTOCOL),
+            tungstenite::http::HeaderValue::from_static(chosen),
         );
         Ok(resp)
     };
@@ -177,7 +181,7 @@ where
         .metrics
         .connections_open
         .fetch_add(1, Ordering::Relaxed);
-    conn::run(&shared, ws, &slot).await;
+    conn::run(&shared, ws, &slot, chosen == SUBPROTOCOL_V2).await;
     shared
         .metrics
         .connections_open
