@@ -244,7 +244,10 @@ impl Conn<'_> {
             )) => {
                 // The socket ended without a close frame (the client crashed, was killed or
                 // dropped it): a disconnect like a reset, not a protocol violation.
-                tracing::debug!(conn = self.id, "relay connection ended without a close frame");
+                tracing::debug!(
+                    conn = self.id,
+                    "relay connection ended without a close frame"
+                );
                 Err(ControlFlow::Break(()))
             }
             Err(tungstenite::Error::Protocol(e)) => {
