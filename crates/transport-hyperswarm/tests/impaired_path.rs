@@ -51,6 +51,7 @@ struct Ns(String);
 
 impl Ns {
     fn new() -> Self {
+        remove_stale_namespaces();
         let name = format!("fi{:x}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(&["ip", "netns", "add", &name]);
@@ -71,7 +72,28 @@ impl Drop for Ns {
     }
 }
 
-/// The packet count of the first rule line of `listing` (iptables -L -v -n -x) with `target`.
+/// Removes namespaces left by runs that were killed: `fi<pid in hex>` whose process is gone.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("fi")
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+/// The packets of the rule lines of `listing` (iptables -L -v -n -x) with `target`, summed.
 fn rule_packets(listing: &str, target: &str) -> u64 {
     listing
         .lines()
