@@ -271,6 +271,35 @@ async fn an_upgrade_hands_back_the_stream_and_the_bytes_after_the_head() {
     }
 }
 
+/// A real WebSocket client (tokio-tungstenite's) completes the handshake against [`serve`]
+/// and its frames reach the stream handed back: the 101 keeps `Connection: Upgrade`.
+#[tokio::test]
+async fn a_tungstenite_client_completes_the_handshake() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, protocol::Role};
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let served = tokio::spawn(serve(server, answer));
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://relay.example/relay", client)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::binary(&b"hello"[..])).await.unwrap();
+    let Served::Upgraded(stream, rest) = served.await.unwrap() else {
+        panic!("expected an upgrade");
+    };
+    let mut server = tokio_tungstenite::WebSocketStream::from_partially_read(
+        stream,
+        rest.to_vec(),
+        Role::Server,
+        None,
+    )
+    .await;
+    assert_eq!(
+        server.next().await.unwrap().unwrap(),
+        Message::binary(&b"hello"[..])
+    );
+}
+
 /// Header lines that matter to the relay, with values from anywhere in 0..=255.
 fn header_line() -> impl Strategy<Value = Vec<u8>> {
     let name = prop::sample::select(vec![
