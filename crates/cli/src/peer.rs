@@ -31,10 +31,10 @@ pub(crate) struct PeerArgs {
     /// The topic to join, as 64 hex digits (as `pluresdb-sync topic` prints it).
     #[arg(long)]
     topic: Option<String>,
-    /// The transport: hyperswarm, relay or disabled.
+    /// The transport: hyperswarm, relay, auto (the DHT and a relay together) or disabled.
     #[arg(long, default_value = "hyperswarm")]
     mode: TransportMode,
-    /// The relay's ws:// or wss:// URL (relay mode).
+    /// The relay's ws:// or wss:// URL (relay and auto modes).
     #[arg(long, env = "PLURESDB_SYNC_RELAY_URL")]
     relay_url: Option<String>,
     /// Timeout for network operations, in milliseconds.
@@ -46,7 +46,7 @@ pub(crate) struct PeerArgs {
     /// Identity key file (from `pluresdb-sync keygen`); a new random identity without it.
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
-    /// DHT bootstrap nodes, host:port, comma-separated (Hyperswarm mode) [default:
+    /// DHT bootstrap nodes, host:port, comma-separated (Hyperswarm and auto modes) [default:
     /// $PLURESDB_SYNC_BOOTSTRAP, else the public mainline DHT].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     bootstrap: Vec<String>,
@@ -273,10 +273,12 @@ pub(crate) async fn run(args: PeerArgs) -> anyhow::Result<()> {
                         for p in found {
                             let Some(addr) = p.address else { continue };
                             if linked.contains(&p.id) && addressed.insert(p.id.clone()) {
+                                // Auto mode lists a relayed peer as "relay <url> connection <id>".
+                                let path = if addr.starts_with("relay ") { "relayed" } else { "direct" };
                                 out.status(
-                                    format!("peer {} at {addr} (direct, QUIC)", short(&p.id)),
+                                    format!("peer {} at {addr} ({path}, QUIC)", short(&p.id)),
                                     json!({"type": "peer_address", "peer": p.id,
-                                           "address": addr, "path": "direct"}),
+                                           "address": addr, "path": path}),
                                 );
                             }
                         }
@@ -316,6 +318,7 @@ fn discovery_hint(args: &PeerArgs) -> &'static str {
         }
         TransportMode::Hyperswarm => ": is another peer on the same --db and --bootstrap?",
         TransportMode::Relay => ": is another peer on the same --db and relay?",
+        TransportMode::Auto => ": is another peer on the same --db, on the same relay or DHT?",
         TransportMode::Disabled => ": disabled mode never finds peers",
     }
 }
@@ -324,10 +327,14 @@ fn discovery_hint(args: &PeerArgs) -> &'static str {
 fn with_hint(err: anyhow::Error, args: &PeerArgs) -> anyhow::Error {
     let secs = args.timeout_ms / 1000;
     match args.mode {
+        // Either the whole start timed out, or every DHT request did before it.
         TransportMode::Hyperswarm
             if matches!(
                 err.downcast_ref::<pluresdb_sync::Error>(),
                 Some(pluresdb_sync::Error::Timeout { .. })
+            ) || matches!(
+                err.downcast_ref::<pluresdb_sync::hyperswarm::HyperswarmError>(),
+                Some(pluresdb_sync::hyperswarm::HyperswarmError::DhtUnreachable { .. })
             ) =>
         {
             err.context(format!(
@@ -341,6 +348,11 @@ fn with_hint(err: anyhow::Error, args: &PeerArgs) -> anyhow::Error {
         TransportMode::Relay => err.context(format!(
             "cannot reach the relay at {}: check --relay-url and that the relay runs, or use \
              --mode hyperswarm",
+            args.relay_url.as_deref().unwrap_or("?")
+        )),
+        TransportMode::Auto => err.context(format!(
+            "cannot join the topic in auto mode: neither the relay at {} nor the DHT answered \
+             within {secs} s; check --relay-url and --bootstrap",
             args.relay_url.as_deref().unwrap_or("?")
         )),
         TransportMode::Disabled => err,
@@ -372,6 +384,17 @@ fn build_transport(
                 .relay_url(config.relay_url.clone().unwrap_or_default())
                 .encryption(config.encryption)
                 .timeout(config.timeout());
+            if let Some(identity) = identity {
+                builder = builder.identity(identity);
+            }
+            let t = builder.build()?;
+            (Some(t.peer_id()), Box::new(t))
+        }
+        TransportMode::Auto => {
+            let mut builder = pluresdb_sync::AutoTransportBuilder::from_config(&config)?;
+            if !args.bootstrap.is_empty() {
+                builder = builder.bootstrap(args.bootstrap.clone());
+            }
             if let Some(identity) = identity {
                 builder = builder.identity(identity);
             }

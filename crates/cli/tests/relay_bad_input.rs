@@ -200,7 +200,8 @@ async fn plain_http_and_bad_upgrades_get_clear_statuses() {
     )
     .await;
     assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
-    for protocol in [None, Some("chat"), Some("pluresdb-relay.v2")] {
+    // v2 is spoken too (datagrams); an unknown version is refused.
+    for protocol in [None, Some("chat"), Some("pluresdb-relay.v3")] {
         match ws_with(relay.addr, protocol, None).await {
             Err(tungstenite::Error::Http(resp)) => {
                 assert_eq!(resp.status(), 400, "{protocol:?}");

@@ -19,6 +19,10 @@ pub enum TransportMode {
     Relay,
     /// No network: every operation is a no-op.
     Disabled,
+    /// Hyperswarm's DHT discovery and direct QUIC paths, with a relay (`relay_url`) as one
+    /// more discovery source and path: every pair connects, over the relay when no direct
+    /// path exists. Recommended for applications.
+    Auto,
 }
 
 impl TransportMode {
@@ -28,6 +32,7 @@ impl TransportMode {
             TransportMode::Hyperswarm => "hyperswarm",
             TransportMode::Relay => "relay",
             TransportMode::Disabled => "disabled",
+            TransportMode::Auto => "auto",
         }
     }
 }
@@ -46,8 +51,9 @@ impl std::str::FromStr for TransportMode {
             "hyperswarm" => Ok(TransportMode::Hyperswarm),
             "relay" => Ok(TransportMode::Relay),
             "disabled" => Ok(TransportMode::Disabled),
+            "auto" => Ok(TransportMode::Auto),
             other => Err(format!(
-                "unknown transport mode {other:?} (expected hyperswarm, relay or disabled)"
+                "unknown transport mode {other:?} (expected hyperswarm, relay, auto or disabled)"
             )),
         }
     }
@@ -61,7 +67,7 @@ impl std::str::FromStr for TransportMode {
 pub struct TransportConfig {
     /// Which transport (default Hyperswarm).
     pub mode: TransportMode,
-    /// The relay's `ws://` or `wss://` URL; required in relay mode.
+    /// The relay's `ws://` or `wss://` URL; required in relay and auto modes.
     pub relay_url: Option<String>,
     /// Timeout for network operations, in milliseconds (default 30000; must be > 0).
     pub timeout_ms: u64,
@@ -81,7 +87,7 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
-    /// Checks the configuration: relay mode needs a `ws://` or `wss://` URL with a host, and
+    /// Checks the configuration: relay and auto modes need a `ws://` or `wss://` URL with a host, and
     /// `timeout_ms` must be > 0. Errors are [`Error`] values inside the `anyhow::Error`.
     ///
     /// ```
@@ -100,7 +106,7 @@ impl TransportConfig {
         if self.timeout_ms == 0 {
             return Err(Error::ZeroTimeout);
         }
-        if self.mode == TransportMode::Relay {
+        if matches!(self.mode, TransportMode::Relay | TransportMode::Auto) {
             let url = self.relay_url.as_deref().ok_or(Error::MissingRelayUrl)?;
             check_relay_url(url)?;
         }
@@ -222,8 +228,31 @@ mod tests {
             TransportMode::Hyperswarm,
             TransportMode::Relay,
             TransportMode::Disabled,
+            TransportMode::Auto,
         ] {
             assert_eq!(mode.to_string().parse::<TransportMode>().unwrap(), mode);
         }
+        assert_eq!("AUTO".parse::<TransportMode>(), Ok(TransportMode::Auto));
+        assert_eq!(TransportMode::Auto.as_str(), "auto");
+        assert!(err.contains("auto"), "{err}");
+    }
+
+    #[test]
+    fn auto_mode_needs_a_relay_url_and_spells_auto() {
+        let auto = |url: Option<&str>| TransportConfig {
+            mode: TransportMode::Auto,
+            relay_url: url.map(str::to_owned),
+            ..Default::default()
+        };
+        assert!(matches!(auto(None).check(), Err(Error::MissingRelayUrl)));
+        assert!(matches!(
+            auto(Some("https://r.example")).check(),
+            Err(Error::InvalidRelayUrl { .. })
+        ));
+        auto(Some("wss://r.example/relay")).validate().unwrap();
+        let json = serde_json::to_string(&auto(Some("wss://r.example"))).unwrap();
+        assert!(json.contains("\"mode\":\"auto\""), "{json}");
+        let back: TransportConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.mode, TransportMode::Auto);
     }
 }

@@ -16,7 +16,23 @@ pub fn try_create_transport(config: TransportConfig) -> anyhow::Result<Box<dyn T
         TransportMode::Disabled => disabled(),
         TransportMode::Relay => relay(&config),
         TransportMode::Hyperswarm => hyperswarm(&config),
+        TransportMode::Auto => auto(&config),
     }
+}
+
+/// Auto mode; DHT bootstrap nodes come from `PLURESDB_SYNC_BOOTSTRAP` when it is set.
+#[cfg(feature = "auto")]
+fn auto(config: &TransportConfig) -> anyhow::Result<Box<dyn Transport>> {
+    Ok(Box::new(crate::AutoTransport::from_config(config)?))
+}
+
+#[cfg(not(feature = "auto"))]
+fn auto(_config: &TransportConfig) -> anyhow::Result<Box<dyn Transport>> {
+    Err(Error::FeatureNotEnabled {
+        mode: "auto",
+        feature: "auto",
+    }
+    .into())
 }
 
 /// Hyperswarm mode; bootstrap nodes come from `PLURESDB_SYNC_BOOTSTRAP` when it is set.

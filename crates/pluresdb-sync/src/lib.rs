@@ -10,12 +10,13 @@
 //! | `disabled` (default) | [`DisabledTransport`] | [`TransportMode::Disabled`] |
 //! | `relay` (default) | [`RelayTransport`] | [`TransportMode::Relay`] |
 //! | `hyperswarm` (default) | [`HyperswarmTransport`] | [`TransportMode::Hyperswarm`] |
+//! | `auto` (default) | [`AutoTransport`] | [`TransportMode::Auto`] |
 //!
 //! Asking for a mode whose feature is compiled out is a clear error
 //! ([`Error::FeatureNotEnabled`]), never a panic and never a silent fallback.
 //!
 //! Each transport crate is also re-exported whole, under its feature, as [`relay`],
-//! [`hyperswarm`] and [`disabled`]: their errors, settings and wire types are reachable
+//! [`hyperswarm`], [`auto`] and [`disabled`]: their errors, settings and wire types are reachable
 //! without depending on the crates, e.g. `pluresdb_sync::relay::RelayError` or
 //! `pluresdb_sync::hyperswarm::DialFailure`.
 //!
@@ -62,6 +63,10 @@ pub use pluresdb_sync_transport_hyperswarm::{
 #[cfg_attr(docsrs, doc(cfg(feature = "relay")))]
 pub use pluresdb_sync_transport_relay::{RelayTransport, RelayTransportBuilder};
 
+#[cfg(feature = "auto")]
+#[cfg_attr(docsrs, doc(cfg(feature = "auto")))]
+pub use pluresdb_sync_transport_auto::{AutoError, AutoTransport, AutoTransportBuilder};
+
 mod factory;
 pub use factory::{UnavailableTransport, create_transport, try_create_transport};
 
@@ -76,6 +81,12 @@ pub use pluresdb_sync_transport_relay as relay;
 #[cfg(feature = "hyperswarm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyperswarm")))]
 pub use pluresdb_sync_transport_hyperswarm as hyperswarm;
+
+/// The Auto mode crate ([`pluresdb_sync_transport_auto`]) whole: [`auto::AutoError`], the
+/// builder, and with its `testkit` feature the in-process relay and DHT.
+#[cfg(feature = "auto")]
+#[cfg_attr(docsrs, doc(cfg(feature = "auto")))]
+pub use pluresdb_sync_transport_auto as auto;
 
 /// The local-only transport crate ([`pluresdb_sync_transport_disabled`]) whole.
 #[cfg(feature = "disabled")]

@@ -87,6 +87,15 @@ async fn missing_features_are_named() {
         },
         "relay",
     ));
+    #[cfg(not(feature = "auto"))]
+    cases.push((
+        TransportConfig {
+            mode: TransportMode::Auto,
+            relay_url: Some("wss://relay.example.com".into()),
+            ..Default::default()
+        },
+        "auto",
+    ));
     for (config, feature) in cases {
         let err = try_create_transport(config.clone()).err().unwrap();
         assert_eq!(
@@ -181,4 +190,86 @@ fn the_disabled_crate_is_reexported_whole() {
     use pluresdb_sync::Transport;
     let t = pluresdb_sync::disabled::DisabledTransport::new();
     assert_eq!(t.name(), "disabled");
+}
+
+/// `create_transport` in auto mode: a real relay in this process, the DHT bootstrap nodes
+/// pointing at nothing (no DHT node answers), so the two peers meet in the relay room alone
+/// and connect through the relay.
+#[cfg(feature = "auto")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_through_the_factory() {
+    use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+    let server = RelayServer::bind("127.0.0.1:0".parse().unwrap(), RelayServerConfig::default())
+        .await
+        .unwrap();
+    let url = format!("ws://{}/relay", server.local_addr());
+    // Without PLURESDB_SYNC_BOOTSTRAP the public DHT would be used: the test builds the same
+    // transport the factory does, with a private (silent) bootstrap node instead.
+    let config = TransportConfig {
+        mode: TransportMode::Auto,
+        relay_url: Some(url.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        try_create_transport(TransportConfig {
+            relay_url: None,
+            ..config.clone()
+        })
+        .err()
+        .unwrap()
+        .downcast_ref::<Error>(),
+        Some(&Error::MissingRelayUrl)
+    );
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let build = || {
+        pluresdb_sync::AutoTransportBuilder::from_config(&config)
+            .unwrap()
+            .bootstrap([silent.local_addr().unwrap().to_string()])
+            .bind_addr("127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap()
+    };
+    let (mut a, mut b) = (build(), build());
+    assert_eq!(pluresdb_sync::Transport::name(&a), "auto");
+    let topic = derive_topic("facade-auto-test");
+    use pluresdb_sync::Transport;
+    let mut a_rx = a.connect(topic).await.unwrap();
+    let mut b_rx = b.connect(topic).await.unwrap();
+    let wait = std::time::Duration::from_secs(30);
+    let mut ca = tokio::time::timeout(wait, a_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut cb = tokio::time::timeout(wait, b_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    ca.send(b"via auto").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(wait, cb.receive())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"via auto"
+    );
+    a.disconnect().await.unwrap();
+    b.disconnect().await.unwrap();
+    server.shutdown().await;
+}
+
+#[cfg(feature = "auto")]
+#[test]
+fn the_auto_crate_is_reexported_whole() {
+    use pluresdb_sync::auto::{AutoError, AutoTransport};
+    assert_eq!(
+        AutoTransport::builder().build().unwrap_err(),
+        AutoError::NoRelayUrl
+    );
+    let t = pluresdb_sync::create_transport(TransportConfig {
+        mode: TransportMode::Auto,
+        relay_url: Some("ws://127.0.0.1:9/relay".into()),
+        ..Default::default()
+    });
+    assert_eq!(t.name(), "auto");
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use pluresdb_sync_core::config::DEFAULT_TIMEOUT_MS;
 use pluresdb_sync_core::{Identity, TransportConfig};
 
+use crate::relay_path::RelayPath;
 use crate::{HyperswarmError, HyperswarmTransport};
 
 /// Environment variable with comma-separated `host:port` DHT bootstrap nodes, read by
@@ -70,6 +71,12 @@ pub(crate) struct Settings {
     pub(crate) dht_server_mode: bool,
     pub(crate) dht_request_timeout: Option<Duration>,
     pub(crate) announce_port: Option<u16>,
+    /// The relay path (Auto mode), if any.
+    pub(crate) relay: Option<Arc<dyn RelayPath>>,
+    /// Whether the DHT is used (off only with a relay path).
+    pub(crate) dht: bool,
+    /// Whether UDP to real addresses is used (off only with a relay path).
+    pub(crate) direct: bool,
 }
 
 /// Builds a [`HyperswarmTransport`]; every setting has a documented default.
@@ -103,6 +110,9 @@ pub struct HyperswarmTransportBuilder {
     dht_server_mode: bool,
     dht_request_timeout: Option<Duration>,
     announce_port: Option<u16>,
+    relay: Option<Arc<dyn RelayPath>>,
+    dht: bool,
+    direct: bool,
 }
 
 impl Default for HyperswarmTransportBuilder {
@@ -123,6 +133,9 @@ impl Default for HyperswarmTransportBuilder {
             dht_server_mode: false,
             dht_request_timeout: None,
             announce_port: None,
+            relay: None,
+            dht: true,
+            direct: true,
         }
     }
 }
@@ -246,9 +259,39 @@ impl HyperswarmTransportBuilder {
         self
     }
 
+    /// Adds a relay as one more path and discovery source (what Auto mode does; see
+    /// [`relay_path`](crate::relay_path)): topics are joined in the relay's rooms too, their
+    /// members dialled like DHT peers, and their packets carried as relay datagrams.
+    pub fn relay_path(mut self, path: Arc<dyn RelayPath>) -> Self {
+        self.relay = Some(path);
+        self
+    }
+
+    /// Uses the mainline DHT (default on). Off needs a [`relay_path`](Self::relay_path): peers
+    /// then meet only in the relay's rooms, and no DHT node is started.
+    pub fn dht(mut self, on: bool) -> Self {
+        self.dht = on;
+        self
+    }
+
+    /// Sends and reads UDP to and from real addresses (default on). Off needs a
+    /// [`relay_path`](Self::relay_path): every packet then crosses the relay (for tests of
+    /// the relayed path, and for networks that block UDP).
+    pub fn direct(mut self, on: bool) -> Self {
+        self.direct = on;
+        self
+    }
+
     /// Checks the settings and builds the transport. Nothing touches the network yet: the
     /// socket and the DHT node start on the first async call.
     pub fn build(self) -> Result<HyperswarmTransport, HyperswarmError> {
+        if self.relay.is_none() && !(self.dht && self.direct) {
+            return Err(invalid(
+                "dht and direct",
+                "on, unless a relay path is set",
+                "off",
+            ));
+        }
         if let Some(nodes) = &self.bootstrap {
             for node in nodes {
                 check_host_port(node).map_err(|reason| HyperswarmError::InvalidBootstrap {
@@ -301,6 +344,9 @@ impl HyperswarmTransportBuilder {
             dht_server_mode: self.dht_server_mode,
             dht_request_timeout: self.dht_request_timeout,
             announce_port: self.announce_port,
+            relay: self.relay,
+            dht: self.dht,
+            direct: self.direct,
         })))
     }
 

@@ -29,6 +29,9 @@ pub(crate) mod code {
     pub(crate) const DONE: VarInt = VarInt::from_u32(7);
     /// A newer connection to the same peer replaced this one.
     pub(crate) const REPLACED: VarInt = VarInt::from_u32(8);
+    /// The relay route the connection used is gone (the peer left the room, or a relay
+    /// socket was lost).
+    pub(crate) const PATH_LOST: VarInt = VarInt::from_u32(9);
 
     /// A short text for a close code received from a remote.
     pub(crate) fn describe(code: VarInt) -> &'static str {
@@ -42,6 +45,7 @@ pub(crate) mod code {
             6 => "disconnected",
             7 => "done",
             8 => "replaced by a newer connection",
+            9 => "relay path lost",
             _ => "unknown reason",
         }
     }

@@ -100,8 +100,15 @@ pub enum HandshakeFailure {
         /// quinn's description.
         reason: String,
     },
-    /// The Noise XX exchange failed (a key that does not verify, a broken message).
-    #[error("noise xx: {reason}")]
+    /// The remote speaks another version of this protocol (its QUIC ALPN is not ours): the
+    /// TLS handshake refused it. Upgrade the older peer.
+    #[error("the peer speaks another protocol version (this node speaks {ours})")]
+    Version {
+        /// The protocol this node speaks, e.g. `pluresdb-sync/hyperswarm/2`.
+        ours: &'static str,
+    },
+    /// The Noise handshake failed (a key that does not verify, a broken message).
+    #[error("noise: {reason}")]
     Noise {
         /// What failed.
         reason: String,

@@ -26,11 +26,16 @@
 //!   `derive_from_topic(topic, Domain::DhtInfoHash)`; the topic itself is never published.
 //!   `announce` stores this node's data-socket endpoint under it (refreshed every
 //!   [`DEFAULT_ANNOUNCE_INTERVAL`] until `disconnect`); `lookup` and `connect` read it back.
-//! - **Connections**: QUIC (quinn) on one UDP socket, then a Noise XX handshake
-//!   (`Noise_XX_25519_ChaChaPoly_BLAKE2s`) on the connection's stream, with the QUIC
-//!   connection's exported keying material as the Noise prologue. Noise authenticates both
-//!   static keys (the peer id is the remote's key); QUIC's packet protection encrypts the
-//!   messages, once.
+//! - **Connections**: QUIC (quinn) on one UDP socket, then the dialler names the topic's
+//!   info-hash and a Noise handshake keyed with the topic from its first message
+//!   (`Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s`) runs on the connection's stream, with the QUIC
+//!   connection's exported keying material as the Noise prologue. Only peers that know the
+//!   topic get past message 1 or learn each other's key; Noise authenticates both static keys
+//!   (the peer id is the remote's key); QUIC's packet protection encrypts the messages, once.
+//! - **Hostile input**: incoming attempts are admitted before any crypto within bounds
+//!   (handshakes in progress per IP and in total, a QUIC Retry under load, per-IP rates);
+//!   [`HyperswarmTransport::incoming_stats`] counts how they ended, and refusals are logged
+//!   as one summary line per interval.
 //! - **One connection per peer**: when both sides dial, the peer with the smaller key decides
 //!   which connection survives.
 //! - **Errors**: the `anyhow` errors of the `Transport` calls downcast to
@@ -42,6 +47,11 @@
 //!
 //! Networking starts lazily: [`HyperswarmTransport::from_config`] and the builder only check
 //! settings; the first async call binds the socket and starts the DHT node.
+//!
+//! With a [`relay_path::RelayPath`] ([`HyperswarmTransportBuilder::relay_path`], what Auto
+//! mode's crate sets), a relay is one more path and discovery source: topics are joined in
+//! its rooms too, and members met there are dialled and connected through it exactly like
+//! DHT peers (see [`relay_path`]).
 //!
 //! With the `testkit` feature, [`testkit::LoopbackDht`] runs a private DHT on loopback for
 //! tests, demos and benchmarks.
@@ -56,8 +66,11 @@ pub mod fuzzing;
 mod krpc;
 mod node;
 mod noise;
+mod path;
 mod quic;
+pub mod relay_path;
 mod socket;
+mod stats;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
@@ -78,6 +91,7 @@ pub use config::{
 pub use error::{BootstrapNode, DialFailure, HandshakeFailure, HyperswarmError};
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
+pub use stats::IncomingStats;
 
 use config::Settings;
 use node::Node;
@@ -149,6 +163,31 @@ impl HyperswarmTransport {
         self.node.get().map_or(0, |n| n.probes_received())
     }
 
+    /// Counters of the data socket's paths (direct UDP, relay); zero before networking
+    /// starts.
+    pub fn path_stats(&self) -> relay_path::PathStats {
+        self.node.get().map(|n| n.path_stats()).unwrap_or_default()
+    }
+
+    /// Every address where a peer proved its key (by peer id), direct or through a relay:
+    /// a peer met both on the DHT and in a relay room is listed at both.
+    pub fn verified_addresses(&self) -> Vec<(String, relay_path::PeerAddress)> {
+        self.node
+            .get()
+            .map(|n| n.verified_addresses())
+            .unwrap_or_default()
+    }
+
+    /// What this node did with incoming connection attempts: how many were retried, refused
+    /// (and why), or completed, and how many Diffie-Hellman-costing messages 2 it sent.
+    /// Zero before networking starts.
+    pub fn incoming_stats(&self) -> IncomingStats {
+        self.node
+            .get()
+            .map(|n| n.incoming_stats())
+            .unwrap_or_default()
+    }
+
     /// The data socket's local address, once networking has started.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.node.get().map(|n| n.local_addr())
@@ -169,15 +208,27 @@ impl Transport for HyperswarmTransport {
         &mut self,
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
-        self.node().await?.connect(topic).await
+        let node = self.node().await?;
+        match self.settings.relay {
+            Some(_) => node.auto_connect(topic).await,
+            None => node.connect(topic).await,
+        }
     }
 
     async fn announce(&mut self, topic: TopicHash) -> anyhow::Result<()> {
-        self.node().await?.announce(topic).await
+        let node = self.node().await?;
+        match self.settings.relay {
+            Some(_) => node.auto_announce(topic).await,
+            None => node.announce(topic).await,
+        }
     }
 
     async fn lookup(&self, topic: TopicHash) -> anyhow::Result<Vec<PeerInfo>> {
-        self.node().await?.lookup(topic).await
+        let node = self.node().await?;
+        match self.settings.relay {
+            Some(_) => node.auto_lookup(topic).await,
+            None => node.lookup(topic).await,
+        }
     }
 
     async fn disconnect(&mut self) -> anyhow::Result<()> {

@@ -10,12 +10,20 @@
 //! | `book.rs` | the pure address book: verified peers, backoff, tiers, own addresses |
 //! | `dialer.rs` | dial slots, dials and checks in flight, the `InFlight` guard |
 //! | `candidates.rs` | candidates of any source to dials (`DialRound`) and `lookup` checks |
-//! | `handshake.rs` | dialling and answering: QUIC, probes, Noise XX, hello, typed causes |
+//! | `handshake.rs` | dialling: QUIC, probes, info-hash, Noise XXpsk0; typed causes |
+//! | `respond.rs` | answering: admission of each Initial, the responder's handshake, records |
+//! | `admission.rs` | pure: who may start a handshake (half-open bounds, Retry, rates) |
+//! | `limiter.rs` | pure: token buckets per key in a bounded table |
+//! | `incoming.rs` | pure: counts of how incoming handshakes end; log lines and summaries |
 //! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
 //! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
+//! | `relay_rooms.rs` | pure: with a relay path, each topic's room: joined or not, its members' virtual addresses |
+//! | `relayed.rs` | with a relay path (Auto mode): its events, dialling room members, `announce`/`connect`/`lookup` over the relay and the DHT |
 //!
-//! `topics`, `sessions` and `book` live under one lock ([`Node::state`]); the dialer and the
-//! reflexive learner have their own. Lock order: the dialer's in-flight lock, then the state.
+//! `topics`, `sessions`, `book` and `relay` live under one lock ([`Node::state`]); the dialer
+//! and the reflexive learner have their own, and so do admission and the incoming record.
+//! Lock order: the dialer's in-flight lock, then the state; admission and the record are
+//! taken alone.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,20 +41,30 @@ use crate::error::BootstrapNode;
 use crate::quic;
 use crate::socket::DataSocket;
 
+mod admission;
 mod book;
 mod candidates;
 mod dialer;
 mod discovery;
 mod duplicate;
 mod handshake;
+mod incoming;
+mod limiter;
 mod reflexive;
+mod relay_rooms;
+mod relayed;
+mod respond;
 mod sessions;
 mod topics;
+
+use admission::Admission;
+use incoming::Record;
 
 use book::AddressBook;
 use candidates::WarnLimit;
 use dialer::{Dialer, MAX_CONCURRENT_DIALS};
 use reflexive::Reflexive;
+use relay_rooms::RelayRooms;
 use sessions::Sessions;
 use topics::Topics;
 
@@ -56,6 +74,7 @@ struct State {
     topics: Topics,
     sessions: Sessions,
     book: AddressBook,
+    relay: RelayRooms,
 }
 
 pub(crate) struct Node {
@@ -67,7 +86,10 @@ pub(crate) struct Node {
     /// The data socket's public address as DHT nodes report it.
     reflexive: Reflexive,
     local_addr: SocketAddr,
-    dht: AsyncDht,
+    /// The DHT node (`None` when the DHT is off).
+    dht: Option<AsyncDht>,
+    /// Woken when a relay room is joined (with a relay path).
+    relay_joined: tokio::sync::Notify,
     /// The bootstrap nodes and what they resolved to (given to the DHT node as addresses).
     bootstrap: Vec<BootstrapNode>,
     state: Mutex<State>,
@@ -77,6 +99,11 @@ pub(crate) struct Node {
     dialer: Arc<Dialer>,
     /// Rate limit of "cannot reach a peer" warnings.
     unreachable_warnings: Mutex<WarnLimit>,
+    /// Who may start an incoming handshake now.
+    admission: Mutex<Admission>,
+    /// How incoming handshakes ended; `incoming_changed` wakes the summary writer.
+    incoming: Mutex<Record>,
+    incoming_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Node {
@@ -102,7 +129,12 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let socket = quic::bind_socket(s.bind)
                     .map_err(|e| format!("cannot bind the UDP data socket: {e}"))?;
-                let (dht, bootstrap) = discovery::start_dht(&s)?;
+                let (dht, bootstrap) = if s.dht {
+                    let (dht, bootstrap) = discovery::start_dht(&s)?;
+                    (Some(dht), bootstrap)
+                } else {
+                    (None, Vec::new())
+                };
                 Ok((socket, dht, bootstrap))
             }),
         )
@@ -126,22 +158,31 @@ impl Node {
             data,
             reflexive: Reflexive::default(),
             local_addr,
-            dht: dht.as_async(),
+            dht: dht.map(|d| d.as_async()),
+            relay_joined: tokio::sync::Notify::new(),
             bootstrap,
             state: Mutex::new(State {
                 topics: Topics::default(),
                 sessions: Sessions::default(),
                 book: AddressBook::new(local_addr, announce_port),
+                relay: RelayRooms::default(),
             }),
             tasks: Mutex::new(JoinSet::new()),
             shutdown: CancellationToken::new(),
             dialer: Dialer::new(MAX_CONCURRENT_DIALS),
             unreachable_warnings: Mutex::new(WarnLimit::default()),
+            admission: Mutex::new(Admission::default()),
+            incoming: Mutex::new(Record::default()),
+            incoming_changed: tokio::sync::Notify::new(),
         });
         let accepting = node.clone();
         node.spawn(async move { accepting.accept_loop().await });
         let handler = node.clone();
         node.spawn(async move { handler.handle_diverted(diverted).await });
+        if let Some(path) = node.settings.relay.clone() {
+            let events = node.clone();
+            node.spawn(async move { events.relay_events(path).await });
+        }
         tracing::debug!(addr = %local_addr, peer = %node.settings.identity.peer_id(), "hyperswarm node started");
         Ok(node)
     }
@@ -172,6 +213,9 @@ impl Node {
     /// Stops everything: no more announcing, every connection closed, receivers ended.
     pub(crate) fn shutdown(&self) {
         self.shutdown.cancel();
+        if let Some(path) = &self.settings.relay {
+            path.close();
+        }
         self.endpoint.close(code::DISCONNECT, b"disconnect");
         {
             let mut st = self.state();
@@ -193,6 +237,18 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    fn admission(&self) -> MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn incoming(&self) -> MutexGuard<'_, Record> {
+        self.incoming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn incoming_stats(&self) -> crate::IncomingStats {
+        self.incoming().stats()
+    }
+
     fn register_topic(&self, topic: TopicHash) {
         self.state().topics.join(topic);
     }
@@ -203,6 +259,35 @@ impl Node {
 
     pub(crate) fn dial_failures(&self) -> Vec<crate::DialFailure> {
         self.state().book.dial_failures()
+    }
+
+    pub(crate) fn path_stats(&self) -> crate::relay_path::PathStats {
+        let c = &self.data.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        crate::relay_path::PathStats {
+            relayed_out: get(&c.relayed_out),
+            relayed_in: get(&c.relayed_in),
+            direct_blocked: get(&c.direct_blocked),
+            unroutable: get(&c.unroutable),
+        }
+    }
+
+    pub(crate) fn verified_addresses(&self) -> Vec<(String, crate::relay_path::PeerAddress)> {
+        use crate::relay_path::PeerAddress;
+        let verified = self.state().book.verified_peers();
+        verified
+            .into_iter()
+            .map(|(addr, peer)| {
+                let at = match self.data.routes().route(&addr) {
+                    Some(route) => PeerAddress::Relayed(self.describe_route(&route)),
+                    None if crate::path::is_virtual(&addr) => {
+                        PeerAddress::Relayed("relay (route gone)".into())
+                    }
+                    None => PeerAddress::Direct(addr),
+                };
+                (hex::encode(peer), at)
+            })
+            .collect()
     }
 
     pub(crate) fn probes_received(&self) -> u64 {

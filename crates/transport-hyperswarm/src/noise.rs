@@ -1,31 +1,56 @@
-//! The Noise XX handshake, bound to its QUIC connection, and topic tags.
+//! The Noise XXpsk0 handshake, keyed with the topic from its first message and bound to its
+//! QUIC connection.
+//!
+//! The initiator first names the info-hash it dialled for (public: it is the DHT key), so the
+//! responder knows which topic's pre-shared key (`derive_from_topic(topic, Domain::NoisePsk)`)
+//! to use; then Noise `XXpsk0` runs with that key mixed in before message 1. So:
+//!
+//! - message 1 (`-> psk, e`, payload: the purpose byte) decrypts only under the topic's key:
+//!   a remote that does not know the topic is refused there, and the responder did no
+//!   Diffie-Hellman for it (only hashing and one AEAD check);
+//! - message 2 (`<- e, ee, s, es`) carries the responder's static key encrypted under keys
+//!   that mix in the topic's key: only someone who knows the topic reads it, so a DHT
+//!   observer dialling an announced endpoint cannot learn or link the peer's identity;
+//! - the handshake completes only if both know the topic, which proves it both ways (no
+//!   separate topic proof is needed).
 //!
 //! Both peers feed 32 bytes of the QUIC connection's exported keying material (RFC 5705 /
 //! RFC 9001 exporter, label [`EXPORTER_LABEL`]) into Noise as the prologue. A machine in the
 //! middle that terminates two QUIC connections gets two different exporter values, so the
-//! Noise handshake fails: the static key Noise authenticates is that of the QUIC peer
-//! itself. Payloads then travel in the QUIC stream, encrypted once, by QUIC.
+//! handshake fails: the static key Noise authenticates is that of the QUIC peer itself. It
+//! also makes every message 1 unique to its connection: one replayed on another connection
+//! fails to decrypt. Payloads then travel in the QUIC stream, encrypted once, by QUIC.
 
-use blake2::Blake2sMac256;
-use blake2::digest::{KeyInit, Mac};
 use pluresdb_sync_core::Identity;
 use quinn::{RecvStream, SendStream};
 
-use crate::wire::{self, TAG_LEN};
+use crate::wire::{self, INFO_HASH_LEN, Purpose, WireError};
 
-/// The Noise protocol: the spec's `XX_25519_ChaChaPoly_BLAKE2s`.
-pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// The Noise protocol: the spec's `XX_25519_ChaChaPoly_BLAKE2s` with the topic's pre-shared
+/// key mixed in before the first message.
+pub const NOISE_PARAMS: &str = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s";
 
 /// Exporter label for the Noise prologue.
-pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-pluresdb-sync-hyperswarm-noise-prologue-v1";
+pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-pluresdb-sync-hyperswarm-noise-prologue-v2";
 
 /// What a finished handshake established.
 #[derive(Debug)]
 pub(crate) struct Handshaked {
     /// The remote's static public key, authenticated by Noise.
     pub(crate) remote_static: [u8; 32],
-    /// The Noise handshake hash: unique to this session, used to bind topic tags to it.
-    pub(crate) hash: [u8; 32],
+}
+
+/// Why the responder's side of the handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RespondError {
+    /// Message 1 did not decrypt under the topic's key (the initiator does not know the
+    /// topic, or replayed a message 1 of another connection), or it is malformed. No
+    /// Diffie-Hellman was done.
+    #[error("noise message 1 rejected: {0}")]
+    Message1(String),
+    /// The stream failed, or a later message was wrong.
+    #[error("{0}")]
+    Other(#[from] anyhow::Error),
 }
 
 /// The Noise prologue for `conn`: its exported keying material.
@@ -36,75 +61,132 @@ pub(crate) fn prologue(conn: &quinn::Connection) -> anyhow::Result<[u8; 32]> {
     Ok(out)
 }
 
-fn builder<'a>(secret: &'a [u8; 32], prologue: &'a [u8; 32]) -> anyhow::Result<snow::Builder<'a>> {
+fn builder<'a>(
+    secret: &'a [u8; 32],
+    prologue: &'a [u8; 32],
+    psk: &'a [u8; 32],
+) -> anyhow::Result<snow::Builder<'a>> {
     let params: snow::params::NoiseParams = NOISE_PARAMS.parse()?;
     Ok(snow::Builder::new(params)
         .local_private_key(secret)?
-        .prologue(prologue)?)
+        .prologue(prologue)?
+        .psk(0, psk)?)
 }
 
-/// Runs the initiator's side of Noise XX on the stream.
+/// Runs the initiator's side on the stream: names `info_hash`, sends message 1 with
+/// `purpose`, reads message 2 (which only a responder that knows the topic can write) and,
+/// for [`Purpose::Connect`], sends message 3. An identify exchange stops after message 2:
+/// it only wants the responder's key.
 pub(crate) async fn initiate(
     send: &mut SendStream,
     recv: &mut RecvStream,
     identity: &Identity,
     prologue: &[u8; 32],
+    psk: &[u8; 32],
+    info_hash: &[u8; INFO_HASH_LEN],
+    purpose: Purpose,
 ) -> anyhow::Result<Handshaked> {
     let secret = identity.secret_bytes();
-    let mut hs = builder(&secret, prologue)?.build_initiator()?;
+    let mut hs = builder(&secret, prologue, psk)?.build_initiator()?;
     let mut buf = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
     let mut scratch = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
-    let n = hs.write_message(&[], &mut buf)?;
-    write_message(send, &buf[..n]).await?;
+    let n = hs.write_message(&[purpose.to_byte()], &mut buf)?;
+    let mut first = Vec::with_capacity(INFO_HASH_LEN + 2 + n);
+    first.extend_from_slice(info_hash);
+    first.extend_from_slice(&wire::encode_handshake_len(n));
+    first.extend_from_slice(&buf[..n]);
+    send.write_all(&first).await?;
     let len = read_message(recv, &mut buf).await?;
     hs.read_message(&buf[..len], &mut scratch)?;
-    let n = hs.write_message(&[], &mut buf)?;
-    write_message(send, &buf[..n]).await?;
-    finish(&hs)
+    if purpose == Purpose::Connect {
+        let n = hs.write_message(&[], &mut buf)?;
+        write_message(send, &buf[..n]).await?;
+        anyhow::ensure!(hs.is_handshake_finished(), "the handshake did not finish");
+    }
+    remote_static(&hs)
 }
 
-/// Runs the responder's side of Noise XX on the stream.
-pub(crate) async fn respond(
-    send: &mut SendStream,
+/// The responder's state after message 1: the initiator knows the topic.
+pub(crate) struct Responder {
+    hs: snow::HandshakeState,
+    /// What the initiator wants.
+    pub(crate) purpose: Purpose,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("purpose", &self.purpose)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the initiator's info-hash (before any crypto: the caller picks the topic's key).
+pub(crate) async fn read_info_hash(recv: &mut RecvStream) -> anyhow::Result<[u8; INFO_HASH_LEN]> {
+    let mut info_hash = [0u8; INFO_HASH_LEN];
+    recv.read_exact(&mut info_hash).await?;
+    Ok(info_hash)
+}
+
+/// Reads and checks message 1 under `psk`: symmetric crypto only.
+pub(crate) async fn respond_first(
     recv: &mut RecvStream,
     identity: &Identity,
     prologue: &[u8; 32],
-) -> anyhow::Result<Handshaked> {
-    let secret = identity.secret_bytes();
-    let mut hs = builder(&secret, prologue)?.build_responder()?;
+    psk: &[u8; 32],
+) -> Result<Responder, RespondError> {
     let mut buf = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
-    let mut scratch = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
     let len = read_message(recv, &mut buf).await?;
-    hs.read_message(&buf[..len], &mut scratch)?;
-    let n = hs.write_message(&[], &mut buf)?;
-    write_message(send, &buf[..n]).await?;
-    let len = read_message(recv, &mut buf).await?;
-    hs.read_message(&buf[..len], &mut scratch)?;
-    finish(&hs)
+    let secret = identity.secret_bytes();
+    let mut hs = builder(&secret, prologue, psk)?
+        .build_responder()
+        .map_err(anyhow::Error::from)?;
+    let mut payload = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
+    let n = hs
+        .read_message(&buf[..len], &mut payload)
+        .map_err(|e| RespondError::Message1(e.to_string()))?;
+    let purpose = wire::decode_purpose(&payload[..n])
+        .map_err(|e: WireError| RespondError::Message1(e.to_string()))?;
+    Ok(Responder { hs, purpose })
 }
 
-fn finish(hs: &snow::HandshakeState) -> anyhow::Result<Handshaked> {
-    anyhow::ensure!(hs.is_handshake_finished(), "the handshake did not finish");
+impl Responder {
+    /// Sends message 2 (our static key; two Diffie-Hellman operations).
+    pub(crate) async fn reply(&mut self, send: &mut SendStream) -> anyhow::Result<()> {
+        let mut buf = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
+        let n = self.hs.write_message(&[], &mut buf)?;
+        write_message(send, &buf[..n]).await
+    }
+
+    /// Reads message 3: the initiator's static key.
+    pub(crate) async fn finish(mut self, recv: &mut RecvStream) -> anyhow::Result<Handshaked> {
+        let mut buf = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
+        let mut scratch = [0u8; wire::MAX_HANDSHAKE_MESSAGE];
+        let len = read_message(recv, &mut buf).await?;
+        self.hs.read_message(&buf[..len], &mut scratch)?;
+        anyhow::ensure!(
+            self.hs.is_handshake_finished(),
+            "the handshake did not finish"
+        );
+        remote_static(&self.hs)
+    }
+}
+
+fn remote_static(hs: &snow::HandshakeState) -> anyhow::Result<Handshaked> {
     let remote = hs
         .get_remote_static()
         .ok_or_else(|| anyhow::anyhow!("no remote static key after the handshake"))?;
     let remote_static: [u8; 32] = remote
         .try_into()
         .map_err(|_| anyhow::anyhow!("remote static key of {} bytes", remote.len()))?;
-    let hash: [u8; 32] = hs
-        .get_handshake_hash()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("unexpected handshake hash length"))?;
-    Ok(Handshaked {
-        remote_static,
-        hash,
-    })
+    Ok(Handshaked { remote_static })
 }
 
 async fn write_message(send: &mut SendStream, msg: &[u8]) -> anyhow::Result<()> {
-    send.write_all(&wire::encode_handshake_len(msg.len()))
-        .await?;
-    send.write_all(msg).await?;
+    let mut framed = Vec::with_capacity(2 + msg.len());
+    framed.extend_from_slice(&wire::encode_handshake_len(msg.len()));
+    framed.extend_from_slice(msg);
+    send.write_all(&framed).await?;
     Ok(())
 }
 
@@ -119,54 +201,74 @@ async fn read_message(
     Ok(len)
 }
 
-/// Which side computes a topic tag (the two tags of one session differ).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Role {
-    Initiator,
-    Responder,
-}
-
-/// Proof of knowing the topic, bound to one handshake: BLAKE2s-MAC keyed with the topic's
-/// `Domain::NoisePsk` value over a role label and the handshake hash. It reveals nothing
-/// about the topic and cannot be replayed into another session.
-pub(crate) fn topic_tag(psk: &[u8; 32], role: Role, hash: &[u8; 32]) -> [u8; TAG_LEN] {
-    // A 32-byte key is always valid for BLAKE2s; the fallback is unreachable.
-    let Ok(mut mac) = <Blake2sMac256 as KeyInit>::new_from_slice(psk) else {
-        return [0u8; TAG_LEN];
-    };
-    mac.update(match role {
-        Role::Initiator => b"pluresdb-sync/v1/topic-tag/initiator",
-        Role::Responder => b"pluresdb-sync/v1/topic-tag/responder",
-    });
-    mac.update(hash);
-    mac.finalize().into_bytes().into()
-}
-
-/// Compares tags in constant time.
-pub(crate) fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn tags_depend_on_everything() {
-        let h = [1u8; 32];
-        let a = topic_tag(&[2; 32], Role::Initiator, &h);
-        assert!(tags_equal(&a, &topic_tag(&[2; 32], Role::Initiator, &h)));
-        assert!(!tags_equal(&a, &topic_tag(&[3; 32], Role::Initiator, &h)));
-        assert!(!tags_equal(&a, &topic_tag(&[2; 32], Role::Responder, &h)));
-        assert!(!tags_equal(
-            &a,
-            &topic_tag(&[2; 32], Role::Initiator, &[9; 32])
-        ));
+    fn pair(
+        psk_i: &[u8; 32],
+        psk_r: &[u8; 32],
+        prologue_r: &[u8; 32],
+    ) -> (snow::HandshakeState, snow::HandshakeState) {
+        let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let (sa, sb) = (a.secret_bytes(), b.secret_bytes());
+        let i = builder(&sa, &[1; 32], psk_i)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let r = builder(&sb, prologue_r, psk_r)
+            .unwrap()
+            .build_responder()
+            .unwrap();
+        (i, r)
     }
 
     #[test]
     fn params_parse() {
         let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
         assert_eq!(params.name, NOISE_PARAMS);
+    }
+
+    /// Message 1 is checked under the psk and the prologue: a wrong topic or another
+    /// connection's message 1 fails at once.
+    #[test]
+    fn message_1_needs_the_psk_and_the_prologue() {
+        let mut buf = [0u8; 1024];
+        let mut out = [0u8; 1024];
+        let (mut i, mut r) = pair(&[7; 32], &[7; 32], &[1; 32]);
+        let n = i.write_message(&[1], &mut buf).unwrap();
+        assert_eq!(n, 32 + 1 + 16, "e, then the encrypted purpose byte");
+        assert_eq!(r.read_message(&buf[..n], &mut out).unwrap(), 1);
+        assert_eq!(out[0], 1);
+        // Another topic.
+        let (mut i, mut r) = pair(&[7; 32], &[8; 32], &[1; 32]);
+        let n = i.write_message(&[1], &mut buf).unwrap();
+        assert!(r.read_message(&buf[..n], &mut out).is_err());
+        // Another connection (prologue).
+        let (mut i, mut r) = pair(&[7; 32], &[7; 32], &[2; 32]);
+        let n = i.write_message(&[1], &mut buf).unwrap();
+        assert!(r.read_message(&buf[..n], &mut out).is_err());
+    }
+
+    /// With the same psk the handshake completes and each side learns the other's key.
+    #[test]
+    fn the_same_psk_completes_the_handshake() {
+        let mut buf = [0u8; 1024];
+        let mut out = [0u8; 1024];
+        let (mut i, mut r) = pair(&[7; 32], &[7; 32], &[1; 32]);
+        let n = i.write_message(&[1], &mut buf).unwrap();
+        r.read_message(&buf[..n], &mut out).unwrap();
+        let n = r.write_message(&[], &mut buf).unwrap();
+        assert_eq!(
+            n,
+            32 + 48 + 16,
+            "e, the encrypted s, an empty payload's tag"
+        );
+        i.read_message(&buf[..n], &mut out).unwrap();
+        let n = i.write_message(&[], &mut buf).unwrap();
+        r.read_message(&buf[..n], &mut out).unwrap();
+        assert!(i.is_handshake_finished() && r.is_handshake_finished());
+        assert_eq!(i.get_remote_static().map(<[u8]>::len), Some(32));
+        assert_eq!(r.get_remote_static().map(<[u8]>::len), Some(32));
     }
 }

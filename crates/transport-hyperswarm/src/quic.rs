@@ -1,9 +1,12 @@
 //! The data socket and the QUIC endpoint on it.
 //!
-//! TLS here only sets up QUIC's packet protection: the certificate is a throwaway self-signed
-//! one and the client accepts any certificate (checking only the handshake signature). Peers
-//! are authenticated by the Noise XX handshake that follows, bound to this QUIC connection
-//! through its exported keying material (see `noise.rs`).
+//! TLS here only sets up QUIC's packet protection and checks the protocol version (the ALPN:
+//! a peer of another version fails the TLS handshake with `no_application_protocol`): the
+//! certificate is a throwaway self-signed one and the client accepts any certificate
+//! (checking only the handshake signature). Peers are authenticated by the Noise XXpsk0
+//! handshake that follows, bound to this QUIC connection through its exported keying
+//! material (see `noise.rs`). Which incoming connections get that far is `node/admission.rs`'s
+//! decision; the Retry tokens it relies on are quinn's (keyed per endpoint, valid 15 s).
 
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
@@ -25,8 +28,16 @@ use crate::wire::ALPN;
 /// loopback (measured); 4 MiB does not. The kernel may cap it (`net.core.rmem_max`).
 pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
-/// Most QUIC handshakes in progress at once; more incoming ones are refused (flood bound).
-pub(crate) const MAX_INCOMING_HANDSHAKES: usize = 64;
+/// Most incoming connection attempts quinn holds until the accept loop decides about them
+/// (it decides at once: accept, Retry or refuse; more are refused by quinn).
+pub(crate) const MAX_PENDING_INCOMING: usize = 256;
+
+/// Bytes quinn buffers for one incoming attempt before it is accepted (its Initials, any
+/// early packets), and for all of them together: a flood of Initials cannot pin more.
+pub(crate) const INCOMING_BUFFER_BYTES: u64 = 64 * 1024;
+
+/// See [`INCOMING_BUFFER_BYTES`].
+pub(crate) const INCOMING_BUFFER_TOTAL_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The server name the client asks for; meaningless here (no certificate is checked by name).
 pub(crate) const SERVER_NAME: &str = "pluresdb-sync";
@@ -56,6 +67,15 @@ pub(crate) type Started = (
 
 /// Creates the QUIC endpoint (client and server) on `socket`.
 pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result<Started> {
+    endpoint_for(settings, socket, ALPN)
+}
+
+/// [`endpoint`] speaking the protocol `alpn` (tests make old peers with it).
+pub(crate) fn endpoint_for(
+    settings: &Settings,
+    socket: UdpSocket,
+    alpn: &[u8],
+) -> anyhow::Result<Started> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let transport = Arc::new(transport_config(settings)?);
 
@@ -66,19 +86,22 @@ pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert_der], key_der.into())?;
-    server_tls.alpn_protocols = vec![ALPN.to_vec()];
+    server_tls.alpn_protocols = vec![alpn.to_vec()];
     server_tls.max_early_data_size = 0;
     let mut server =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
     server.transport_config(transport.clone());
-    server.max_incoming(MAX_INCOMING_HANDSHAKES);
+    server
+        .max_incoming(MAX_PENDING_INCOMING)
+        .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoiseAuthenticates(provider)))
         .with_no_client_auth();
-    client_tls.alpn_protocols = vec![ALPN.to_vec()];
+    client_tls.alpn_protocols = vec![alpn.to_vec()];
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
     client.transport_config(transport);
 
@@ -87,7 +110,11 @@ pub(crate) fn endpoint(settings: &Settings, socket: UdpSocket) -> anyhow::Result
     // must not be greased.
     endpoint_config.grease_quic_bit(false);
     let runtime = Arc::new(quinn::TokioRuntime);
-    let (data, diverted) = DataSocket::new(runtime.wrap_udp_socket(socket)?);
+    let (data, diverted) = DataSocket::new(
+        runtime.wrap_udp_socket(socket)?,
+        settings.relay.clone(),
+        settings.direct,
+    );
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         Some(server),

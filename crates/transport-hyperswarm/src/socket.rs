@@ -1,6 +1,10 @@
 //! The data socket as quinn sees it: a wrapper that takes non-QUIC datagrams (hole-punch
 //! probes, KRPC replies telling our public address) out of every received batch before
-//! quinn sees them, so one UDP socket carries QUIC, probes and address discovery.
+//! quinn sees them, so one UDP socket carries QUIC, probes and address discovery; and, with
+//! a relay path (Auto mode), the router between UDP and the relay: packets to a virtual
+//! address (`path.rs`) go to its relay route, relay datagrams come back from the route's
+//! virtual address, so quinn sees relayed peers as ordinary addresses. Reading alternates
+//! between the UDP socket and the relay so that neither starves the other.
 //!
 //! Classification uses the QUIC "fixed bit" (0x40 of the first byte), which this endpoint
 //! never greases (`grease_quic_bit(false)`): probes start with 0x00. KRPC messages start with
@@ -11,13 +15,16 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
+
+use crate::path::{RouteTable, is_virtual};
+use crate::relay_path::{RelayDatagram, RelayPath};
 
 /// A hole-punch probe: starts with 0x00 (QUIC fixed bit clear).
 pub(crate) const PROBE: &[u8] = b"\x00pluresdb-sync/punch/v1";
@@ -97,12 +104,28 @@ pub(crate) fn filter_batch(
     kept
 }
 
-/// Counters of what the data socket diverted.
+/// Counters of what the data socket diverted or could not route.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) probes: AtomicU64,
     pub(crate) garbage: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    /// Packets to a virtual address with no route, or relay datagrams from a route that got
+    /// no address (the route table full), or too large for quinn's buffer.
+    pub(crate) unroutable: AtomicU64,
+    /// Packets not sent or read over UDP because direct UDP is off.
+    pub(crate) direct_blocked: AtomicU64,
+    /// Datagrams sent and received through the relay path.
+    pub(crate) relayed_out: AtomicU64,
+    pub(crate) relayed_in: AtomicU64,
+}
+
+/// The relay side of the data socket.
+struct Relayed {
+    path: Arc<dyn RelayPath>,
+    routes: Arc<RouteTable>,
+    /// The rest of a relay batch that did not fit quinn's buffers in one poll.
+    pending: Mutex<Option<RelayDatagram>>,
 }
 
 /// The data socket handed to quinn.
@@ -110,23 +133,51 @@ pub(crate) struct DataSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     diverted: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     pub(crate) counters: Arc<Counters>,
+    relay: Option<Relayed>,
+    /// Whether UDP to and from real addresses is used (off: relay only, for tests).
+    direct: bool,
+    /// Which side is read first next time (they take turns).
+    relay_first: AtomicBool,
+    routes: Arc<RouteTable>,
 }
 
 impl DataSocket {
+    /// The data socket over `inner`, routing virtual addresses to `relay` (if any), with
+    /// direct UDP on or off. Returns the datagrams diverted from UDP.
     pub(crate) fn new(
         inner: Arc<dyn AsyncUdpSocket>,
+        relay: Option<Arc<dyn RelayPath>>,
+        direct: bool,
     ) -> (Arc<Self>, mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
         let (tx, rx) = mpsc::channel(DIVERT_QUEUE);
+        let routes = Arc::new(RouteTable::default());
         let socket = Arc::new(Self {
             inner,
             diverted: tx,
             counters: Arc::default(),
+            relay: relay.map(|path| Relayed {
+                path,
+                routes: routes.clone(),
+                pending: Mutex::new(None),
+            }),
+            direct,
+            relay_first: AtomicBool::new(false),
+            routes,
         });
         (socket, rx)
     }
 
-    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it).
+    /// The virtual addresses of relay routes.
+    pub(crate) fn routes(&self) -> &Arc<RouteTable> {
+        &self.routes
+    }
+
+    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it). Never
+    /// to a virtual address, nor anywhere when direct UDP is off.
     pub(crate) fn send_raw(&self, to: SocketAddr, bytes: &[u8]) {
+        if is_virtual(&to) || !self.direct {
+            return;
+        }
         let transmit = Transmit {
             destination: to,
             ecn: None,
@@ -154,6 +205,28 @@ impl AsyncUdpSocket for DataSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        let to = transmit.destination;
+        if is_virtual(&to) {
+            // Like a full UDP buffer, a packet that cannot go is dropped (QUIC recovers).
+            let route = self
+                .relay
+                .as_ref()
+                .and_then(|r| Some((r, r.routes.route(&to)?)));
+            let counter = match route {
+                Some((r, route)) => {
+                    let segment = transmit.segment_size.unwrap_or(0);
+                    r.path.send(&route, segment, transmit.contents);
+                    &self.counters.relayed_out
+                }
+                None => &self.counters.unroutable,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if !self.direct {
+            self.counters.direct_blocked.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         self.inner.try_send(transmit)
     }
 
@@ -163,8 +236,123 @@ impl AsyncUdpSocket for DataSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        if self.relay.is_none() {
+            return self.poll_udp(cx, bufs, meta);
+        }
+        // Both sides register the waker when they have nothing.
+        if self.relay_first.fetch_xor(true, Ordering::Relaxed) {
+            let n = self.poll_relay(cx, bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+            self.poll_udp(cx, bufs, meta)
+        } else {
+            if let Poll::Ready(r) = self.poll_udp(cx, bufs, meta) {
+                return Poll::Ready(r);
+            }
+            match self.poll_relay(cx, bufs, meta) {
+                0 => Poll::Pending,
+                n => Poll::Ready(Ok(n)),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+impl DataSocket {
+    /// Reads what the relay path has into `bufs` (whole datagrams, a batch as one entry with
+    /// its segment size as stride), each from its route's virtual address; 0 when nothing is
+    /// there (the waker is then registered).
+    fn poll_relay(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        let Some(r) = &self.relay else {
+            return 0;
+        };
+        let mut pending = r.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let d = match pending.take() {
+                Some(d) => d,
+                None => match r.path.poll_recv(cx) {
+                    Poll::Ready(Some(d)) => d,
+                    Poll::Ready(None) | Poll::Pending => break,
+                },
+            };
+            let segment = if d.segment == 0 {
+                d.bytes.len()
+            } else {
+                d.segment
+            };
+            let cap = bufs[n].len();
+            let Some(addr) = r.routes.addr_for(&d.from) else {
+                self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if segment == 0 || segment > cap {
+                // Empty (quinn has no use for it) or larger than any packet quinn reads.
+                self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let take = if d.bytes.len() <= cap {
+                d.bytes.len()
+            } else {
+                cap / segment * segment
+            };
+            bufs[n][..take].copy_from_slice(&d.bytes[..take]);
+            meta[n] = RecvMeta {
+                addr,
+                len: take,
+                stride: segment.min(take),
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+            self.counters.relayed_in.fetch_add(1, Ordering::Relaxed);
+            if take < d.bytes.len() {
+                *pending = Some(RelayDatagram {
+                    bytes: d.bytes[take..].to_vec(),
+                    ..d
+                });
+            }
+        }
+        n
+    }
+
+    /// Reads the UDP socket, diverting non-QUIC datagrams (and everything when direct UDP is
+    /// off).
+    fn poll_udp(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            if !self.direct {
+                self.counters
+                    .direct_blocked
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                continue;
+            }
             let kept = filter_batch(bufs, meta, n, |from, kind, bytes| match kind {
                 Kind::Garbage => {
                     self.counters.garbage.fetch_add(1, Ordering::Relaxed);
@@ -183,22 +371,6 @@ impl AsyncUdpSocket for DataSocket {
             }
             // Everything was diverted: poll again (registers the waker when nothing is left).
         }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
     }
 }
 
@@ -273,6 +445,99 @@ mod tests {
         ]);
         assert_eq!(kept, vec![vec![q1, q2.clone(), q3], vec![q2]]);
         assert_eq!(diverted, vec![probe.clone(), probe]);
+    }
+
+    /// A relay path over channels: what the data socket sends, and what it is to receive.
+    #[derive(Debug)]
+    struct Channels {
+        sent: std::sync::Mutex<Vec<(crate::relay_path::RelayRoute, usize, Vec<u8>)>>,
+        incoming: std::sync::Mutex<mpsc::UnboundedReceiver<RelayDatagram>>,
+    }
+
+    impl RelayPath for Channels {
+        fn join(&self, _: &pluresdb_sync_core::TopicHash) {}
+        fn send(&self, to: &crate::relay_path::RelayRoute, segment: usize, d: &[u8]) -> bool {
+            self.sent.lock().unwrap().push((*to, segment, d.to_vec()));
+            true
+        }
+        fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<RelayDatagram>> {
+            self.incoming.lock().unwrap().poll_recv(cx)
+        }
+        fn poll_event(&self, _: &mut Context<'_>) -> Poll<Option<crate::relay_path::RelayEvent>> {
+            Poll::Pending
+        }
+        fn close(&self) {}
+        fn url(&self, _: u64) -> Option<String> {
+            None
+        }
+    }
+
+    /// Packets to a virtual address go to its route (a GSO batch with its segment size),
+    /// never to UDP; relay batches come back from the route's address, a batch larger than
+    /// quinn's buffer split over several entries at whole datagrams; with direct UDP off,
+    /// real addresses are neither sent to nor read from.
+    #[tokio::test]
+    async fn virtual_addresses_are_routed_through_the_relay() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let path = Arc::new(Channels {
+            sent: Default::default(),
+            incoming: std::sync::Mutex::new(rx),
+        });
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_nonblocking(true).unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, udp).unwrap();
+        let (socket, _diverted) = DataSocket::new(inner, Some(path.clone()), false);
+        let route = crate::relay_path::RelayRoute {
+            link: 1,
+            room: [5; 32],
+            conn: 9,
+        };
+        let vaddr = socket.routes().addr_for(&route).unwrap();
+        let batch = quic(3 * 1200 + 100, 7);
+        let send = |to: SocketAddr, segment_size: Option<usize>| {
+            socket.try_send(&Transmit {
+                destination: to,
+                ecn: None,
+                contents: &batch,
+                segment_size,
+                src_ip: None,
+            })
+        };
+        send(vaddr, Some(1200)).unwrap();
+        send("240.9.9.9:1".parse().unwrap(), None).unwrap();
+        send("127.0.0.1:9".parse().unwrap(), None).unwrap();
+        assert_eq!(
+            *path.sent.lock().unwrap(),
+            vec![(route, 1200, batch.clone())]
+        );
+        let c = &socket.counters;
+        assert_eq!(c.unroutable.load(Ordering::Relaxed), 1, "no route: dropped");
+        assert_eq!(c.direct_blocked.load(Ordering::Relaxed), 1, "direct is off");
+        // Receiving: 5 datagrams of 1000 bytes (the last 400) into buffers of 2,500 bytes.
+        let from_relay = quic(4 * 1000 + 400, 3);
+        tx.send(RelayDatagram {
+            from: route,
+            segment: 1000,
+            bytes: from_relay.clone(),
+        })
+        .unwrap();
+        let mut storage = vec![vec![0u8; 2500]; 2];
+        let mut meta = vec![RecvMeta::default(); 2];
+        let mut got = Vec::new();
+        while got.len() < from_relay.len() {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta))
+                .await
+                .unwrap();
+            for i in 0..n {
+                assert_eq!(meta[i].addr, vaddr);
+                assert_eq!(meta[i].stride, 1000.min(meta[i].len));
+                assert!(meta[i].len % 1000 == 0 || got.len() + meta[i].len == 4400);
+                got.extend_from_slice(&bufs[i][..meta[i].len]);
+            }
+        }
+        assert_eq!(got, from_relay);
     }
 
     proptest! {

@@ -2,29 +2,32 @@
 //! `docs/architecture.md`, "Hyperswarm mode"). Decoders are pure functions over bytes.
 //!
 //! ```text
-//! initiator -> responder  noise msg 1    u16 BE length, Noise XX `-> e`
+//! QUIC ALPN "pluresdb-sync/hyperswarm/2" (version 1 had no psk: refused in the TLS handshake)
+//! initiator -> responder  info-hash      20 bytes: the DHT key of the topic dialled for
+//! initiator -> responder  noise msg 1    u16 BE length, Noise XXpsk0 `-> psk, e`;
+//!                                        payload 1 byte purpose (1 connect, 2 identify)
 //! responder -> initiator  noise msg 2    u16 BE length, `<- e, ee, s, es`
-//! initiator -> responder  noise msg 3    u16 BE length, `-> s, se`
-//! initiator -> responder  hello          1 byte purpose (1 connect, 2 identify) + 32-byte topic tag
-//! responder -> initiator  hello reply    32-byte topic tag
+//! initiator -> responder  noise msg 3    u16 BE length, `-> s, se`; connect only
 //! leader    -> follower   verdict        1 byte (1 accept, 2 duplicate); connect only
 //! both ways               messages       u32 BE length (<= 16 MiB) + payload
 //! ```
 
 use pluresdb_sync_core::MAX_MESSAGE_BYTES;
 
-/// The QUIC ALPN of this protocol; a version bump changes it.
-pub(crate) const ALPN: &[u8] = b"pluresdb-sync/hyperswarm/1";
+/// The QUIC ALPN of this protocol; a version bump changes it (a peer of another version is
+/// refused in the TLS handshake: `HandshakeFailure::Version`).
+pub(crate) const ALPN: &[u8] = b"pluresdb-sync/hyperswarm/2";
 
-/// Noise XX handshake messages here carry empty payloads (at most 96 bytes); anything
-/// longer than this is an attack or a bug.
+/// The ALPN of version 1 (Noise XX without a psk, then topic tags): an old peer, in tests.
+#[cfg(test)]
+pub(crate) const ALPN_V1: &[u8] = b"pluresdb-sync/hyperswarm/1";
+
+/// Noise handshake messages here are at most 96 bytes (message 1 with its purpose byte is
+/// 49); anything longer than this is an attack or a bug.
 pub(crate) const MAX_HANDSHAKE_MESSAGE: usize = 1024;
 
-/// Length of the initiator's hello: purpose byte + topic tag.
-pub(crate) const HELLO_LEN: usize = 1 + TAG_LEN;
-
-/// Length of a topic tag (a keyed BLAKE2s MAC).
-pub(crate) const TAG_LEN: usize = 32;
+/// Length of the info-hash the initiator names first.
+pub(crate) const INFO_HASH_LEN: usize = 20;
 
 /// Length of a message header.
 pub(crate) const FRAME_HEADER_LEN: usize = 4;
@@ -38,9 +41,9 @@ pub(crate) enum WireError {
     HandshakeEmpty,
     #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
     FrameTooLong(usize),
-    #[error("hello of {0} bytes, expected {HELLO_LEN}")]
-    HelloLength(usize),
-    #[error("unknown hello purpose {0:#04x}")]
+    #[error("message 1 payload of {0} bytes, expected 1 (the purpose)")]
+    PurposeLength(usize),
+    #[error("unknown purpose {0:#04x}")]
     UnknownPurpose(u8),
     #[error("unknown verdict {0:#04x}")]
     UnknownVerdict(u8),
@@ -56,7 +59,8 @@ pub(crate) enum Purpose {
 }
 
 impl Purpose {
-    fn to_byte(self) -> u8 {
+    /// The byte in message 1's payload.
+    pub(crate) fn to_byte(self) -> u8 {
         match self {
             Purpose::Connect => 1,
             Purpose::Identify => 2,
@@ -122,27 +126,14 @@ pub(crate) fn encode_frame_len(len: usize) -> [u8; FRAME_HEADER_LEN] {
     u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
 }
 
-/// Encodes the initiator's hello.
-pub(crate) fn encode_hello(purpose: Purpose, tag: &[u8; TAG_LEN]) -> [u8; HELLO_LEN] {
-    let mut out = [0u8; HELLO_LEN];
-    out[0] = purpose.to_byte();
-    out[1..].copy_from_slice(tag);
-    out
-}
-
-/// Decodes the initiator's hello.
-pub(crate) fn decode_hello(bytes: &[u8]) -> Result<(Purpose, [u8; TAG_LEN]), WireError> {
-    if bytes.len() != HELLO_LEN {
-        return Err(WireError::HelloLength(bytes.len()));
+/// Decodes message 1's payload: the purpose byte.
+pub(crate) fn decode_purpose(payload: &[u8]) -> Result<Purpose, WireError> {
+    match *payload {
+        [1] => Ok(Purpose::Connect),
+        [2] => Ok(Purpose::Identify),
+        [other] => Err(WireError::UnknownPurpose(other)),
+        _ => Err(WireError::PurposeLength(payload.len())),
     }
-    let purpose = match bytes[0] {
-        1 => Purpose::Connect,
-        2 => Purpose::Identify,
-        other => return Err(WireError::UnknownPurpose(other)),
-    };
-    let mut tag = [0u8; TAG_LEN];
-    tag.copy_from_slice(&bytes[1..]);
-    Ok((purpose, tag))
 }
 
 #[cfg(test)]
@@ -168,20 +159,21 @@ mod tests {
         );
         assert_eq!(decode_handshake_len(encode_handshake_len(96)), Ok(96));
         assert_eq!(decode_verdict(0), Err(WireError::UnknownVerdict(0)));
+        assert_eq!(decode_purpose(&[3]), Err(WireError::UnknownPurpose(3)));
         let err = WireError::FrameTooLong(MAX_MESSAGE_BYTES + 1).to_string();
         assert!(err.contains("16777217"), "{err}");
     }
 
     proptest! {
         #[test]
-        fn hello_roundtrip(tag in any::<[u8; 32]>(), identify in any::<bool>()) {
+        fn purpose_roundtrip(identify in any::<bool>()) {
             let purpose = if identify { Purpose::Identify } else { Purpose::Connect };
-            prop_assert_eq!(decode_hello(&encode_hello(purpose, &tag)), Ok((purpose, tag)));
+            prop_assert_eq!(decode_purpose(&[purpose.to_byte()]), Ok(purpose));
         }
 
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let _ = decode_hello(&bytes);
+            let _ = decode_purpose(&bytes);
             if bytes.len() >= 4 {
                 let len = decode_frame_len([bytes[0], bytes[1], bytes[2], bytes[3]]);
                 if let Ok(len) = len { prop_assert!(len <= MAX_MESSAGE_BYTES); }
@@ -192,9 +184,9 @@ mod tests {
         }
 
         #[test]
-        fn hello_rejects_other_lengths(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
-            prop_assume!(bytes.len() != HELLO_LEN);
-            prop_assert_eq!(decode_hello(&bytes), Err(WireError::HelloLength(bytes.len())));
+        fn purpose_rejects_other_lengths(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            prop_assume!(bytes.len() != 1);
+            prop_assert_eq!(decode_purpose(&bytes), Err(WireError::PurposeLength(bytes.len())));
         }
     }
 }

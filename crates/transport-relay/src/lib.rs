@@ -47,6 +47,9 @@
 //!   after a failure, `receive` returns the error once and then `Ok(None)`.
 //!   `Transport::disconnect` sends CLOSE on every session, so peers' `receive` returns
 //!   `Ok(None)` at once.
+//! - [`DatagramLink`] (from [`RelayTransportBuilder::build_datagram_link`]) is a path for
+//!   droppable datagrams through a relay (protocol version 2): Auto mode carries its QUIC
+//!   packets on it.
 //! - With the `server` feature, [`server::RelayServer`] is the relay itself (run by
 //!   `pluresdb-sync relay`). The wire protocol is in `docs/relay-protocol.md`.
 //! - With the `testkit` feature, [`testkit`] holds test plumbing: an in-process relay, a raw
@@ -63,5 +66,9 @@ pub mod server;
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
-pub use client::{FLOW_WINDOW_BYTES, RelayTransport, RelayTransportBuilder, SESSION_VERSION};
+pub use client::{
+    Datagram, DatagramLink, FLOW_WINDOW_BYTES, LINK_DATAGRAM_QUEUE, LINK_EVENT_QUEUE, LinkEvent,
+    LinkReceivers, LinkStats, MAX_LINK_ROOMS, RelayTransport, RelayTransportBuilder,
+    SESSION_VERSION, datagrams_of,
+};
 pub use error::{RelayError, SessionError};

@@ -153,6 +153,17 @@ impl AddressBook {
         (now.duration_since(at) < IDENTIFY_TTL).then_some(peer)
     }
 
+    /// Every address with a verified peer, and that peer.
+    pub(crate) fn verified_peers(&self) -> Vec<(SocketAddr, [u8; 32])> {
+        let mut out: Vec<(SocketAddr, [u8; 32])> = self
+            .entries
+            .iter()
+            .filter_map(|(addr, a)| Some((*addr, a.peer?.0)))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Consecutive failures of `addr`.
     pub(crate) fn failures(&self, addr: SocketAddr) -> u32 {
         self.entries.get(&addr).map_or(0, |a| a.failures)

@@ -196,7 +196,9 @@ impl Node {
         events: Option<&mpsc::Sender<Announced>>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        drop(self.dht.get_peers(info_hash(&topic)));
+        if let Some(dht) = &self.dht {
+            drop(dht.get_peers(info_hash(&topic)));
+        }
         let (answered, public) = self.learn_public_addr().await;
         if answered && let Some(events) = events {
             let _ = events.try_send(Announced::Answered);
@@ -206,9 +208,12 @@ impl Node {
             .announce_port
             .or(public.map(|p| p.port()))
             .unwrap_or(self.local_addr.port());
+        let Some(dht) = &self.dht else {
+            return Ok(());
+        };
         match tokio::time::timeout(
             self.settings.timeout,
-            self.dht.announce_peer(info_hash(&topic), Some(port)),
+            dht.announce_peer(info_hash(&topic), Some(port)),
         )
         .await
         {
@@ -266,14 +271,22 @@ impl Node {
     /// gets [`LOOKUP_CHECK_BUDGET`] after the query for what it could not dial at once.
     /// `announced` cuts a wait short when this node's announcement has landed: a peer that
     /// joined at the same moment announced at about the same time, so the next lookup finds it.
-    async fn discover(self: Arc<Self>, topic: TopicHash, announced: Option<Arc<Notify>>) {
+    pub(super) async fn discover(
+        self: Arc<Self>,
+        topic: TopicHash,
+        announced: Option<Arc<Notify>>,
+    ) {
+        let Some(dht) = self.dht.clone() else {
+            return;
+        };
         let mut interval = FIRST_LOOKUP_INTERVAL;
         loop {
             let mut round = DialRound::new(topic);
-            let mut stream = self.dht.get_peers(info_hash(&topic));
+            let mut stream = dht.get_peers(info_hash(&topic));
             let deadline = tokio::time::Instant::now() + self.settings.timeout;
             while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
-                if !round.offer(&self, batch.into_iter().map(SocketAddr::V4)) {
+                let real = batch.into_iter().map(SocketAddr::V4);
+                if !round.offer(&self, real.filter(|a| !crate::path::is_virtual(a))) {
                     break;
                 }
             }
@@ -302,7 +315,10 @@ impl Node {
     ) -> anyhow::Result<Vec<PeerInfo>> {
         self.register_topic(topic);
         let started = Instant::now();
-        let mut stream = self.dht.get_peers(info_hash(&topic));
+        let Some(dht) = &self.dht else {
+            return Ok(Vec::new());
+        };
+        let mut stream = dht.get_peers(info_hash(&topic));
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
         let mut candidates: Vec<SocketAddr> = Vec::new();
         let mut got_any_batch = false;
@@ -310,7 +326,7 @@ impl Node {
             got_any_batch = true;
             for addr in batch {
                 let addr = SocketAddr::V4(addr);
-                if !candidates.contains(&addr) {
+                if !crate::path::is_virtual(&addr) && !candidates.contains(&addr) {
                     candidates.push(addr);
                     if candidates.len() >= MAX_CANDIDATES {
                         break 'outer;
@@ -327,8 +343,11 @@ impl Node {
 
     /// Whether the DHT node knows any other node.
     async fn dht_reachable(&self) -> bool {
-        let id = *self.dht.info().await.id();
-        !self.dht.find_node(id).await.is_empty()
+        let Some(dht) = &self.dht else {
+            return false;
+        };
+        let id = *dht.info().await.id();
+        !dht.find_node(id).await.is_empty()
     }
 
     /// The error of an operation that ran out of time (DHT nodes answered, but too slowly).

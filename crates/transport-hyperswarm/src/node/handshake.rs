@@ -1,6 +1,6 @@
-//! The handshakes: dialling a candidate (QUIC, hole-punch probes meanwhile, Noise XX, the
-//! hello with its topic tag, and for `Connect` settling the session) and answering incoming
-//! connections the same way from the other side; each failure gets its typed cause.
+//! Dialling a candidate: QUIC (hole-punch probes meanwhile), the info-hash and Noise XXpsk0
+//! keyed with the topic, and for `Connect` settling the session; each failure gets its typed
+//! cause (shared with the responder's side, `respond.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,17 +8,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pluresdb_sync_core::TopicHash;
-use tokio::sync::Semaphore;
 
 use super::Node;
 use super::book::Outcome;
-use super::topics::Found;
+use super::topics;
 use crate::conn::code;
 use crate::error::{Declined, DialError, HandshakeFailure};
-use crate::noise::{self, Role};
+use crate::noise;
 use crate::quic;
 use crate::socket::PROBE;
-use crate::wire::{self, HELLO_LEN, Purpose, TAG_LEN};
+use crate::wire::{self, Purpose};
+
+/// The TLS alert `no_application_protocol` (RFC 8446), as a QUIC crypto error: the ALPNs of
+/// the two sides (their protocol versions) differ.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
 
 /// How long a dial to an address not verified before waits for the QUIC handshake (the
 /// first answer); after that, the whole exchange still has the handshake timeout. A live
@@ -80,31 +83,25 @@ impl Node {
                     reason: e.to_string(),
                 })
             })?;
-            let hs = noise::initiate(&mut send, &mut recv, &self.settings.identity, &prologue)
-                .await
-                .map_err(|e| {
-                    fail(closed_cause(&conn).unwrap_or(HandshakeFailure::Noise {
-                        reason: e.to_string(),
-                    }))
-                })?;
+            let info_hash = topics::info_hash(&topic);
+            let hs = noise::initiate(
+                &mut send,
+                &mut recv,
+                &self.settings.identity,
+                &prologue,
+                &psk,
+                &info_hash,
+                purpose,
+            )
+            .await
+            .map_err(|e| {
+                fail(closed_cause(&conn).unwrap_or(HandshakeFailure::Noise {
+                    reason: e.to_string(),
+                }))
+            })?;
             if hs.remote_static == self.public_key {
                 conn.close(code::SELF, b"self");
                 return Ok(Outcome::Myself);
-            }
-            let tag = noise::topic_tag(&psk, Role::Initiator, &hs.hash);
-            send.write_all(&wire::encode_hello(purpose, &tag))
-                .await
-                .map_err(|e| fail(stream_cause(&conn, e)))?;
-            let mut reply = [0u8; TAG_LEN];
-            recv.read_exact(&mut reply)
-                .await
-                .map_err(|e| fail(stream_cause(&conn, e)))?;
-            if !noise::tags_equal(&reply, &noise::topic_tag(&psk, Role::Responder, &hs.hash)) {
-                conn.close(code::PROTOCOL, b"bad topic tag");
-                return Err(DialError::protocol(
-                    addr,
-                    "its topic tag is wrong (it does not know the topic)",
-                ));
             }
             match purpose {
                 Purpose::Identify => {
@@ -141,111 +138,25 @@ impl Node {
             Err(_) => Err(fail(HandshakeFailure::NoAnswer { after: limit })),
         }
     }
-
-    /// Answers incoming connections: each handshake runs in its own task, at most
-    /// [`quic::MAX_INCOMING_HANDSHAKES`] at once (more are refused before any crypto), each
-    /// under the handshake timeout.
-    pub(super) async fn accept_loop(self: Arc<Self>) {
-        let slots = Arc::new(Semaphore::new(quic::MAX_INCOMING_HANDSHAKES));
-        while let Some(incoming) = self.endpoint.accept().await {
-            // Bounded: beyond this many handshakes in progress, new ones are refused.
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(addr = %incoming.remote_address(), "too many handshakes; refused");
-                incoming.refuse();
-                continue;
-            };
-            let node = self.clone();
-            self.spawn(async move {
-                let _permit = permit;
-                let addr = incoming.remote_address();
-                let limit = node.settings.handshake_timeout;
-                match tokio::time::timeout(limit, node.respond(incoming)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
-                    Err(_) => tracing::debug!(%addr, "incoming handshake timed out"),
-                }
-            });
-        }
-    }
-
-    /// The responder's side: QUIC, Noise XX, the initiator's hello and topic tag, our tag,
-    /// then (for `Connect`) settling the session.
-    async fn respond(self: &Arc<Self>, incoming: quinn::Incoming) -> Result<(), DialError> {
-        let addr = incoming.remote_address();
-        let fail = |cause| DialError::handshake(addr, cause);
-        let quic = |e: quinn::ConnectionError| fail(quic_cause(&e));
-        let conn = incoming.accept().map_err(quic)?.await.map_err(quic)?;
-        let (mut send, mut recv) = conn.accept_bi().await.map_err(quic)?;
-        let noise_failed = |e: anyhow::Error| {
-            fail(HandshakeFailure::Noise {
-                reason: e.to_string(),
-            })
-        };
-        let prologue = noise::prologue(&conn).map_err(noise_failed)?;
-        let hs =
-            match noise::respond(&mut send, &mut recv, &self.settings.identity, &prologue).await {
-                Ok(hs) => hs,
-                Err(e) => {
-                    conn.close(code::PROTOCOL, b"handshake failed");
-                    return Err(noise_failed(e));
-                }
-            };
-        if hs.remote_static == self.public_key {
-            conn.close(code::SELF, b"self");
-            return Ok(());
-        }
-        let mut hello = [0u8; HELLO_LEN];
-        recv.read_exact(&mut hello)
-            .await
-            .map_err(|e| fail(stream_cause(&conn, e)))?;
-        let (purpose, tag) = match wire::decode_hello(&hello) {
-            Ok(h) => h,
-            Err(e) => {
-                conn.close(code::PROTOCOL, b"bad hello");
-                return Err(DialError::protocol(addr, e.to_string()));
-            }
-        };
-        let found = self.state().topics.find_by_tag(&tag, &hs.hash);
-        let Some(Found {
-            topic,
-            psk,
-            accepting,
-        }) = found
-        else {
-            conn.close(code::UNKNOWN_TOPIC, b"unknown topic");
-            return Ok(());
-        };
-        if purpose == Purpose::Connect && !accepting {
-            conn.close(
-                code::UNKNOWN_TOPIC,
-                b"not accepting connections on this topic",
-            );
-            return Ok(());
-        }
-        send.write_all(&noise::topic_tag(&psk, Role::Responder, &hs.hash))
-            .await
-            .map_err(|e| fail(stream_cause(&conn, e)))?;
-        match purpose {
-            Purpose::Identify => {
-                // The initiator closes; do not hold the connection longer than that.
-                let _ = tokio::time::timeout(self.settings.handshake_timeout, conn.closed()).await;
-                Ok(())
-            }
-            Purpose::Connect => self
-                .settle(topic, hs.remote_static, conn, send, recv, addr)
-                .await
-                .map(|_| ()),
-        }
-    }
 }
 
-/// The cause of a failed QUIC connection: the remote's close code if it closed it.
-fn quic_cause(e: &quinn::ConnectionError) -> HandshakeFailure {
+/// The cause of a failed QUIC connection: the remote's close code if it closed it, a
+/// version mismatch if either side's TLS refused the other's ALPN.
+pub(super) fn quic_cause(e: &quinn::ConnectionError) -> HandshakeFailure {
+    let no_alpn = quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL);
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => closed_by_remote(c.error_code),
+        quinn::ConnectionError::ConnectionClosed(c) if c.error_code == no_alpn => version(),
+        quinn::ConnectionError::TransportError(t) if t.code == no_alpn => version(),
         other => HandshakeFailure::Quic {
             reason: other.to_string(),
         },
+    }
+}
+
+fn version() -> HandshakeFailure {
+    HandshakeFailure::Version {
+        ours: std::str::from_utf8(wire::ALPN).unwrap_or("?"),
     }
 }
 
@@ -261,7 +172,7 @@ fn closed_by_remote(code: quinn::VarInt) -> HandshakeFailure {
 }
 
 /// Why the connection closed, if the remote closed it with a reason.
-fn closed_cause(conn: &quinn::Connection) -> Option<HandshakeFailure> {
+pub(super) fn closed_cause(conn: &quinn::Connection) -> Option<HandshakeFailure> {
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(closed_by_remote(c.error_code)),
         _ => None,
@@ -371,5 +282,63 @@ mod tests {
         for n in [a, b, quick] {
             n.shutdown();
         }
+    }
+
+    /// A peer of the previous protocol version: a typed `Version` failure on our side whether
+    /// we dial it or it dials us, and it is refused at once (no hang).
+    #[tokio::test]
+    async fn an_old_peer_gets_a_version_error_both_ways() {
+        let a = node(Duration::from_secs(5)).await;
+        let topic = [4u8; 32];
+        a.register_topic(topic);
+        let socket = quic::bind_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let (old, _data, _diverted) =
+            quic::endpoint_for(&a.settings, socket, wire::ALPN_V1).unwrap();
+        let old_addr = old.local_addr().unwrap();
+        let answering = old.clone();
+        let server = tokio::spawn(async move {
+            let incoming = answering.accept().await.unwrap();
+            match incoming.accept() {
+                Ok(connecting) => connecting.await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = a.dial(old_addr, topic, Purpose::Connect).await.unwrap_err();
+        let ours = "pluresdb-sync/hyperswarm/2";
+        assert_eq!(
+            err,
+            DialError::handshake(old_addr, HandshakeFailure::Version { ours }),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "handshake with {old_addr} failed: the peer speaks another protocol version \
+                 (this node speaks {ours})"
+            )
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "refused at once"
+        );
+        // The old side's QUIC handshake failed too.
+        assert!(server.await.unwrap().is_err());
+        // The old peer dials us: refused in the TLS handshake, recorded as a version mismatch.
+        let err = old
+            .connect(a.local_addr(), quic::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap_err();
+        assert_eq!(quic_cause(&err), HandshakeFailure::Version { ours });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while a.incoming_stats().version == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the refusal was not recorded as a version mismatch");
+        assert_eq!(a.incoming_stats().message2_sent, 0);
+        a.shutdown();
     }
 }

@@ -221,9 +221,12 @@ impl Node {
 
     /// Learns the data socket's public address from up to [`REFLEXIVE_PINGS`] DHT nodes of
     /// the routing table (or, right after start while it is empty, the bootstrap nodes).
-    /// Returns whether any DHT node answered, and the address.
+    /// Returns whether any DHT node answered, and the address (neither without a DHT).
     pub(super) async fn learn_public_addr(&self) -> (bool, Option<SocketAddrV4>) {
-        let table = self.dht.to_bootstrap().await;
+        let Some(dht) = self.dht.as_ref() else {
+            return (false, None);
+        };
+        let table = dht.to_bootstrap().await;
         let bootstrap = self
             .bootstrap
             .iter()

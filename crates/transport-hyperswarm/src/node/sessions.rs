@@ -105,6 +105,15 @@ impl Sessions {
         }
     }
 
+    /// The live connections whose remote address is `addr`, on any topic.
+    pub(crate) fn connections_to(&self, addr: SocketAddr) -> Vec<quinn::Connection> {
+        self.map
+            .values()
+            .filter(|s| s.addr == addr && s.alive())
+            .map(|s| s.conn.clone())
+            .collect()
+    }
+
     /// Forgets every session (their connections are closed with the endpoint).
     pub(crate) fn clear(&mut self) {
         self.map.clear();

@@ -1,6 +1,7 @@
-//! The topics this node joined: each one's Noise pre-shared key (which proves knowledge of
-//! the topic in the hello), the application's accept queue once `connect` asked for
-//! connections, and the announce and discovery tasks working for it.
+//! The topics this node joined: each one's DHT info-hash (which an initiator names first) and
+//! Noise pre-shared key (which the handshake mixes in from message 1), the application's
+//! accept queue once `connect` asked for connections, and the announce and discovery tasks
+//! working for it.
 
 use std::collections::HashMap;
 
@@ -9,25 +10,34 @@ use pluresdb_sync_core::{Connection, TopicHash};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::noise::{self, Role};
-use crate::wire::TAG_LEN;
+use crate::wire::INFO_HASH_LEN;
 
 /// Where connections on a topic go: the receiver `connect` returned.
 pub(crate) type AcceptQueue = mpsc::Sender<Box<dyn Connection>>;
 
+/// The 20-byte DHT info-hash of a topic (the prefix of a domain-separated hash, so the topic
+/// stays private): what `discovery.rs` announces under and an initiator names first.
+pub(crate) fn info_hash(topic: &TopicHash) -> [u8; INFO_HASH_LEN] {
+    let derived = derive_from_topic(topic, Domain::DhtInfoHash);
+    let mut id = [0u8; INFO_HASH_LEN];
+    id.copy_from_slice(&derived[..INFO_HASH_LEN]);
+    id
+}
+
 struct Joined {
+    info_hash: [u8; INFO_HASH_LEN],
     psk: [u8; 32],
     accept: Option<AcceptQueue>,
     announcing: Option<AbortHandle>,
     discovering: Option<AbortHandle>,
 }
 
-/// A topic the initiator's tag names.
+/// A joined topic an initiator's info-hash names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Found {
     /// The topic.
     pub(crate) topic: TopicHash,
-    /// Its pre-shared key, for the responder's tag.
+    /// Its pre-shared key, for the handshake.
     pub(crate) psk: [u8; 32],
     /// Whether the application takes connections on it.
     pub(crate) accepting: bool,
@@ -43,6 +53,7 @@ impl Topics {
     /// Joins `topic` (nothing happens when it is joined already).
     pub(crate) fn join(&mut self, topic: TopicHash) {
         self.map.entry(topic).or_insert_with(|| Joined {
+            info_hash: info_hash(&topic),
             psk: derive_from_topic(&topic, Domain::NoisePsk),
             accept: None,
             announcing: None,
@@ -115,11 +126,10 @@ impl Topics {
         }
     }
 
-    /// The joined topic whose initiator tag for the handshake `hash` is `tag`.
-    pub(crate) fn find_by_tag(&self, tag: &[u8; TAG_LEN], hash: &[u8; 32]) -> Option<Found> {
+    /// The joined topic whose info-hash is `info_hash`.
+    pub(crate) fn find_by_info_hash(&self, info_hash: &[u8; INFO_HASH_LEN]) -> Option<Found> {
         self.map.iter().find_map(|(topic, t)| {
-            let expected = noise::topic_tag(&t.psk, Role::Initiator, hash);
-            noise::tags_equal(tag, &expected).then_some(Found {
+            (t.info_hash == *info_hash).then_some(Found {
                 topic: *topic,
                 psk: t.psk,
                 accepting: t.accept.is_some(),
@@ -138,31 +148,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tag_finds_its_topic_only() {
+    fn an_info_hash_finds_its_topic_only() {
         let mut topics = Topics::default();
         let (a, b) = ([1u8; 32], [2u8; 32]);
         topics.join(a);
         topics.join(b);
         topics.join(a);
-        let hash = [9u8; 32];
         let psk = derive_from_topic(&a, Domain::NoisePsk);
         assert_eq!(topics.psk(&a), Some(psk));
-        let tag = noise::topic_tag(&psk, Role::Initiator, &hash);
+        let derived = derive_from_topic(&a, Domain::DhtInfoHash);
+        assert_eq!(info_hash(&a)[..], derived[..20]);
+        assert_ne!(info_hash(&a)[..], a[..20]);
         assert_eq!(
-            topics.find_by_tag(&tag, &hash),
+            topics.find_by_info_hash(&info_hash(&a)),
             Some(Found {
                 topic: a,
                 psk,
                 accepting: false
             })
         );
-        // Another handshake, the responder's tag, or an unknown topic: nothing.
-        assert_eq!(topics.find_by_tag(&tag, &[8u8; 32]), None);
-        let responder = noise::topic_tag(&psk, Role::Responder, &hash);
-        assert_eq!(topics.find_by_tag(&responder, &hash), None);
-        let unknown = derive_from_topic(&[3u8; 32], Domain::NoisePsk);
-        let tag = noise::topic_tag(&unknown, Role::Initiator, &hash);
-        assert_eq!(topics.find_by_tag(&tag, &hash), None);
+        assert_eq!(
+            topics.find_by_info_hash(&info_hash(&b)).map(|f| f.topic),
+            Some(b)
+        );
+        // An unknown topic's info-hash, or the topic's own bytes: nothing.
+        assert_eq!(topics.find_by_info_hash(&info_hash(&[3u8; 32])), None);
+        assert_eq!(topics.find_by_info_hash(&[1u8; 20]), None);
         assert!(!topics.is_accepting(&a) && !topics.is_announcing(&a));
         topics.clear();
         assert_eq!(topics.psk(&a), None);

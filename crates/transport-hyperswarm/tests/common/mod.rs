@@ -102,3 +102,5 @@ pub fn free_udp_port() -> u16 {
         .unwrap()
         .port()
 }
+pub mod attack;
+pub mod pair;

@@ -196,6 +196,11 @@ impl RelayTransportBuilder {
     /// Checks the settings and builds the transport. Cheap and synchronous: nothing touches
     /// the network until first use.
     pub fn build(self) -> Result<RelayTransport, RelayError> {
+        Ok(RelayTransport::with_settings(Arc::new(self.settings()?)))
+    }
+
+    /// Checks the settings.
+    pub(crate) fn settings(self) -> Result<Settings, RelayError> {
         if self.urls.is_empty() {
             return Err(RelayError::NoRelayUrl);
         }
@@ -242,7 +247,7 @@ impl RelayTransportBuilder {
             }
             (false, None) => ProxyChoice::FromEnv,
         };
-        Ok(RelayTransport::with_settings(Arc::new(Settings {
+        Ok(Settings {
             urls,
             identity,
             encryption: self.encryption.unwrap_or(true),
@@ -252,7 +257,7 @@ impl RelayTransportBuilder {
             auth_token: self.auth_token.map(|s| s.0),
             extra_roots: self.extra_roots,
             proxy,
-        })))
+        })
     }
 }
 

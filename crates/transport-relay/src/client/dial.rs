@@ -35,12 +35,21 @@ pub(crate) struct Socket {
 
 /// Tries every relay URL once, starting at index `start` (wrapping), each within the timeout.
 pub(crate) async fn connect_any(settings: &Settings, start: usize) -> Result<Socket, RelayError> {
+    connect_any_with(settings, start, SUBPROTOCOL).await
+}
+
+/// [`connect_any`] offering the subprotocol `protocol` (and requiring the relay to select it).
+pub(crate) async fn connect_any_with(
+    settings: &Settings,
+    start: usize,
+    protocol: &'static str,
+) -> Result<Socket, RelayError> {
     let n = settings.urls.len();
     let mut last = None;
     for i in 0..n {
         let index = (start + i) % n;
         let url = &settings.urls[index];
-        match tokio::time::timeout(settings.timeout, connect_one(settings, url)).await {
+        match tokio::time::timeout(settings.timeout, connect_one(settings, url, protocol)).await {
             Ok(Ok((ws, me, max_frame))) => {
                 return Ok(Socket {
                     ws,
@@ -65,6 +74,7 @@ pub(crate) async fn connect_any(settings: &Settings, start: usize) -> Result<Soc
 async fn connect_one(
     settings: &Settings,
     url: &url::Url,
+    protocol: &'static str,
 ) -> Result<(WsStream, u64, usize), RelayError> {
     let shown = display_url(url);
     let fail = |reason: String| RelayError::Connect {
@@ -81,7 +91,7 @@ async fn connect_one(
         .map_err(|e| fail(e.to_string()))?;
     req.headers_mut().insert(
         "Sec-WebSocket-Protocol",
-        tokio_tungstenite::tungstenite::http::HeaderValue::from_static(SUBPROTOCOL),
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static(protocol),
     );
     if let Some(t) = token {
         let value = format!("Bearer {t}")
@@ -135,9 +145,9 @@ async fn connect_one(
         .headers()
         .get("sec-websocket-protocol")
         .and_then(|v| v.to_str().ok());
-    if chosen != Some(SUBPROTOCOL) {
+    if chosen != Some(protocol) {
         return Err(fail(format!(
-            "the server did not select the {SUBPROTOCOL} subprotocol (got {chosen:?}); is it a pluresdb-sync relay?"
+            "the server did not select the {protocol} subprotocol (got {chosen:?}); is it a pluresdb-sync relay (one that speaks {protocol})?"
         )));
     }
     loop {

@@ -222,7 +222,8 @@ impl Machine {
                 room,
                 message,
             } => self.on_error(code, about, room, message),
-            RelayFrame::Welcome { .. } => Vec::new(),
+            // Sessions never use datagrams (and a v1 socket is never sent one).
+            RelayFrame::Welcome { .. } | RelayFrame::Datagram { .. } => Vec::new(),
         }
     }
 

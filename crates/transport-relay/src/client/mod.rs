@@ -12,16 +12,21 @@
 //!   handshakes run on (lazy, counted).
 //! - [`wire`] (peer frames) and [`flow`] (windows): pure formats and arithmetic.
 //! - [`connection`]: the application's `Connection` (chunking, sealing, reassembly).
+//! - [`datagram`] (with [`link_machine`] and [`link_socket`]): the datagram link of relay
+//!   protocol v2, a path for QUIC packets (Auto mode): rooms, membership, datagrams.
 
 mod action;
 mod builder;
 mod connection;
+mod datagram;
 mod dial;
 mod driver;
 mod flow;
 mod handshake;
 mod handshake_limit;
 mod legacy;
+mod link_machine;
+mod link_socket;
 mod machine;
 mod noise_crypto;
 mod outbound;
@@ -46,6 +51,10 @@ use crate::RelayError;
 use driver::{Cmd, Driver};
 
 pub use builder::RelayTransportBuilder;
+pub use datagram::{
+    Datagram, DatagramLink, LINK_DATAGRAM_QUEUE, LINK_EVENT_QUEUE, LinkEvent, LinkReceivers,
+    LinkStats, MAX_LINK_ROOMS, datagrams_of,
+};
 pub use flow::FLOW_WINDOW_BYTES;
 pub use wire::SESSION_VERSION;
 
@@ -72,7 +81,7 @@ impl ErrorLog {
         errors.push_back(e);
     }
 
-    fn snapshot(&self) -> Vec<RelayError> {
+    pub(crate) fn snapshot(&self) -> Vec<RelayError> {
         let errors = self.0.lock().unwrap_or_else(|p| p.into_inner());
         errors.iter().cloned().collect()
     }

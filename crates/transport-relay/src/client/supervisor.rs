@@ -25,7 +25,7 @@ pub(crate) const RECONNECT_INITIAL_DELAY: Duration = Duration::from_millis(100);
 /// thousands of clients do not hammer it in lockstep.
 pub(crate) const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
 /// How often timers are checked (pings, idle, handshake expiry, the PEER_JOINED fallback).
-const TICK: Duration = Duration::from_millis(500);
+pub(crate) const TICK: Duration = Duration::from_millis(500);
 /// How long a disconnect waits for its CLOSE frames to be written.
 const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
 
@@ -117,7 +117,7 @@ enum Outcome {
     Dropped,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -292,7 +292,10 @@ async fn run_socket(
 }
 
 /// Writes queued frames to the relay socket, batching flushes.
-async fn writer(mut sink: SplitSink<WsStream, Message>, mut rx: mpsc::Receiver<Message>) {
+pub(crate) async fn writer(
+    mut sink: SplitSink<WsStream, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) {
     while let Some(m) = rx.recv().await {
         let mut closing = matches!(m, Message::Close(_));
         if sink.feed(m).await.is_err() {

@@ -14,6 +14,8 @@ pub mod kind {
     pub const PING: u8 = 0x05;
     /// Both: pong.
     pub const PONG: u8 = 0x06;
+    /// Client (`pluresdb-relay.v2`): a droppable datagram for one peer.
+    pub const DATAGRAM: u8 = 0x07;
     /// Relay: first frame, connection id and limits.
     pub const WELCOME: u8 = 0x80;
     /// Relay: join succeeded, with the members already present.
@@ -24,6 +26,8 @@ pub mod kind {
     pub const PEER_LEFT: u8 = 0x83;
     /// Relay: a payload from a peer.
     pub const DELIVER: u8 = 0x84;
+    /// Relay (`pluresdb-relay.v2`): a datagram from a peer.
+    pub const DATAGRAM_FROM: u8 = 0x85;
     /// Relay: a request failed.
     pub const ERROR: u8 = 0x8F;
 }

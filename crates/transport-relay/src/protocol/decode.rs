@@ -1,7 +1,37 @@
 //! Decoding one relay frame: a pure function over bytes that never panics and allocates at
 //! most its input's length.
 
-use super::{ClientFrame, Frame, FrameError, MAX_ERROR_MESSAGE_BYTES, RelayFrame, RoomId, kind};
+use super::{
+    ClientFrame, ConnId, DATAGRAM_OVERHEAD, Frame, FrameError, MAX_ERROR_MESSAGE_BYTES, RelayFrame,
+    RoomId, kind,
+};
+
+/// A DATAGRAM_FROM frame viewed in place (the receiving client's hot path): agrees with
+/// [`decode`] on every input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatagramFrom<'a> {
+    /// The room.
+    pub room: RoomId,
+    /// The sender.
+    pub from: ConnId,
+    /// The segment size (0: one datagram).
+    pub segment: u16,
+    /// The datagrams, borrowed from the input.
+    pub payload: &'a [u8],
+}
+
+/// Views a DATAGRAM_FROM frame in place; `None` for any other or malformed input.
+pub fn decode_datagram_from(bytes: &[u8]) -> Option<DatagramFrom<'_>> {
+    if bytes.first() != Some(&kind::DATAGRAM_FROM) || bytes.len() < DATAGRAM_OVERHEAD {
+        return None;
+    }
+    Some(DatagramFrom {
+        room: bytes[1..33].try_into().ok()?,
+        from: u64::from_be_bytes(bytes[33..41].try_into().ok()?),
+        segment: u16::from_be_bytes(bytes[41..43].try_into().ok()?),
+        payload: &bytes[DATAGRAM_OVERHEAD..],
+    })
+}
 
 struct Reader<'a> {
     kind: u8,
@@ -83,6 +113,18 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         }),
         kind::BROADCAST => Frame::Client(ClientFrame::Broadcast {
             room: r.room()?,
+            payload: r.rest().to_vec(),
+        }),
+        kind::DATAGRAM => Frame::Client(ClientFrame::Datagram {
+            room: r.room()?,
+            to: r.u64()?,
+            segment: r.u16()?,
+            payload: r.rest().to_vec(),
+        }),
+        kind::DATAGRAM_FROM => Frame::Relay(RelayFrame::Datagram {
+            room: r.room()?,
+            from: r.u64()?,
+            segment: r.u16()?,
             payload: r.rest().to_vec(),
         }),
         kind::PING => Frame::Ping(r.u64()?),

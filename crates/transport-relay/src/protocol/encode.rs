@@ -1,7 +1,8 @@
 //! Encoding relay frames, including the copy-free SEND and DELIVER encoders of the hot path.
 
 use super::{
-    ClientFrame, ConnId, DELIVER_OVERHEAD, Frame, MAX_ERROR_MESSAGE_BYTES, RelayFrame, RoomId, kind,
+    ClientFrame, ConnId, DATAGRAM_OVERHEAD, DELIVER_OVERHEAD, Frame, MAX_ERROR_MESSAGE_BYTES,
+    RelayFrame, RoomId, kind,
 };
 
 impl Frame {
@@ -22,6 +23,12 @@ impl Frame {
                 ClientFrame::Send { room, to, payload } => {
                     return encode_send(room, *to, payload);
                 }
+                ClientFrame::Datagram {
+                    room,
+                    to,
+                    segment,
+                    payload,
+                } => return encode_datagram(room, *to, *segment, payload),
                 ClientFrame::Broadcast { room, payload } => {
                     out.reserve(33 + payload.len());
                     out.push(kind::BROADCAST);
@@ -66,6 +73,17 @@ impl Frame {
                     broadcast,
                     payload,
                 } => return encode_deliver(room, *from, *broadcast, payload),
+                RelayFrame::Datagram {
+                    room,
+                    from,
+                    segment,
+                    payload,
+                } => {
+                    let mut out =
+                        datagram_header(kind::DATAGRAM_FROM, room, *from, *segment).to_vec();
+                    out.extend_from_slice(payload);
+                    return out;
+                }
                 RelayFrame::Error {
                     code,
                     about,
@@ -102,6 +120,31 @@ pub fn encode_send(room: &RoomId, to: ConnId, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&to.to_be_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+/// Encodes a DATAGRAM frame (client to relay) without building a [`ClientFrame`].
+pub fn encode_datagram(room: &RoomId, to: ConnId, segment: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(DATAGRAM_OVERHEAD + payload.len());
+    out.extend_from_slice(&datagram_header(kind::DATAGRAM, room, to, segment));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The bytes of a DATAGRAM (`kind::DATAGRAM`, with the receiver) or DATAGRAM_FROM
+/// (`kind::DATAGRAM_FROM`, with the sender) frame before its payload: both headers have the
+/// same layout and length.
+pub(crate) fn datagram_header(
+    kind: u8,
+    room: &RoomId,
+    conn: ConnId,
+    segment: u16,
+) -> [u8; DATAGRAM_OVERHEAD] {
+    let mut h = [0u8; DATAGRAM_OVERHEAD];
+    h[0] = kind;
+    h[1..33].copy_from_slice(room);
+    h[33..41].copy_from_slice(&conn.to_be_bytes());
+    h[41..43].copy_from_slice(&segment.to_be_bytes());
+    h
 }
 
 /// Encodes a DELIVER frame.

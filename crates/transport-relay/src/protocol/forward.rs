@@ -1,4 +1,5 @@
-//! SEND and BROADCAST viewed in place, without copying their payload: the relay's hot path.
+//! SEND, BROADCAST and DATAGRAM viewed in place, without copying their payload: the relay's
+//! hot path.
 
 use super::{ConnId, RoomId, kind};
 
@@ -22,9 +23,20 @@ pub(crate) enum ForwardView<'a> {
         /// The payload, borrowed from the input.
         payload: &'a [u8],
     },
+    /// A DATAGRAM.
+    Datagram {
+        /// The room.
+        room: RoomId,
+        /// The receiver.
+        to: ConnId,
+        /// The segment size (0: one datagram).
+        segment: u16,
+        /// The payload, borrowed from the input.
+        payload: &'a [u8],
+    },
 }
 
-/// Views a SEND or BROADCAST frame in place; `None` for any other or malformed input (use
+/// Views a SEND, BROADCAST or DATAGRAM frame in place; `None` for any other or malformed input (use
 /// [`decode`](super::decode) for those, and for the error).
 pub(crate) fn decode_forward(bytes: &[u8]) -> Option<ForwardView<'_>> {
     let (&kind, body) = bytes.split_first()?;
@@ -42,6 +54,16 @@ pub(crate) fn decode_forward(bytes: &[u8]) -> Option<ForwardView<'_>> {
             room: room(body)?,
             payload: body.get(32..)?,
         }),
+        kind::DATAGRAM => {
+            let to = u64::from_be_bytes(body.get(32..40)?.try_into().ok()?);
+            let segment = u16::from_be_bytes(body.get(40..42)?.try_into().ok()?);
+            Some(ForwardView::Datagram {
+                room: room(body)?,
+                to,
+                segment,
+                payload: &body[42..],
+            })
+        }
         _ => None,
     }
 }

@@ -32,6 +32,19 @@ pub enum ClientFrame {
         /// Opaque bytes.
         payload: Vec<u8>,
     },
+    /// (`pluresdb-relay.v2`) A datagram for one member of a room: forwarded if the
+    /// receiver's queue has room, else dropped, never waited for.
+    Datagram {
+        /// The room both are in.
+        room: RoomId,
+        /// The receiving connection.
+        to: ConnId,
+        /// The size of each datagram in `payload` but the last (which may be shorter);
+        /// 0: `payload` is one datagram.
+        segment: u16,
+        /// Opaque bytes: one or more datagrams.
+        payload: Vec<u8>,
+    },
 }
 
 /// A frame from the relay to a client.
@@ -78,6 +91,17 @@ pub enum RelayFrame {
         /// Whether it was a BROADCAST.
         broadcast: bool,
         /// Opaque bytes.
+        payload: Vec<u8>,
+    },
+    /// (`pluresdb-relay.v2`) A datagram from a peer.
+    Datagram {
+        /// The room.
+        room: RoomId,
+        /// The sender.
+        from: ConnId,
+        /// As the sender's [`ClientFrame::Datagram::segment`].
+        segment: u16,
+        /// Opaque bytes: one or more datagrams.
         payload: Vec<u8>,
     },
     /// A request failed.

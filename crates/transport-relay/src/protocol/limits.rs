@@ -17,3 +17,9 @@ pub const DELIVER_OVERHEAD: usize = 1 + 32 + 8 + 1;
 
 /// The longest human-readable message in an ERROR frame.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 256;
+
+/// Bytes a DATAGRAM or DATAGRAM_FROM frame adds around its payload: type, room, connection
+/// id, segment size. Both directions have the same header, so a DATAGRAM that fits the
+/// relay's frame limit can always be forwarded; its payload is at most
+/// `max_frame - DATAGRAM_OVERHEAD` bytes.
+pub const DATAGRAM_OVERHEAD: usize = 1 + 32 + 8 + 2;

@@ -18,6 +18,22 @@ fn frame() -> impl Strategy<Value = Frame> {
         }),
         (room(), payload.clone())
             .prop_map(|(room, payload)| Frame::Client(ClientFrame::Broadcast { room, payload })),
+        (room(), any::<u64>(), any::<u16>(), payload.clone()).prop_map(
+            |(room, to, segment, payload)| Frame::Client(ClientFrame::Datagram {
+                room,
+                to,
+                segment,
+                payload
+            })
+        ),
+        (room(), any::<u64>(), any::<u16>(), payload.clone()).prop_map(
+            |(room, from, segment, payload)| Frame::Relay(RelayFrame::Datagram {
+                room,
+                from,
+                segment,
+                payload
+            })
+        ),
         any::<u64>().prop_map(Frame::Ping),
         any::<u64>().prop_map(Frame::Pong),
         (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
@@ -75,6 +91,25 @@ proptest! {
                 view,
                 Some(ForwardView::Broadcast { room, payload: &payload })
             ),
+            Ok(Frame::Client(ClientFrame::Datagram { room, to, segment, payload })) => {
+                prop_assert_eq!(
+                    view,
+                    Some(ForwardView::Datagram { room, to, segment, payload: &payload })
+                )
+            }
+            _ => prop_assert_eq!(view, None),
+        }
+    }
+
+    #[test]
+    fn datagram_view_agrees_with_decode(f in frame(), cut in any::<usize>()) {
+        let bytes = f.encode();
+        let bytes = &bytes[..cut % (bytes.len() + 1)];
+        let view = decode_datagram_from(bytes);
+        match decode(bytes) {
+            Ok(Frame::Relay(RelayFrame::Datagram { room, from, segment, payload })) => {
+                prop_assert_eq!(view, Some(DatagramFrom { room, from, segment, payload: &payload }))
+            }
             _ => prop_assert_eq!(view, None),
         }
     }
@@ -89,8 +124,13 @@ proptest! {
         let bytes = f.encode();
         let variable = matches!(
             f,
-            Frame::Client(ClientFrame::Send { .. } | ClientFrame::Broadcast { .. })
-                | Frame::Relay(RelayFrame::Deliver { .. } | RelayFrame::Error { .. })
+            Frame::Client(
+                ClientFrame::Send { .. }
+                    | ClientFrame::Broadcast { .. }
+                    | ClientFrame::Datagram { .. }
+            ) | Frame::Relay(
+                RelayFrame::Deliver { .. } | RelayFrame::Error { .. } | RelayFrame::Datagram { .. }
+            )
         );
         if !variable {
             for cut in 0..bytes.len() {
@@ -183,4 +223,49 @@ fn deliver_overhead_matches_the_encoding() {
         DELIVER_OVERHEAD
     );
     assert_eq!(encode_send(&[0; 32], 1, &[]).len(), DELIVER_OVERHEAD - 1);
+    assert_eq!(
+        encode_datagram(&[0; 32], 1, 0, &[]).len(),
+        DATAGRAM_OVERHEAD
+    );
+    let from = Frame::Relay(RelayFrame::Datagram {
+        room: [0; 32],
+        from: 1,
+        segment: 0,
+        payload: Vec::new(),
+    });
+    assert_eq!(from.encode().len(), DATAGRAM_OVERHEAD);
+}
+
+#[test]
+fn datagram_layout_is_as_documented() {
+    let bytes = encode_datagram(&[9; 32], 0x0102, 1200, b"quic");
+    assert_eq!(bytes[0], 0x07);
+    assert_eq!(&bytes[1..33], &[9; 32]);
+    assert_eq!(&bytes[33..41], &0x0102u64.to_be_bytes());
+    assert_eq!(&bytes[41..43], &1200u16.to_be_bytes());
+    assert_eq!(&bytes[43..], b"quic");
+    let mut from = bytes.clone();
+    from[0] = kind::DATAGRAM_FROM;
+    assert_eq!(
+        decode_datagram_from(&from),
+        Some(DatagramFrom {
+            room: [9; 32],
+            from: 0x0102,
+            segment: 1200,
+            payload: b"quic"
+        })
+    );
+    assert_eq!(
+        decode_datagram_from(&bytes),
+        None,
+        "a client frame is not DATAGRAM_FROM"
+    );
+    assert!(matches!(
+        decode(&bytes[..42]),
+        Err(FrameError::Truncated {
+            kind: kind::DATAGRAM,
+            needed: 42,
+            got: 41
+        })
+    ));
 }

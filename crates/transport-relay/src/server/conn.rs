@@ -52,7 +52,8 @@ impl Reads {
 
 /// Runs the connection until the client leaves, breaks the protocol, times out, is killed
 /// (slow consumer) or the relay shuts down; then leaves its rooms and lets the writer close.
-pub(super) async fn run<S>(shared: &Shared, ws: WebSocketStream<S>, slot: &IpSlot)
+/// `datagrams`: the client speaks `pluresdb-relay.v2` and may be sent datagrams.
+pub(super) async fn run<S>(shared: &Shared, ws: WebSocketStream<S>, slot: &IpSlot, datagrams: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -72,6 +73,7 @@ where
         tx,
         queue,
         kill: kill_tx.clone(),
+        datagrams,
     };
     let mut conn = Conn::new(shared, id, me);
     let welcome = Frame::Relay(RelayFrame::Welcome {

@@ -25,11 +25,13 @@ pub(crate) enum DropReason {
     Unauthorized,
     RateLimited,
     NatsDown,
+    DatagramNoRoute,
+    DatagramQueueFull,
     MemoryBudget,
     WebSocketProtocol,
 }
 
-const DROPS: [(DropReason, &str); 20] = [
+const DROPS: [(DropReason, &str); 22] = [
     (DropReason::Malformed, "malformed"),
     (DropReason::UnknownType, "unknown_type"),
     (DropReason::TextFrame, "text_frame"),
@@ -48,6 +50,8 @@ const DROPS: [(DropReason, &str); 20] = [
     (DropReason::Unauthorized, "unauthorized"),
     (DropReason::RateLimited, "rate_limited"),
     (DropReason::NatsDown, "nats_down"),
+    (DropReason::DatagramNoRoute, "datagram_no_route"),
+    (DropReason::DatagramQueueFull, "datagram_queue_full"),
     (DropReason::MemoryBudget, "memory_budget"),
     (DropReason::WebSocketProtocol, "websocket_protocol"),
 ];
@@ -72,6 +76,7 @@ pub(crate) struct Metrics {
     pub(crate) frames_forwarded: AtomicU64,
     pub(crate) bytes_forwarded: AtomicU64,
     pub(crate) frames_received: AtomicU64,
+    pub(crate) datagrams_forwarded: AtomicU64,
     drops: [AtomicU64; DROPS.len()],
 }
 
@@ -144,6 +149,12 @@ impl Metrics {
             "counter",
             "Bytes of DELIVER frames queued to receivers.",
             get(&self.bytes_forwarded),
+        );
+        metric(
+            "pluresdb_relay_datagrams_forwarded_total",
+            "counter",
+            "DATAGRAM frames queued to receivers (the others are counted as drops).",
+            get(&self.datagrams_forwarded),
         );
         let _ = writeln!(
             out,

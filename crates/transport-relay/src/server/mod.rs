@@ -9,8 +9,8 @@
 //! holds, against a cap per connection and one for the server, and who is closed when it is
 //! short), `rooms` (room → local members, and every queueing to a member), `limits` (per-IP connection counts and byte-rate buckets),
 //! `nats` (the bus to other nodes: remote members, node liveness), `state` (what every
-//! connection shares), `gather` (one burst's DELIVERs per receiver), `requests` (a
-//! connection's state and what each frame does), `writer` (a connection's writer task),
+//! connection shares), `gather` (one burst's DELIVERs per receiver), `datagram` (forwarding
+//! DATAGRAMs without waiting), `requests` (a connection's state and what each frame does), `writer` (a connection's writer task),
 //! `conn` (its reader loop), `http` (one request served by hyper, the head limits) and
 //! `upgrade` (the relay's checks, then the WebSocket),
 //! `tls` (PEM loading).
@@ -31,6 +31,7 @@ mod accept;
 mod budget;
 mod config;
 mod conn;
+mod datagram;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

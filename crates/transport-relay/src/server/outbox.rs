@@ -32,6 +32,16 @@ impl Batch {
         Self(buf.freeze())
     }
 
+    /// A batch of one frame whose bytes are `head` then `body` (one copy of the payload).
+    pub(super) fn two(head: &[u8], body: &[u8]) -> Self {
+        let len = head.len() + body.len();
+        let mut buf = BytesMut::with_capacity(LEN_BYTES + len);
+        put_len(&mut buf, len);
+        buf.put_slice(head);
+        buf.put_slice(body);
+        Self(buf.freeze())
+    }
+
     /// The bytes it holds, as the memory budget counts them.
     pub(super) fn cost(&self) -> u32 {
         u32::try_from(self.0.len()).unwrap_or(u32::MAX)

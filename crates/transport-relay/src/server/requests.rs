@@ -1,13 +1,14 @@
 //! A connection's state (its id, rooms and the DELIVERs its burst gathered) and what each
 //! client frame does to it: JOIN and LEAVE change the room registry (and tell the other
-//! members, here and through NATS), SEND and BROADCAST become DELIVERs to members, PING is
-//! answered; a request that cannot be served gets an ERROR, a protocol violation closes.
+//! members, here and through NATS), SEND and BROADCAST become DELIVERs to members, DATAGRAM
+//! a DATAGRAM_FROM if the receiver has room (`datagram`), PING is answered; a request that cannot be served gets an ERROR, a protocol violation closes.
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::datagram;
 use super::gather::Gathered;
 use super::metrics::DropReason;
 use super::outbox::Batch;
@@ -53,6 +54,17 @@ impl<'a> Conn<'a> {
         let view = protocol::decode_forward(data);
         if let Some(ForwardView::Send { room, to, payload }) = view {
             self.send_to(room, to, payload).await?;
+            return Ok(false);
+        }
+        // Datagrams are unordered by nature: they need not wait for what was gathered.
+        if let Some(ForwardView::Datagram {
+            room,
+            to,
+            segment,
+            payload,
+        }) = view
+        {
+            self.datagram(room, to, segment, payload);
             return Ok(false);
         }
         self.flush().await;
@@ -105,7 +117,22 @@ impl<'a> Conn<'a> {
             Frame::Client(ClientFrame::Broadcast { room, payload }) => {
                 self.broadcast(room, &payload).await.map(|()| false)
             }
+            Frame::Client(ClientFrame::Datagram {
+                room,
+                to,
+                segment,
+                payload,
+            }) => {
+                self.datagram(room, to, segment, &payload);
+                Ok(false)
+            }
         }
+    }
+
+    /// A DATAGRAM: forwarded or dropped, never waited for (see `datagram`).
+    fn datagram(&self, room: RoomId, to: ConnId, segment: u16, payload: &[u8]) {
+        let in_room = self.rooms.contains(&room);
+        datagram::forward(self.shared, self.id, in_room, room, to, segment, payload);
     }
 
     /// A payload over `max_frame - DELIVER_OVERHEAD` could not be forwarded: close (1009).

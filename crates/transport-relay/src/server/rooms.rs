@@ -30,12 +30,14 @@ pub(super) fn kill(k: &watch::Sender<Option<(u16, String)>>, code: u16, reason: 
 }
 
 /// A member of a room, as other connections see it: its writer's queue, what the budget
-/// knows of it, and its kill switch.
+/// knows of it, its kill switch, and whether it speaks `pluresdb-relay.v2` (only those
+/// receive datagrams).
 #[derive(Clone, Debug)]
 pub(super) struct Member {
     pub(super) tx: mpsc::Sender<Batch>,
     pub(super) queue: Arc<Queue>,
     pub(super) kill: Kill,
+    pub(super) datagrams: bool,
 }
 
 /// What a JOIN did to the registry.
@@ -298,7 +300,16 @@ mod tests {
         let (kill, killed) = watch::channel(None);
         let kill = Arc::new(kill);
         let queue = rooms.budget().open(id, kill.clone());
-        (Member { tx, queue, kill }, rx, killed)
+        (
+            Member {
+                tx,
+                queue,
+                kill,
+                datagrams: true,
+            },
+            rx,
+            killed,
+        )
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! limits.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
@@ -20,7 +20,7 @@ use super::http::{self, Answer, Served};
 use super::limits::IpSlot;
 use super::metrics::DropReason;
 use super::state::Shared;
-use crate::protocol::SUBPROTOCOL;
+use crate::protocol::{SUBPROTOCOL, SUBPROTOCOL_V2, SUBPROTOCOLS};
 
 /// tungstenite's read chunk per connection (its default is 128 KiB). It dominates idle memory:
 /// measured RSS per idle, joined connection (5,000 connections, release build) was 31 KiB with
@@ -38,7 +38,11 @@ where
     let deadline = Instant::now() + shared.config.handshake_timeout;
     // Boxed: hyper's connection state lives on the heap only until the upgrade, instead of
     // widening this task's future for the connection's whole life.
-    let served = Box::pin(http::serve(stream, |req| answer(&shared, &slot, peer, req)));
+    // The subprotocol of the 101, set by `answer`.
+    let chosen = OnceLock::new();
+    let served = Box::pin(http::serve(stream, |req| {
+        answer(&shared, &slot, peer, req, &chosen)
+    }));
     let (stream, read_ahead) = match tokio::time::timeout_at(deadline, served).await {
         Err(_) => {
             shared.metrics.dropped(DropReason::HandshakeTimeout);
@@ -52,6 +56,8 @@ where
         Ok(Served::Answered | Served::Gone) => return,
         Ok(Served::Upgraded(stream, read_ahead)) => (stream, read_ahead),
     };
+    // Always set with a 101.
+    let Some(&chosen) = chosen.get() else { return };
     let max = shared.config.max_frame_bytes;
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(max))
@@ -74,7 +80,7 @@ where
         .metrics
         .connections_open
         .fetch_add(1, Ordering::Relaxed);
-    conn::run(&shared, ws, &slot).await;
+    conn::run(&shared, ws, &slot, chosen == SUBPROTOCOL_V2).await;
     shared
         .metrics
         .connections_open
@@ -84,8 +90,15 @@ where
 
 /// The relay's answer to a parsed request head, in the order of its checks: the head itself
 /// (`400`), the health check, plain HTTP (`426`), the subprotocol (`400`), the token
-/// (`401`), NATS (`503`), the per-IP limit (`429`); then `101`. Every refusal is counted.
-fn answer(shared: &Shared, slot: &IpSlot, peer: SocketAddr, req: &Request<Incoming>) -> Answer {
+/// (`401`), NATS (`503`), the per-IP limit (`429`); then `101` with the newest subprotocol
+/// both sides speak, also set in `chosen`. Every refusal is counted.
+fn answer(
+    shared: &Shared,
+    slot: &IpSlot,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    chosen: &OnceLock<&'static str>,
+) -> Answer {
     let refuse =
         |reason: DropReason, status: StatusCode, headers: &[(&'static str, &str)], body: String| {
             shared.metrics.dropped(reason);
@@ -111,24 +124,31 @@ fn answer(shared: &Shared, slot: &IpSlot, peer: SocketAddr, req: &Request<Incomi
             StatusCode::UPGRADE_REQUIRED,
             &[
                 ("upgrade", "websocket"),
-                ("sec-websocket-protocol", SUBPROTOCOL),
+                (
+                    "sec-websocket-protocol",
+                    &format!("{SUBPROTOCOL_V2}, {SUBPROTOCOL}"),
+                ),
             ],
             format!(
-                "this is a pluresdb-sync relay: connect with a WebSocket using the {SUBPROTOCOL} subprotocol\n"
+                "this is a pluresdb-sync relay: connect with a WebSocket using the {SUBPROTOCOL} or {SUBPROTOCOL_V2} subprotocol\n"
             ),
         );
     };
-    if !head.subprotocols.iter().any(|p| p == SUBPROTOCOL) {
+    // The newest version both sides speak.
+    let Some(version) = SUBPROTOCOLS
+        .into_iter()
+        .find(|v| head.subprotocols.iter().any(|p| p == v))
+    else {
         return refuse(
             DropReason::BadUpgrade,
             StatusCode::BAD_REQUEST,
             &[],
             format!(
-                "unsupported WebSocket subprotocol {:?}: this relay speaks {SUBPROTOCOL}\n",
+                "unsupported WebSocket subprotocol {:?}: this relay speaks {SUBPROTOCOL} and {SUBPROTOCOL_V2}\n",
                 head.subprotocols.join(", ")
             ),
         );
-    }
+    };
     if !shared.config.auth_tokens.is_empty()
         && !token_ok(&shared.config.auth_tokens, head.bearer.as_deref())
     {
@@ -160,10 +180,10 @@ fn answer(shared: &Shared, slot: &IpSlot, peer: SocketAddr, req: &Request<Incomi
         );
     }
     let (mut parts, ()) = accept.into_parts();
-    parts.headers.insert(
-        SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(SUBPROTOCOL),
-    );
+    parts
+        .headers
+        .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(version));
+    let _ = chosen.set(version);
     Answer::from_parts(parts, String::new())
 }
 

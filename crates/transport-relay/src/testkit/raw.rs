@@ -10,7 +10,9 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::WAIT;
-use crate::protocol::{ClientFrame, ConnId, Frame, RelayFrame, RoomId, SUBPROTOCOL, decode};
+use crate::protocol::{
+    ClientFrame, ConnId, Frame, RelayFrame, RoomId, SUBPROTOCOL, SUBPROTOCOL_V2, decode,
+};
 
 /// A raw WebSocket to a relay.
 pub type Ws =
@@ -65,6 +67,19 @@ pub async fn client(url: &str) -> anyhow::Result<(Ws, ConnId)> {
     let (mut ws, _) = connect(url)
         .await
         .with_context(|| format!("connecting to {url}"))?;
+    let (conn, _) = welcome(&mut ws).await?;
+    Ok((ws, conn))
+}
+
+/// [`client`] speaking [`SUBPROTOCOL_V2`] (datagrams).
+pub async fn client_v2(url: &str) -> anyhow::Result<(Ws, ConnId)> {
+    let (mut ws, resp) = connect_with(url, Some(SUBPROTOCOL_V2), None)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let chosen = resp.headers().get("sec-websocket-protocol");
+    if chosen.and_then(|v| v.to_str().ok()) != Some(SUBPROTOCOL_V2) {
+        bail!("the relay did not select {SUBPROTOCOL_V2}: {chosen:?}");
+    }
     let (conn, _) = welcome(&mut ws).await?;
     Ok((ws, conn))
 }

@@ -1,0 +1,140 @@
+//! A relay as one more path for the node's QUIC packets, and one more discovery source (Auto
+//! mode). The node knows nothing of relay protocols: whoever adds a relay implements
+//! [`RelayPath`] (the `pluresdb-sync-transport-auto` crate does, over the relay client's
+//! datagram link) and hands it to [`HyperswarmTransportBuilder::relay_path`]. The node then
+//! joins each topic's room through it, dials the members it reports through the same
+//! dialer, QUIC + Noise handshake, topic proof and one-connection-per-peer rule as peers
+//! found on the DHT, and the data socket carries the packets of those connections as relay
+//! datagrams (each relayed peer has a virtual address quinn sees as its address).
+//!
+//! [`HyperswarmTransportBuilder::relay_path`]: crate::HyperswarmTransportBuilder::relay_path
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use pluresdb_sync_core::TopicHash;
+
+/// Where a relayed peer is reached: the relay socket (`link`, a number the path never
+/// reuses, so that a route through a socket that is gone never aliases a new one), the room
+/// both joined, and the peer's relay connection id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayRoute {
+    /// The relay socket's number.
+    pub link: u64,
+    /// The room (a hash of the topic).
+    pub room: [u8; 32],
+    /// The peer's relay connection id.
+    pub conn: u64,
+}
+
+/// Datagrams received through the relay from one route: one (`segment == 0`) or several of
+/// `segment` bytes each (the last may be shorter), as the sender's batch was cut.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayDatagram {
+    /// Who sent them.
+    pub from: RelayRoute,
+    /// The size of each datagram but the last; 0: `bytes` is one datagram.
+    pub segment: usize,
+    /// The datagrams.
+    pub bytes: Vec<u8>,
+}
+
+/// What the relay path tells the node, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayEvent {
+    /// A relay socket is up (`url` without credentials).
+    Connected {
+        /// The socket's number.
+        link: u64,
+        /// The relay.
+        url: String,
+    },
+    /// `topic`'s room is joined on socket `link`; `members` were in it already.
+    Joined {
+        /// The socket.
+        link: u64,
+        /// The topic.
+        topic: TopicHash,
+        /// The routes to the members.
+        members: Vec<RelayRoute>,
+    },
+    /// A member joined `topic`'s room.
+    MemberJoined {
+        /// The topic.
+        topic: TopicHash,
+        /// The route to it.
+        route: RelayRoute,
+    },
+    /// A member left `topic`'s room (or lost its relay socket): its route is gone.
+    MemberLeft {
+        /// The topic.
+        topic: TopicHash,
+        /// The route that is gone.
+        route: RelayRoute,
+    },
+    /// The relay refused to join `topic`'s room.
+    JoinRefused {
+        /// The topic.
+        topic: TopicHash,
+        /// Why (for logs).
+        reason: String,
+    },
+    /// Relay socket `link` is gone, and every route through it.
+    Disconnected {
+        /// The socket.
+        link: u64,
+        /// Why (for logs).
+        reason: String,
+    },
+}
+
+/// A relay the node can send QUIC packets through and meet peers on. Implementations never
+/// block and never wait: [`send`](RelayPath::send) drops what does not fit, like a full UDP
+/// socket buffer (QUIC recovers), and the polls register the waker like any `poll_*`.
+pub trait RelayPath: fmt::Debug + Send + Sync + 'static {
+    /// Joins `topic`'s room (idempotent); members arrive as [`RelayEvent`]s.
+    fn join(&self, topic: &TopicHash);
+
+    /// Sends datagrams to `to`: one (`segment == 0`) or several of `segment` bytes each, the
+    /// last possibly shorter (a GSO batch). `false` when any was dropped.
+    fn send(&self, to: &RelayRoute, segment: usize, datagrams: &[u8]) -> bool;
+
+    /// The next received datagrams (`Ready(None)`: the path is closed).
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<RelayDatagram>>;
+
+    /// The next event (`Ready(None)`: the path is closed).
+    fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<RelayEvent>>;
+
+    /// Leaves every room and closes the relay socket.
+    fn close(&self);
+
+    /// The relay URL of socket `link`, while it is up (for logs and peer listings).
+    fn url(&self, link: u64) -> Option<String>;
+}
+
+/// Counters of the data socket's two paths (diagnostics; see
+/// [`HyperswarmTransport::path_stats`](crate::HyperswarmTransport::path_stats)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PathStats {
+    /// Packets (or GSO batches) handed to the relay path.
+    pub relayed_out: u64,
+    /// Packet batches received from the relay path and handed to QUIC.
+    pub relayed_in: u64,
+    /// Packets neither sent nor read over UDP because direct UDP is off.
+    pub direct_blocked: u64,
+    /// Packets for a virtual address without a route, and relay datagrams that could not be
+    /// handed to QUIC.
+    pub unroutable: u64,
+}
+
+/// An address where a peer proved its key in a handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PeerAddress {
+    /// Directly over UDP.
+    Direct(std::net::SocketAddr),
+    /// Through a relay: `relay <url> connection <id>`.
+    Relayed(String),
+}
