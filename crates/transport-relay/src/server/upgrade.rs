@@ -36,10 +36,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = Instant::now() + shared.config.handshake_timeout;
-    // Boxed: hyper's connection state lives on the heap only until the upgrade, instead of
-    // widening this task's future for the connection's whole life.
     // The subprotocol of the 101, set by `answer`.
     let chosen = OnceLock::new();
+    // Boxed: hyper's connection state lives on the heap only until the upgrade, instead of
+    // widening this task's future for the connection's whole life.
     let served = Box::pin(http::serve(stream, |req| {
         answer(&shared, &slot, peer, req, &chosen)
     }));
