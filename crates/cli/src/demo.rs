@@ -312,6 +312,7 @@ enum DemoMode {
     All,
     Relay,
     Hyperswarm,
+    Auto,
 }
 
 /// Runs the demo: every selected transport in turn, then a summary table on stdout.
@@ -323,6 +324,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     if matches!(args.mode, DemoMode::All | DemoMode::Hyperswarm) {
         outcomes.push(hyperswarm(timeout).await.context("hyperswarm demo")?);
+    }
+    if matches!(args.mode, DemoMode::All | DemoMode::Auto) {
+        outcomes.push(auto(timeout).await.context("auto demo")?);
     }
     println!();
     print_table(&outcomes);
@@ -368,7 +372,8 @@ async fn hyperswarm(timeout: Duration) -> anyhow::Result<Outcome> {
     let dht = LoopbackDht::start().await?;
     eprintln!(
         "[hyperswarm] local mainline DHT testnet of {TESTNET_NODES} nodes on {}; replicas \
-         announce a domain-separated info-hash, dial over QUIC and authenticate with Noise XX",
+         announce a domain-separated info-hash, dial over QUIC and authenticate with Noise \
+         XXpsk0 keyed by the topic",
         dht.first_node()
     );
     let mut transports = Vec::new();
@@ -378,5 +383,24 @@ async fn hyperswarm(timeout: Duration) -> anyhow::Result<Outcome> {
     }
     let outcome = showcase("hyperswarm", transports, timeout).await;
     dht.stop().await?;
+    outcome
+}
+
+async fn auto(timeout: Duration) -> anyhow::Result<Outcome> {
+    use pluresdb_sync_transport_auto::testkit::AutoNet;
+
+    let net = AutoNet::start().await?;
+    eprintln!(
+        "[auto] relay server on {} and a local DHT testnet; replicas meet in the relay room \
+         and on the DHT, one connection per peer (QUIC + Noise XXpsk0, relayed or direct)",
+        net.relay_url()
+    );
+    let mut transports = Vec::new();
+    for _ in 0..REPLICAS {
+        let t = net.builder().timeout(timeout).build()?;
+        transports.push((t.peer_id(), Box::new(t) as Box<dyn Transport>));
+    }
+    let outcome = showcase("auto", transports, timeout).await;
+    net.stop().await?;
     outcome
 }

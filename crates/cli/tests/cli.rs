@@ -150,7 +150,7 @@ fn demo_runs_every_transport_end_to_end() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    for mode in ["relay", "hyperswarm"] {
+    for mode in ["relay", "hyperswarm", "auto"] {
         for line in [
             "full mesh of 3 replicas in",
             "each replica published 5000 events; each applied the other 10000 exactly once",
@@ -162,12 +162,14 @@ fn demo_runs_every_transport_end_to_end() {
     }
     let table = stdout(&out);
     let rows: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(rows.len(), 4, "{table}");
     for column in ["mode", "peers", "connect ms", "events/s", "MiB/s"] {
         assert!(rows[0].contains(column), "{table}");
     }
     assert!(
-        rows[1].starts_with("relay") && rows[2].starts_with("hyperswarm"),
+        rows[1].starts_with("relay")
+            && rows[2].starts_with("hyperswarm")
+            && rows[3].starts_with("auto"),
         "{table}"
     );
     // Every number in the rows is positive.

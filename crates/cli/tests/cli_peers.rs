@@ -22,6 +22,9 @@ impl Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
             .args(args)
             .env_remove("PLURESDB_SYNC_BOOTSTRAP")
+            // Peers bind every interface: no LAN discovery, so nothing is multicast off this
+            // host and the offline error below stays an error.
+            .env("PLURESDB_SYNC_LAN_DISCOVERY", "off")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -241,6 +244,7 @@ fn peer_errors_say_the_cause_and_a_hint() {
         ])
         .args(["--timeout-ms", "2000"])
         .env_remove("PLURESDB_SYNC_BOOTSTRAP")
+        .env("PLURESDB_SYNC_LAN_DISCOVERY", "off")
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -40,6 +40,9 @@ pub enum Domain {
     DhtInfoHash,
     /// The Noise pre-shared key that proves knowledge of the topic during a handshake.
     NoisePsk,
+    /// The key of the tags in LAN discovery packets (a MAC over a fresh nonce, the sender's
+    /// address and port): only who knows the topic can tell which topic a packet is for.
+    LanTag,
 }
 
 impl Domain {
@@ -49,6 +52,7 @@ impl Domain {
             Domain::RelayRoom => "pluresdb-sync/v1/relay-room",
             Domain::DhtInfoHash => "pluresdb-sync/v1/dht-info-hash",
             Domain::NoisePsk => "pluresdb-sync/v1/noise-psk",
+            Domain::LanTag => "pluresdb-sync/v1/lan-tag",
         }
     }
 }
@@ -125,8 +129,13 @@ mod tests {
     #[test]
     fn domains_are_separated() {
         let topic = derive_topic("x");
-        let all = [Domain::RelayRoom, Domain::DhtInfoHash, Domain::NoisePsk]
-            .map(|d| derive_from_topic(&topic, d));
+        let all = [
+            Domain::RelayRoom,
+            Domain::DhtInfoHash,
+            Domain::NoisePsk,
+            Domain::LanTag,
+        ]
+        .map(|d| derive_from_topic(&topic, d));
         for (i, a) in all.iter().enumerate() {
             assert_ne!(a, &topic);
             for b in &all[i + 1..] {
@@ -159,6 +168,10 @@ mod tests {
             (
                 Domain::NoisePsk,
                 "9acc103562390b535c7efa8d181eb0178c3a1a33f0cbea1b72014fe9ae7764f0",
+            ),
+            (
+                Domain::LanTag,
+                "457fce9f13b6bcd34ec8d4e74b0776af185609fe41858a9679abe919715cfd2e",
             ),
         ];
         for (domain, expected) in cases {

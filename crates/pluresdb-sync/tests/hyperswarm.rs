@@ -37,6 +37,9 @@ fn default_transports_find_each_other_through_the_bootstrap_variable() {
             pluresdb_sync_transport_hyperswarm_env(),
             testnet.bootstrap.join(","),
         )
+        // Default transports bind every interface: no LAN discovery, so nothing is
+        // multicast off this host.
+        .env("PLURESDB_SYNC_LAN_DISCOVERY", "off")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -55,6 +55,29 @@ pub(crate) const FIRST_LOOKUP_INTERVAL: Duration = Duration::from_millis(250);
 /// about 30 minutes, so refresh well within that.
 pub const DEFAULT_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
+/// Environment variable that switches LAN discovery on or off (`on`/`off`, `true`/`false`,
+/// `1`/`0`, `yes`/`no`), read by [`HyperswarmTransport::from_config`]: tests and hosts
+/// that must not multicast need no code change.
+pub const LAN_DISCOVERY_ENV: &str = "PLURESDB_SYNC_LAN_DISCOVERY";
+
+/// The multicast group and port of LAN discovery: `239.255.0.0/16` is the organisation-local
+/// scope (RFC 2365), and packets go out with TTL 1, so they never leave the network segment.
+pub const LAN_DISCOVERY_GROUP: SocketAddrV4 =
+    SocketAddrV4::new(Ipv4Addr::new(239, 255, 80, 83), 21033);
+
+/// Default interval between LAN announcements: what Syncthing's local discovery uses. Joins
+/// do not wait for it (a newcomer queries and members answer at once); it bounds how long a
+/// peer that left stays listed (3 intervals) and costs one packet of ~60 bytes per interface
+/// per interval. Raise it to save battery.
+pub const DEFAULT_LAN_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Shortest LAN announce interval accepted: more often is only traffic.
+pub const MIN_LAN_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest LAN announce interval accepted: receivers keep an entry for 3 intervals but at
+/// most an hour, so a longer interval would let entries lapse between announcements.
+pub const MAX_LAN_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(20 * 60);
+
 /// Everything a running node needs, fixed at build time.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
@@ -71,6 +94,8 @@ pub(crate) struct Settings {
     pub(crate) dht_server_mode: bool,
     pub(crate) dht_request_timeout: Option<Duration>,
     pub(crate) announce_port: Option<u16>,
+    pub(crate) lan_discovery: bool,
+    pub(crate) lan_announce_interval: Duration,
     /// The relay path (Auto mode), if any.
     pub(crate) relay: Option<Arc<dyn RelayPath>>,
     /// Whether the DHT is used (off only with a relay path).
@@ -110,6 +135,10 @@ pub struct HyperswarmTransportBuilder {
     dht_server_mode: bool,
     dht_request_timeout: Option<Duration>,
     announce_port: Option<u16>,
+    lan_discovery: bool,
+    lan_announce_interval: Duration,
+    /// A value of [`LAN_DISCOVERY_ENV`] that is no switch, reported by `build`.
+    lan_env_invalid: Option<String>,
     relay: Option<Arc<dyn RelayPath>>,
     dht: bool,
     direct: bool,
@@ -133,6 +162,9 @@ impl Default for HyperswarmTransportBuilder {
             dht_server_mode: false,
             dht_request_timeout: None,
             announce_port: None,
+            lan_discovery: true,
+            lan_announce_interval: DEFAULT_LAN_ANNOUNCE_INTERVAL,
+            lan_env_invalid: None,
             relay: None,
             dht: true,
             direct: true,
@@ -259,6 +291,38 @@ impl HyperswarmTransportBuilder {
         self
     }
 
+    /// Finds peers on the same network segment by multicast (default on; see
+    /// `docs/lan-discovery.md`), besides the DHT: they connect over the same QUIC + Noise
+    /// path at their LAN address, and with LAN discovery on, an unreachable DHT is not an
+    /// error (`connect` and `announce` warn once and retry the DHT in the background;
+    /// `lookup` lists the LAN's peers). A node bound to loopback has no LAN discovery.
+    pub fn lan_discovery(mut self, on: bool) -> Self {
+        self.lan_discovery = on;
+        self
+    }
+
+    /// Interval between LAN announcements (default [`DEFAULT_LAN_ANNOUNCE_INTERVAL`],
+    /// from [`MIN_LAN_ANNOUNCE_INTERVAL`] to [`MAX_LAN_ANNOUNCE_INTERVAL`]); raise it to save
+    /// battery: joins do not wait for it.
+    pub fn lan_announce_interval(mut self, interval: Duration) -> Self {
+        self.lan_announce_interval = interval;
+        self
+    }
+
+    /// Reads the LAN discovery switch from [`LAN_DISCOVERY_ENV`] when it is set and not
+    /// empty (a value that is no switch makes [`build`](Self::build) fail).
+    pub fn lan_discovery_from_env(mut self) -> Self {
+        if let Ok(value) = std::env::var(LAN_DISCOVERY_ENV)
+            && !value.trim().is_empty()
+        {
+            match parse_switch(&value) {
+                Some(on) => self.lan_discovery = on,
+                None => self.lan_env_invalid = Some(value),
+            }
+        }
+        self
+    }
+
     /// Adds a relay as one more path and discovery source (what Auto mode does; see
     /// [`relay_path`](crate::relay_path)): topics are joined in the relay's rooms too, their
     /// members dialled like DHT peers, and their packets carried as relay datagrams.
@@ -300,6 +364,22 @@ impl HyperswarmTransportBuilder {
                     reason,
                 })?;
             }
+        }
+        if let Some(value) = &self.lan_env_invalid {
+            return Err(invalid(
+                LAN_DISCOVERY_ENV,
+                "on, off, true, false, 1, 0, yes or no",
+                value,
+            ));
+        }
+        if !(MIN_LAN_ANNOUNCE_INTERVAL..=MAX_LAN_ANNOUNCE_INTERVAL)
+            .contains(&self.lan_announce_interval)
+        {
+            return Err(invalid(
+                "lan_announce_interval",
+                "from 1 s to 20 min",
+                &format!("{:?}", self.lan_announce_interval),
+            ));
         }
         if self.announce_port == Some(0) {
             return Err(invalid("announce_port", "a port from 1 to 65535", "0"));
@@ -344,16 +424,20 @@ impl HyperswarmTransportBuilder {
             dht_server_mode: self.dht_server_mode,
             dht_request_timeout: self.dht_request_timeout,
             announce_port: self.announce_port,
+            lan_discovery: self.lan_discovery,
+            lan_announce_interval: self.lan_announce_interval,
             relay: self.relay,
             dht: self.dht,
             direct: self.direct,
         })))
     }
 
-    /// A builder preset from `config` (its `timeout_ms`) and [`BOOTSTRAP_ENV`], for settings
-    /// `TransportConfig` does not carry.
+    /// A builder preset from `config` (its `timeout_ms`), [`BOOTSTRAP_ENV`] and
+    /// [`LAN_DISCOVERY_ENV`], for settings `TransportConfig` does not carry.
     pub fn from_config(config: &TransportConfig) -> Self {
-        let mut builder = Self::default().bootstrap_from_env();
+        let mut builder = Self::default()
+            .bootstrap_from_env()
+            .lan_discovery_from_env();
         if config.timeout_ms > 0 {
             builder.timeout = config.timeout();
         }
@@ -366,6 +450,15 @@ fn invalid(what: &'static str, expected: &'static str, got: &str) -> HyperswarmE
         what,
         expected,
         got: got.to_owned(),
+    }
+}
+
+/// An on/off switch as text.
+fn parse_switch(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Some(true),
+        "0" | "off" | "false" | "no" => Some(false),
+        _ => None,
     }
 }
 
@@ -388,6 +481,28 @@ fn check_host_port(text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switches_parse() {
+        for on in ["1", "on", "TRUE", " yes "] {
+            assert_eq!(parse_switch(on), Some(true), "{on}");
+        }
+        for off in ["0", "off", "False", "no"] {
+            assert_eq!(parse_switch(off), Some(false), "{off}");
+        }
+        for bad in ["", "maybe", "2"] {
+            assert_eq!(parse_switch(bad), None, "{bad}");
+        }
+        let b = HyperswarmTransportBuilder {
+            lan_env_invalid: Some("maybe".into()),
+            ..HyperswarmTransportBuilder::default()
+        };
+        let err = b.build().unwrap_err().to_string();
+        assert!(
+            err.contains(LAN_DISCOVERY_ENV) && err.contains("maybe"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn host_port_syntax() {
@@ -416,6 +531,27 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("idle_timeout"), "{err}");
+        for bad in [Duration::from_millis(999), Duration::from_secs(20 * 60 + 1)] {
+            let err = HyperswarmTransportBuilder::default()
+                .lan_announce_interval(bad)
+                .build()
+                .unwrap_err();
+            assert!(err.to_string().contains("lan_announce_interval"), "{err}");
+        }
+        let built = HyperswarmTransportBuilder::default()
+            .lan_announce_interval(MAX_LAN_ANNOUNCE_INTERVAL)
+            .build()
+            .unwrap();
+        assert!(built.settings.lan_discovery, "on by default");
+        assert_eq!(
+            built.settings.lan_announce_interval,
+            MAX_LAN_ANNOUNCE_INTERVAL
+        );
+        let off = HyperswarmTransportBuilder::default()
+            .lan_discovery(false)
+            .build()
+            .unwrap();
+        assert!(!off.settings.lan_discovery);
         HyperswarmTransportBuilder::default().build().unwrap();
     }
 

@@ -5,7 +5,7 @@ use quinn::udp::RecvMeta;
 use std::io::IoSliceMut;
 
 use crate::socket::{Kind, PROBE, classify, filter_batch};
-use crate::{krpc, wire};
+use crate::{krpc, lan_wire, wire};
 
 /// Datagrams as the data socket sees them: the classifier, the batch filter (one received
 /// entry cut into segments of a stride taken from the first byte) and the KRPC reply decoder.
@@ -84,6 +84,57 @@ pub fn stream(data: &[u8]) {
     }
 }
 
+/// A LAN discovery datagram: the decoder (what it accepts re-encodes to the same bytes,
+/// within the limits), then the state machine of a node on one topic taking it, and the
+/// input cut into several datagrams from several sources. Panics when an invariant breaks.
+pub fn lan_packet(data: &[u8]) {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::time::{Duration, Instant};
+
+    use crate::node::lan_machine::{LanMachine, MAX_LAN_CANDIDATES};
+
+    if let Ok(packet) = lan_wire::decode(data) {
+        assert!(data.len() <= lan_wire::MAX_PACKET_BYTES);
+        assert_eq!(
+            lan_wire::encode(&packet),
+            data,
+            "accepted bytes do not re-encode"
+        );
+    }
+    let mut n = 0u128;
+    let mut m = LanMachine::new(
+        4000,
+        Duration::from_secs(30),
+        Box::new(move || {
+            n += 1;
+            n.to_be_bytes()
+        }),
+    );
+    let now = Instant::now();
+    let topic = [7u8; 32];
+    m.advertise(now, topic);
+    m.seek(now, topic);
+    m.set_interfaces(now, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+    let _ = m.poll_transmit(now);
+    let from = SocketAddrV4::new(
+        Ipv4Addr::new(10, 0, 0, data.first().copied().unwrap_or(2)),
+        9,
+    );
+    for (i, chunk) in std::iter::once(data)
+        .chain(data.split(|b| *b == 0))
+        .enumerate()
+    {
+        let at = now + Duration::from_millis(i as u64);
+        let found = m.on_datagram(at, from, chunk);
+        // Nothing without a tag made with the topic's key.
+        assert!(found.is_empty(), "a candidate from fuzzed bytes");
+        let _ = m.poll_transmit(at);
+    }
+    let stats = m.stats();
+    assert!(stats.candidates <= MAX_LAN_CANDIDATES);
+    assert_eq!(stats.matched, 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +147,8 @@ mod tests {
         datagram(&[]);
         stream(&[wire::Purpose::Connect.to_byte()]);
         stream(&[]);
+        lan_packet(&[]);
+        lan_packet(b"PSLD\x01\x01");
     }
 
     proptest! {
@@ -103,6 +156,7 @@ mod tests {
         fn invariants_hold(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             datagram(&bytes);
             stream(&bytes);
+            lan_packet(&bytes);
         }
     }
 }

@@ -26,6 +26,11 @@
 //!   `derive_from_topic(topic, Domain::DhtInfoHash)`; the topic itself is never published.
 //!   `announce` stores this node's data-socket endpoint under it (refreshed every
 //!   [`DEFAULT_ANNOUNCE_INTERVAL`] until `disconnect`); `lookup` and `connect` read it back.
+//! - **LAN discovery** (on by default, [`HyperswarmTransportBuilder::lan_discovery`]):
+//!   peers on one network segment also find each other by multicast on
+//!   [`LAN_DISCOVERY_GROUP`], with tags keyed by the topic that rotate with every packet; a
+//!   newcomer's query is answered at once. They connect over the same path, at their LAN
+//!   address, and need no DHT (see `docs/lan-discovery.md`).
 //! - **Connections**: QUIC (quinn) on one UDP socket, then the dialler names the topic's
 //!   info-hash and a Noise handshake keyed with the topic from its first message
 //!   (`Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s`) runs on the connection's stream, with the QUIC
@@ -64,6 +69,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod krpc;
+mod lan_wire;
 mod node;
 mod noise;
 mod path;
@@ -85,10 +91,12 @@ use tokio::sync::{OnceCell, mpsc};
 
 pub use config::{
     BOOTSTRAP_ENV, DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_BIND, DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LOOKUP_INTERVAL, DEFAULT_MAX_PEERS,
-    DEFAULT_TIMEOUT, HyperswarmTransportBuilder,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LAN_ANNOUNCE_INTERVAL,
+    DEFAULT_LOOKUP_INTERVAL, DEFAULT_MAX_PEERS, DEFAULT_TIMEOUT, HyperswarmTransportBuilder,
+    LAN_DISCOVERY_ENV, LAN_DISCOVERY_GROUP, MAX_LAN_ANNOUNCE_INTERVAL, MIN_LAN_ANNOUNCE_INTERVAL,
 };
 pub use error::{BootstrapNode, DialFailure, HandshakeFailure, HyperswarmError};
+pub use node::LanStats;
 pub use noise::NOISE_PARAMS;
 pub use quic::SOCKET_BUFFER_BYTES;
 pub use stats::IncomingStats;
@@ -156,6 +164,13 @@ impl HyperswarmTransport {
             .get()
             .map(|n| n.dial_failures())
             .unwrap_or_default()
+    }
+
+    /// LAN discovery's counters: packets received, dropped (and why), sent, and the LAN
+    /// candidates known (diagnostics). All zero before networking starts or without LAN
+    /// discovery.
+    pub fn lan_stats(&self) -> LanStats {
+        self.node.get().map(|n| n.lan_stats()).unwrap_or_default()
     }
 
     /// How many hole-punch probes the data socket received (diagnostics).

@@ -17,6 +17,9 @@
 //! | `incoming.rs` | pure: counts of how incoming handshakes end; log lines and summaries |
 //! | `discovery.rs` | the DHT: info-hash, bootstrap, announce, `connect`'s loop, `lookup` |
 //! | `reflexive.rs` | the public address: KRPC pings and their pure majority tally |
+//! | `lan.rs` | LAN discovery's driver: the multicast socket, interfaces, candidates to dial rounds |
+//! | `lan_machine.rs` | pure: LAN announces, queries and answers, packet checks, the candidate table |
+//! | `offline.rs` | no DHT while LAN discovery runs: `announce` succeeds, warns once, retries |
 //! | `relay_rooms.rs` | pure: with a relay path, each topic's room: joined or not, its members' virtual addresses |
 //! | `relayed.rs` | with a relay path (Auto mode): its events, dialling room members, `announce`/`connect`/`lookup` over the relay and the DHT |
 //!
@@ -49,7 +52,10 @@ mod discovery;
 mod duplicate;
 mod handshake;
 mod incoming;
+mod lan;
+pub(crate) mod lan_machine;
 mod limiter;
+mod offline;
 mod reflexive;
 mod relay_rooms;
 mod relayed;
@@ -63,6 +69,8 @@ use incoming::Record;
 use book::AddressBook;
 use candidates::WarnLimit;
 use dialer::{Dialer, MAX_CONCURRENT_DIALS};
+use lan::Lan;
+pub use lan_machine::LanStats;
 use reflexive::Reflexive;
 use relay_rooms::RelayRooms;
 use sessions::Sessions;
@@ -99,6 +107,8 @@ pub(crate) struct Node {
     dialer: Arc<Dialer>,
     /// Rate limit of "cannot reach a peer" warnings.
     unreachable_warnings: Mutex<WarnLimit>,
+    /// LAN discovery (`None` when off or bound to loopback).
+    lan: Option<Lan>,
     /// Who may start an incoming handshake now.
     admission: Mutex<Admission>,
     /// How incoming handshakes ended; `incoming_changed` wakes the summary writer.
@@ -151,6 +161,7 @@ impl Node {
         let (endpoint, data, diverted) = endpoint;
         let local_addr = endpoint.local_addr()?;
         let announce_port = settings.announce_port;
+        let lan = Lan::new(&settings, local_addr);
         let node = Arc::new(Node {
             public_key: settings.identity.public_bytes(),
             settings,
@@ -171,6 +182,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             dialer: Dialer::new(MAX_CONCURRENT_DIALS),
             unreachable_warnings: Mutex::new(WarnLimit::default()),
+            lan,
             admission: Mutex::new(Admission::default()),
             incoming: Mutex::new(Record::default()),
             incoming_changed: tokio::sync::Notify::new(),
@@ -179,6 +191,9 @@ impl Node {
         node.spawn(async move { accepting.accept_loop().await });
         let handler = node.clone();
         node.spawn(async move { handler.handle_diverted(diverted).await });
+        if node.lan.is_some() {
+            node.spawn(node.clone().lan_driver());
+        }
         if let Some(path) = node.settings.relay.clone() {
             let events = node.clone();
             node.spawn(async move { events.relay_events(path).await });

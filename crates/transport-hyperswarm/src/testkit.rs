@@ -121,6 +121,28 @@ impl LoopbackDht {
     }
 }
 
+/// A LAN discovery announce of `topic`, as a node whose data socket is at `from_ip`:`port`
+/// would multicast it with `nonce` (for tests that send hostile or forged packets to
+/// [`LAN_DISCOVERY_GROUP`](crate::LAN_DISCOVERY_GROUP); the layout is in
+/// `docs/lan-discovery.md`).
+pub fn lan_announce(
+    topic: &pluresdb_sync_core::TopicHash,
+    nonce: [u8; 16],
+    from_ip: Ipv4Addr,
+    port: u16,
+    ttl_secs: u16,
+) -> Vec<u8> {
+    use pluresdb_sync_core::topic::{Domain, derive_from_topic};
+    let key = derive_from_topic(topic, Domain::LanTag);
+    let tag = crate::lan_wire::announce_tag(&key, &nonce, from_ip, port, ttl_secs);
+    crate::lan_wire::encode(&crate::lan_wire::Packet::Announce {
+        nonce,
+        port,
+        ttl_secs,
+        tags: vec![tag],
+    })
+}
+
 /// Transports from [`LoopbackDht::transport`], for the conformance kit.
 #[async_trait]
 impl TransportFactory for LoopbackDht {

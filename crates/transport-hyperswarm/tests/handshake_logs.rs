@@ -171,21 +171,30 @@ async fn thousands_of_bad_handshakes_cost_no_dh_and_log_a_summary() {
         during.len()
     );
 
-    // The summary comes at the end of the interval, with the counts.
-    let summary = tokio::time::timeout(Duration::from_secs(20), async {
+    // The summaries come at the end of each interval, with the counts (on a loaded machine
+    // the attempts span several intervals, and the first may hold no rate-limited ones yet).
+    let summaries = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let found = lines.snapshot().into_iter().find(|(level, msg)| {
-                *level == tracing::Level::WARN && msg.contains("incoming handshakes refused")
-            });
-            if let Some((_, msg)) = found {
-                return msg;
+            let found: Vec<String> = lines
+                .snapshot()
+                .into_iter()
+                .filter(|(level, msg)| {
+                    *level == tracing::Level::WARN && msg.contains("incoming handshakes refused")
+                })
+                .map(|(_, msg)| msg)
+                .collect();
+            let all = found.join("\n");
+            if all.contains("rate limited") && all.contains("refused at noise message 1") {
+                return all;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("no summary line");
-    assert!(summary.contains("rate limited"), "{summary}");
-    assert!(summary.contains("refused at noise message 1"), "{summary}");
+    .expect("no summary line with the rate-limited and refused counts");
+    assert!(
+        summaries.lines().count() as u64 <= intervals + 2,
+        "{summaries}"
+    );
     v.disconnect().await.unwrap();
 }

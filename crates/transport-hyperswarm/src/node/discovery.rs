@@ -115,11 +115,12 @@ enum Announced {
 }
 
 impl Node {
-    /// Announces `topic` now (the data socket's public port, learned first) and keeps
-    /// refreshing it until shutdown: every announce interval, or every 5 s while the public
-    /// address is unknown or the last attempt failed. Returns when the first announcement is
-    /// done; if it failed, nothing keeps announcing.
-    pub(crate) async fn announce(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
+    /// Announces `topic` on the DHT now (the data socket's public port, learned first) and
+    /// keeps refreshing it until shutdown: every announce interval, or every 5 s while the
+    /// public address is unknown or the last attempt failed. Returns when the first
+    /// announcement is done; if it failed, nothing keeps announcing. (`Node::announce` adds
+    /// the LAN.)
+    pub(crate) async fn announce_dht(self: &Arc<Self>, topic: TopicHash) -> anyhow::Result<()> {
         self.register_topic(topic);
         if self.state().topics.is_announcing(&topic) {
             return Ok(());
@@ -238,11 +239,14 @@ impl Node {
     /// that. Returns as soon as a DHT node answered (the announcement goes on in the
     /// background; a failure is logged and retried); fails only when the first announcement
     /// failed before any DHT node answered (no DHT reachable: [`HyperswarmError::DhtUnreachable`]).
+    /// With LAN discovery it returns at once: LAN peers are dialled from the start, and an
+    /// unreachable DHT is retried in the background (see `offline.rs`).
     pub(crate) async fn connect(
         self: &Arc<Self>,
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
         self.register_topic(topic);
+        let lan = self.lan_on();
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
         let announcing = self.state().topics.is_announcing(&topic);
         let announced = (!announcing).then(|| Arc::new(Notify::new()));
@@ -250,10 +254,32 @@ impl Node {
         let landed = announced.clone();
         let handle = self.spawn(async move { node.discover(topic, landed).await });
         self.state().topics.set_accepting(&topic, tx, handle);
+        if lan {
+            self.lan_seek(topic);
+            self.lan_advertise(topic);
+        }
         let Some(announced) = announced else {
             return Ok(rx);
         };
         let mut events = self.start_announcing(topic, Some(announced));
+        if lan {
+            let node = self.clone();
+            self.spawn(async move {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        Announced::Answered => {}
+                        Announced::Done(Ok(())) => break,
+                        Announced::Done(Err(e)) => {
+                            node.state().topics.stop_announcing(&topic);
+                            node.dht_unreachable(&e);
+                            node.retry_dht(topic);
+                            break;
+                        }
+                    }
+                }
+            });
+            return Ok(rx);
+        }
         let reached = match events.recv().await {
             Some(Announced::Answered | Announced::Done(Ok(()))) => Ok(()),
             Some(Announced::Done(Err(e))) => Err(e),
@@ -306,14 +332,16 @@ impl Node {
         }
     }
 
-    /// Lists the peers on `topic`: the DHT's answers (at most [`MAX_CANDIDATES`]), each
-    /// verified by its Noise key (see [`Node::verify`]). Fails with
-    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all.
+    /// Lists the peers on `topic`: the LAN's and the DHT's candidates (at most
+    /// [`MAX_CANDIDATES`]), each verified by its Noise key (see [`Node::verify`]). Fails with
+    /// [`HyperswarmError::DhtUnreachable`] when no DHT node answered at all, unless LAN
+    /// discovery runs.
     pub(crate) async fn lookup(
         self: &Arc<Self>,
         topic: TopicHash,
     ) -> anyhow::Result<Vec<PeerInfo>> {
         self.register_topic(topic);
+        let lan_answers = self.lan_seek(topic);
         let started = Instant::now();
         let Some(dht) = &self.dht else {
             return Ok(Vec::new());
@@ -336,8 +364,15 @@ impl Node {
         }
         drop(stream);
         if !got_any_batch && !self.dht_reachable().await {
-            return Err(self.unreachable("looking up peers", started));
+            let e = self.unreachable("looking up peers", started);
+            if !self.lan_on() {
+                return Err(e);
+            }
+            self.dht_unreachable(&e);
         }
+        let candidates = self
+            .with_lan_candidates(topic, lan_answers, candidates)
+            .await;
         Ok(self.verify(topic, candidates).await)
     }
 

@@ -149,6 +149,8 @@ impl Node {
         if let Some(path) = self.path() {
             path.join(&topic);
         }
+        // With LAN discovery, also on the LAN (a no-op without it).
+        self.lan_advertise(topic);
         let (first, dht_result) = oneshot::channel();
         if self.dht.is_some() && !self.state().topics.is_announcing(&topic) {
             let node = self.clone();
@@ -221,6 +223,9 @@ impl Node {
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
         self.auto_announce(topic).await?;
+        if self.lan_on() {
+            self.lan_seek(topic);
+        }
         let (tx, rx) = mpsc::channel(self.settings.max_peers);
         let node = self.clone();
         let handle = self.spawn(async move {

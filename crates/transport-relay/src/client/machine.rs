@@ -13,7 +13,8 @@ use super::flow::FLOW_WINDOW_BYTES;
 use super::handshake_limit::{HandshakeLimit, MAX_TRACKED_REMOTES};
 use super::noise_crypto::ScalarMults;
 use super::refusal_log::RefusalLog;
-use super::room::{Ctx, Room};
+use super::room::Room;
+use super::room_ctx::Ctx;
 use crate::RelayError;
 use crate::protocol::{self, ClientFrame, ConnId, Frame, RelayFrame, RoomId};
 
@@ -252,5 +253,5 @@ impl Machine {
 }
 
 #[cfg(test)]
-#[path = "machine_tests.rs"]
+#[path = "machine_tests/mod.rs"]
 mod tests;

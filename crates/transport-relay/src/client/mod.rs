@@ -5,7 +5,7 @@
 //! - [`supervisor`]: the task that owns the link: one socket at a time, the writer, pings and
 //!   the idle timeout, reconnects with backoff.
 //! - [`driver`]: executes what the session machine decides; [`outbound`] queues its frames.
-//! - [`machine`], [`room`], [`session`], [`handshake`], [`reject_limit`],
+//! - [`machine`], [`room`] (with [`room_ctx`]), [`session`], [`handshake`], [`reject_limit`],
 //!   [`handshake_limit`], [`refusal_log`]: the pure session machine (rooms, per-peer
 //!   sessions, the handshake patterns, rate limits), speaking [`action`]s;
 //!   [`legacy`]: telling session versions apart; [`noise_crypto`]: the X25519 its
@@ -34,6 +34,7 @@ mod proxy;
 mod refusal_log;
 mod reject_limit;
 mod room;
+mod room_ctx;
 mod session;
 mod supervisor;
 mod wire;

@@ -5,16 +5,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use pluresdb_sync_core::{Identity, PeerInfo, TopicHash};
+use pluresdb_sync_core::{PeerInfo, TopicHash};
 
 use super::action::{Action, Opened, SessionId};
 use super::flow::LARGEST_FRAME_COST;
 use super::handshake::{self, Handshake, Local, Step};
-use super::handshake_limit::HandshakeLimit;
 use super::legacy::LEGACY_VERSION;
-use super::noise_crypto::ScalarMults;
-use super::refusal_log::RefusalLog;
 use super::reject_limit::RejectLimit;
+use super::room_ctx::Ctx;
 use super::session::{Event, Live, Session, State};
 use super::wire::{self, kind, reject};
 use crate::RelayError;
@@ -30,48 +28,6 @@ pub(crate) const MAX_SESSIONS_PER_TOPIC: usize = 1024;
 /// sides told of the other only by PEER_JOINED. Both starting is resolved by the lower
 /// connection id, so a late fallback costs at most one extra handshake message.
 pub(crate) const PEER_JOINED_FALLBACK: Duration = Duration::from_secs(3);
-
-/// What every room of a transport shares: this side's identity and settings, its relay
-/// connection id, the session id counter, and where actions go.
-pub(crate) struct Ctx<'a> {
-    pub(crate) identity: &'a Identity,
-    pub(crate) encryption: bool,
-    /// How long a handshake may take.
-    pub(crate) timeout: Duration,
-    /// The window this side grants each peer.
-    pub(crate) window: u32,
-    /// Where handshakes count their scalar multiplications.
-    pub(crate) mults: &'a ScalarMults,
-    /// This side's relay connection id.
-    pub(crate) me: ConnId,
-    /// The next session id (the only place one is made).
-    pub(crate) next_session: &'a mut SessionId,
-    /// The rate limit on handshake openings per remote.
-    pub(crate) limit: &'a mut HandshakeLimit,
-    /// Which refusals are recorded one by one.
-    pub(crate) log: &'a mut RefusalLog,
-    pub(crate) out: &'a mut Vec<Action>,
-}
-
-impl Ctx<'_> {
-    fn new_session_id(&mut self) -> SessionId {
-        let id = *self.next_session;
-        *self.next_session += 1;
-        id
-    }
-
-    fn record(&mut self, e: RelayError) {
-        self.out.push(Action::Record(e));
-    }
-
-    /// Records a refused handshake (or a REJECT received), unless the quota of refusals
-    /// logged one by one is used up for this interval.
-    fn refused(&mut self, e: RelayError, now: Instant) {
-        if let Some(e) = self.log.refused(e, now) {
-            self.record(e);
-        }
-    }
-}
 
 /// One joined (or joining) room.
 pub(crate) struct Room {
