@@ -643,6 +643,13 @@ async fn a_thousand_connect_disconnect_cycles() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(relay.metric("pluresdb_relay_rooms").await, 1);
+    // A socket dropped without a close handshake is a disconnect, not a protocol error.
+    assert_eq!(
+        relay
+            .metric("pluresdb_relay_drops_total{reason=\"websocket_protocol\"}")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]

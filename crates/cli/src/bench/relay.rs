@@ -6,7 +6,8 @@
 //! - Added latency: the same paths paced at half the relay's 64 B message rate; every
 //!   message carries its send time; the relay's p50/p99 minus the baseline's.
 //! - Memory per idle connection: a relay server *process* is spawned; N WebSocket clients each
-//!   join their own room; the server's RSS growth divided by N.
+//!   join their own room; the server's RSS growth divided by N. With `--idle-baseline PATH`
+//!   another build's relay is measured the same way in the same run, alternating.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -38,9 +39,24 @@ pub(crate) struct RelayBenchArgs {
     /// Seconds of paced traffic for the latency measurement.
     #[arg(long, default_value_t = 3.0)]
     latency_secs: f64,
+    /// Another `pluresdb-sync` binary (an older build, say) whose relay's idle memory is
+    /// measured in the same run, alternating with this one's, as the baseline.
+    #[arg(long, value_name = "PATH")]
+    idle_baseline: Option<std::path::PathBuf>,
+    /// Rounds of the idle-memory measurement (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    idle_rounds: usize,
+    /// Only the idle-memory measurement (no message rate or latency).
+    #[arg(long)]
+    idle_only: bool,
 }
 
 pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
+    if args.idle_only {
+        let (base, ours) = idle_rows(&args).await?;
+        print_idle(base, ours, args.connections);
+        return Ok(());
+    }
     let echo = spawn_echo_server().await?;
     let (relay, relay_url) = pluresdb_sync_transport_relay::testkit::relay().await?;
     let echo_url = format!("ws://{echo}/");
@@ -76,11 +92,7 @@ pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     relay.shutdown().await;
 
-    eprintln!(
-        "memory per idle connection ({} connections)",
-        args.connections
-    );
-    let per_conn = idle_memory(args.connections).await?;
+    let (idle_base, idle_ours) = idle_rows(&args).await?;
 
     println!(
         "{:<34} {:>14} {:>14} {:>8}",
@@ -93,11 +105,46 @@ pub(super) async fn run(args: RelayBenchArgs) -> anyhow::Result<()> {
         let (b, o) = (ms(quantile(&base, q)), ms(quantile(&ours, q)));
         println!("{name:<34} {b:>14.3} {o:>14.3}   added {:.3} ms", o - b);
     }
-    println!(
-        "{:<34} {:>14} {:>14.0}   ({} connections)",
-        "RSS per idle connection (bytes)", "-", per_conn, args.connections
-    );
+    print_idle(idle_base, idle_ours, args.connections);
     Ok(())
+}
+
+/// The idle memory per connection of `--idle-baseline`'s relay (when given) and this
+/// binary's, medians of `--idle-rounds` alternating rounds.
+async fn idle_rows(args: &RelayBenchArgs) -> anyhow::Result<(Option<f64>, f64)> {
+    let ours_exe = std::env::current_exe()?;
+    let (mut base, mut ours) = (Vec::new(), Vec::new());
+    for round in 0..args.idle_rounds.max(1) {
+        if let Some(exe) = &args.idle_baseline {
+            eprintln!(
+                "memory per idle connection, baseline {} ({} connections, round {round})",
+                exe.display(),
+                args.connections
+            );
+            base.push(idle_memory(exe, args.connections).await?);
+        }
+        eprintln!(
+            "memory per idle connection ({} connections, round {round})",
+            args.connections
+        );
+        ours.push(idle_memory(&ours_exe, args.connections).await?);
+    }
+    let base = (!base.is_empty()).then(|| median(&mut base));
+    Ok((base, median(&mut ours)))
+}
+
+fn print_idle(base: Option<f64>, ours: f64, connections: usize) {
+    let name = "RSS per idle connection (bytes)";
+    match base {
+        Some(b) => println!(
+            "{name:<34} {b:>14.0} {ours:>14.0} {:>8.2}   ({connections} connections)",
+            ours / b
+        ),
+        None => println!(
+            "{name:<34} {:>14} {ours:>14.0}   ({connections} connections)",
+            "-"
+        ),
+    }
 }
 
 /// A plain tokio-tungstenite server that sends every binary message back.
@@ -270,15 +317,15 @@ async fn relay_latency(url: &str, rate: f64, secs: f64) -> anyhow::Result<Vec<Du
     paced_latency(tx, rx, rate, secs, header).await
 }
 
-/// Spawns `pluresdb-sync relay` and measures its RSS growth per idle, joined connection.
-async fn idle_memory(connections: usize) -> anyhow::Result<f64> {
+/// Spawns `exe relay` (a `pluresdb-sync` binary) and measures its RSS growth per idle,
+/// joined connection.
+async fn idle_memory(exe: &std::path::Path, connections: usize) -> anyhow::Result<f64> {
     let limit = raise_fd_limit();
     if limit < (connections as u64) + 256 {
         bail!(
             "the open-file limit is {limit}; {connections} connections need more (raise the hard limit)"
         );
     }
-    let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
         .args(["relay", "--listen", "127.0.0.1:0"])
         .args(["--max-connections-per-ip", &(connections + 16).to_string()])

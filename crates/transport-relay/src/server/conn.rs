@@ -239,6 +239,17 @@ impl Conn<'_> {
                 kill(kill_tx, close_code::FRAME_TOO_LARGE, reason);
                 Err(ControlFlow::Break(()))
             }
+            Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => {
+                // The socket ended without a close frame (the client crashed, was killed or
+                // dropped it): a disconnect like a reset, not a protocol violation.
+                tracing::debug!(
+                    conn = self.id,
+                    "relay connection ended without a close frame"
+                );
+                Err(ControlFlow::Break(()))
+            }
             Err(tungstenite::Error::Protocol(e)) => {
                 // RSV bits, reserved opcodes, unmasked or oversized control frames, ...
                 shared.metrics.dropped(DropReason::WebSocketProtocol);

@@ -11,7 +11,8 @@
 //! `nats` (the bus to other nodes: remote members, node liveness), `state` (what every
 //! connection shares), `gather` (one burst's DELIVERs per receiver), `datagram` (forwarding
 //! DATAGRAMs without waiting), `requests` (a connection's state and what each frame does), `writer` (a connection's writer task),
-//! `conn` (its reader loop), `http` and `upgrade` (the request head, checks and upgrade),
+//! `conn` (its reader loop), `http` (one request served by hyper, the head limits) and
+//! `upgrade` (the relay's checks, then the WebSocket),
 //! `tls` (PEM loading).
 //!
 //! ```no_run
@@ -270,27 +271,26 @@ async fn metrics_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_metrics_request(mut stream: TcpStream, shared: Arc<Shared>) {
-    let head = tokio::time::timeout(
-        shared.config.handshake_timeout,
-        http::read_head(&mut stream),
-    )
-    .await;
-    let Ok(Ok((head, _))) = head else { return };
-    match head.path.as_str() {
+/// The Prometheus text exposition format, version 0.0.4.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn serve_metrics_request(stream: TcpStream, shared: Arc<Shared>) {
+    use hyper::StatusCode;
+    let served = http::serve(stream, |req| match req.uri().path() {
         "/metrics" => {
-            let body = shared.metrics_text();
-            http::respond(&mut stream, "200 OK", "", &body).await;
+            let mut resp = http::text(StatusCode::OK, &[], shared.metrics_text());
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(METRICS_CONTENT_TYPE),
+            );
+            resp
         }
-        "/healthz" => http::respond(&mut stream, "200 OK", "", "ok").await,
-        _ => {
-            http::respond(
-                &mut stream,
-                "404 Not Found",
-                "",
-                "try /metrics or /healthz\n",
-            )
-            .await
-        }
-    }
+        "/healthz" => http::text(StatusCode::OK, &[], "ok".into()),
+        _ => http::text(
+            StatusCode::NOT_FOUND,
+            &[],
+            "try /metrics or /healthz\n".into(),
+        ),
+    });
+    let _ = tokio::time::timeout(shared.config.handshake_timeout, served).await;
 }
