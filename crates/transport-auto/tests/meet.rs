@@ -3,6 +3,8 @@
 //! relay room, and the relay restarting under relayed connections.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use pluresdb_sync_core::testkit::fresh_topic;
@@ -10,31 +12,8 @@ use pluresdb_sync_core::{Connection, Transport};
 use pluresdb_sync_transport_auto::AutoTransport;
 use pluresdb_sync_transport_auto::testkit::AutoNet;
 use pluresdb_sync_transport_hyperswarm::relay_path::{PathInfo, PeerAddress, PeerPath};
-use tokio::sync::mpsc;
 
-const T: Duration = Duration::from_secs(30);
-
-/// Logs to the test's output with `RUST_LOG` (e.g. `pluresdb_sync_transport_hyperswarm=debug`).
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn accept(rx: &mut mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
-    tokio::time::timeout(T, rx.recv())
-        .await
-        .expect("no connection in time")
-        .expect("the connection receiver ended")
-}
-
-async fn recv(c: &mut Box<dyn Connection>) -> Option<Vec<u8>> {
-    tokio::time::timeout(T, c.receive())
-        .await
-        .expect("receive timed out")
-        .unwrap_or(None)
-}
+use common::{T, accept, init_tracing, recv};
 
 /// Sends `msg` from `a` to `b` and back.
 async fn exchange(a: &mut Box<dyn Connection>, b: &mut Box<dyn Connection>, msg: &[u8]) {

@@ -4,37 +4,18 @@
 //! `path_events()`, and the data socket's counters show the bytes going direct.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::fresh_topic;
-use pluresdb_sync_core::{Connection, Transport};
 use pluresdb_sync_transport_auto::AutoTransport;
 use pluresdb_sync_transport_auto::testkit::AutoNet;
 use pluresdb_sync_transport_hyperswarm::relay_path::{PathInfo, PeerPath};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
-const T: Duration = Duration::from_secs(30);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn accept(rx: &mut mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
-    tokio::time::timeout(T, rx.recv())
-        .await
-        .expect("no connection in time")
-        .expect("the connection receiver ended")
-}
-
-async fn recv(c: &mut Box<dyn Connection>) -> Option<Vec<u8>> {
-    tokio::time::timeout(T, c.receive())
-        .await
-        .expect("receive timed out")
-        .unwrap_or(None)
-}
+use common::{T, accept, init_tracing, recv};
 
 /// Waits for a path event of `peer` matching `want`.
 async fn wait_path(
