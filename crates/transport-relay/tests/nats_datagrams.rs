@@ -270,16 +270,20 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
     let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
-    const BUDGET: usize = 1 << 20;
-    let small = |b: RelayServerConfigBuilder| {
-        b.max_frame_bytes(32 * 1024)
-            .max_queued_bytes_per_connection(256 * 1024)
-            .max_queued_bytes(BUDGET)
-            .send_queue_frames(8)
-            .slow_consumer_timeout(Duration::from_millis(200))
+    const BUDGET: usize = 2 << 20;
+    // The sending node's outbox holds 512 KiB, a connection's share of it 128 KiB (eight of
+    // the flood's datagrams); the receiver's queue 8 frames.
+    let config = |per_connection: usize| {
+        move |b: RelayServerConfigBuilder| {
+            b.max_frame_bytes(32 * 1024)
+                .max_queued_bytes_per_connection(per_connection)
+                .max_queued_bytes(BUDGET)
+                .send_queue_frames(8)
+                .slow_consumer_timeout(Duration::from_millis(200))
+        }
     };
-    let (n1, url1) = node(&nats, small).await;
-    let (n2, url2) = node(&nats, small).await;
+    let (n1, url1) = node(&nats, config(512 * 1024)).await;
+    let (n2, url2) = node(&nats, config(256 * 1024)).await;
     let ((mut a, _), (mut b, b_id)) = pair(&url1, &url2).await;
     let n1 = Arc::new(n1);
     let n2 = Arc::new(n2);

@@ -35,10 +35,11 @@ pub(crate) const NATS_DATAGRAM_QUEUE: usize = 1024;
 /// their way to NATS.
 pub(crate) type BusShare = Arc<Semaphore>;
 
-/// Bytes one connection may have in a `cap`-byte outbox at once: an eighth of it, but at
-/// least one largest datagram (so every sender can always send one).
+/// Bytes one connection may have in a `cap`-byte outbox at once: a quarter of it (so one
+/// flooding sender leaves the others room), but at least one largest datagram (so every
+/// sender can always send one).
 pub(crate) fn share_bytes(cap: usize, max_frame: usize) -> usize {
-    (cap / 8).max(max_frame + 64)
+    (cap / 4).max(max_frame + 64)
 }
 
 /// One datagram on its way to NATS.
@@ -192,8 +193,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_share_is_an_eighth_of_the_outbox_and_at_least_a_frame() {
-        assert_eq!(share_bytes(4 << 20, 64 << 10), 512 << 10);
+    fn a_share_is_a_quarter_of_the_outbox_and_at_least_a_frame() {
+        assert_eq!(share_bytes(4 << 20, 64 << 10), 1 << 20);
         assert_eq!(share_bytes(200_000, 65_536), 65_536 + 64);
     }
 }
