@@ -112,7 +112,10 @@ async fn peers_on_two_relay_nodes_connect_through_the_relayed_path() {
         );
     }
     let verified = a.verified_addresses().len() + b.verified_addresses().len();
-    assert!(verified > 0, "the dialling side verified its peer's relay route");
+    assert!(
+        verified > 0,
+        "the dialling side verified its peer's relay route"
+    );
     // The packets crossed the nodes over NATS, both ways.
     for n in [&n1, &n2] {
         assert!(metric(n, "pluresdb_relay_nats_datagrams_published_total") > 0);
@@ -122,7 +125,10 @@ async fn peers_on_two_relay_nodes_connect_through_the_relayed_path() {
     assert!(ra.try_recv().is_err() && rb.try_recv().is_err());
     a.disconnect().await.unwrap();
     assert_eq!(
-        tokio::time::timeout(T, cb.receive()).await.unwrap().unwrap_or(None),
+        tokio::time::timeout(T, cb.receive())
+            .await
+            .unwrap()
+            .unwrap_or(None),
         None,
         "disconnect ends the remote's connection"
     );

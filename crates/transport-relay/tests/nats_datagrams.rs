@@ -122,7 +122,9 @@ async fn datagrams_cross_relay_nodes_both_ways() {
     raw::send(&mut a, datagram(b_id, 1200, &payload))
         .await
         .unwrap();
-    raw::send(&mut a, datagram(b_id, 0, &largest)).await.unwrap();
+    raw::send(&mut a, datagram(b_id, 0, &largest))
+        .await
+        .unwrap();
     raw::send(&mut b, datagram(a_id, 0, b"back")).await.unwrap();
     let mut got = vec![next_payload(&mut b).await, next_payload(&mut b).await];
     // Datagrams are unordered; here they are not reordered, but the test does not rely on it.
@@ -156,8 +158,14 @@ async fn datagrams_cross_relay_nodes_both_ways() {
             payload: b"back".to_vec(),
         })
     );
-    assert_eq!(metric(&n1, "pluresdb_relay_nats_datagrams_published_total"), 2);
-    assert_eq!(metric(&n2, "pluresdb_relay_nats_datagrams_published_total"), 1);
+    assert_eq!(
+        metric(&n1, "pluresdb_relay_nats_datagrams_published_total"),
+        2
+    );
+    assert_eq!(
+        metric(&n2, "pluresdb_relay_nats_datagrams_published_total"),
+        1
+    );
     assert_eq!(metric(&n2, "pluresdb_relay_datagrams_forwarded_total"), 2);
     assert_eq!(metric(&n1, "pluresdb_relay_datagrams_forwarded_total"), 1);
     for n in [&n1, &n2] {
@@ -196,9 +204,17 @@ async fn datagrams_to_unknown_or_gone_remote_members_are_dropped_and_counted() {
     raw::send(&mut a, datagram(old_id, 0, b"v1 member"))
         .await
         .unwrap();
-    reaches(&n2, "pluresdb_relay_drops_total{reason=\"datagram_no_route\"}", 1).await;
+    reaches(
+        &n2,
+        "pluresdb_relay_drops_total{reason=\"datagram_no_route\"}",
+        1,
+    )
+    .await;
     assert_eq!(drops(&n1, "datagram_no_route"), 1);
-    assert_eq!(metric(&n1, "pluresdb_relay_nats_datagrams_published_total"), 1);
+    assert_eq!(
+        metric(&n1, "pluresdb_relay_nats_datagrams_published_total"),
+        1
+    );
 
     // By hand on the bus, as the doc lays it out: type 0x85, room, sender, segment, payload.
     let p = "pluresdb.relay.v1";
@@ -218,13 +234,23 @@ async fn datagrams_to_unknown_or_gone_remote_members_are_dropped_and_counted() {
         peer.publish(b_subject.clone(), bad.into()).await.unwrap();
     }
     // A datagram for another room's member, or on a subject that names no connection.
-    peer.publish(format!("{p}.dgram.{:08x}.zz", b_id >> 32), by_hand.clone().into())
+    peer.publish(
+        format!("{p}.dgram.{:08x}.zz", b_id >> 32),
+        by_hand.clone().into(),
+    )
+    .await
+    .unwrap();
+    peer.publish(b_subject, by_hand.clone().into())
         .await
         .unwrap();
-    peer.publish(b_subject, by_hand.clone().into()).await.unwrap();
     peer.flush().await.unwrap();
     loop {
-        match tokio::time::timeout(T, b.next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(T, b.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             Message::Binary(bytes) if bytes.first() == Some(&0x85) => {
                 assert_eq!(bytes.as_ref(), by_hand.as_slice());
                 break;
@@ -244,7 +270,9 @@ async fn datagrams_to_unknown_or_gone_remote_members_are_dropped_and_counted() {
     let (mut c, c_id) = raw::client_v2(&url2).await.unwrap();
     raw::joined(&mut c, ROOM).await.unwrap();
     told_of(&mut a, c_id, false).await;
-    raw::send(&mut a, datagram(c_id, 0, b"routed")).await.unwrap();
+    raw::send(&mut a, datagram(c_id, 0, b"routed"))
+        .await
+        .unwrap();
     raw::send(&mut a, Frame::Ping(9)).await.unwrap();
     assert!(matches!(
         next_payload(&mut c).await,
@@ -252,9 +280,15 @@ async fn datagrams_to_unknown_or_gone_remote_members_are_dropped_and_counted() {
     ));
     assert_eq!(next_payload(&mut a).await, Frame::Pong(9));
     assert_eq!(drops(&n1, "datagram_no_route"), 2);
-    assert_eq!(metric(&n1, "pluresdb_relay_nats_datagrams_published_total"), 2);
+    assert_eq!(
+        metric(&n1, "pluresdb_relay_nats_datagrams_published_total"),
+        2
+    );
     assert_eq!(drops(&n2, "datagram_no_route"), 1);
-    assert_eq!(drops(&n1, "datagram_bus_full") + drops(&n2, "datagram_queue_full"), 0);
+    assert_eq!(
+        drops(&n1, "datagram_bus_full") + drops(&n2, "datagram_queue_full"),
+        0
+    );
     drop(old);
     n1.shutdown().await;
     n2.shutdown().await;
@@ -330,7 +364,9 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
     assert_eq!(drops(&n1, "datagram_no_route"), 0);
     let published = metric(&n1, "pluresdb_relay_nats_datagrams_published_total");
     let bus_full = drops(&n1, "datagram_bus_full");
-    eprintln!("flood of {FLOOD}: {published} published, {bus_full} dropped as datagram_bus_full, at most {most} bytes queued");
+    eprintln!(
+        "flood of {FLOOD}: {published} published, {bus_full} dropped as datagram_bus_full, at most {most} bytes queued"
+    );
     // The receiving node forwards or drops everything it got.
     let handled = || {
         metric(&n2, "pluresdb_relay_datagrams_forwarded_total") + drops(&n2, "datagram_queue_full")
@@ -367,7 +403,9 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
         }
     }
     assert!(queued > 0);
-    raw::send(&mut a, datagram(b_id, 0, b"after")).await.unwrap();
+    raw::send(&mut a, datagram(b_id, 0, b"after"))
+        .await
+        .unwrap();
     loop {
         match next_payload(&mut b).await {
             Frame::Relay(RelayFrame::Datagram { payload, .. }) if payload == b"after" => break,

@@ -46,7 +46,12 @@ pub(super) fn forward(
         Some(receiver) => {
             let header = datagram_header(kind::DATAGRAM_FROM, &d.room, from, d.segment);
             let len = header.len() + d.payload.len();
-            queue(&shared.rooms, &receiver, Batch::two(&header, d.payload), len)
+            queue(
+                &shared.rooms,
+                &receiver,
+                Batch::two(&header, d.payload),
+                len,
+            )
         }
         None => match (shared.nats.as_ref(), share) {
             (Some(n), Some(share)) if n.is_remote_member(&d.room, d.to) => {

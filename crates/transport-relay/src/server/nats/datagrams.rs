@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::super::budget::Queue;
 use super::super::datagram;
+use super::super::metrics::DropReason;
 use super::bus::{self, BusMessage};
 use super::{NATS_PUBLISH_TIMEOUT, Nats, node_of};
 use crate::protocol::{ConnId, DATAGRAM_OVERHEAD, RoomId, datagram_header, kind};
@@ -142,13 +143,20 @@ pub(super) async fn publisher(nats: Weak<Nats>, mut rx: mpsc::Receiver<Outgoing>
         };
         let mut cost = 0usize;
         let mut shares = Vec::with_capacity(batch.len());
+        // After a publish that failed or timed out, the rest of the batch is dropped rather
+        // than waited for in turn: the bus is backed up.
+        let mut stuck = false;
         for out in batch.drain(..) {
             cost += out.cost as usize;
             shares.push(out.share);
-            if nats.publish(out.subject, out.frame).await {
+            if stuck {
+                nats.local.metrics().dropped(DropReason::DatagramBusFull);
+            } else if nats.publish(out.subject, out.frame).await {
                 nats.metrics
                     .datagrams_published
                     .fetch_add(1, Ordering::Relaxed);
+            } else {
+                stuck = true;
             }
         }
         // Until flushed, the NATS client still holds the bytes.
