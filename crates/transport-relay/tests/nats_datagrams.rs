@@ -306,19 +306,26 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
     };
     const BUDGET: usize = 2 << 20;
     // The sending node's outbox holds 512 KiB, a connection's share of it 128 KiB (eight of
-    // the flood's datagrams); the receiver's queue 8 frames.
+    // the flood's datagrams); a receiver's queue 256 KiB (16 of them) or 64 frames (more than
+    // c sends d below, even if d's writer never ran meanwhile).
     let config = |per_connection: usize| {
         move |b: RelayServerConfigBuilder| {
             b.max_frame_bytes(32 * 1024)
                 .max_queued_bytes_per_connection(per_connection)
                 .max_queued_bytes(BUDGET)
-                .send_queue_frames(8)
+                .send_queue_frames(64)
                 .slow_consumer_timeout(Duration::from_millis(200))
         }
     };
     let (n1, url1) = node(&nats, config(512 * 1024)).await;
     let (n2, url2) = node(&nats, config(256 * 1024)).await;
     let ((mut a, _), (mut b, b_id)) = pair(&url1, &url2).await;
+    // A second pair, c on the first node and d (who reads) on the second.
+    let (mut c, c_id) = raw::client_v2(&url1).await.unwrap();
+    raw::joined(&mut c, ROOM).await.unwrap();
+    let (mut d, d_id) = raw::client_v2(&url2).await.unwrap();
+    raw::joined(&mut d, ROOM).await.unwrap();
+    told_of(&mut c, d_id, false).await;
     let n1 = Arc::new(n1);
     let n2 = Arc::new(n2);
     // Samples both nodes' queued bytes while the flood runs.
@@ -338,10 +345,24 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
     let payload = vec![0x5a; 16 * 1024];
     let frame = encode_datagram(&ROOM, b_id, 0, &payload);
     const FLOOD: u64 = 2_000;
-    for _ in 0..FLOOD {
-        a.feed(Message::Binary(frame.clone().into())).await.unwrap();
-    }
-    a.flush().await.unwrap();
+    const FAIR: u64 = 50;
+    let flood = async {
+        for _ in 0..FLOOD {
+            a.feed(Message::Binary(frame.clone().into())).await.unwrap();
+        }
+        a.flush().await.unwrap();
+    };
+    // Meanwhile c sends small datagrams to d: a holds at most its share of the outbox, so
+    // there is always room for c's.
+    let fair = async {
+        for i in 0..FAIR {
+            raw::send(&mut c, datagram(d_id, 0, &i.to_be_bytes()))
+                .await
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::join!(flood, fair);
     raw::send(&mut a, Frame::Ping(1)).await.unwrap();
     assert_eq!(next_payload(&mut a).await, Frame::Pong(1));
     done.store(true, Ordering::Relaxed);
@@ -354,13 +375,13 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
             + drops(&n1, "datagram_bus_full")
     };
     tokio::time::timeout(T, async {
-        while sent() < FLOOD {
+        while sent() < FLOOD + FAIR {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
     .unwrap_or_else(|_| panic!("{}", n1.metrics_text()));
-    assert_eq!(sent(), FLOOD, "{}", n1.metrics_text());
+    assert_eq!(sent(), FLOOD + FAIR, "{}", n1.metrics_text());
     assert_eq!(drops(&n1, "datagram_no_route"), 0);
     let published = metric(&n1, "pluresdb_relay_nats_datagrams_published_total");
     let bus_full = drops(&n1, "datagram_bus_full");
@@ -390,6 +411,18 @@ async fn a_datagram_flood_across_nodes_stays_within_the_budget() {
         drops(&n2, "datagram_queue_full")
     );
     assert_eq!(drops(&n2, "slow_consumer"), 0);
+    // Every one of c's datagrams reached d, once.
+    let mut fair = Vec::new();
+    for _ in 0..FAIR {
+        match next_payload(&mut d).await {
+            Frame::Relay(RelayFrame::Datagram { from, payload, .. }) if from == c_id => {
+                fair.push(u64::from_be_bytes(payload.try_into().unwrap()));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    fair.sort_unstable();
+    assert_eq!(fair, (0..FAIR).collect::<Vec<_>>());
     assert_eq!(drops(&n1, "memory_budget") + drops(&n2, "memory_budget"), 0);
     // The receiver is still there and gets what was queued (its PONG comes after that),
     // then later traffic.
