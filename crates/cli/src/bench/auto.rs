@@ -7,6 +7,8 @@
 //!   against a Relay-mode pair on the same relay.
 //! - Time from both joining to the first message (relay room, DHT off) and to the direct
 //!   path: fresh pairs, median.
+//! - The forced switch (`auto_switch.rs`): the longest gap in delivery while the direct path
+//!   goes dark mid-stream and the connection falls back to the relay, and what was lost.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +22,7 @@ use pluresdb_sync_transport_auto::testkit::AutoNet;
 use super::hyperswarm::ours;
 use super::median;
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(super) const WAIT: Duration = Duration::from_secs(30);
 
 /// Options of `pluresdb-sync bench auto`.
 #[derive(Debug, Args)]
@@ -34,12 +36,18 @@ pub(crate) struct AutoBenchArgs {
     /// Fresh Auto pairs timed from joining to the first message and to the direct path.
     #[arg(long, default_value_t = 5)]
     joins: usize,
+    /// Forced switches (fresh pairs; the direct path blackholed mid-stream).
+    #[arg(long, default_value_t = 3)]
+    switches: usize,
+    /// Numbered messages (200 bytes, one per millisecond) per forced switch.
+    #[arg(long, default_value_t = 6000)]
+    switch_messages: u32,
 }
 
-type Pair = (Box<dyn Connection>, Box<dyn Connection>);
+pub(super) type Pair = (Box<dyn Connection>, Box<dyn Connection>);
 
 /// Connects `a` and `b` on a fresh topic.
-async fn pair(a: &mut dyn Transport, b: &mut dyn Transport) -> anyhow::Result<Pair> {
+pub(super) async fn pair(a: &mut dyn Transport, b: &mut dyn Transport) -> anyhow::Result<Pair> {
     let topic = fresh_topic("bench-auto");
     let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut ra, mut rb) = (ra?, rb?);
@@ -163,6 +171,18 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
         a.disconnect().await?;
         b.disconnect().await?;
     }
+    eprintln!(
+        "forced switches ({} fresh pairs, {} messages each)",
+        args.switches, args.switch_messages
+    );
+    let mut switches = Vec::new();
+    for i in 0..args.switches.max(1) {
+        let s = super::auto_switch::forced_switch(&net, args.switch_messages.max(60))
+            .await
+            .context("forced switch")?;
+        eprintln!("  switch {i}: {s:?}");
+        switches.push(s);
+    }
     net.stop().await?;
 
     println!(
@@ -189,6 +209,33 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
     println!(
         "joined to direct path, median (ms)   {:>10.1}",
         median(&mut to_direct)
+    );
+    let ms = |f: fn(&super::auto_switch::Switch) -> Duration| -> Vec<f64> {
+        switches
+            .iter()
+            .map(|s| f(s).as_secs_f64() * 1000.0)
+            .collect()
+    };
+    let mut gaps = ms(|s| s.longest_gap);
+    let worst = gaps.iter().copied().fold(0.0, f64::max);
+    println!(
+        "forced switch ({} runs): longest delivery gap, median (ms) {:>6.0} (worst {worst:.0}; target < 2000)",
+        switches.len(),
+        median(&mut gaps)
+    );
+    println!(
+        "  direct path dark -> relayed, median (ms) {:>6.0}; lit -> direct again {:>6.0}",
+        median(&mut ms(|s| s.to_relayed)),
+        median(&mut ms(|s| s.to_direct))
+    );
+    let sum = |f: fn(&super::auto_switch::Switch) -> u32| switches.iter().map(f).sum::<u32>();
+    println!(
+        "  messages lost {}, duplicated {}, out of order {} (of {} x {})",
+        sum(|s| s.lost),
+        sum(|s| s.duplicated),
+        sum(|s| s.out_of_order),
+        switches.len(),
+        args.switch_messages.max(60)
     );
     Ok(())
 }
