@@ -137,6 +137,8 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
     }
     let m: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
     let direct_stats = direct.0.path_stats();
+    let relayed_links = (relayed.0.relay_stats(), relayed.1.relay_stats());
+    let metrics = net.relay().map(|r| r.metrics_text()).unwrap_or_default();
     drop(pairs);
     for t in [&mut hs.0, &mut hs.1] {
         t.disconnect().await?;
@@ -201,6 +203,23 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
     println!(
         "direct pair, side A: {} bytes sent direct, {} packets relayed",
         direct_stats.upgraded_out_bytes, direct_stats.relayed_out
+    );
+    let metric = |line: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    println!(
+        "relayed pair: frames sent {} + {} ({} + {} dropped at the links), relay forwarded {} datagrams, dropped {} (receiver's queue full), links dropped {} + {} received",
+        relayed_links.0.sent,
+        relayed_links.1.sent,
+        relayed_links.0.send_dropped,
+        relayed_links.1.send_dropped,
+        metric("pluresdb_relay_datagrams_forwarded_total"),
+        metric("pluresdb_relay_drops_total{reason=\"datagram_queue_full\"}"),
+        relayed_links.0.received_dropped,
+        relayed_links.1.received_dropped,
     );
     println!(
         "joined to first message, median (ms) {:>10.1}",

@@ -50,8 +50,12 @@ struct Delivery {
 }
 
 /// Reads numbered messages until the last one arrives, the connection ends or nothing
-/// arrives for [`GIVE_UP`].
-async fn read(mut rx: Box<dyn Connection>, messages: u32, count: Arc<AtomicU32>) -> Delivery {
+/// arrives for [`GIVE_UP`]; hands the connection back (dropping it would close it).
+async fn read(
+    mut rx: Box<dyn Connection>,
+    messages: u32,
+    count: Arc<AtomicU32>,
+) -> (Box<dyn Connection>, Delivery) {
     let mut seen = HashSet::new();
     let (mut duplicated, mut out_of_order) = (0, 0);
     let mut next = 0u32;
@@ -79,12 +83,13 @@ async fn read(mut rx: Box<dyn Connection>, messages: u32, count: Arc<AtomicU32>)
         next = n.saturating_add(1);
         count.fetch_add(1, Ordering::Relaxed);
     }
-    Delivery {
+    let delivery = Delivery {
         longest_gap,
         lost: messages.saturating_sub(seen.len() as u32),
         duplicated,
         out_of_order,
-    }
+    };
+    (rx, delivery)
 }
 
 /// Waits for a path event matching `want`; when it came.
@@ -169,9 +174,9 @@ pub(super) async fn forced_switch(net: &AutoNet, messages: u32) -> anyhow::Resul
     let back = wait_path(&mut ea, is_direct)
         .await?
         .max(wait_path(&mut eb, is_direct).await?);
-    let delivery = reader.await.context("the reader failed")?;
+    let (rx, delivery) = reader.await.context("the reader failed")?;
     let tx = writer.await.context("the writer failed")??;
-    drop(tx);
+    drop((tx, rx));
     a.disconnect().await?;
     b.disconnect().await?;
     Ok(Switch {
