@@ -117,11 +117,17 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
         "relay mode",
     ];
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // The process's CPU time per MiB (both peers, the relay, everything): less moved by
+    // other load on the machine than the rate.
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 0..args.rounds.max(1) {
         let mut next = Vec::new();
         for (i, (tx, rx)) in pairs.into_iter().enumerate() {
+            let before = super::cpu_time().context("cannot read /proc/self/stat")?;
             let (tx, rx, rate) = ours(tx, rx, bytes).await.context(names[i])?;
+            let used = super::cpu_time().context("cannot read /proc/self/stat")? - before;
             results[i].push(rate);
+            cpu[i].push(used.as_secs_f64() * 1000.0 / args.mib.max(1) as f64);
             next.push((tx, rx));
         }
         pairs = next;
@@ -136,6 +142,7 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
         );
     }
     let m: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    let c: Vec<f64> = cpu.iter_mut().map(|r| median(r)).collect();
     let direct_stats = direct.0.path_stats();
     let relayed_links = (relayed.0.relay_stats(), relayed.1.relay_stats());
     let metrics = net.relay().map(|r| r.metrics_text()).unwrap_or_default();
@@ -188,17 +195,24 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
     net.stop().await?;
 
     println!(
-        "{:<36} {:>10} {:>14}",
-        "64 KiB messages, one connection", "MiB/s", "ratio"
+        "{:<36} {:>10} {:>14} {:>12}",
+        "64 KiB messages, one connection", "MiB/s", "ratio", "CPU ms/MiB"
     );
-    println!("{:<36} {:>10.0} {:>14}", names[0], m[0], "-");
-    println!("{:<36} {:>10.0} {:>9.2} ÷ hs", names[1], m[1], m[1] / m[0]);
-    println!("{:<36} {:>10.0} {:>14}", names[3], m[3], "-");
+    println!("{:<36} {:>10.0} {:>14} {:>12.2}", names[0], m[0], "-", c[0]);
     println!(
-        "{:<36} {:>10.0} {:>9.2} ÷ relay",
+        "{:<36} {:>10.0} {:>9.2} ÷ hs {:>12.2}",
+        names[1],
+        m[1],
+        m[1] / m[0],
+        c[1]
+    );
+    println!("{:<36} {:>10.0} {:>14} {:>12.2}", names[3], m[3], "-", c[3]);
+    println!(
+        "{:<36} {:>10.0} {:>9.2} ÷ relay {:>9.2}",
         names[2],
         m[2],
-        m[2] / m[3]
+        m[2] / m[3],
+        c[2]
     );
     println!(
         "direct pair, side A: {} bytes sent direct, {} packets relayed",
