@@ -273,7 +273,18 @@ fn benchmarks_run_in_miniature() {
 
     let auto = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
         .args([
-            "bench", "auto", "--mib", "2", "--rounds", "1", "--joins", "1",
+            "bench",
+            "auto",
+            "--mib",
+            "2",
+            "--rounds",
+            "1",
+            "--joins",
+            "1",
+            "--switches",
+            "1",
+            "--switch-messages",
+            "600",
         ])
         .output()
         .unwrap();
@@ -289,6 +300,8 @@ fn benchmarks_run_in_miniature() {
         "relay mode",
         "bytes sent direct",
         "joined to direct path",
+        "forced switch (1 runs): longest delivery gap",
+        "messages lost 0, duplicated 0, out of order 0",
     ] {
         assert!(table.contains(row), "{table}");
     }

@@ -152,6 +152,17 @@ impl AutoTransport {
         self.path.link().recent_errors()
     }
 
+    /// Fault injection for tests and benchmarks (feature `testkit`): drops every UDP packet
+    /// the data socket would send to `addr` or receives from it (`dark`), or stops doing so,
+    /// as if the network path were blackholed; the relay path is untouched. A connection
+    /// that went direct to `addr` then falls back to the relay as it would on a real network.
+    /// See `HyperswarmTransport::blackhole_udp`.
+    #[cfg(feature = "testkit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+    pub fn blackhole_udp(&self, addr: SocketAddr, dark: bool) -> bool {
+        self.inner.blackhole_udp(addr, dark)
+    }
+
     /// The Hyperswarm transport underneath (its DHT diagnostics: `dial_failures`,
     /// `public_addr`).
     pub fn hyperswarm(&self) -> &HyperswarmTransport {

@@ -12,103 +12,20 @@
 //! namespace is removed on drop, even when the test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::netns::{run, run_child_in_namespace};
+use common::stream::{MESSAGES, Stream, direct, relayed, wait_path};
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::{Connection, Transport};
 use pluresdb_sync_transport_auto::AutoTransport;
 use pluresdb_sync_transport_auto::testkit::AutoNet;
-use pluresdb_sync_transport_hyperswarm::relay_path::{PathInfo, PeerPath};
-use tokio::sync::broadcast;
-
-const MESSAGES: u32 = 10_000;
-const T: Duration = Duration::from_secs(30);
-
-fn have_root_tools() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let tools = ["ip", "iptables"].iter().all(|t| {
-        Command::new(t).arg("-V").output().is_ok()
-            || Command::new(t).arg("--version").output().is_ok()
-    });
-    root && tools
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A namespace with only loopback, removed on drop.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 #[test]
 fn path_switch_root() {
-    if !have_root_tools() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "path_switch_root needs root, ip (iproute2) and iptables; scripts/test installs them"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
-        return;
-    }
-    let ns = Namespace(format!("auto{:x}s", std::process::id()));
-    run(&["ip", "netns", "add", &ns.0]);
-    run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(exe)
-        .args(["--exact", "child_path_switch", "--ignored", "--nocapture"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "the child failed");
-    assert!(stdout.contains("1 passed"), "the child did not run");
-}
-
-/// Waits for a path event of `peer` matching `want`; when it came.
-async fn wait_path(
-    events: &mut broadcast::Receiver<PathInfo>,
-    peer: &str,
-    want: impl Fn(&PeerPath) -> bool,
-) -> Instant {
-    tokio::time::timeout(T, async {
-        loop {
-            let e = events.recv().await.expect("path events ended");
-            if e.peer_id == peer && want(&e.path) {
-                return Instant::now();
-            }
-        }
-    })
-    .await
-    .expect("no such path event in time")
-}
-
-fn direct(p: &PeerPath) -> bool {
-    matches!(p, PeerPath::Direct(_))
-}
-
-fn relayed(p: &PeerPath) -> bool {
-    matches!(p, PeerPath::Relayed { .. })
+    run_child_in_namespace("s", "child_path_switch");
 }
 
 /// Drops (`-A`) or restores (`-D`) UDP to `ports` in this namespace.
@@ -156,7 +73,7 @@ async fn path_switch() {
     let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
     let (ca, cb) = tokio::join!(ra.recv(), rb.recv());
-    let (mut ca, mut cb): (Box<dyn Connection>, Box<dyn Connection>) = (ca.unwrap(), cb.unwrap());
+    let (ca, cb): (Box<dyn Connection>, Box<dyn Connection>) = (ca.unwrap(), cb.unwrap());
     let (pa, pb) = (a.peer_id(), b.peer_id());
     wait_path(&mut ea, &pb, direct).await;
     wait_path(&mut eb, &pa, direct).await;
@@ -165,47 +82,8 @@ async fn path_switch() {
         b.local_addr().unwrap().port(),
     ];
 
-    let received = Arc::new(AtomicU32::new(0));
-    let count = received.clone();
-    let reader = tokio::spawn(async move {
-        let mut longest_gap = Duration::ZERO;
-        let mut last = Instant::now();
-        for want in 0..MESSAGES {
-            let msg = tokio::time::timeout(T, cb.receive())
-                .await
-                .expect("a message in time")
-                .unwrap()
-                .expect("the connection ended early");
-            let n = u32::from_be_bytes(msg[..4].try_into().unwrap());
-            assert_eq!(n, want, "every message once and in order");
-            assert_eq!(msg.len(), 200);
-            let now = Instant::now();
-            longest_gap = longest_gap.max(now - last);
-            last = now;
-            count.store(n + 1, Ordering::Relaxed);
-        }
-        (cb, longest_gap)
-    });
-    let writer = tokio::spawn(async move {
-        let mut msg = vec![0u8; 200];
-        for n in 0..MESSAGES {
-            msg[..4].copy_from_slice(&n.to_be_bytes());
-            ca.send(&msg).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        ca
-    });
-    let reached = |n: u32| {
-        let r = received.clone();
-        async move {
-            while r.load(Ordering::Relaxed) < n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    tokio::time::timeout(T, reached(MESSAGES / 3))
-        .await
-        .unwrap();
+    let stream = Stream::start(ca, cb);
+    stream.reached(MESSAGES / 3).await;
     let direct_before = b.path_stats().upgraded_in_bytes;
     let relayed_before = b.path_stats().relayed_in;
     udp_rule("-A", &ports);
@@ -213,11 +91,9 @@ async fn path_switch() {
     let fell_a = wait_path(&mut ea, &pb, relayed).await;
     let fell_b = wait_path(&mut eb, &pa, relayed).await;
     // Delivery goes on over the relay while UDP is dropped.
-    let at_fallback = received.load(Ordering::Relaxed);
+    let at_fallback = stream.count();
     let direct_at_fallback = b.path_stats().upgraded_in_bytes;
-    tokio::time::timeout(T, reached(at_fallback + 500))
-        .await
-        .unwrap();
+    stream.reached(at_fallback + 500).await;
     let s = b.path_stats();
     assert!(
         s.relayed_in > relayed_before && s.upgraded_in_bytes == direct_at_fallback,
@@ -230,11 +106,7 @@ async fn path_switch() {
     let back_a = wait_path(&mut ea, &pb, direct).await;
     let back_b = wait_path(&mut eb, &pa, direct).await;
     let direct_mid = b.path_stats().upgraded_in_bytes;
-    let (cb, longest_gap) = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .unwrap()
-        .unwrap();
-    let mut ca = writer.await.unwrap();
+    let (mut ca, cb, longest_gap) = stream.finish().await;
     assert!(
         b.path_stats().upgraded_in_bytes > direct_mid,
         "direct again after the restore: {:?}",

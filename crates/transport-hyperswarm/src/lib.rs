@@ -66,6 +66,7 @@
 //! tests, demos and benchmarks.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod blackhole;
 mod config;
 mod conn;
 mod direct;
@@ -230,6 +231,19 @@ impl HyperswarmTransport {
     /// The data socket's local address, once networking has started.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.node.get().map(|n| n.local_addr())
+    }
+
+    /// Fault injection for tests and benchmarks (feature `testkit`): drops every UDP
+    /// packet this node's data socket would send to `addr` or receives from it (`dark`), or
+    /// stops doing so, as if the network path to `addr` were blackholed; the relay path is
+    /// untouched. A peer's direct path goes dark without root or iptables. At most 64
+    /// addresses are dark at once; `false` when that many are, or before networking starts.
+    #[cfg(feature = "testkit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+    pub fn blackhole_udp(&self, addr: SocketAddr, dark: bool) -> bool {
+        self.node
+            .get()
+            .is_some_and(|n| n.data_socket().blackhole().set(addr, dark))
     }
 
     async fn node(&self) -> anyhow::Result<&Arc<Node>> {

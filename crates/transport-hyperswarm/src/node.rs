@@ -222,6 +222,12 @@ impl Node {
         self.local_addr
     }
 
+    /// The data socket (the testkit's fault injection reaches its blackhole through this).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn data_socket(&self) -> &DataSocket {
+        &self.data
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps inconsistent in a way that
         // matters more than stopping all networking would.

@@ -25,6 +25,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
+use crate::blackhole::Blackhole;
 use crate::direct::DirectTable;
 use crate::path::{RouteTable, is_virtual};
 use crate::relay_path::{RelayDatagram, RelayPath};
@@ -159,6 +160,8 @@ pub(crate) struct DataSocket {
     routes: Arc<RouteTable>,
     /// Proven direct endpoints of virtual addresses.
     directs: DirectTable,
+    /// UDP addresses forced dark (fault injection for tests and benchmarks; empty otherwise).
+    blackhole: Blackhole,
 }
 
 impl DataSocket {
@@ -184,6 +187,7 @@ impl DataSocket {
             relay_first: AtomicBool::new(false),
             routes,
             directs: DirectTable::default(),
+            blackhole: Blackhole::default(),
         });
         (socket, rx)
     }
@@ -198,6 +202,12 @@ impl DataSocket {
         &self.directs
     }
 
+    /// The UDP addresses forced dark (tests and benchmarks).
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
+    pub(crate) fn blackhole(&self) -> &Blackhole {
+        &self.blackhole
+    }
+
     /// Whether UDP to real addresses is used.
     pub(crate) fn direct_on(&self) -> bool {
         self.direct
@@ -206,7 +216,7 @@ impl DataSocket {
     /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it). Never
     /// to a virtual address, nor anywhere when direct UDP is off.
     pub(crate) fn send_raw(&self, to: SocketAddr, bytes: &[u8]) {
-        if is_virtual(&to) || !self.direct {
+        if is_virtual(&to) || !self.direct || self.blackhole.is_dark(&to) {
             return;
         }
         let transmit = Transmit {
@@ -246,7 +256,13 @@ impl AsyncUdpSocket for DataSocket {
                 destination: endpoint,
                 ..*transmit
             };
-            match self.inner.try_send(&direct) {
+            // A dark endpoint loses the packet as a blackholed path would.
+            let sent = if self.blackhole.is_dark(&endpoint) {
+                Ok(())
+            } else {
+                self.inner.try_send(&direct)
+            };
+            match sent {
                 Ok(()) => {
                     self.counters.upgraded_out.fetch_add(1, Ordering::Relaxed);
                     self.counters
@@ -285,6 +301,9 @@ impl AsyncUdpSocket for DataSocket {
         }
         if !self.direct {
             self.counters.direct_blocked.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if self.blackhole.is_dark(&to) {
             return Ok(());
         }
         self.inner.try_send(transmit)
@@ -407,6 +426,12 @@ impl DataSocket {
     ) -> Poll<io::Result<usize>> {
         loop {
             let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            // Entries from a dark address are emptied: `filter_batch` drops empty entries.
+            for m in meta.iter_mut().take(n) {
+                if self.blackhole.is_dark(&m.addr) {
+                    m.len = 0;
+                }
+            }
             if !self.direct {
                 self.counters
                     .direct_blocked

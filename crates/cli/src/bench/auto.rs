@@ -7,6 +7,8 @@
 //!   against a Relay-mode pair on the same relay.
 //! - Time from both joining to the first message (relay room, DHT off) and to the direct
 //!   path: fresh pairs, median.
+//! - The forced switch (`auto_switch.rs`): the longest gap in delivery while the direct path
+//!   goes dark mid-stream and the connection falls back to the relay, and what was lost.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +22,7 @@ use pluresdb_sync_transport_auto::testkit::AutoNet;
 use super::hyperswarm::ours;
 use super::median;
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(super) const WAIT: Duration = Duration::from_secs(30);
 
 /// Options of `pluresdb-sync bench auto`.
 #[derive(Debug, Args)]
@@ -34,12 +36,18 @@ pub(crate) struct AutoBenchArgs {
     /// Fresh Auto pairs timed from joining to the first message and to the direct path.
     #[arg(long, default_value_t = 5)]
     joins: usize,
+    /// Forced switches (fresh pairs; the direct path blackholed mid-stream).
+    #[arg(long, default_value_t = 3)]
+    switches: usize,
+    /// Numbered messages (200 bytes, one per millisecond) per forced switch.
+    #[arg(long, default_value_t = 6000)]
+    switch_messages: u32,
 }
 
-type Pair = (Box<dyn Connection>, Box<dyn Connection>);
+pub(super) type Pair = (Box<dyn Connection>, Box<dyn Connection>);
 
 /// Connects `a` and `b` on a fresh topic.
-async fn pair(a: &mut dyn Transport, b: &mut dyn Transport) -> anyhow::Result<Pair> {
+pub(super) async fn pair(a: &mut dyn Transport, b: &mut dyn Transport) -> anyhow::Result<Pair> {
     let topic = fresh_topic("bench-auto");
     let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut ra, mut rb) = (ra?, rb?);
@@ -109,11 +117,17 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
         "relay mode",
     ];
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // The process's CPU time per MiB (both peers, the relay, everything): less moved by
+    // other load on the machine than the rate.
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 0..args.rounds.max(1) {
         let mut next = Vec::new();
         for (i, (tx, rx)) in pairs.into_iter().enumerate() {
+            let before = super::cpu_time().context("cannot read /proc/self/stat")?;
             let (tx, rx, rate) = ours(tx, rx, bytes).await.context(names[i])?;
+            let used = super::cpu_time().context("cannot read /proc/self/stat")? - before;
             results[i].push(rate);
+            cpu[i].push(used.as_secs_f64() * 1000.0 / args.mib.max(1) as f64);
             next.push((tx, rx));
         }
         pairs = next;
@@ -128,7 +142,10 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
         );
     }
     let m: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    let c: Vec<f64> = cpu.iter_mut().map(|r| median(r)).collect();
     let direct_stats = direct.0.path_stats();
+    let relayed_links = (relayed.0.relay_stats(), relayed.1.relay_stats());
+    let metrics = net.relay().map(|r| r.metrics_text()).unwrap_or_default();
     drop(pairs);
     for t in [&mut hs.0, &mut hs.1] {
         t.disconnect().await?;
@@ -163,24 +180,60 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
         a.disconnect().await?;
         b.disconnect().await?;
     }
+    eprintln!(
+        "forced switches ({} fresh pairs, {} messages each)",
+        args.switches, args.switch_messages
+    );
+    let mut switches = Vec::new();
+    for i in 0..args.switches.max(1) {
+        let s = super::auto_switch::forced_switch(&net, args.switch_messages.max(60))
+            .await
+            .context("forced switch")?;
+        eprintln!("  switch {i}: {s:?}");
+        switches.push(s);
+    }
     net.stop().await?;
 
     println!(
-        "{:<36} {:>10} {:>14}",
-        "64 KiB messages, one connection", "MiB/s", "ratio"
+        "{:<36} {:>10} {:>14} {:>12}",
+        "64 KiB messages, one connection", "MiB/s", "ratio", "CPU ms/MiB"
     );
-    println!("{:<36} {:>10.0} {:>14}", names[0], m[0], "-");
-    println!("{:<36} {:>10.0} {:>9.2} ÷ hs", names[1], m[1], m[1] / m[0]);
-    println!("{:<36} {:>10.0} {:>14}", names[3], m[3], "-");
+    println!("{:<36} {:>10.0} {:>14} {:>12.2}", names[0], m[0], "-", c[0]);
     println!(
-        "{:<36} {:>10.0} {:>9.2} ÷ relay",
+        "{:<36} {:>10.0} {:>9.2} ÷ hs {:>12.2}",
+        names[1],
+        m[1],
+        m[1] / m[0],
+        c[1]
+    );
+    println!("{:<36} {:>10.0} {:>14} {:>12.2}", names[3], m[3], "-", c[3]);
+    println!(
+        "{:<36} {:>10.0} {:>9.2} ÷ relay {:>9.2}",
         names[2],
         m[2],
-        m[2] / m[3]
+        m[2] / m[3],
+        c[2]
     );
     println!(
         "direct pair, side A: {} bytes sent direct, {} packets relayed",
         direct_stats.upgraded_out_bytes, direct_stats.relayed_out
+    );
+    let metric = |line: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    println!(
+        "relayed pair: frames sent {} + {} ({} + {} dropped at the links), relay forwarded {} datagrams, dropped {} (receiver's queue full), links dropped {} + {} received",
+        relayed_links.0.sent,
+        relayed_links.1.sent,
+        relayed_links.0.send_dropped,
+        relayed_links.1.send_dropped,
+        metric("pluresdb_relay_datagrams_forwarded_total"),
+        metric("pluresdb_relay_drops_total{reason=\"datagram_queue_full\"}"),
+        relayed_links.0.received_dropped,
+        relayed_links.1.received_dropped,
     );
     println!(
         "joined to first message, median (ms) {:>10.1}",
@@ -189,6 +242,33 @@ pub(super) async fn run(args: AutoBenchArgs) -> anyhow::Result<()> {
     println!(
         "joined to direct path, median (ms)   {:>10.1}",
         median(&mut to_direct)
+    );
+    let ms = |f: fn(&super::auto_switch::Switch) -> Duration| -> Vec<f64> {
+        switches
+            .iter()
+            .map(|s| f(s).as_secs_f64() * 1000.0)
+            .collect()
+    };
+    let mut gaps = ms(|s| s.longest_gap);
+    let worst = gaps.iter().copied().fold(0.0, f64::max);
+    println!(
+        "forced switch ({} runs): longest delivery gap, median (ms) {:>6.0} (worst {worst:.0}; target < 2000)",
+        switches.len(),
+        median(&mut gaps)
+    );
+    println!(
+        "  direct path dark -> relayed, median (ms) {:>6.0}; lit -> direct again {:>6.0}",
+        median(&mut ms(|s| s.to_relayed)),
+        median(&mut ms(|s| s.to_direct))
+    );
+    let sum = |f: fn(&super::auto_switch::Switch) -> u32| switches.iter().map(f).sum::<u32>();
+    println!(
+        "  messages lost {}, duplicated {}, out of order {} (of {} x {})",
+        sum(|s| s.lost),
+        sum(|s| s.duplicated),
+        sum(|s| s.out_of_order),
+        switches.len(),
+        args.switch_messages.max(60)
     );
     Ok(())
 }

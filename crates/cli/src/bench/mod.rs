@@ -2,6 +2,7 @@
 //! on the same machine, in the same run. Results go to `docs/benchmarks.md`.
 
 mod auto;
+mod auto_switch;
 mod bridge;
 mod hyperswarm;
 mod join;
@@ -31,7 +32,7 @@ enum BenchTarget {
     Bridge(bridge::BridgeBenchArgs),
     /// Auto mode against the modes it combines: the direct path against Hyperswarm mode,
     /// the relayed path against Relay mode (64 KiB messages), joined to first message and to
-    /// the direct path.
+    /// the direct path, the gap in delivery when the direct path goes dark mid-stream.
     Auto(auto::AutoBenchArgs),
 }
 

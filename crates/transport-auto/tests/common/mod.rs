@@ -1,6 +1,10 @@
 //! What the Auto mode integration tests share: the step timeout, logging, and waiting for a
-//! connection or a message.
+//! connection or a message; namespaces for the root tests (`netns`) and streams of
+//! numbered messages (`stream`).
 #![allow(dead_code)]
+
+pub(crate) mod netns;
+pub(crate) mod stream;
 
 use std::time::Duration;
 
