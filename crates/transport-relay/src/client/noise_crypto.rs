@@ -19,7 +19,8 @@ use x25519_dalek::{PublicKey, StaticSecret};
 pub(crate) struct ScalarMults(Arc<AtomicU64>);
 
 impl ScalarMults {
-    /// How many so far.
+    /// How many so far (read by tests and the testkit only).
+    #[cfg_attr(not(any(test, feature = "testkit")), allow(dead_code))]
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
