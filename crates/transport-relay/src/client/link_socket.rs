@@ -1,5 +1,5 @@
 //! The datagram link's socket task: dials (`pluresdb-relay.v2`, URLs in order), runs one
-//! socket at a time (the writer task, pings and the idle timeout, the link machine's frames
+//! socket at a time (the writer task, which joins queued datagram frames, pings and the idle timeout, the link machine's frames
 //! in order within a budget), hands received datagrams straight to the owner (dropped when
 //! the owner's queue is full) and membership events in order (the relay is not read while
 //! the owner's event queue is full), and on loss redials with jittered backoff, next URL
@@ -14,11 +14,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::coalesce;
 use super::datagram::{Datagram, LINK_EVENT_QUEUE, LinkEvent, Out, Shared};
 use super::dial::{self, Socket};
 use super::link_machine::{LinkMachine, Step};
 use super::outbound::{OUTBOUND_QUEUE_FRAMES, Outbound};
-use super::supervisor::{AbortOnDrop, Backoff, Beat, KeepAlive, TICK, writer};
+use super::supervisor::{AbortOnDrop, Backoff, Beat, KeepAlive, TICK};
 use crate::RelayError;
 use crate::protocol::{self, DATAGRAM_OVERHEAD, Frame, SUBPROTOCOL_V2, decode_datagram_from};
 
@@ -152,7 +153,8 @@ async fn run_socket(
     } = socket;
     let (sink, mut stream) = ws.split();
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
-    let _writer = AbortOnDrop(tokio::spawn(writer(sink, rx)));
+    let max_frame = max_frame.max(DATAGRAM_OVERHEAD + 1);
+    let _writer = AbortOnDrop(tokio::spawn(coalesce::writer(sink, rx, max_frame)));
     let mut out = Outbound::dead();
     out.replace(tx.clone());
     let wanted = {
@@ -160,7 +162,7 @@ async fn run_socket(
         st.out = Some(Out {
             link,
             tx,
-            max_frame: max_frame.max(DATAGRAM_OVERHEAD + 1),
+            max_frame,
         });
         st.wanted.clone()
     };

@@ -17,6 +17,7 @@
 
 mod action;
 mod builder;
+mod coalesce;
 mod connection;
 mod datagram;
 mod dial;
