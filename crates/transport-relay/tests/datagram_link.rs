@@ -119,6 +119,57 @@ async fn members_meet_and_exchange_single_and_batched_datagrams() {
     server.shutdown().await;
 }
 
+/// quinn hands the socket at most 10 packets per transmit: batches queued one after another
+/// for the same member are joined into frames up to the 64 KiB limit (full-size runs only),
+/// and the receiver splits out exactly the datagrams sent, in order.
+#[tokio::test]
+async fn queued_batches_to_one_member_are_joined_into_larger_frames() {
+    let (server, url) = relay().await.unwrap();
+    let (a, mut a_rx) = link(&url);
+    let (b, mut b_rx) = link(&url);
+    a.join(ROOM);
+    let (a_link, a_id, _) = joined(&mut a_rx).await;
+    b.join(ROOM);
+    let (_, b_id, _) = joined(&mut b_rx).await;
+    assert!(matches!(
+        event(&mut a_rx).await,
+        LinkEvent::MemberJoined { .. }
+    ));
+    // Nine batches, sent without yielding (so all are queued before the writer runs): eight
+    // of 10 x 1200 bytes, the last of 5 x 1200 and one of 500.
+    let mut sent: Vec<Vec<u8>> = Vec::new();
+    for batch in 0..9u8 {
+        let lens: Vec<usize> = if batch == 8 {
+            vec![1200, 1200, 1200, 1200, 1200, 500]
+        } else {
+            vec![1200; 10]
+        };
+        let datagrams: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| vec![batch.wrapping_mul(16).wrapping_add(i as u8); len])
+            .collect();
+        assert!(a.send(a_link, ROOM, b_id, 1200, &datagrams.concat()));
+        sent.extend(datagrams);
+    }
+    assert_eq!(a.stats().sent, 9);
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut frames = 0;
+    while got.len() < sent.len() {
+        let d = datagram(&mut b_rx).await;
+        assert_eq!((d.from, d.segment), (a_id, 1200));
+        assert!(d.payload.len() <= 65_536 - 43);
+        frames += 1;
+        got.extend(datagrams_of(d.segment, &d.payload).map(<[u8]>::to_vec));
+    }
+    assert_eq!(got, sent);
+    assert_eq!(
+        frames, 2,
+        "five batches of 12,000 bytes fit a 64 KiB frame, then the rest"
+    );
+    server.shutdown().await;
+}
+
 /// The relay restarts: each link reports the socket gone, redials with backoff, joins the
 /// room again on a new socket (a new number, new connection ids) and datagrams flow again.
 #[tokio::test]

@@ -26,7 +26,8 @@ fn full_stride(frame: &[u8]) -> Option<usize> {
     let payload = frame.len() - DATAGRAM_OVERHEAD;
     let declared = usize::from(u16::from_be_bytes([frame[41], frame[42]]));
     let stride = if declared == 0 { payload } else { declared };
-    (stride > 0 && stride <= usize::from(u16::MAX) && payload % stride == 0).then_some(stride)
+    (stride > 0 && stride <= usize::from(u16::MAX) && payload.is_multiple_of(stride))
+        .then_some(stride)
 }
 
 /// Appends `next`'s datagrams to the DATAGRAM frame `acc` when both go to the same member of
@@ -216,7 +217,7 @@ mod tests {
             for (i, (to, segment, len, last)) in frames.into_iter().enumerate() {
                 let seg = usize::from(segment);
                 let mut payload = Vec::new();
-                let len = if seg == 0 { len } else { len / seg * seg + last.min(seg) };
+                let len = len.checked_div(seg).map_or(len, |n| n * seg + last.min(seg));
                 for j in 0..len {
                     payload.push((i * 31 + j) as u8);
                 }
