@@ -111,7 +111,7 @@ impl RelayPath for LinkPath {
                     conn: d.from,
                 },
                 segment: usize::from(d.segment),
-                bytes: d.payload.to_vec(),
+                bytes: d.payload,
             })
         })
     }

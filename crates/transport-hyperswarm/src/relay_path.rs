@@ -35,8 +35,8 @@ pub struct RelayDatagram {
     pub from: RelayRoute,
     /// The size of each datagram but the last; 0: `bytes` is one datagram.
     pub segment: usize,
-    /// The datagrams.
-    pub bytes: Vec<u8>,
+    /// The datagrams (a view of the received frame, not a copy).
+    pub bytes: bytes::Bytes,
 }
 
 /// What the relay path tells the node, in order.

@@ -408,7 +408,7 @@ impl DataSocket {
             self.counters.relayed_in.fetch_add(1, Ordering::Relaxed);
             if take < d.bytes.len() {
                 *pending = Some(RelayDatagram {
-                    bytes: d.bytes[take..].to_vec(),
+                    bytes: d.bytes.slice(take..),
                     ..d
                 });
             }
@@ -612,7 +612,7 @@ mod tests {
         tx.send(RelayDatagram {
             from: route,
             segment: 1000,
-            bytes: from_relay.clone(),
+            bytes: from_relay.clone().into(),
         })
         .unwrap();
         let mut storage = vec![vec![0u8; 2500]; 2];
