@@ -70,6 +70,7 @@ mod config;
 mod conn;
 mod direct;
 mod error;
+mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -26,6 +26,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
 use crate::direct::DirectTable;
+use crate::fallback::{FallbackTable, Via};
 use crate::path::{RouteTable, is_virtual};
 use crate::relay_path::{RelayDatagram, RelayPath};
 
@@ -159,6 +160,8 @@ pub(crate) struct DataSocket {
     routes: Arc<RouteTable>,
     /// Proven direct endpoints of virtual addresses.
     directs: DirectTable,
+    /// Relay routes adopted by real addresses (direct-made connections' fallback).
+    fallbacks: FallbackTable,
 }
 
 impl DataSocket {
@@ -184,6 +187,7 @@ impl DataSocket {
             relay_first: AtomicBool::new(false),
             routes,
             directs: DirectTable::default(),
+            fallbacks: FallbackTable::default(),
         });
         (socket, rx)
     }
@@ -196,6 +200,11 @@ impl DataSocket {
     /// The direct endpoints of virtual addresses.
     pub(crate) fn directs(&self) -> &DirectTable {
         &self.directs
+    }
+
+    /// The relay routes adopted by real addresses.
+    pub(crate) fn fallbacks(&self) -> &FallbackTable {
+        &self.fallbacks
     }
 
     /// Whether UDP to real addresses is used.
@@ -287,7 +296,10 @@ impl AsyncUdpSocket for DataSocket {
             self.counters.direct_blocked.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.inner.try_send(transmit)
+        match self.fallbacks.route(&to) {
+            Some((vaddr, via)) => self.send_fallback(transmit, vaddr, via),
+            None => self.inner.try_send(transmit),
+        }
     }
 
     fn poll_recv(
@@ -335,6 +347,42 @@ impl AsyncUdpSocket for DataSocket {
 }
 
 impl DataSocket {
+    /// Sends a packet quinn addressed to a real address through the relay route `vaddr`
+    /// its connection adopted, and (`Via::Both`) over UDP too.
+    fn send_fallback(
+        &self,
+        transmit: &Transmit<'_>,
+        vaddr: SocketAddr,
+        via: Via,
+    ) -> io::Result<()> {
+        let udp = match via {
+            Via::Relay => Ok(()),
+            _ => self.inner.try_send(transmit),
+        };
+        let route = self
+            .relay
+            .as_ref()
+            .and_then(|r| Some((r, r.routes.route(&vaddr)?)));
+        match route {
+            Some((r, route)) => {
+                r.path.send(
+                    &route,
+                    transmit.segment_size.unwrap_or(0),
+                    transmit.contents,
+                );
+                self.counters.relayed_out.fetch_add(1, Ordering::Relaxed);
+                if via == Via::Both {
+                    self.counters.doubled_out.fetch_add(1, Ordering::Relaxed);
+                }
+                // The copy through the relay went.
+                Ok(())
+            }
+            // The route went a moment ago: UDP is all there is.
+            None if via == Via::Relay => self.inner.try_send(transmit),
+            None => udp,
+        }
+    }
+
     /// Reads what the relay path has into `bufs` (whole datagrams, a batch as one entry with
     /// its segment size as stride), each from its route's virtual address; 0 when nothing is
     /// there (the waker is then registered).
@@ -367,6 +415,8 @@ impl DataSocket {
                 self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // A direct-made connection's peer falling back: its packets are its real address's.
+            let addr = self.fallbacks.real_for(&addr).unwrap_or(addr);
             if segment == 0 || segment > cap {
                 // Empty (quinn has no use for it) or larger than any packet quinn reads.
                 self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
