@@ -30,15 +30,17 @@ impl Node {
     pub(super) async fn relay_events(self: Arc<Self>, path: Arc<dyn RelayPath>) {
         while let Some(event) = poll_fn(|cx| path.poll_event(cx)).await {
             self.on_relay_event(event);
+            // Direct-made connections look at their relay routes again.
+            self.relay_epoch.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
     fn on_relay_event(self: &Arc<Self>, event: RelayEvent) {
         let routes = self.data.routes().clone();
         match event {
-            RelayEvent::Connected { link, url } => {
+            RelayEvent::Connected { link, url, me } => {
                 tracing::info!(relay = %url, link, "relay path up");
-                self.state().relay.connected(link, url);
+                self.state().relay.connected(link, url, me);
             }
             RelayEvent::Joined {
                 link,

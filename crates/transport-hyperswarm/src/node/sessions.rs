@@ -191,9 +191,12 @@ impl Node {
             path: self.initial_path(addr),
         };
         self.board.set(conn.stable_id(), info.clone());
-        if crate::path::is_virtual(&addr) && self.settings.relay.is_some() && self.data.direct_on()
-        {
-            self.spawn(self.clone().drive_path(conn.clone(), addr, info));
+        if self.settings.relay.is_some() && self.data.direct_on() {
+            if crate::path::is_virtual(&addr) {
+                self.spawn(self.clone().drive_path(conn.clone(), addr, info));
+            } else {
+                self.spawn(self.clone().drive_fallback(conn.clone(), addr, info));
+            }
         }
         let node = self.clone();
         self.spawn(async move {

@@ -1,0 +1,212 @@
+//! The driver of a direct-made connection's fallback (Auto mode): for each connection made
+//! directly (quinn addresses the peer at its real address `E`), one task tells the peer
+//! this node's relay route in the topic's room and learns the peer's (`route_share.rs`,
+//! over QUIC datagrams), adopts the peer's route in the data socket's fallback table
+//! (`fallback.rs`) when it is a member of the same room on the same relay, runs the
+//! connection's `PathMachine` (`path_state.rs`, made direct), and switches the fallback
+//! table, the path board and an info-level log line when the machine says so. Probes are
+//! those of relay-made connections (`upgrade.rs`): authenticated UDP pings to `E`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pluresdb_sync_core::TopicHash;
+use tokio::time::Instant;
+
+use super::Node;
+use super::path_state::{Action, Input, PathMachine};
+use super::route_share::RouteShare;
+use super::upgrade::Replay;
+use crate::fallback::Via;
+use crate::path_wire::{PathKeys, ProbeKind, RouteId, Routes, decode_routes, encode_routes};
+use crate::relay_path::{PathInfo, PeerPath};
+
+impl Node {
+    /// Our route in `topic`'s relay room: the relay socket it is joined on, our
+    /// connection id there.
+    fn own_route(&self, topic: &TopicHash) -> Option<RouteId> {
+        let st = self.state();
+        let link = st.relay.joined_on(topic)?;
+        Some(RouteId::new(st.relay.url(link)?, st.relay.me(link)?))
+    }
+
+    /// The virtual address of the member of `topic`'s relay room at `id` (on our relay
+    /// socket, whose URL hashes to `id`'s relay), if there is one.
+    fn resolve_route(&self, topic: &TopicHash, id: &RouteId) -> Option<SocketAddr> {
+        let st = self.state();
+        let link = st.relay.joined_on(topic)?;
+        if RouteId::new(st.relay.url(link)?, 0).relay != id.relay {
+            return None;
+        }
+        let routes = self.data.routes();
+        st.relay.members(topic).into_iter().find(|v| {
+            routes
+                .route(v)
+                .is_some_and(|r| r.link == link && r.conn == id.conn)
+        })
+    }
+
+    fn send_routes(conn: &quinn::Connection, m: &Routes) {
+        if let Err(e) = conn.send_datagram(encode_routes(m).into()) {
+            tracing::debug!(error = %e, "cannot send relay routes");
+        }
+    }
+
+    /// Runs the fallback of `conn`, made directly to `addr`, until it closes.
+    pub(super) async fn drive_fallback(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        addr: SocketAddr,
+        mut info: PathInfo,
+    ) {
+        let Some((keys, server, mut rx)) = self.register_probes(&conn) else {
+            return;
+        };
+        let topic = info.topic;
+        let mut epoch = self.relay_epoch.subscribe();
+        let now = Instant::now();
+        let mut machine = PathMachine::made_direct(now, Self::first_nonce(), addr);
+        let (mut share, first) = RouteShare::start(now, self.own_route(&topic));
+        Self::send_routes(&conn, &first);
+        let mut replay = Replay::default();
+        let mut adopted: Option<SocketAddr> = None;
+        let mut actions = Vec::new();
+        loop {
+            self.apply_fallback(&conn, &keys, server, addr, adopted, &mut info, actions);
+            let wake = machine
+                .next_wakeup()
+                .into_iter()
+                .chain(share.next_wakeup())
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            let input = tokio::select! {
+                _ = conn.closed() => break,
+                d = conn.read_datagram() => match d {
+                    Ok(bytes) => match decode_routes(&bytes) {
+                        Some(m) => {
+                            let (answer, changed) = share.on_message(Instant::now(), m);
+                            if let Some(a) = answer {
+                                Self::send_routes(&conn, &a);
+                            }
+                            if changed {
+                                self.readopt(&topic, addr, &share, &mut adopted)
+                            } else {
+                                Input::Tick
+                            }
+                        }
+                        None => Input::Tick,
+                    },
+                    Err(_) => break,
+                },
+                p = rx.recv() => match p {
+                    Some((from, p)) => replay.input(from, &p),
+                    None => break,
+                },
+                changed = epoch.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if let Some(m) = share.set_ours(Instant::now(), self.own_route(&topic)) {
+                        Self::send_routes(&conn, &m);
+                    }
+                    self.readopt(&topic, addr, &share, &mut adopted)
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if let Some(m) = share.tick(Instant::now()) {
+                        Self::send_routes(&conn, &m);
+                    }
+                    Input::Tick
+                }
+            };
+            actions = machine.on_event(Instant::now(), input);
+        }
+        self.unregister_probes(&keys);
+        if let Some(v) = adopted {
+            self.data.fallbacks().release(addr, v);
+        }
+    }
+
+    /// Adopts the relay route the peer told (if it resolves here), releasing the one
+    /// adopted before; the machine's input (`Tick` when nothing changed).
+    fn readopt(
+        &self,
+        topic: &TopicHash,
+        addr: SocketAddr,
+        share: &RouteShare,
+        adopted: &mut Option<SocketAddr>,
+    ) -> Input {
+        let want = share.theirs().and_then(|id| self.resolve_route(topic, &id));
+        if want == *adopted {
+            return Input::Tick;
+        }
+        let fallbacks = self.data.fallbacks();
+        if let Some(old) = adopted.take() {
+            fallbacks.release(addr, old);
+        }
+        if let Some(v) = want {
+            fallbacks.adopt(addr, v);
+            tracing::debug!(%addr, route = %self.relay_url_of_route(&v), "a relay route to fall back to");
+        }
+        *adopted = want;
+        Input::Route(want.is_some())
+    }
+
+    /// The relay URL behind `vaddr` for people.
+    fn relay_url_of_route(&self, vaddr: &SocketAddr) -> String {
+        self.data
+            .routes()
+            .route(vaddr)
+            .map(|r| self.describe_route(&r))
+            .unwrap_or_else(|| "(gone)".into())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_fallback(
+        &self,
+        conn: &quinn::Connection,
+        keys: &PathKeys,
+        server: bool,
+        addr: SocketAddr,
+        adopted: Option<SocketAddr>,
+        info: &mut PathInfo,
+        actions: Vec<Action>,
+    ) {
+        let fallbacks = self.data.fallbacks();
+        for action in actions {
+            match action {
+                Action::Ping { to, nonce } => {
+                    self.data
+                        .send_raw(to, &keys.encode(ProbeKind::Ping, server, nonce));
+                }
+                Action::Pong { to, nonce } => {
+                    self.data
+                        .send_raw(to, &keys.encode(ProbeKind::Pong, server, nonce));
+                }
+                Action::AlsoRelay(doubled) => {
+                    fallbacks.set_via(addr, if doubled { Via::Both } else { Via::Direct });
+                    tracing::debug!(peer = %info.peer_id, doubled, "direct path suspect: packets through the relay too");
+                }
+                Action::UseRelay => {
+                    fallbacks.set_via(addr, Via::Relay);
+                    info.path = PeerPath::Relayed {
+                        url: adopted.map_or_else(|| "(gone)".into(), |v| self.relay_url_of(&v)),
+                    };
+                    tracing::info!(peer = %info.peer_id, path = %info.path, "connection path changed (the direct path went silent)");
+                    self.board.set(conn.stable_id(), info.clone());
+                }
+                Action::UseDirect(to) => {
+                    fallbacks.set_via(addr, Via::Direct);
+                    if info.path != PeerPath::Direct(to) {
+                        info.path = PeerPath::Direct(to);
+                        tracing::info!(peer = %info.peer_id, path = %info.path, "connection path changed");
+                        self.board.set(conn.stable_id(), info.clone());
+                    }
+                }
+                // A direct-made connection has no candidates to send, and its peer's
+                // address is quinn's already.
+                Action::SendCandidates | Action::Learn(_) => {}
+            }
+        }
+    }
+}
