@@ -110,6 +110,11 @@ impl FallbackTable {
         self.read().recv.get(vaddr).copied()
     }
 
+    /// Whether `real` adopted a route.
+    pub(crate) fn has(&self, real: &SocketAddr) -> bool {
+        self.any.load(Ordering::Relaxed) && self.read().send.contains_key(real)
+    }
+
     /// How many routes are adopted.
     pub(crate) fn len(&self) -> usize {
         self.read().recv.len()

@@ -22,7 +22,22 @@ use crate::fallback::Via;
 use crate::path_wire::{PathKeys, ProbeKind, RouteId, Routes, decode_routes, encode_routes};
 use crate::relay_path::{PathInfo, PeerPath};
 
+/// How long a new relay room member waits to be dialled while a connection made directly
+/// on the topic has not adopted its peer's relay route yet: the member may be that very
+/// peer, whose route is on its way over the connection (then it is not dialled at all,
+/// see [`Node::is_upgraded_endpoint`]); a relay-made connection to it would be a duplicate
+/// whose packets, once the route is adopted, are taken for the direct-made one's. The
+/// room's periodic dial rounds start this late anyway.
+pub(crate) const ROUTE_GRACE: Duration = crate::config::FIRST_LOOKUP_INTERVAL;
+
 impl Node {
+    /// Whether a connection made directly on `topic` has no relay route adopted yet.
+    pub(super) fn awaiting_routes(&self, topic: &TopicHash) -> bool {
+        let addrs = self.state().sessions.direct_made_on(topic);
+        let fallbacks = self.data.fallbacks();
+        addrs.iter().any(|a| !fallbacks.has(a))
+    }
+
     /// Our route in `topic`'s relay room: the relay socket it is joined on, our
     /// connection id there.
     fn own_route(&self, topic: &TopicHash) -> Option<RouteId> {

@@ -101,6 +101,9 @@ impl Node {
         }
         let node = self.clone();
         self.spawn(async move {
+            if node.awaiting_routes(&topic) {
+                tokio::time::sleep(super::direct_made::ROUTE_GRACE).await;
+            }
             let mut round = DialRound::new(topic);
             round.offer(&node, addrs);
             round

@@ -52,6 +52,16 @@ impl Sessions {
             .map(|((_, k), _)| *k)
     }
 
+    /// The real (not virtual) addresses of the live sessions on `topic`: its connections
+    /// made directly.
+    pub(crate) fn direct_made_on(&self, topic: &TopicHash) -> Vec<SocketAddr> {
+        self.map
+            .iter()
+            .filter(|((t, _), s)| t == topic && s.alive() && !crate::path::is_virtual(&s.addr))
+            .map(|(_, s)| s.addr)
+            .collect()
+    }
+
     /// Whether the session `key` exists and its connection is open.
     pub(crate) fn is_live(&self, key: &SessionKey) -> bool {
         self.map.get(key).is_some_and(Session::alive)
