@@ -8,11 +8,16 @@
 //! had no relay path), then the rule is removed and it goes direct again. Every message
 //! arrives exactly once and in order, on the one connection. The times are printed.
 //!
-//! The parent test makes the namespace and runs `child_direct_made_fallback` of this same
-//! binary inside it (`ip netns exec`), so the iptables rules never touch the host's
-//! network. The namespace is removed on drop, even when the test fails.
+//! A second scenario lets the peers meet both ways at once (the relay room and the DHT):
+//! whichever connection the one-connection-per-peer rule keeps (relay-made, which goes
+//! direct, or direct-made, which adopts a route), the same drop falls back and comes back.
+//!
+//! Each parent test makes a namespace and runs its `child_...` test of this same binary
+//! inside it (`ip netns exec`), so the iptables rules never touch the host's network. The
+//! namespace is removed on drop, even when the test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,29 +66,24 @@ impl Drop for Namespace {
     }
 }
 
-#[test]
-fn direct_made_fallback_root() {
+/// Runs the ignored test `child` of this binary in a namespace of its own.
+fn in_namespace(child: &str, tag: &str) {
     if !have_root_tools() {
         assert!(
             std::env::var("CI").is_err(),
-            "direct_made_fallback_root needs root, ip (iproute2) and iptables"
+            "{child} needs root, ip (iproute2) and iptables"
         );
         eprintln!("skipped: needs root, ip and iptables");
         return;
     }
-    let ns = Namespace(format!("autofb{:x}", std::process::id()));
+    let ns = Namespace(format!("autofb{tag}{:x}", std::process::id()));
     run(&["ip", "netns", "add", &ns.0]);
     run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.0])
         .arg(exe)
-        .args([
-            "--exact",
-            "child_direct_made_fallback",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", child, "--ignored", "--nocapture"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -91,6 +91,16 @@ fn direct_made_fallback_root() {
     eprintln!("{stdout}\n{stderr}");
     assert!(out.status.success(), "the child failed");
     assert!(stdout.contains("1 passed"), "the child did not run");
+}
+
+#[test]
+fn direct_made_fallback_root() {
+    in_namespace("child_direct_made_fallback", "d");
+}
+
+#[test]
+fn met_both_ways_fallback_root() {
+    in_namespace("child_met_both_ways_fallback", "b");
 }
 
 /// Waits for a path event of `peer` matching `want`; when it came.
@@ -160,19 +170,31 @@ fn udp_rule(op: &str, ports: &[u16]) {
     }
 }
 
-#[test]
-#[ignore = "run by direct_made_fallback_root inside its network namespace"]
-fn child_direct_made_fallback() {
+fn block_on(f: impl std::future::Future<Output = ()>) {
     init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(direct_made_fallback());
+    rt.block_on(f);
 }
 
-async fn direct_made_fallback() {
+#[test]
+#[ignore = "run by direct_made_fallback_root inside its network namespace"]
+fn child_direct_made_fallback() {
+    block_on(fallback(true));
+}
+
+#[test]
+#[ignore = "run by met_both_ways_fallback_root inside its network namespace"]
+fn child_met_both_ways_fallback() {
+    block_on(fallback(false));
+}
+
+/// A pair that meets only on the DHT first (`direct_first`) or both ways at once; the
+/// stream, the drop and the restore.
+async fn fallback(direct_first: bool) {
     let net = AutoNet::start().await.unwrap();
     let relay_port: u16 = net
         .relay_url()
@@ -181,8 +203,10 @@ async fn direct_made_fallback() {
         .and_then(|p| p.split('/').next())
         .and_then(|p| p.parse().ok())
         .expect("the relay URL's port");
-    // No relay yet: the peers can only meet on the DHT.
-    tcp_rule("-A", relay_port);
+    if direct_first {
+        // No relay yet: the peers can only meet on the DHT.
+        tcp_rule("-A", relay_port);
+    }
     // The default idle timeout (10 s), as in path_switch.rs.
     let build = || {
         net.builder()
@@ -203,17 +227,37 @@ async fn direct_made_fallback() {
         a.paths().len() == 1 && b.paths().len() == 1
     })
     .await;
-    assert_eq!(a.paths()[0].path, PeerPath::Direct(addr_b), "made directly");
-    assert_eq!(b.paths()[0].path, PeerPath::Direct(addr_a), "made directly");
-    assert_eq!(a.path_stats().fallback_routes, 0, "no relay yet");
-
-    // The relay comes: both join the room, share their routes and adopt each other's.
-    tcp_rule("-D", relay_port);
     let relay_back = Instant::now();
-    until("both adopt a relay route", || {
-        a.path_stats().fallback_routes == 1 && b.path_stats().fallback_routes == 1
-    })
-    .await;
+    if direct_first {
+        assert_eq!(a.paths()[0].path, PeerPath::Direct(addr_b), "made directly");
+        assert_eq!(b.paths()[0].path, PeerPath::Direct(addr_a), "made directly");
+        assert_eq!(a.path_stats().fallback_routes, 0, "no relay yet");
+        // The relay comes: both join the room, share their routes and adopt each other's.
+        tcp_rule("-D", relay_port);
+        until("both adopt a relay route", || {
+            a.path_stats().fallback_routes == 1 && b.path_stats().fallback_routes == 1
+        })
+        .await;
+    } else {
+        // Ready to fall back: direct-made with a route adopted, or relay-made gone direct.
+        let ready = |t: &AutoTransport, peer: SocketAddr| {
+            t.path_stats().fallback_routes == 1
+                || (t.paths().iter().any(|p| p.path == PeerPath::Direct(peer))
+                    && t.path_stats().upgraded_in > 0)
+        };
+        until("both ready to fall back", || {
+            ready(&a, addr_b) && ready(&b, addr_a)
+        })
+        .await;
+        println!(
+            "kept: {}",
+            if a.path_stats().fallback_routes == 1 {
+                "the direct-made connection"
+            } else {
+                "the relay-made connection"
+            }
+        );
+    }
     let adopted_in = relay_back.elapsed();
     assert_eq!(a.paths().len(), 1, "still one connection: {:?}", a.paths());
     assert_eq!(b.paths().len(), 1, "still one connection: {:?}", b.paths());
@@ -261,6 +305,9 @@ async fn direct_made_fallback() {
         .unwrap();
     let relayed_before = b.path_stats().relayed_in;
     let ports = [addr_a.port(), addr_b.port()];
+    // Only the switches from now on count (the hand-out and the upgrade were before).
+    while ea.try_recv().is_ok() {}
+    while eb.try_recv().is_ok() {}
     udp_rule("-A", &ports);
     let dropped = Instant::now();
     let (fell_a, fell_b) = tokio::join!(
@@ -303,7 +350,7 @@ async fn direct_made_fallback() {
         "direct again: {relayed_after} batches still came through the relay"
     );
     println!(
-        "RESULT route adopted {} ms after the relay came, drop->relayed {} ms / {} ms (a / b), longest delivery gap {} ms, restore->direct {} ms / {} ms",
+        "RESULT ready to fall back {} ms after the relay came (or the connection), drop->relayed {} ms / {} ms (a / b), longest delivery gap {} ms, restore->direct {} ms / {} ms",
         adopted_in.as_millis(),
         (fell_a - dropped).as_millis(),
         (fell_b - dropped).as_millis(),
