@@ -47,19 +47,35 @@ impl Node {
     }
 
     /// The virtual address of the member of `topic`'s relay room at `id` (on our relay
-    /// socket, whose URL hashes to `id`'s relay), if there is one.
-    fn resolve_route(&self, topic: &TopicHash, id: &RouteId) -> Option<SocketAddr> {
+    /// socket, whose URL hashes to `id`'s relay), if there is one and it is free for the
+    /// connection to `real` to adopt.
+    fn resolve_route(
+        &self,
+        topic: &TopicHash,
+        id: &RouteId,
+        real: SocketAddr,
+    ) -> Option<SocketAddr> {
         let st = self.state();
         let link = st.relay.joined_on(topic)?;
         if RouteId::new(st.relay.url(link)?, 0).relay != id.relay {
             return None;
         }
         let routes = self.data.routes();
-        st.relay.members(topic).into_iter().find(|v| {
+        let v = st.relay.members(topic).into_iter().find(|v| {
             routes
                 .route(v)
                 .is_some_and(|r| r.link == link && r.conn == id.conn)
-        })
+        })?;
+        // A route that carries a connection of its own, or that another address adopted,
+        // is not this peer's to take (a peer naming another member's route, or two relay
+        // nodes behind one URL handing out the same id, would otherwise break it).
+        let taken = !st.sessions.connections_to(v).is_empty()
+            || self
+                .data
+                .fallbacks()
+                .real_for(&v)
+                .is_some_and(|e| e != real);
+        (!taken).then_some(v)
     }
 
     fn send_routes(conn: &quinn::Connection, m: &Routes) {
@@ -151,7 +167,9 @@ impl Node {
         share: &RouteShare,
         adopted: &mut Option<SocketAddr>,
     ) -> Input {
-        let want = share.theirs().and_then(|id| self.resolve_route(topic, &id));
+        let want = share
+            .theirs()
+            .and_then(|id| self.resolve_route(topic, &id, addr));
         if want == *adopted {
             return Input::Tick;
         }

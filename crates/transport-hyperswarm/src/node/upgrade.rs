@@ -34,6 +34,9 @@ pub(crate) struct ProbeRoute {
     tx: mpsc::Sender<(SocketAddr, Probe)>,
 }
 
+/// Where a connection's authenticated probes arrive, with where they came from.
+pub(super) type ProbeQueue = mpsc::Receiver<(SocketAddr, Probe)>;
+
 /// The probe routes of live connections with a path choice, by path id.
 pub(crate) type ProbeRoutes = HashMap<[u8; 8], ProbeRoute>;
 
@@ -111,7 +114,7 @@ impl Node {
     pub(super) fn register_probes(
         &self,
         conn: &quinn::Connection,
-    ) -> Option<(PathKeys, bool, mpsc::Receiver<(SocketAddr, Probe)>)> {
+    ) -> Option<(PathKeys, bool, ProbeQueue)> {
         let mut material = [0u8; 40];
         conn.export_keying_material(&mut material, EXPORT_LABEL, b"")
             .ok()?;
