@@ -212,10 +212,21 @@ impl DataSocket {
         self.direct
     }
 
-    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it). Never
-    /// to a virtual address, nor anywhere when direct UDP is off.
+    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it): to a
+    /// virtual address through its relay route (a path probe proving that route), to a
+    /// real one over UDP unless direct UDP is off.
     pub(crate) fn send_raw(&self, to: SocketAddr, bytes: &[u8]) {
-        if is_virtual(&to) || !self.direct {
+        if is_virtual(&to) {
+            if let Some((r, route)) = self
+                .relay
+                .as_ref()
+                .and_then(|r| Some((r, r.routes.route(&to)?)))
+            {
+                r.path.send(&route, 0, bytes);
+            }
+            return;
+        }
+        if !self.direct {
             return;
         }
         let transmit = Transmit {
@@ -415,6 +426,14 @@ impl DataSocket {
                 self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // A path probe through the relay (proving a direct-made connection's route) goes
+            // to the node's probe handler, from the route's address.
+            if d.segment == 0 && crate::path_wire::is_probe(&d.bytes) {
+                if self.diverted.try_send((addr, d.bytes)).is_err() {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
             // A direct-made connection's peer falling back: its packets are its real address's.
             let addr = self.fallbacks.real_for(&addr).unwrap_or(addr);
             if segment == 0 || segment > cap {

@@ -1,8 +1,9 @@
 //! The driver of a direct-made connection's fallback (Auto mode): for each connection made
 //! directly (quinn addresses the peer at its real address `E`), one task tells the peer
 //! this node's relay route in the topic's room and learns the peer's (`route_share.rs`,
-//! over QUIC datagrams), adopts the peer's route in the data socket's fallback table
-//! (`fallback.rs`) when it is a member of the same room on the same relay, runs the
+//! over QUIC datagrams), proves the peer's route when it is a member of the same room on
+//! the same relay (an authenticated ping through the relay, answered through it), then
+//! adopts it in the data socket's fallback table (`fallback.rs`), runs the
 //! connection's `PathMachine` (`path_state.rs`, made direct), and switches the fallback
 //! table, the path board and an info-level log line when the machine says so. Probes are
 //! those of relay-made connections (`upgrade.rs`): authenticated UDP pings to `E`.
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 
 use super::Node;
 use super::path_state::{Action, Input, PathMachine};
-use super::route_share::RouteShare;
+use super::route_share::{RouteProof, RouteShare};
 use super::upgrade::Replay;
 use crate::fallback::Via;
 use crate::path_wire::{PathKeys, ProbeKind, RouteId, Routes, decode_routes, encode_routes};
@@ -101,6 +102,9 @@ impl Node {
         let (mut share, first) = RouteShare::start(now, self.own_route(&topic));
         Self::send_routes(&conn, &first);
         let mut replay = Replay::default();
+        // Pings through the relay have nonces of their own, so a window of their own.
+        let mut relay_replay = Replay::default();
+        let mut proof = RouteProof::new(Self::first_nonce());
         let mut adopted: Option<SocketAddr> = None;
         let mut actions = Vec::new();
         loop {
@@ -109,6 +113,7 @@ impl Node {
                 .next_wakeup()
                 .into_iter()
                 .chain(share.next_wakeup())
+                .chain(proof.next_wakeup())
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
             let input = tokio::select! {
@@ -121,7 +126,7 @@ impl Node {
                                 Self::send_routes(&conn, &a);
                             }
                             if changed {
-                                self.readopt(&topic, addr, &share, &mut adopted)
+                                self.retarget(&topic, addr, &share, &mut proof, &mut adopted, &keys, server)
                             } else {
                                 Input::Tick
                             }
@@ -131,6 +136,19 @@ impl Node {
                     Err(_) => break,
                 },
                 p = rx.recv() => match p {
+                    Some((from, p)) if crate::path::is_virtual(&from) => match relay_replay.input(from, &p) {
+                        Input::Ping { from, nonce } => {
+                            self.data.send_raw(from, &keys.encode(ProbeKind::Pong, server, nonce));
+                            Input::Tick
+                        }
+                        Input::Pong { from, nonce } if proof.on_pong(from, nonce) => {
+                            self.data.fallbacks().adopt(addr, from);
+                            adopted = Some(from);
+                            tracing::debug!(%addr, route = %self.relay_url_of_route(&from), "a relay route to fall back to, proven");
+                            Input::Route(true)
+                        }
+                        _ => Input::Tick,
+                    },
                     Some((from, p)) => replay.input(from, &p),
                     None => break,
                 },
@@ -141,11 +159,15 @@ impl Node {
                     if let Some(m) = share.set_ours(Instant::now(), self.own_route(&topic)) {
                         Self::send_routes(&conn, &m);
                     }
-                    self.readopt(&topic, addr, &share, &mut adopted)
+                    self.retarget(&topic, addr, &share, &mut proof, &mut adopted, &keys, server)
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    if let Some(m) = share.tick(Instant::now()) {
+                    let now = Instant::now();
+                    if let Some(m) = share.tick(now) {
                         Self::send_routes(&conn, &m);
+                    }
+                    if let Some((to, nonce)) = proof.tick(now) {
+                        self.data.send_raw(to, &keys.encode(ProbeKind::Ping, server, nonce));
                     }
                     Input::Tick
                 }
@@ -158,31 +180,36 @@ impl Node {
         }
     }
 
-    /// Adopts the relay route the peer told (if it resolves here), releasing the one
-    /// adopted before; the machine's input (`Tick` when nothing changed).
-    fn readopt(
+    /// Looks at the relay route the peer told again: a route that resolves here and is new
+    /// is pinged through the relay (it is adopted once a pong proves it); the route adopted
+    /// before is released when it is not the one any more. The machine's input (`Tick` when
+    /// nothing changed for it).
+    #[allow(clippy::too_many_arguments)]
+    fn retarget(
         &self,
         topic: &TopicHash,
         addr: SocketAddr,
         share: &RouteShare,
+        proof: &mut RouteProof,
         adopted: &mut Option<SocketAddr>,
+        keys: &PathKeys,
+        server: bool,
     ) -> Input {
         let want = share
             .theirs()
             .and_then(|id| self.resolve_route(topic, &id, addr));
-        if want == *adopted {
-            return Input::Tick;
+        if let Some((to, nonce)) = proof.set_target(Instant::now(), want) {
+            self.data
+                .send_raw(to, &keys.encode(ProbeKind::Ping, server, nonce));
         }
-        let fallbacks = self.data.fallbacks();
-        if let Some(old) = adopted.take() {
-            fallbacks.release(addr, old);
+        match *adopted {
+            Some(old) if Some(old) != want => {
+                self.data.fallbacks().release(addr, old);
+                *adopted = None;
+                Input::Route(false)
+            }
+            _ => Input::Tick,
         }
-        if let Some(v) = want {
-            fallbacks.adopt(addr, v);
-            tracing::debug!(%addr, route = %self.relay_url_of_route(&v), "a relay route to fall back to");
-        }
-        *adopted = want;
-        Input::Route(want.is_some())
     }
 
     /// The relay URL behind `vaddr` for people.

@@ -11,7 +11,14 @@
 //! does not know the message never answers), and at once whenever the sender's own route
 //! changes (its relay socket reconnected, or was lost: `None` tells the peer to stop using
 //! the old one).
+//!
+//! A route told is only a claim: before it is used, [`RouteProof`] pings it *through the
+//! relay* with the connection's authenticated probes, and only a pong from that very route
+//! proves it (only the peer holding this QUIC connection can make one). So a peer naming
+//! another member's route, or a relay URL shared by relay nodes that do not forward to
+//! each other, gives no fallback rather than a wrong one.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,6 +30,90 @@ pub(crate) const RESEND_FIRST: Duration = Duration::from_secs(1);
 
 /// The longest wait between resends.
 pub(crate) const RESEND_MAX: Duration = Duration::from_secs(32);
+
+/// Pings per route whose pong is still accepted.
+const PROOF_OUTSTANDING: usize = 8;
+
+/// A relay route being proven: pinged through the relay at once, again after
+/// [`RESEND_FIRST`] doubling to [`RESEND_MAX`] while unanswered.
+#[derive(Debug)]
+pub(crate) struct RouteProof {
+    target: Option<SocketAddr>,
+    proven: bool,
+    outstanding: Vec<u64>,
+    next_ping: Option<Instant>,
+    wait: Duration,
+    next_nonce: u64,
+}
+
+impl RouteProof {
+    /// No route yet; nonces from `first_nonce` on.
+    pub(crate) fn new(first_nonce: u64) -> Self {
+        Self {
+            target: None,
+            proven: false,
+            outstanding: Vec::new(),
+            next_ping: None,
+            wait: RESEND_FIRST,
+            next_nonce: first_nonce,
+        }
+    }
+
+    /// The route to prove (its virtual address) is `target` now: a ping to send through
+    /// the relay at once when it changed.
+    pub(crate) fn set_target(
+        &mut self,
+        now: Instant,
+        target: Option<SocketAddr>,
+    ) -> Option<(SocketAddr, u64)> {
+        if target == self.target {
+            return None;
+        }
+        self.target = target;
+        self.proven = false;
+        self.outstanding.clear();
+        self.next_ping = None;
+        self.wait = RESEND_FIRST;
+        target.map(|t| self.ping(now, t))
+    }
+
+    fn ping(&mut self, now: Instant, to: SocketAddr) -> (SocketAddr, u64) {
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        if self.outstanding.len() == PROOF_OUTSTANDING {
+            self.outstanding.remove(0);
+        }
+        self.outstanding.push(self.next_nonce);
+        self.next_ping = Some(now + self.wait);
+        (to, self.next_nonce)
+    }
+
+    /// An authenticated pong through the relay from `from`: whether it proves the route
+    /// (the first time).
+    pub(crate) fn on_pong(&mut self, from: SocketAddr, nonce: u64) -> bool {
+        if self.proven || self.target != Some(from) || !self.outstanding.contains(&nonce) {
+            return false;
+        }
+        self.proven = true;
+        self.outstanding.clear();
+        self.next_ping = None;
+        true
+    }
+
+    /// A ping due now, if the route is still unproven.
+    pub(crate) fn tick(&mut self, now: Instant) -> Option<(SocketAddr, u64)> {
+        let to = self.target.filter(|_| !self.proven)?;
+        if self.next_ping.is_none_or(|t| t > now) {
+            return None;
+        }
+        self.wait = (self.wait * 2).min(RESEND_MAX);
+        Some(self.ping(now, to))
+    }
+
+    /// When [`tick`](Self::tick) is due.
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
+        self.next_ping
+    }
+}
 
 /// One connection's side of the exchange.
 #[derive(Debug)]
@@ -205,5 +296,46 @@ mod tests {
         );
         assert!(changed && a.theirs().is_none());
         assert_eq!(answer.map(|m| (m.yours, m.ask)), Some((None, false)));
+    }
+
+    #[test]
+    fn a_route_is_used_only_once_a_pong_through_it_proves_it() {
+        let t0 = Instant::now();
+        let (v, other) = (
+            "240.0.0.5:1".parse().unwrap(),
+            "240.0.0.6:1".parse().unwrap(),
+        );
+        let mut p = RouteProof::new(100);
+        assert_eq!(p.set_target(t0, None), None);
+        let (to, nonce) = p.set_target(t0, Some(v)).expect("pinged at once");
+        assert_eq!(to, v);
+        assert_eq!(p.set_target(t0, Some(v)), None, "unchanged");
+        // Nothing but the target's pong to an outstanding ping proves it.
+        assert!(!p.on_pong(other, nonce), "another route");
+        assert!(!p.on_pong(v, nonce + 9), "a nonce never sent");
+        assert!(p.on_pong(v, nonce));
+        assert!(!p.on_pong(v, nonce), "proven once");
+        assert_eq!((p.tick(t0 + RESEND_MAX), p.next_wakeup()), (None, None));
+        // A new target starts over; the old route's pong proves nothing.
+        let (to2, n2) = p.set_target(t0, Some(other)).unwrap();
+        assert_eq!(to2, other);
+        assert!(!p.on_pong(v, n2));
+        // Unanswered: pinged again with backoff, and any outstanding ping's pong counts.
+        let mut pinged = Vec::new();
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(40) {
+            t += Duration::from_millis(100);
+            if let Some((to, n)) = p.tick(t) {
+                assert_eq!(to, other);
+                pinged.push((t - t0, n));
+            }
+        }
+        assert_eq!(pinged.len(), 5, "1, 3, 7, 15, 31 s: {pinged:?}");
+        assert!(
+            p.on_pong(other, pinged[2].1),
+            "a late pong of an earlier ping"
+        );
+        assert_eq!(p.set_target(t, None), None);
+        assert_eq!(p.next_wakeup(), None);
     }
 }

@@ -230,6 +230,8 @@ impl Node {
                     Err(_) => break,
                 },
                 p = rx.recv() => match p {
+                    // Probes through the relay prove direct-made connections' routes only.
+                    Some((from, _)) if crate::path::is_virtual(&from) => Input::Tick,
                     Some((from, p)) => replay.input(from, &p),
                     None => break,
                 },
