@@ -17,7 +17,7 @@
 //! A connection made directly shares relay routes instead, also as one QUIC datagram:
 //! `ROUTES_MAGIC ‖ flags ‖ ours ‖ yours`, `flags` bit 0: `ours` is there, bit 1: `yours`
 //! is, bit 2: the sender wants an answer; each [`RouteId`] is `relay (8) ‖ connection id (8,
-//! big-endian)`, zeros when absent (41 bytes). The magic carries the version: a peer that
+//! big-endian)`, zeros when absent (41 bytes; anything else is refused). The magic carries the version: a peer that
 //! does not know it ignores the datagram, as it ignores any datagram it cannot read.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -284,11 +284,14 @@ pub(crate) fn decode_routes(bytes: &[u8]) -> Option<Routes> {
     if flags & !0b111 != 0 {
         return None;
     }
-    let ours = RouteId::get(&rest[1..17])?;
-    let yours = RouteId::get(&rest[17..33])?;
+    // An absent route is all zeros: one encoding per message.
+    let field = |bytes: &[u8], present: bool| match present {
+        true => RouteId::get(bytes).map(Some),
+        false => bytes.iter().all(|b| *b == 0).then_some(None),
+    };
     Some(Routes {
-        ours: (flags & 1 != 0).then_some(ours),
-        yours: (flags & 2 != 0).then_some(yours),
+        ours: field(&rest[1..17], flags & 1 != 0)?,
+        yours: field(&rest[17..33], flags & 2 != 0)?,
         ask: flags & 4 != 0,
     })
 }
@@ -396,6 +399,12 @@ mod tests {
         let mut unknown_flag = good.clone();
         unknown_flag[ROUTES_MAGIC.len()] |= 8;
         assert!(decode_routes(&unknown_flag).is_none());
+        let mut absent_but_set = good.clone();
+        absent_but_set[ROUTES_LEN - 1] = 1;
+        assert!(
+            decode_routes(&absent_but_set).is_none(),
+            "an absent route is zeros"
+        );
         let mut v2 = good.clone();
         v2[3] = b'2';
         assert!(decode_routes(&v2).is_none(), "another version is ignored");
