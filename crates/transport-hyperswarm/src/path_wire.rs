@@ -17,8 +17,9 @@
 //! A connection made directly shares relay routes instead, also as one QUIC datagram:
 //! `ROUTES_MAGIC ‖ flags ‖ ours ‖ yours`, `flags` bit 0: `ours` is there, bit 1: `yours`
 //! is, bit 2: the sender wants an answer; each [`RouteId`] is `relay (8) ‖ connection id (8,
-//! big-endian)`, zeros when absent (41 bytes; anything else is refused). The magic carries the version: a peer that
-//! does not know it ignores the datagram, as it ignores any datagram it cannot read.
+//! big-endian)`, zeros when absent (41 bytes; anything else is refused). The magic carries
+//! the version: a peer that does not know it ignores the datagram, as it ignores any
+//! datagram it cannot read.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
