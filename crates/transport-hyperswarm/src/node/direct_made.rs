@@ -31,6 +31,34 @@ use crate::relay_path::{PathInfo, PeerPath};
 /// room's periodic dial rounds start this late anyway.
 pub(crate) const ROUTE_GRACE: Duration = crate::config::FIRST_LOOKUP_INTERVAL;
 
+/// When an unresolved route is looked at again.
+#[derive(Debug)]
+struct Recheck {
+    at: Option<Instant>,
+    wait: Duration,
+}
+
+impl Default for Recheck {
+    fn default() -> Self {
+        Self {
+            at: None,
+            wait: super::route_share::RESEND_FIRST,
+        }
+    }
+}
+
+impl Recheck {
+    /// Schedules the next look (`pending`: a route is told but unresolved), or stops.
+    fn update(&mut self, now: Instant, pending: bool) {
+        if !pending {
+            *self = Self::default();
+        } else if self.at.is_none() {
+            self.at = Some(now + self.wait);
+            self.wait = (self.wait * 2).min(super::route_share::RESEND_MAX);
+        }
+    }
+}
+
 impl Node {
     /// Whether a connection made directly on `topic` has no relay route adopted yet.
     pub(super) fn awaiting_routes(&self, topic: &TopicHash) -> bool {
@@ -106,6 +134,10 @@ impl Node {
         let mut relay_replay = Replay::default();
         let mut proof = RouteProof::new(Self::first_nonce());
         let mut adopted: Option<SocketAddr> = None;
+        // While the peer's route is told but not resolved here (not in the room yet, or a
+        // connection of its own still uses it, e.g. a duplicate being closed), looked at
+        // again after 1 s, doubling to 32 s.
+        let mut recheck = Recheck::default();
         let mut actions = Vec::new();
         loop {
             self.apply_fallback(&conn, &keys, server, addr, adopted, &mut info, actions);
@@ -114,6 +146,7 @@ impl Node {
                 .into_iter()
                 .chain(share.next_wakeup())
                 .chain(proof.next_wakeup())
+                .chain(recheck.at)
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
             let input = tokio::select! {
@@ -169,9 +202,18 @@ impl Node {
                     if let Some((to, nonce)) = proof.tick(now) {
                         self.data.send_raw(to, &keys.encode(ProbeKind::Ping, server, nonce));
                     }
-                    Input::Tick
+                    if recheck.at.is_some_and(|t| t <= now) {
+                        recheck.at = None;
+                        self.retarget(&topic, addr, &share, &mut proof, &mut adopted, &keys, server)
+                    } else {
+                        Input::Tick
+                    }
                 }
             };
+            recheck.update(
+                Instant::now(),
+                share.theirs().is_some() && proof.target().is_none(),
+            );
             actions = machine.on_event(Instant::now(), input);
         }
         self.unregister_probes(&keys);

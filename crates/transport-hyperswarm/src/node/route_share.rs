@@ -113,6 +113,11 @@ impl RouteProof {
     pub(crate) fn next_wakeup(&self) -> Option<Instant> {
         self.next_ping
     }
+
+    /// The route being proven or proven.
+    pub(crate) fn target(&self) -> Option<SocketAddr> {
+        self.target
+    }
 }
 
 /// One connection's side of the exchange.
