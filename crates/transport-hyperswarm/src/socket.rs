@@ -678,6 +678,105 @@ mod tests {
         assert_eq!(got, from_relay);
     }
 
+    /// A direct-made connection's adopted route: what quinn sends to the real address goes
+    /// over UDP only, both ways, or through the route alone as told; the route's relay
+    /// datagrams come back from the real address, a path probe through the relay is diverted
+    /// from the route's address, and a probe to a virtual address goes through its route.
+    #[tokio::test]
+    async fn an_adopted_route_carries_a_real_address_packets_as_told() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let path = Arc::new(Channels {
+            sent: Default::default(),
+            incoming: std::sync::Mutex::new(rx),
+        });
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_nonblocking(true).unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, udp).unwrap();
+        let (socket, mut diverted) = DataSocket::new(inner, Some(path.clone()), true);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let e = peer.local_addr().unwrap();
+        let route = crate::relay_path::RelayRoute {
+            link: 1,
+            room: [5; 32],
+            conn: 9,
+        };
+        let v = socket.routes().addr_for(&route).unwrap();
+        let packet = quic(300, 4);
+        let mut poller = socket.clone().create_io_poller();
+        // Sends once the UDP socket is writable (tokio learns it by polling).
+        let mut send = async || loop {
+            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                .await
+                .unwrap();
+            match socket.try_send(&Transmit {
+                destination: e,
+                ecn: None,
+                contents: &packet,
+                segment_size: None,
+                src_ip: None,
+            }) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r.unwrap(),
+            }
+        };
+        let relayed = || path.sent.lock().unwrap().len();
+        let mut buf = [0u8; 2048];
+        // Adopted, still direct: UDP only.
+        socket.fallbacks().adopt(e, v);
+        send().await;
+        assert_eq!(peer.recv(&mut buf).unwrap(), 300);
+        assert_eq!(relayed(), 0);
+        // Suspect: both ways.
+        socket.fallbacks().set_via(e, Via::Both);
+        send().await;
+        assert_eq!(peer.recv(&mut buf).unwrap(), 300);
+        assert_eq!(*path.sent.lock().unwrap(), vec![(route, 0, packet.clone())]);
+        // Silent: the relay alone.
+        socket.fallbacks().set_via(e, Via::Relay);
+        send().await;
+        assert_eq!(relayed(), 2);
+        peer.set_nonblocking(true).unwrap();
+        assert!(peer.recv(&mut buf).is_err(), "nothing over UDP");
+        let c = &socket.counters;
+        assert_eq!(c.doubled_out.load(Ordering::Relaxed), 1);
+        // The route's datagrams are the real address's; a probe through it is diverted.
+        let keys = crate::path_wire::PathKeys::from_material(&[3; 40]);
+        let probe = keys.encode(crate::path_wire::ProbeKind::Ping, false, 1);
+        for bytes in [probe.clone(), quic(200, 5)] {
+            tx.send(RelayDatagram {
+                from: route,
+                segment: 0,
+                bytes,
+            })
+            .unwrap();
+        }
+        let mut storage = vec![vec![0u8; 2048]; 2];
+        let mut meta = vec![RecvMeta::default(); 2];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let n = loop {
+            let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta))
+                .await
+                .unwrap();
+            if n > 0 {
+                break n;
+            }
+        };
+        assert_eq!((n, meta[0].addr, meta[0].len), (1, e, 200));
+        assert_eq!(diverted.try_recv().unwrap(), (v, probe.clone()));
+        socket.send_raw(v, &probe);
+        assert_eq!(
+            path.sent.lock().unwrap().last().unwrap(),
+            &(route, 0, probe)
+        );
+        // Released: the route's datagrams are its own again, E's packets UDP only.
+        socket.fallbacks().release(e, v);
+        send().await;
+        assert_eq!(relayed(), 3, "only the probe went since");
+    }
+
     proptest! {
         #[test]
         fn keeps_exactly_the_quic_segments_in_order(
