@@ -76,8 +76,8 @@ impl Node {
     }
 
     /// The virtual address of the member of `topic`'s relay room at `id` (on our relay
-    /// socket, whose URL hashes to `id`'s relay), if there is one and it is free for the
-    /// connection to `real` to adopt.
+    /// socket, whose URL hashes to `id`'s relay, or a node of the same NATS bus), if there
+    /// is one and it is free for the connection to `real` to adopt.
     fn resolve_route(
         &self,
         topic: &TopicHash,
@@ -86,7 +86,12 @@ impl Node {
     ) -> Option<SocketAddr> {
         let st = self.state();
         let link = st.relay.joined_on(topic)?;
-        if RouteId::new(st.relay.url(link)?, 0).relay != id.relay {
+        // The same relay, or a node of the same NATS-scaled relay: there connection ids
+        // carry the node's nonzero 32-bit id in their high bits and are unique across the
+        // nodes (whose URLs differ), while a lone relay's ids are small counters that
+        // another relay hands out too. The proof decides either way.
+        let same_relay = RouteId::new(st.relay.url(link)?, 0).relay == id.relay;
+        if !same_relay && id.conn >> 32 == 0 {
             return None;
         }
         let routes = self.data.routes();
