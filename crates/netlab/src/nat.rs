@@ -111,6 +111,27 @@ impl Site {
     }
 }
 
+impl Site {
+    /// Moves the site to a new public address `wan_ip` (on the public segment; the host
+    /// keeps its own address behind the router): what a router does when its ISP
+    /// renumbers it or the device roams to another network. The router's WAN address
+    /// changes and its NAT mappings and connection tracking are flushed, so every flow
+    /// leaves from the new address from its next packet on. Only for sites behind a
+    /// router.
+    pub fn renumber(&mut self, wan_ip: Ipv4Addr) -> anyhow::Result<()> {
+        let Some(router) = &self.router else {
+            bail!("site {} has no NAT router to renumber", self.idx);
+        };
+        let wan = format!("r{}b", self.idx);
+        // The old one first: deleting a primary address deletes its secondaries too.
+        router.ip(&["addr", "del", &format!("{}/24", self.wan_ip), "dev", &wan])?;
+        router.ip(&["addr", "add", &format!("{wan_ip}/24"), "dev", &wan])?;
+        router.exec(&["conntrack", "-F"])?;
+        self.wan_ip = wan_ip;
+        Ok(())
+    }
+}
+
 impl Lab {
     /// The public segment 10.`octet`.0.0/24 (its private subnets behind routers are
     /// 10.(`octet` + 1).idx.0/24).

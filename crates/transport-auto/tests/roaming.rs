@@ -39,6 +39,15 @@ fn changes(
     out
 }
 
+/// What happens to the NAT routers midway through the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Roam {
+    /// Both routers' mappings and connection tracking flushed (`conntrack -F`).
+    Flush,
+    /// A's router gets a new public address (and its mappings are flushed).
+    Renumber,
+}
+
 #[test]
 fn roaming_nat_flush_mid_stream_keeps_the_connection_root() {
     if !prerequisites(
@@ -47,6 +56,26 @@ fn roaming_nat_flush_mid_stream_keeps_the_connection_root() {
     ) {
         return;
     }
+    roaming(Roam::Flush);
+}
+
+/// Known to fail: after A's router is renumbered, B keeps sending to A's old address (it
+/// answers A's pings from the new one but does not move there while its direct path is
+/// only suspect), A's relay socket is reset by the address change, and the connection
+/// ends. See docs/architecture.md (Auto mode tests).
+#[test]
+#[ignore = "known failure: a peer whose NAT renumbers loses the connection (docs/architecture.md)"]
+fn roaming_nat_renumber_mid_stream_keeps_the_connection_root() {
+    if !prerequisites(
+        "roaming_nat_renumber_mid_stream_keeps_the_connection_root",
+        &["ip", "iptables", "conntrack"],
+    ) {
+        return;
+    }
+    roaming(Roam::Renumber);
+}
+
+fn roaming(roam: Roam) {
     init_tracing();
     let mut world = World::start("ar");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -101,37 +130,56 @@ fn roaming_nat_flush_mid_stream_keeps_the_connection_root() {
             }
             ca
         });
-        let third = wait_until(T, || received.load(Ordering::Relaxed) >= MESSAGES / 3).await;
-        assert!(third.is_some(), "a third of the stream in time");
-        let (mut ea, mut eb) = (a.t().path_events(), b.t().path_events());
-
-        for peer in [&a, &b] {
-            peer.site.flush_nat().unwrap();
+        let new_wan = world.public.site_ip(a.site.idx + 100);
+        let mut report = Vec::new();
+        {
+            let mark = MESSAGES / 2;
+            let what = match roam {
+                Roam::Flush => "both routers flushed",
+                Roam::Renumber => "a's router renumbered",
+            };
+            let reached = wait_until(T, || received.load(Ordering::Relaxed) >= mark).await;
+            assert!(reached.is_some(), "message {mark} in time");
+            let (mut ea, mut eb) = (a.t().path_events(), b.t().path_events());
+            if roam == Roam::Flush {
+                for peer in [&a, &b] {
+                    peer.site.flush_nat().unwrap();
+                }
+            } else {
+                a.site.renumber(new_wan).unwrap();
+            }
+            let at = Instant::now();
+            let at_message = received.load(Ordering::Relaxed);
+            let (ia, ib) = (
+                a.t().path_stats().upgraded_in,
+                b.t().path_stats().upgraded_in,
+            );
+            // Direct again: packets came in directly on both sides since (so both routers
+            // have mappings again, both ways), and every path is direct.
+            let back = wait_until(T, || {
+                a.t().path_stats().upgraded_in > ia
+                    && b.t().path_stats().upgraded_in > ib
+                    && a.direct_to(&idb)
+                    && b.direct_to(&ida)
+            })
+            .await;
+            let back = back.unwrap_or_else(|| {
+                panic!(
+                    "{what}: not direct again within {T:?}: a {:?} / b {:?}\n  a: {}\n  b: {}",
+                    a.paths_to(&idb),
+                    b.paths_to(&ida),
+                    a.diagnostics(),
+                    b.diagnostics()
+                )
+            });
+            report.push(format!(
+                "{what} at message {at_message}: direct both ways again after {} ms (path \
+                 changes a {:?} / b {:?})",
+                (back - at).as_millis(),
+                changes(&mut ea, &idb),
+                changes(&mut eb, &ida),
+            ));
         }
-        let flushed = Instant::now();
-        let at_flush = received.load(Ordering::Relaxed);
-        let (ia, ib) = (
-            a.t().path_stats().upgraded_in,
-            b.t().path_stats().upgraded_in,
-        );
-        // Direct again: packets came in directly on both sides since the flush (so both
-        // routers have mappings again, both ways), and every path is direct.
-        let back = wait_until(T, || {
-            a.t().path_stats().upgraded_in > ia
-                && b.t().path_stats().upgraded_in > ib
-                && a.direct_to(&idb)
-                && b.direct_to(&ida)
-        })
-        .await;
-        let back = back.unwrap_or_else(|| {
-            panic!(
-                "not direct again within {T:?} of the flush: a {:?} / b {:?}\n  a: {}\n  b: {}",
-                a.paths_to(&idb),
-                b.paths_to(&ida),
-                a.diagnostics(),
-                b.diagnostics()
-            )
-        });
         let (cb, longest_gap) = tokio::time::timeout(Duration::from_secs(120), reader)
             .await
             .expect("the stream finished in time")
@@ -150,14 +198,10 @@ fn roaming_nat_flush_mid_stream_keeps_the_connection_root() {
         }
         assert!(a.direct_to(&idb) && b.direct_to(&ida), "direct at the end");
         assert_eq!(a.paths_to(&idb).len(), 1, "one connection");
-        println!(
-            "RESULT flush at message {at_flush}: direct both ways again after {} ms; path \
-             changes a {:?} / b {:?}; longest delivery gap {} ms",
-            (back - flushed).as_millis(),
-            changes(&mut ea, &idb),
-            changes(&mut eb, &ida),
-            longest_gap.as_millis()
-        );
+        for line in &report {
+            println!("RESULT {line}");
+        }
+        println!("RESULT longest delivery gap {} ms", longest_gap.as_millis());
         eprintln!("a: {}\nb: {}", a.diagnostics(), b.diagnostics());
         ca.close().await.unwrap();
         drop(cb);
