@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::lab::Lab;
 use crate::netns::Netns;
@@ -102,12 +102,18 @@ impl Site {
     /// Flushes the router's NAT mappings and connection tracking (`conntrack -F`, needs
     /// `conntrack`): what a router reboot or a mapping timeout does to live flows. The
     /// next packet out makes a new mapping; packets coming in before that are dropped.
-    pub fn flush_nat(&self) -> anyhow::Result<()> {
+    /// Returns how many entries there were just before.
+    pub fn flush_nat(&self) -> anyhow::Result<u64> {
         let Some(router) = &self.router else {
             bail!("site {} has no NAT router to flush", self.idx);
         };
+        let count = router.exec(&["conntrack", "-C"])?;
+        let count = count
+            .trim()
+            .parse()
+            .with_context(|| format!("conntrack -C printed {count:?}"))?;
         router.exec(&["conntrack", "-F"])?;
-        Ok(())
+        Ok(count)
     }
 }
 
