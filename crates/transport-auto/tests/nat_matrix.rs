@@ -45,6 +45,7 @@ struct Settled {
     path_b: PeerPath,
     first_message: Duration,
     direct_after: Option<Duration>,
+    public_known: (bool, bool),
     diagnostics: String,
 }
 
@@ -99,6 +100,12 @@ async fn settle(a: &mut Peer, b: &mut Peer, x: Nat, y: Nat) -> anyhow::Result<Se
     let joined = Instant::now();
     let (ca, cb) = tokio::join!(a.join(topic), b.join(topic));
     let (mut ca, mut cb) = (ca?, cb?);
+    // Whether each side knew its public address when its connection was handed out (the
+    // candidates it sent first had it).
+    let public_known = (
+        a.t().hyperswarm().public_addr().is_some(),
+        b.t().hyperswarm().public_addr().is_some(),
+    );
     anyhow::ensure!(
         ca.peer_id() == idb && cb.peer_id() == ida,
         "connected to the wrong peers"
@@ -135,8 +142,13 @@ async fn settle(a: &mut Peer, b: &mut Peer, x: Nat, y: Nat) -> anyhow::Result<Se
         path_b: pb[0].clone(),
         first_message,
         direct_after,
+        public_known,
         diagnostics,
     })
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }
 
 fn short(p: &PeerPath) -> &'static str {
@@ -179,13 +191,13 @@ fn auto_nat_matrix_root() {
         "\nAuto NAT matrix (relay and DHT testnet on the public segment; times from both joining):"
     );
     eprintln!(
-        "  {:>9}  {:<8} {:>14} {:>12}",
+        "  {:>9}  {:<8} {:>14} {:>12}  public address known at connect (a/b)",
         "pair", "path", "first message", "direct after"
     );
     for o in &outcomes {
         match &o.result {
             Ok(s) => eprintln!(
-                "  {:>9}  {:<8} {:>11} ms {:>12}",
+                "  {:>9}  {:<8} {:>11} ms {:>12}  {}/{}",
                 pair_name(o.x, o.y),
                 if s.path_a == s.path_b || short(&s.path_a) == short(&s.path_b) {
                     short(&s.path_a).to_owned()
@@ -194,7 +206,9 @@ fn auto_nat_matrix_root() {
                 },
                 s.first_message.as_millis(),
                 s.direct_after
-                    .map_or("-".to_owned(), |d| format!("{} ms", d.as_millis()))
+                    .map_or("-".to_owned(), |d| format!("{} ms", d.as_millis())),
+                yes(s.public_known.0),
+                yes(s.public_known.1),
             ),
             Err(e) => eprintln!("  {:>9}  failed: {e:#}", pair_name(o.x, o.y)),
         }
