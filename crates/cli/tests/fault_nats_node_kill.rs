@@ -9,7 +9,8 @@
 //! Without nats-server it skips, except with `CI=true`, where it fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::process::Stdio;
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,11 +18,10 @@ use std::time::{Duration, Instant};
 use pluresdb_sync::{Connection, Transport, derive_topic};
 use pluresdb_sync_transport_relay::RelayTransport;
 use pluresdb_sync_transport_relay::testkit::nats::NatsServer;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
-const T: Duration = Duration::from_secs(30);
+use common::{T, message, ping_pong, relay_on_nats, rss_kib, seq_of};
+
 /// Messages A streams in all.
 const N: u64 = 3000;
 /// B acknowledges every this many messages; A sends at most this many past the last ack.
@@ -30,57 +30,6 @@ const WINDOW: u64 = 500;
 const KILL_AT: u64 = 700;
 /// Bytes of each message (an 8-byte big-endian sequence number, then filler).
 const MESSAGE_BYTES: usize = 1024;
-
-/// A relay process on NATS; returns it and its ws:// URL.
-async fn relay(nats_port: u16) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
-        .args(["relay", "--listen", "127.0.0.1:0", "--nats"])
-        .arg(format!("nats://127.0.0.1:{nats_port}"))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(T, lines.next_line())
-            .await
-            .expect("relay did not print its address")
-            .unwrap()
-            .expect("relay exited early");
-        if let Some(rest) = line.strip_prefix("relay listening on ") {
-            // Keep draining its stdout so the process never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, rest.to_owned());
-        }
-    }
-}
-
-/// The resident set of process `pid`, in KiB (from /proc).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-fn message(seq: u64) -> Vec<u8> {
-    let mut m = vec![(seq % 251) as u8; MESSAGE_BYTES];
-    m[..8].copy_from_slice(&seq.to_be_bytes());
-    m
-}
-
-fn seq_of(m: &[u8]) -> u64 {
-    assert_eq!(m.len(), MESSAGE_BYTES, "a message of {} bytes", m.len());
-    let seq = u64::from_be_bytes(m[..8].try_into().unwrap());
-    assert!(
-        m[8..].iter().all(|&b| b == (seq % 251) as u8),
-        "message {seq} is corrupt"
-    );
-    seq
-}
 
 async fn next_conn(rx: &mut mpsc::Receiver<Box<dyn Connection>>) -> Box<dyn Connection> {
     tokio::time::timeout(T, rx.recv())
@@ -112,7 +61,7 @@ async fn sender(mut rx: mpsc::Receiver<Box<dyn Connection>>) -> SenderLog {
             // Windows end on multiples of WINDOW, where B acknowledges.
             let end = ((next / WINDOW + 1) * WINDOW).min(N);
             for seq in next..end {
-                if conn.send(&message(seq)).await.is_err() {
+                if conn.send(&message(seq, MESSAGE_BYTES)).await.is_err() {
                     break 'session false;
                 }
                 sent_ok = Some(seq);
@@ -165,7 +114,7 @@ async fn receiver(
                 Ok(_) => break,
                 Err(_) => panic!("nothing within {T:?} (delivered {delivered})"),
             };
-            let seq = seq_of(&m);
+            let seq = seq_of(&m, MESSAGE_BYTES);
             match &mut session {
                 None => {
                     assert!(
@@ -205,43 +154,14 @@ async fn receiver(
     sessions
 }
 
-/// C and D, both on node 2 and on another topic, ping-pong until `stop`; the longest time
-/// between two round trips and how many were made.
-async fn unaffected_pair(
-    mut cd: Box<dyn Connection>,
-    mut dc: Box<dyn Connection>,
-    stop: Arc<AtomicBool>,
-) -> (Duration, u64) {
-    let (mut max_gap, mut rounds) = (Duration::ZERO, 0u64);
-    let mut last = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        cd.send(&rounds.to_be_bytes()).await.unwrap();
-        let got = tokio::time::timeout(T, dc.receive())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.as_deref(), Some(&rounds.to_be_bytes()[..]));
-        dc.send(b"pong").await.unwrap();
-        let got = tokio::time::timeout(T, cd.receive())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.as_deref(), Some(&b"pong"[..]));
-        rounds += 1;
-        max_gap = max_gap.max(last.elapsed());
-        last = Instant::now();
-    }
-    (max_gap, rounds)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_nats_node_mid_transfer_loses_nothing_acknowledged() {
     let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let port = nats.port();
-    let (mut node1, url1) = relay(port).await;
-    let (node2, url2) = relay(port).await;
+    let (mut node1, url1) = relay_on_nats(port).await;
+    let (node2, url2) = relay_on_nats(port).await;
     let node2_pid = node2.id().unwrap();
     let topic = derive_topic(&format!("fault-nats-kill-{}", std::process::id()));
     let other = derive_topic(&format!("fault-nats-kill-other-{}", std::process::id()));
@@ -263,7 +183,7 @@ async fn killing_a_nats_node_mid_transfer_loses_nothing_acknowledged() {
     );
     let (cd, dc) = (next_conn(&mut c_in).await, next_conn(&mut d_in).await);
     let stop = Arc::new(AtomicBool::new(false));
-    let pair = tokio::spawn(unaffected_pair(cd, dc, stop.clone()));
+    let pair = tokio::spawn(ping_pong(cd, dc, stop.clone(), Duration::ZERO));
 
     let a_in = a.connect(topic).await.unwrap();
     let b_in = b.connect(topic).await.unwrap();

@@ -9,6 +9,8 @@
 //! bytes stay within the cap (and did fill up to it); P's RSS before and after is printed.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use pluresdb_sync_transport_relay::RelayTransport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-const T: Duration = Duration::from_secs(30);
+use common::{T, message, ping_pong, rss_kib, seq_of};
+
 /// How long P stays frozen.
 const FROZEN: Duration = Duration::from_secs(10);
 /// Messages each Q streams in all.
@@ -37,32 +40,6 @@ const MESSAGE_BYTES: usize = 16 * 1024;
 const SENDERS: usize = 2;
 /// The relay's per-connection queue cap in this test.
 const QUEUE_CAP: usize = 1024 * 1024;
-
-fn message(seq: u64) -> Vec<u8> {
-    let mut m = vec![(seq % 251) as u8; MESSAGE_BYTES];
-    m[..8].copy_from_slice(&seq.to_be_bytes());
-    m
-}
-
-fn seq_of(m: &[u8]) -> u64 {
-    assert_eq!(m.len(), MESSAGE_BYTES, "a message of {} bytes", m.len());
-    let seq = u64::from_be_bytes(m[..8].try_into().unwrap());
-    assert!(
-        m[8..].iter().all(|&b| b == (seq % 251) as u8),
-        "message {seq} is corrupt"
-    );
-    seq
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
 
 fn signal(pid: u32, sig: &str) {
     let out = Command::new("kill")
@@ -115,7 +92,7 @@ async fn sender(mut rx: mpsc::Receiver<Box<dyn Connection>>, peer: String) -> Se
             }
             let end = ((next / WINDOW + 1) * WINDOW).min(N);
             for seq in next..end {
-                if conn.send(&message(seq)).await.is_err() {
+                if conn.send(&message(seq, MESSAGE_BYTES)).await.is_err() {
                     break 'session false;
                 }
                 sent_ok = Some(seq);
@@ -138,36 +115,6 @@ async fn sender(mut rx: mpsc::Receiver<Box<dyn Connection>>, peer: String) -> Se
             return log;
         }
     }
-}
-
-/// C and D ping-pong until `stop`: the longest time between two round trips, and how many.
-async fn pair(
-    mut cd: Box<dyn Connection>,
-    mut dc: Box<dyn Connection>,
-    stop: Arc<AtomicBool>,
-) -> (Duration, u64) {
-    let (mut max_gap, mut rounds) = (Duration::ZERO, 0u64);
-    let mut last = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        cd.send(&rounds.to_be_bytes()).await.unwrap();
-        let got = tokio::time::timeout(T, dc.receive())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.as_deref(), Some(&rounds.to_be_bytes()[..]));
-        dc.send(b"pong").await.unwrap();
-        let got = tokio::time::timeout(T, cd.receive())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.as_deref(), Some(&b"pong"[..]));
-        rounds += 1;
-        max_gap = max_gap.max(last.elapsed());
-        last = Instant::now();
-        // A round trip every few milliseconds is plenty to see a stall.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    (max_gap, rounds)
 }
 
 /// A process killed (and reaped) on drop, also when the test fails.
@@ -326,7 +273,7 @@ where
     let cd = conn_to(&mut c_in, &d_id, &mut keep_c).await;
     let dc = conn_to(&mut d_in, &c_id, &mut keep_d).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let pairing = tokio::spawn(pair(cd, dc, stop.clone()));
+    let pairing = tokio::spawn(ping_pong(cd, dc, stop.clone(), Duration::from_millis(5)));
 
     // Mid-stream (P acknowledged a sender's first window), freeze P.
     let at = p.line("AT ", T);
@@ -592,7 +539,7 @@ fn child_sink_peer() {
             let Some(m) = m else {
                 continue;
             };
-            let seq = seq_of(&m);
+            let seq = seq_of(&m, MESSAGE_BYTES);
             let delivered = next.entry(peer.clone()).or_default();
             match runs.get(&id) {
                 None => {

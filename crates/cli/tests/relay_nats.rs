@@ -3,16 +3,14 @@
 //! clearly. Without nats-server these tests skip, except with `CI=true`, where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::process::Stdio;
-use std::time::Duration;
+mod common;
 
 use pluresdb_sync::{Transport, derive_topic};
 use pluresdb_sync_transport_relay::RelayTransport;
 use pluresdb_sync_transport_relay::testkit::nats::NatsServer;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-const T: Duration = Duration::from_secs(30);
+use common::{T, relay_on_nats};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -22,36 +20,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A relay process on NATS; returns it and its ws:// URL.
-async fn relay(nats_port: u16) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pluresdb-sync"))
-        .args(["relay", "--listen", "127.0.0.1:0", "--nats"])
-        .arg(format!("nats://127.0.0.1:{nats_port}"))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(T, lines.next_line())
-            .await
-            .expect("relay did not print its address")
-            .unwrap()
-            .expect("relay exited early");
-        if let Some(rest) = line.strip_prefix("relay listening on ") {
-            return (child, rest.to_owned());
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relay_processes_share_a_room_over_nats() {
     let Some(nats) = NatsServer::start_or_skip().await else {
         return;
     };
     let port = nats.port();
-    let (_r1, url1) = relay(port).await;
-    let (_r2, url2) = relay(port).await;
+    let (_r1, url1) = relay_on_nats(port).await;
+    let (_r2, url2) = relay_on_nats(port).await;
     let topic = derive_topic("cli-nats");
     let mut a = RelayTransport::builder()
         .relay_url(url1)

@@ -152,6 +152,7 @@ async fn a_peer_found_on_the_dht_and_in_the_relay_room_yields_one_connection() {
 /// peers, back in the room on the new relay, connect again on the same `connect` receivers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_relay_restart_relayed_peers_reconnect() {
+    init_tracing();
     let mut net = AutoNet::start().await.unwrap();
     let mut a = net.relayed_only().build().unwrap();
     let mut b = net.relayed_only().build().unwrap();

@@ -254,6 +254,9 @@ pub(crate) enum Declined {
     /// The topic is not joined here.
     #[error("the topic is not joined here")]
     TopicNotJoined,
+    /// The relay route the connection was made over went during its handshake.
+    #[error("the relay route went during the handshake")]
+    PathLost,
 }
 
 #[cfg(test)]

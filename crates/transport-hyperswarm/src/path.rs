@@ -7,7 +7,7 @@
 //! IPv6 sockets) would mean translating every direct packet's address. A virtual address is
 //! never sent to on the wire: the data socket routes it to the relay or drops it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -23,6 +23,11 @@ const VIRTUAL_PORT: u16 = 1;
 /// their members not dialled, so a hostile relay cannot grow the table without bound.
 pub(crate) const MAX_ROUTES: usize = 4096;
 
+/// How many of the last relay sockets gone are remembered, so that their late datagrams
+/// (read from the link's queue after the socket's loss was handled) give their routes no
+/// address again. A socket's datagrams arrive before the next few sockets are up.
+const GONE_LINKS: usize = 16;
+
 /// Whether `addr` is a virtual address (never a real one).
 pub(crate) fn is_virtual(addr: &SocketAddr) -> bool {
     matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] == VIRTUAL_OCTET)
@@ -34,6 +39,8 @@ struct Routes {
     by_route: HashMap<RelayRoute, SocketAddr>,
     /// The next address number to try (24 bits).
     next: u32,
+    /// The last relay sockets gone (at most [`GONE_LINKS`]).
+    gone: VecDeque<u64>,
 }
 
 /// Relay routes and their virtual addresses, both ways.
@@ -56,7 +63,10 @@ impl RouteTable {
         self.read().by_addr.get(addr).copied()
     }
 
-    /// The address of `route`, given one now if it has none (`None`: the table is full).
+    /// The address of `route`, given one now if it has none (`None`: the table is full, or
+    /// the route's relay socket is gone: a datagram that was still queued from it must not
+    /// bring back a route [`remove_link`](Self::remove_link) forgot, which nothing would
+    /// ever remove again).
     pub(crate) fn addr_for(&self, route: &RelayRoute) -> Option<SocketAddr> {
         if let Some(addr) = self.read().by_route.get(route) {
             return Some(*addr);
@@ -65,7 +75,7 @@ impl RouteTable {
         if let Some(addr) = r.by_route.get(route) {
             return Some(*addr);
         }
-        if r.by_route.len() >= MAX_ROUTES {
+        if r.by_route.len() >= MAX_ROUTES || r.gone.contains(&route.link) {
             return None;
         }
         // Numbers go round 2^24 before one is reused, and never while it is in use.
@@ -93,9 +103,16 @@ impl RouteTable {
         Some(addr)
     }
 
-    /// Forgets every route through relay socket `link`; their addresses.
+    /// Forgets every route through relay socket `link`, which is gone (no route through it
+    /// gets an address again); their addresses.
     pub(crate) fn remove_link(&self, link: u64) -> Vec<SocketAddr> {
         let mut r = self.write();
+        if !r.gone.contains(&link) {
+            if r.gone.len() >= GONE_LINKS {
+                r.gone.pop_front();
+            }
+            r.gone.push_back(link);
+        }
         let gone: Vec<RelayRoute> = r
             .by_route
             .keys()
@@ -152,6 +169,31 @@ mod tests {
         assert_eq!(gone.len(), 2);
         assert_eq!(t.route(&c), Some(route(2, 10)));
         assert_eq!(t.len(), 1);
+    }
+
+    /// Seen after a relay restart: a datagram still queued from the lost socket, read after
+    /// its loss was handled, gave its route an address again, and that route was never
+    /// removed (its socket's removal had passed): one leaked entry per peer and reconnect,
+    /// until the table was full and no new member got an address.
+    #[test]
+    fn a_route_through_a_socket_gone_gets_no_address_again() {
+        let t = RouteTable::default();
+        let old = t.addr_for(&route(1, 10)).unwrap();
+        assert_eq!(t.remove_link(1), vec![old]);
+        assert_eq!(t.addr_for(&route(1, 10)), None, "a late datagram");
+        assert_eq!(t.addr_for(&route(1, 11)), None);
+        assert_eq!(t.len(), 0);
+        // The new socket's routes (the same connection ids, a restarted relay hands them
+        // out again) get new addresses.
+        let new = t.addr_for(&route(2, 10)).unwrap();
+        assert_ne!(new, old);
+        // Only the last sockets gone are remembered.
+        for link in 2..2 + GONE_LINKS as u64 {
+            t.remove_link(link);
+        }
+        assert_eq!(t.addr_for(&route(2, 10)), None);
+        assert!(t.addr_for(&route(1, 10)).is_some(), "forgotten long ago");
+        assert!(t.addr_for(&route(2 + GONE_LINKS as u64, 1)).is_some());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Node;
 use super::candidates::{DialRound, LOOKUP_CHECK_BUDGET};
+use super::duplicate::Path;
 use crate::config::FIRST_LOOKUP_INTERVAL;
 use crate::conn::code;
 use crate::path::is_virtual;
@@ -89,6 +90,20 @@ impl Node {
         };
         for c in conns {
             c.close(code::PATH_LOST, b"relay path lost");
+        }
+    }
+
+    /// Whether a connection to `addr` still has its path: [`Path::Lost`] when `addr` is a
+    /// virtual address whose relay route is gone and that does not go direct (as
+    /// [`Node::path_lost`] closes those).
+    pub(super) fn path_now(&self, addr: &SocketAddr) -> Path {
+        if is_virtual(addr)
+            && self.data.routes().route(addr).is_none()
+            && !self.data.directs().is_direct(addr)
+        {
+            Path::Lost
+        } else {
+            Path::Open
         }
     }
 

@@ -12,7 +12,7 @@ use quinn::{RecvStream, SendStream};
 
 use super::Node;
 use super::book::Outcome;
-use super::duplicate::{Decision, Existing, Held, decide, obey};
+use super::duplicate::{Decision, Existing, Held, Path, decide, obey};
 use super::handshake::stream_cause;
 use crate::conn::{HsConnection, closed_with, code};
 use crate::error::{Declined, DialError};
@@ -57,8 +57,9 @@ impl Sessions {
         self.map.get(key).is_some_and(Session::alive)
     }
 
-    /// What [`decide`] and [`obey`] need to know about `key`.
-    fn held(&self, key: &SessionKey) -> Held {
+    /// What [`decide`] and [`obey`] need to know about `key`, for a new connection on
+    /// `path`.
+    fn held(&self, key: &SessionKey, path: Path) -> Held {
         let existing = match self.map.get(key) {
             None => Existing::None,
             Some(s) if s.alive() => Existing::Live,
@@ -67,6 +68,7 @@ impl Sessions {
         Held {
             existing,
             live: self.live(),
+            path,
         }
     }
 
@@ -136,10 +138,13 @@ impl Node {
     ) -> Result<Outcome, DialError> {
         let key = (topic, remote);
         let max = self.settings.max_peers;
-        // Decided under the state lock, so two connections to one peer settle in turn.
+        // Decided under the state lock, so two connections to one peer settle in turn, and
+        // so a relay route that goes either is seen gone here or, removed after, closes the
+        // session made here (`path_lost` removes the route first, then closes the sessions
+        // at its address under this lock).
         let decided = {
             let mut st = self.state();
-            let held = st.sessions.held(&key);
+            let held = st.sessions.held(&key, self.path_now(&addr));
             decide(&self.public_key, &remote, held, max)
                 .map(|d| st.sessions.apply(d, key, &conn, addr))
         };
@@ -156,7 +161,7 @@ impl Node {
             None => {
                 let verdict = read_verdict(&conn, &mut recv, addr).await?;
                 let mut st = self.state();
-                let held = st.sessions.held(&key);
+                let held = st.sessions.held(&key, self.path_now(&addr));
                 st.sessions
                     .apply(obey(verdict, held, max), key, &conn, addr)
             }
@@ -171,6 +176,18 @@ impl Node {
                 conn.close(code::BUSY, b"too many peers");
                 return Err(DialError::declined(addr, Declined::MaxPeers { max }));
             }
+            Decision::PathLost => {
+                tracing::debug!(%addr, peer = %hex::encode(remote), "a connection made as its relay route went is dropped");
+                conn.close(code::PATH_LOST, b"relay path lost");
+                return Err(DialError::declined(addr, Declined::PathLost));
+            }
+        }
+        // One that ended while it settled (its relay route went after the decision, or the
+        // peer closed it) is not handed out: the application would get a connection that
+        // ends at once.
+        if let Some(reason) = conn.close_reason() {
+            self.forget_session(key, &conn);
+            return Err(DialError::handshake(addr, stream_cause(&conn, reason)));
         }
         let sender = self.state().topics.accept_queue(&topic);
         let connection = HsConnection::new(hex::encode(remote), conn.clone(), send, recv);

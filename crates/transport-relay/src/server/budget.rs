@@ -127,6 +127,20 @@ impl Budget {
         q
     }
 
+    /// A queue of `cap` bytes charged to the budget like a connection's, but never closed
+    /// by it (it is not a candidate when the budget is short): for a queue that drains by
+    /// itself and is only ever charged without waiting (the NATS datagram outbox). Its
+    /// taker gives bytes back with [`Queue::refund`].
+    pub(super) fn open_unlisted(&self, cap: usize) -> Arc<Queue> {
+        Arc::new(Queue {
+            id: 0,
+            free: Semaphore::new(cap),
+            global: self.global.clone(),
+            kill: Arc::new(tokio::sync::watch::channel(None).0),
+            full_since: Mutex::new(None),
+        })
+    }
+
     /// Charges `cost` bytes queued to `to` without waiting: whether they fit.
     pub(super) fn try_charge(&self, to: &Queue, cost: u32) -> bool {
         let Ok(mine) = to.free.try_acquire_many(cost) else {

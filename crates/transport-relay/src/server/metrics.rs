@@ -27,11 +27,12 @@ pub(crate) enum DropReason {
     NatsDown,
     DatagramNoRoute,
     DatagramQueueFull,
+    DatagramBusFull,
     MemoryBudget,
     WebSocketProtocol,
 }
 
-const DROPS: [(DropReason, &str); 22] = [
+const DROPS: [(DropReason, &str); 23] = [
     (DropReason::Malformed, "malformed"),
     (DropReason::UnknownType, "unknown_type"),
     (DropReason::TextFrame, "text_frame"),
@@ -52,6 +53,7 @@ const DROPS: [(DropReason, &str); 22] = [
     (DropReason::NatsDown, "nats_down"),
     (DropReason::DatagramNoRoute, "datagram_no_route"),
     (DropReason::DatagramQueueFull, "datagram_queue_full"),
+    (DropReason::DatagramBusFull, "datagram_bus_full"),
     (DropReason::MemoryBudget, "memory_budget"),
     (DropReason::WebSocketProtocol, "websocket_protocol"),
 ];
@@ -63,6 +65,7 @@ pub(crate) struct NatsMetrics {
     pub(crate) received: AtomicU64,
     pub(crate) publish_errors: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) datagrams_published: AtomicU64,
     pub(crate) slow_consumer: AtomicU64,
     pub(crate) disconnects: AtomicU64,
     pub(crate) up: AtomicU64,
@@ -198,6 +201,12 @@ impl Metrics {
                     "counter",
                     "Bus messages dropped: malformed, for an unknown connection, or over a member cap.",
                     &n.dropped,
+                ),
+                (
+                    "pluresdb_relay_nats_datagrams_published_total",
+                    "counter",
+                    "DATAGRAMs published to members on other nodes (the others are counted as drops).",
+                    &n.datagrams_published,
                 ),
                 (
                     "pluresdb_relay_nats_slow_consumer_total",

@@ -8,9 +8,10 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::datagram;
+use super::datagram::{self, Datagram};
 use super::gather::Gathered;
 use super::metrics::DropReason;
+use super::nats::BusShare;
 use super::outbox::Batch;
 use super::rooms::{Joined, Member};
 use super::state::Shared;
@@ -32,6 +33,8 @@ pub(super) struct Conn<'a> {
     rooms: HashSet<RoomId>,
     /// DELIVERs of the current burst not yet queued, per receiver.
     gathered: Gathered,
+    /// With NATS, its share of the node's datagram outbox.
+    bus_share: Option<BusShare>,
 }
 
 impl<'a> Conn<'a> {
@@ -43,6 +46,7 @@ impl<'a> Conn<'a> {
             me,
             rooms: HashSet::new(),
             gathered: Gathered::default(),
+            bus_share: shared.nats.as_ref().map(|n| n.datagram_share()),
         }
     }
 
@@ -132,7 +136,13 @@ impl<'a> Conn<'a> {
     /// A DATAGRAM: forwarded or dropped, never waited for (see `datagram`).
     fn datagram(&self, room: RoomId, to: ConnId, segment: u16, payload: &[u8]) {
         let in_room = self.rooms.contains(&room);
-        datagram::forward(self.shared, self.id, in_room, room, to, segment, payload);
+        let d = Datagram {
+            room,
+            to,
+            segment,
+            payload,
+        };
+        datagram::forward(self.shared, self.id, in_room, self.bus_share.as_ref(), d);
     }
 
     /// A payload over `max_frame - DELIVER_OVERHEAD` could not be forwarded: close (1009).

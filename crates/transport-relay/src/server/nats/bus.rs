@@ -2,16 +2,19 @@
 //! that never panics and allocates at most its input's length. Layout: `docs/relay-nats.md`.
 //!
 //! Every message starts with a type byte. A DELIVER is byte for byte the relay DELIVER frame
-//! the receiving node hands to its clients (type `0x84`, see `docs/relay-protocol.md`), so it
-//! is forwarded without re-encoding and is never larger than a relay frame; the other types
-//! (`0xA0`..=`0xA5`) are outside the relay protocol's.
+//! the receiving node hands to its clients (type `0x84`, see `docs/relay-protocol.md`), and a
+//! DATAGRAM byte for byte the DATAGRAM_FROM frame (type `0x85`), so both are forwarded without
+//! re-encoding and are never larger than a relay frame; the other types (`0xA0`..=`0xA5`) are
+//! outside the relay protocol's.
 
-use crate::protocol::{self, ConnId, DELIVER_OVERHEAD, RoomId};
+use crate::protocol::{self, ConnId, DATAGRAM_OVERHEAD, DELIVER_OVERHEAD, RoomId};
 
 /// Bus message type bytes.
 pub(crate) mod kind {
     /// A relay DELIVER frame: a BROADCAST to a room, or a SEND to one connection.
     pub(crate) const DELIVER: u8 = crate::protocol::kind::DELIVER;
+    /// A relay DATAGRAM_FROM frame: a DATAGRAM (`pluresdb-relay.v2`) to one connection.
+    pub(crate) const DATAGRAM: u8 = crate::protocol::kind::DATAGRAM_FROM;
     /// `node:u32`: the node is alive.
     pub(crate) const HEARTBEAT: u8 = 0xA0;
     /// `node:u32`: the node shuts down; forget its members now.
@@ -46,6 +49,14 @@ pub(crate) enum BusMessage<'a> {
         room: RoomId,
         from: ConnId,
         broadcast: bool,
+        payload: &'a [u8],
+    },
+    /// A datagram for one of the receiving node's connections: the relay DATAGRAM_FROM
+    /// frame, as is (the receiver is named by the subject).
+    Datagram {
+        room: RoomId,
+        from: ConnId,
+        segment: u16,
         payload: &'a [u8],
     },
 }
@@ -156,6 +167,15 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<BusMessage<'_>, BusError> {
                 payload: &body[41..],
             }
         }
+        kind::DATAGRAM => {
+            at_least(DATAGRAM_OVERHEAD - 1)?;
+            BusMessage::Datagram {
+                room: room_at(body, 0),
+                from: u64_at(body, 32),
+                segment: u16::from_be_bytes([body[40], body[41]]),
+                payload: &body[42..],
+            }
+        }
         other => return Err(BusError::UnknownType(other)),
     })
 }
@@ -204,6 +224,21 @@ impl BusMessage<'_> {
                 broadcast,
                 payload,
             } => return protocol::encode_deliver(room, *from, *broadcast, payload),
+            BusMessage::Datagram {
+                room,
+                from,
+                segment,
+                payload,
+            } => {
+                out.reserve(DATAGRAM_OVERHEAD + payload.len());
+                out.extend_from_slice(&protocol::datagram_header(
+                    kind::DATAGRAM,
+                    room,
+                    *from,
+                    *segment,
+                ));
+                out.extend_from_slice(payload);
+            }
         }
         out
     }
@@ -216,7 +251,7 @@ mod tests {
 
     fn message() -> impl Strategy<Value = (u8, u32, RoomId, u64, Vec<u64>, bool, Vec<u8>)> {
         (
-            0u8..7,
+            0u8..8,
             any::<u32>(),
             any::<[u8; 32]>(),
             any::<u64>(),
@@ -248,10 +283,17 @@ mod tests {
                 room,
                 conns: conns.clone(),
             },
-            _ => BusMessage::Deliver {
+            6 => BusMessage::Deliver {
                 room,
                 from: conn,
                 broadcast: *broadcast,
+                payload,
+            },
+            _ => BusMessage::Datagram {
+                room,
+                from: conn,
+                // The node id's low bits: any u16.
+                segment: node as u16,
                 payload,
             },
         }
@@ -276,7 +318,7 @@ mod tests {
         fn every_truncation_of_a_fixed_size_message_is_rejected(m in message(), extra in any::<u8>()) {
             let msg = build(&m);
             let bytes = msg.encode();
-            if !matches!(msg, BusMessage::Deliver { .. }) {
+            if !matches!(msg, BusMessage::Deliver { .. } | BusMessage::Datagram { .. }) {
                 for cut in 0..bytes.len() {
                     prop_assert!(decode(&bytes[..cut]).is_err());
                 }
@@ -310,6 +352,44 @@ mod tests {
             }))
         );
         assert!(bytes.len() - b"ciphertext".len() == DELIVER_OVERHEAD);
+    }
+
+    #[test]
+    fn a_datagram_is_the_relay_frame_clients_receive() {
+        let msg = BusMessage::Datagram {
+            room: [4; 32],
+            from: 9 << 32 | 3,
+            segment: 1200,
+            payload: b"quic packets",
+        };
+        let bytes = msg.encode();
+        assert_eq!(
+            protocol::decode(&bytes),
+            Ok(protocol::Frame::Relay(protocol::RelayFrame::Datagram {
+                room: [4; 32],
+                from: 9 << 32 | 3,
+                segment: 1200,
+                payload: b"quic packets".to_vec(),
+            }))
+        );
+        assert_eq!(bytes.len(), DATAGRAM_OVERHEAD + b"quic packets".len());
+        // The header alone is a datagram with no payload; one byte less is not.
+        let empty = &bytes[..DATAGRAM_OVERHEAD];
+        assert!(matches!(
+            decode(empty),
+            Ok(BusMessage::Datagram { payload: [], .. })
+        ));
+        assert_eq!(
+            decode(&bytes[..DATAGRAM_OVERHEAD - 1]),
+            Err(BusError::Length {
+                kind: kind::DATAGRAM,
+                needed: 42,
+                got: 41
+            })
+        );
+        // A client's DATAGRAM (type 0x07, naming the receiver) is not a bus message.
+        let client = protocol::encode_datagram(&[4; 32], 1, 0, b"x");
+        assert_eq!(decode(&client), Err(BusError::UnknownType(0x07)));
     }
 
     #[test]

@@ -8,14 +8,19 @@
 //!   has at least one local member there.
 //! - `P.conn.<node hex8>.<counter hex8>`: direct sends to one connection; each node subscribes
 //!   to `P.conn.<its node hex8>.*` once.
+//! - `P.dgram.<node hex8>.<counter hex8>`: datagrams (`pluresdb-relay.v2`) to one
+//!   connection; each node subscribes to `P.dgram.<its node hex8>.*` once.
 //! - `P.node`: node heartbeats and goodbyes.
 //!
 //! The messages are the bus's own ([`bus`]); what a node learns from them is in
-//! `membership`, the subscription loops in `loops`.
+//! `membership`, the subscription loops in `loops`, the datagram path in `datagrams`.
 
 pub(crate) mod bus;
+mod datagrams;
 mod loops;
 mod membership;
+
+pub(crate) use datagrams::BusShare;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -23,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -83,6 +88,12 @@ pub(crate) struct Nats {
     max_peers: usize,
     /// `nats_membership_wait`.
     membership_wait: Duration,
+    /// `max_frame_bytes`: no bus message for a client is larger.
+    max_frame: usize,
+    /// Datagrams for members on other nodes, on their way to NATS.
+    outbox: datagrams::Outbox,
+    /// The outbox's receiving side, until [`Nats::start`] hands it to its publisher.
+    outbox_rx: Mutex<Option<mpsc::Receiver<datagrams::Outgoing>>>,
 }
 
 /// The node part of a connection id.
@@ -149,6 +160,13 @@ impl Nats {
         let node = u32::from_be_bytes(id).max(1);
         // The event callback owns the sender of `up`.
         drop(up_tx);
+        let (tx, rx) = mpsc::channel(datagrams::NATS_DATAGRAM_QUEUE);
+        let cap = config.max_queued_bytes_per_connection;
+        let outbox = datagrams::Outbox {
+            tx,
+            queue: local.budget().open_unlisted(cap),
+            share: datagrams::share_bytes(cap, config.max_frame_bytes),
+        };
         Ok(Self {
             client,
             prefix: config.nats_subject_prefix.clone(),
@@ -161,6 +179,9 @@ impl Nats {
             local,
             max_peers: config.max_peers_per_room,
             membership_wait: config.nats_membership_wait,
+            max_frame: config.max_frame_bytes,
+            outbox,
+            outbox_rx: Mutex::new(Some(rx)),
         })
     }
 
@@ -226,7 +247,8 @@ impl Nats {
         }
     }
 
-    /// Starts the per-node subscriptions (direct sends, heartbeats).
+    /// Starts the per-node subscriptions (direct sends, datagrams, heartbeats) and the
+    /// datagram publisher.
     pub(crate) async fn start(self: &Arc<Self>) -> Result<(), std::io::Error> {
         let err = |e: async_nats::SubscribeError| {
             std::io::Error::other(format!("cannot subscribe on NATS: {e}"))
@@ -236,17 +258,31 @@ impl Nats {
             .subscribe(format!("{}.conn.{:08x}.*", self.prefix, self.node))
             .await
             .map_err(err)?;
+        let dgrams = self
+            .client
+            .subscribe(self.datagram_inbox())
+            .await
+            .map_err(err)?;
         let nodes = self
             .client
             .subscribe(self.node_subject())
             .await
             .map_err(err)?;
         let weak = Arc::downgrade(self);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(loops::direct(weak.clone(), conns)).abort_handle(),
+            tokio::spawn(datagrams::inbox(weak.clone(), dgrams)).abort_handle(),
             tokio::spawn(loops::node(weak.clone(), nodes)).abort_handle(),
-            tokio::spawn(loops::heartbeat(weak)).abort_handle(),
+            tokio::spawn(loops::heartbeat(weak.clone())).abort_handle(),
         ];
+        let outbox = self
+            .outbox_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = outbox {
+            tasks.push(tokio::spawn(datagrams::publisher(weak, rx)).abort_handle());
+        }
         *self.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         self.client
             .flush()
