@@ -214,6 +214,11 @@ impl Node {
         };
         let mut machine = PathMachine::new(tokio::time::Instant::now(), Self::first_nonce());
         let mut replay = Replay::default();
+        // Our candidates change when the public address is learned (often just after a
+        // relay-made connection is up) or changes: sent again at once, not at the next
+        // round, so the peer probes the new address now.
+        let mut public = self.reflexive.watch_public();
+        public.mark_unchanged();
         let mut actions = machine.on_event(tokio::time::Instant::now(), Input::Start);
         loop {
             self.apply_path_actions(&conn, &keys, server, vaddr, &mut info, actions);
@@ -235,6 +240,10 @@ impl Node {
                     Some((from, p)) => replay.input(from, &p),
                     None => break,
                 },
+                Ok(()) = public.changed() => {
+                    self.apply_path_actions(&conn, &keys, server, vaddr, &mut info, vec![Action::SendCandidates]);
+                    Input::Tick
+                }
                 _ = tokio::time::sleep_until(wake) => Input::Tick,
             };
             actions = machine.on_event(tokio::time::Instant::now(), input);
