@@ -18,7 +18,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -27,102 +26,23 @@ use pluresdb_sync_core::Transport;
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_transport_auto::AutoTransport;
 use pluresdb_sync_transport_auto::testkit::AutoNet;
-use pluresdb_sync_transport_hyperswarm::relay_path::{PathInfo, PeerPath};
-use tokio::sync::broadcast;
+use pluresdb_sync_transport_hyperswarm::relay_path::PeerPath;
 
 mod common;
+use common::netns::{run, run_child_in_namespace, udp_rule};
+use common::stream::{relayed, wait_path};
 use common::{T, accept, init_tracing};
 
 const MESSAGES: u32 = 6_000;
 
-fn have_root_tools() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let tools = ["ip", "iptables"].iter().all(|t| {
-        Command::new(t).arg("-V").output().is_ok()
-            || Command::new(t).arg("--version").output().is_ok()
-    });
-    root && tools
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A namespace with only loopback, removed on drop.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// Runs the ignored test `child` of this binary in a namespace of its own.
-fn in_namespace(child: &str, tag: &str) {
-    if !have_root_tools() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "{child} needs root, ip (iproute2) and iptables"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
-        return;
-    }
-    let ns = Namespace(format!("autofb{tag}{:x}", std::process::id()));
-    run(&["ip", "netns", "add", &ns.0]);
-    run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(exe)
-        .args(["--exact", child, "--ignored", "--nocapture"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "the child failed");
-    assert!(stdout.contains("1 passed"), "the child did not run");
-}
-
 #[test]
 fn direct_made_fallback_root() {
-    in_namespace("child_direct_made_fallback", "d");
+    run_child_in_namespace("fd", "child_direct_made_fallback");
 }
 
 #[test]
 fn met_both_ways_fallback_root() {
-    in_namespace("child_met_both_ways_fallback", "b");
-}
-
-/// Waits for a path event of `peer` matching `want`; when it came.
-async fn wait_path(
-    events: &mut broadcast::Receiver<PathInfo>,
-    peer: &str,
-    want: impl Fn(&PeerPath) -> bool,
-) -> Instant {
-    tokio::time::timeout(T, async {
-        loop {
-            let e = events.recv().await.expect("path events ended");
-            if e.peer_id == peer && want(&e.path) {
-                return Instant::now();
-            }
-        }
-    })
-    .await
-    .expect("no such path event in time")
-}
-
-fn relayed(p: &PeerPath) -> bool {
-    matches!(p, PeerPath::Relayed { .. })
+    run_child_in_namespace("fb", "child_met_both_ways_fallback");
 }
 
 /// Waits until `cond` holds (checked every 10 ms).
@@ -151,23 +71,6 @@ fn tcp_rule(op: &str, port: u16) {
         "--reject-with",
         "tcp-reset",
     ]);
-}
-
-/// Drops (`-A`) or restores (`-D`) UDP to `ports`.
-fn udp_rule(op: &str, ports: &[u16]) {
-    for port in ports {
-        run(&[
-            "iptables",
-            op,
-            "INPUT",
-            "-p",
-            "udp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "DROP",
-        ]);
-    }
 }
 
 fn block_on(f: impl std::future::Future<Output = ()>) {
