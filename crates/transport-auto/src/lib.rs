@@ -39,8 +39,11 @@
 //!   (QUIC drops the duplicates); silent for 2 s, they go back through the relay alone, and
 //!   probing goes on, so it upgrades again later. [`AutoTransport::paths`] and
 //!   [`AutoTransport::path_events`] show each connection's path. A connection made directly
-//!   (a peer dialled at a DHT address) keeps its path; when both exist for a peer, the
-//!   one-connection-per-peer rule keeps one. A relayed connection whose route ends (the peer
+//!   (a peer dialled at a DHT or LAN address) falls back the same way when both peers are
+//!   in the topic's room on the same relay: they tell each other their relay routes over
+//!   the connection, and its packets go through the peer's route while the direct path is
+//!   silent. When both kinds exist for a peer, the one-connection-per-peer rule keeps one,
+//!   and either can fall back. A relayed connection whose route ends (the peer
 //!   leaves the room, a relay socket is lost) while it is not direct ends too (`receive`
 //!   returns `Ok(None)`), and the peers connect again once both are back in the room; one
 //!   that is direct carries on.

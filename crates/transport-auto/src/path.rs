@@ -51,9 +51,9 @@ impl LinkPath {
     fn translate(&self, event: LinkEvent) -> Option<RelayEvent> {
         let route = |link, room, conn| RelayRoute { link, room, conn };
         Some(match event {
-            LinkEvent::Connected { link, url, .. } => {
+            LinkEvent::Connected { link, url, me } => {
                 lock(&self.urls).insert(link, url.clone());
-                RelayEvent::Connected { link, url }
+                RelayEvent::Connected { link, url, me }
             }
             LinkEvent::Joined {
                 link,

@@ -16,7 +16,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::netns::{run, run_child_in_namespace};
+use common::netns::{run_child_in_namespace, udp_rule};
 use common::stream::{MESSAGES, Stream, direct, relayed, wait_path};
 use pluresdb_sync_core::testkit::fresh_topic;
 use pluresdb_sync_core::{Connection, Transport};
@@ -26,23 +26,6 @@ use pluresdb_sync_transport_auto::testkit::AutoNet;
 #[test]
 fn path_switch_root() {
     run_child_in_namespace("s", "child_path_switch");
-}
-
-/// Drops (`-A`) or restores (`-D`) UDP to `ports` in this namespace.
-fn udp_rule(op: &str, ports: &[u16]) {
-    for port in ports {
-        run(&[
-            "iptables",
-            op,
-            "INPUT",
-            "-p",
-            "udp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "DROP",
-        ]);
-    }
 }
 
 #[test]

@@ -27,6 +27,10 @@ pub fn datagram(data: &[u8]) {
         Kind::Krpc | Kind::Garbage => {}
     }
     let _ = path_wire::decode_candidates(data);
+    if let Some(r) = path_wire::decode_routes(data) {
+        // What decodes encodes back to the same bytes.
+        assert_eq!(path_wire::encode_routes(&r), data);
+    }
     if let Ok(reply) = krpc::decode_reply(data) {
         // A well-formed reply is what the socket diverts to the KRPC handler.
         assert_eq!(

@@ -71,6 +71,7 @@ mod config;
 mod conn;
 mod direct;
 mod error;
+mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -204,8 +205,10 @@ impl HyperswarmTransport {
 
     /// The current path of every open connection (one entry per connection handed to the
     /// application): direct to an address, or relayed via a relay URL. In Auto mode a
-    /// connection made through the relay moves to a proven direct endpoint and back (see the
-    /// Auto mode section of the architecture doc); any other connection keeps its path.
+    /// connection made through the relay moves to a proven direct endpoint and back, and one
+    /// made directly falls back to its peer's relay route and back when both are in the
+    /// topic's relay room (see the Auto mode section of the architecture doc); in Hyperswarm
+    /// mode a connection keeps its path.
     pub fn paths(&self) -> Vec<relay_path::PathInfo> {
         self.node.get().map(|n| n.paths()).unwrap_or_default()
     }

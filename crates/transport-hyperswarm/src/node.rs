@@ -24,6 +24,8 @@
 //! | `relayed.rs` | with a relay path (Auto mode): its events, dialling room members, `announce`/`connect`/`lookup` over the relay and the DHT |
 //! | `path_state.rs` | pure: one relay-made connection's path choice: candidates, probes, proven, silent, back to the relay |
 //! | `upgrade.rs` | the path choice's driver: candidates over the connection, probes over UDP, switching the data socket |
+//! | `route_share.rs` | pure: a direct-made connection's peers telling each other their relay routes |
+//! | `direct_made.rs` | the driver of a direct-made connection's fallback to the relay and back |
 //! | `path_board.rs` | every connection's current path and the broadcast of changes |
 //!
 //! `topics`, `sessions`, `book` and `relay` live under one lock ([`Node::state`]); the dialer
@@ -51,6 +53,7 @@ mod admission;
 mod book;
 mod candidates;
 mod dialer;
+mod direct_made;
 mod discovery;
 mod duplicate;
 mod handshake;
@@ -65,6 +68,7 @@ mod reflexive;
 mod relay_rooms;
 mod relayed;
 mod respond;
+mod route_share;
 mod sessions;
 mod topics;
 mod upgrade;
@@ -105,6 +109,8 @@ pub(crate) struct Node {
     dht: Option<AsyncDht>,
     /// Woken when a relay room is joined (with a relay path).
     relay_joined: tokio::sync::Notify,
+    /// Counts the relay path's events (direct-made connections watch their routes with it).
+    relay_epoch: tokio::sync::watch::Sender<u64>,
     /// The bootstrap nodes and what they resolved to (given to the DHT node as addresses).
     bootstrap: Vec<BootstrapNode>,
     state: Mutex<State>,
@@ -185,6 +191,7 @@ impl Node {
             local_addr,
             dht: dht.map(|d| d.as_async()),
             relay_joined: tokio::sync::Notify::new(),
+            relay_epoch: tokio::sync::watch::Sender::new(0),
             bootstrap,
             state: Mutex::new(State {
                 topics: Topics::default(),
@@ -311,6 +318,7 @@ impl Node {
             upgraded_in: get(&c.upgraded_in),
             upgraded_in_bytes: get(&c.upgraded_in_bytes),
             doubled_out: get(&c.doubled_out),
+            fallback_routes: self.data.fallbacks().len() as u64,
         }
     }
 

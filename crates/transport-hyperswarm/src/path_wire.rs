@@ -13,6 +13,13 @@
 //!
 //! Candidates travel as one QUIC datagram: `CANDIDATES_MAGIC ‖ count ‖ count × (IPv4 (4) ‖
 //! port (2, big-endian))`, at most [`MAX_CANDIDATES`] of them; anything else is ignored.
+//!
+//! A connection made directly shares relay routes instead, also as one QUIC datagram:
+//! `ROUTES_MAGIC ‖ flags ‖ ours ‖ yours`, `flags` bit 0: `ours` is there, bit 1: `yours`
+//! is, bit 2: the sender wants an answer; each [`RouteId`] is `relay (8) ‖ connection id (8,
+//! big-endian)`, zeros when absent (41 bytes; anything else is refused). The magic carries
+//! the version: a peer that does not know it ignores the datagram, as it ignores any
+//! datagram it cannot read.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
@@ -30,6 +37,12 @@ pub(crate) const EXPORT_LABEL: &[u8] = b"pluresdb-sync/v1/path-probe";
 
 /// The first bytes of a candidates datagram.
 const CANDIDATES_MAGIC: &[u8] = b"PSC1";
+
+/// The first bytes of a routes datagram (version 1).
+const ROUTES_MAGIC: &[u8] = b"PSR1";
+
+/// Length of every routes datagram.
+const ROUTES_LEN: usize = ROUTES_MAGIC.len() + 1 + 2 * 16;
 
 const TAG_LEN: usize = 16;
 
@@ -200,6 +213,90 @@ pub(crate) fn decode_candidates(bytes: &[u8]) -> Option<Vec<SocketAddr>> {
     )
 }
 
+/// Where a peer is in a relay room: which relay (the first 8 bytes of the BLAKE2s-256 hash
+/// of its URL, so both sides can compare without sending the URL) and the peer's relay
+/// connection id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RouteId {
+    /// The relay, hashed.
+    pub(crate) relay: [u8; 8],
+    /// The relay connection id.
+    pub(crate) conn: u64,
+}
+
+impl RouteId {
+    /// The route of relay connection `conn` on the relay at `url`.
+    pub(crate) fn new(url: &str, conn: u64) -> Self {
+        use blake2::{Blake2s256, Digest};
+        let hash = Blake2s256::digest(url.as_bytes());
+        let mut relay = [0; 8];
+        relay.copy_from_slice(&hash[..8]);
+        Self { relay, conn }
+    }
+
+    fn put(id: Option<&RouteId>, out: &mut Vec<u8>) {
+        match id {
+            Some(id) => {
+                out.extend_from_slice(&id.relay);
+                out.extend_from_slice(&id.conn.to_be_bytes());
+            }
+            None => out.extend_from_slice(&[0; 16]),
+        }
+    }
+
+    fn get(bytes: &[u8]) -> Option<RouteId> {
+        let relay: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+        let conn = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(RouteId { relay, conn })
+    }
+}
+
+/// A routes datagram: the sender's own relay route, the one it knows of the receiver, and
+/// whether it wants an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Routes {
+    /// The sender's route (`None`: it has no relay room joined).
+    pub(crate) ours: Option<RouteId>,
+    /// The receiver's route as the sender last heard it.
+    pub(crate) yours: Option<RouteId>,
+    /// The sender wants an answer (it has not heard that its route arrived).
+    pub(crate) ask: bool,
+}
+
+/// A routes datagram.
+pub(crate) fn encode_routes(r: &Routes) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ROUTES_LEN);
+    out.extend_from_slice(ROUTES_MAGIC);
+    let flags =
+        u8::from(r.ours.is_some()) | (u8::from(r.yours.is_some()) << 1) | (u8::from(r.ask) << 2);
+    out.push(flags);
+    RouteId::put(r.ours.as_ref(), &mut out);
+    RouteId::put(r.yours.as_ref(), &mut out);
+    out
+}
+
+/// Reads a routes datagram; `None` for anything malformed.
+pub(crate) fn decode_routes(bytes: &[u8]) -> Option<Routes> {
+    if bytes.len() != ROUTES_LEN {
+        return None;
+    }
+    let rest = bytes.strip_prefix(ROUTES_MAGIC)?;
+    let flags = rest[0];
+    if flags & !0b111 != 0 {
+        return None;
+    }
+    // An absent route is all zeros: one encoding per message.
+    let field = |bytes: &[u8], present: bool| match present {
+        true => RouteId::get(bytes).map(Some),
+        false => bytes.iter().all(|b| *b == 0).then_some(None),
+    };
+    Some(Routes {
+        ours: field(&rest[1..17], flags & 1 != 0)?,
+        yours: field(&rest[17..33], flags & 2 != 0)?,
+        ask: flags & 4 != 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +357,58 @@ mod tests {
         assert!(decode_candidates(&lying).is_none());
         assert!(decode_candidates(b"PSC").is_none());
         assert!(decode_candidates(b"nope").is_none());
+    }
+
+    #[test]
+    fn routes_round_trip_and_bad_ones_are_refused() {
+        let a = RouteId::new("wss://relay.example/relay", 7);
+        assert_eq!(a, RouteId::new("wss://relay.example/relay", 7));
+        assert_ne!(a.relay, RouteId::new("wss://other.example/relay", 7).relay);
+        for r in [
+            Routes {
+                ours: Some(a),
+                yours: None,
+                ask: true,
+            },
+            Routes {
+                ours: None,
+                yours: Some(a),
+                ask: false,
+            },
+            Routes {
+                ours: Some(a),
+                yours: Some(RouteId::new("x", u64::MAX)),
+                ask: true,
+            },
+            Routes {
+                ours: None,
+                yours: None,
+                ask: false,
+            },
+        ] {
+            let bytes = encode_routes(&r);
+            assert_eq!(bytes.len(), ROUTES_LEN);
+            assert_eq!(decode_routes(&bytes), Some(r));
+            assert!(decode_candidates(&bytes).is_none(), "not a candidates list");
+        }
+        let good = encode_routes(&Routes {
+            ours: Some(a),
+            yours: None,
+            ask: false,
+        });
+        assert!(decode_routes(&good[..ROUTES_LEN - 1]).is_none());
+        let mut unknown_flag = good.clone();
+        unknown_flag[ROUTES_MAGIC.len()] |= 8;
+        assert!(decode_routes(&unknown_flag).is_none());
+        let mut absent_but_set = good.clone();
+        absent_but_set[ROUTES_LEN - 1] = 1;
+        assert!(
+            decode_routes(&absent_but_set).is_none(),
+            "an absent route is zeros"
+        );
+        let mut v2 = good.clone();
+        v2[3] = b'2';
+        assert!(decode_routes(&v2).is_none(), "another version is ignored");
+        assert!(decode_routes(&encode_candidates(&[])).is_none());
     }
 }

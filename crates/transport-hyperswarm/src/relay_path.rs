@@ -49,6 +49,9 @@ pub enum RelayEvent {
         link: u64,
         /// The relay.
         url: String,
+        /// Our relay connection id on it (told to peers of connections made directly, so
+        /// they can fall back to the relay route to us).
+        me: u64,
     },
     /// `topic`'s room is joined on socket `link`; `members` were in it already.
     Joined {
@@ -140,6 +143,10 @@ pub struct PathStats {
     /// Packets (or batches) also sent through the relay because the direct path they went
     /// on was suspect (unanswered for a moment; QUIC drops the duplicate copies).
     pub doubled_out: u64,
+    /// Now (not a counter): the relay routes adopted by connections made directly, i.e.
+    /// how many of those can fall back to the relay when their direct path dies (their
+    /// peers shared a relay room with this node and told each other their routes).
+    pub fallback_routes: u64,
 }
 
 /// Which way a connection's packets go now.

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::blackhole::Blackhole;
 use crate::direct::DirectTable;
+use crate::fallback::{FallbackTable, Via};
 use crate::path::{RouteTable, is_virtual};
 use crate::relay_path::{RelayDatagram, RelayPath};
 
@@ -162,6 +163,8 @@ pub(crate) struct DataSocket {
     directs: DirectTable,
     /// UDP addresses forced dark (fault injection for tests and benchmarks; empty otherwise).
     blackhole: Blackhole,
+    /// Relay routes adopted by real addresses (direct-made connections' fallback).
+    fallbacks: FallbackTable,
 }
 
 impl DataSocket {
@@ -188,6 +191,7 @@ impl DataSocket {
             routes,
             directs: DirectTable::default(),
             blackhole: Blackhole::default(),
+            fallbacks: FallbackTable::default(),
         });
         (socket, rx)
     }
@@ -208,15 +212,31 @@ impl DataSocket {
         &self.blackhole
     }
 
+    /// The relay routes adopted by real addresses.
+    pub(crate) fn fallbacks(&self) -> &FallbackTable {
+        &self.fallbacks
+    }
+
     /// Whether UDP to real addresses is used.
     pub(crate) fn direct_on(&self) -> bool {
         self.direct
     }
 
-    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it). Never
-    /// to a virtual address, nor anywhere when direct UDP is off.
+    /// Sends one datagram outside QUIC (best effort: a full socket buffer drops it): to a
+    /// virtual address through its relay route (a path probe proving that route), to a
+    /// real one over UDP unless direct UDP is off.
     pub(crate) fn send_raw(&self, to: SocketAddr, bytes: &[u8]) {
-        if is_virtual(&to) || !self.direct || self.blackhole.is_dark(&to) {
+        if is_virtual(&to) {
+            if let Some((r, route)) = self
+                .relay
+                .as_ref()
+                .and_then(|r| Some((r, r.routes.route(&to)?)))
+            {
+                r.path.send(&route, 0, bytes);
+            }
+            return;
+        }
+        if !self.direct || self.blackhole.is_dark(&to) {
             return;
         }
         let transmit = Transmit {
@@ -303,10 +323,10 @@ impl AsyncUdpSocket for DataSocket {
             self.counters.direct_blocked.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        if self.blackhole.is_dark(&to) {
-            return Ok(());
+        match self.fallbacks.route(&to) {
+            Some((vaddr, via)) => self.send_fallback(transmit, vaddr, via),
+            None => self.send_udp(transmit),
         }
-        self.inner.try_send(transmit)
     }
 
     fn poll_recv(
@@ -354,6 +374,51 @@ impl AsyncUdpSocket for DataSocket {
 }
 
 impl DataSocket {
+    /// Sends a packet quinn addressed to a real address through the relay route `vaddr`
+    /// its connection adopted, and (`Via::Both`) over UDP too.
+    /// Sends over UDP, unless the destination is forced dark (then the packet is lost, as on
+    /// a blackholed path).
+    fn send_udp(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        if self.blackhole.is_dark(&transmit.destination) {
+            return Ok(());
+        }
+        self.inner.try_send(transmit)
+    }
+
+    fn send_fallback(
+        &self,
+        transmit: &Transmit<'_>,
+        vaddr: SocketAddr,
+        via: Via,
+    ) -> io::Result<()> {
+        let udp = match via {
+            Via::Relay => Ok(()),
+            _ => self.send_udp(transmit),
+        };
+        let route = self
+            .relay
+            .as_ref()
+            .and_then(|r| Some((r, r.routes.route(&vaddr)?)));
+        match route {
+            Some((r, route)) => {
+                r.path.send(
+                    &route,
+                    transmit.segment_size.unwrap_or(0),
+                    transmit.contents,
+                );
+                self.counters.relayed_out.fetch_add(1, Ordering::Relaxed);
+                if via == Via::Both {
+                    self.counters.doubled_out.fetch_add(1, Ordering::Relaxed);
+                }
+                // The copy through the relay went.
+                Ok(())
+            }
+            // The route went a moment ago: UDP is all there is.
+            None if via == Via::Relay => self.send_udp(transmit),
+            None => udp,
+        }
+    }
+
     /// Reads what the relay path has into `bufs` (whole datagrams, a batch as one entry with
     /// its segment size as stride), each from its route's virtual address; 0 when nothing is
     /// there (the waker is then registered).
@@ -386,6 +451,16 @@ impl DataSocket {
                 self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // A path probe through the relay (proving a direct-made connection's route) goes
+            // to the node's probe handler, from the route's address.
+            if d.segment == 0 && crate::path_wire::is_probe(&d.bytes) {
+                if self.diverted.try_send((addr, d.bytes)).is_err() {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            // A direct-made connection's peer falling back: its packets are its real address's.
+            let addr = self.fallbacks.real_for(&addr).unwrap_or(addr);
             if segment == 0 || segment > cap {
                 // Empty (quinn has no use for it) or larger than any packet quinn reads.
                 self.counters.unroutable.fetch_add(1, Ordering::Relaxed);
@@ -632,6 +707,105 @@ mod tests {
             }
         }
         assert_eq!(got, from_relay);
+    }
+
+    /// A direct-made connection's adopted route: what quinn sends to the real address goes
+    /// over UDP only, both ways, or through the route alone as told; the route's relay
+    /// datagrams come back from the real address, a path probe through the relay is diverted
+    /// from the route's address, and a probe to a virtual address goes through its route.
+    #[tokio::test]
+    async fn an_adopted_route_carries_a_real_address_packets_as_told() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let path = Arc::new(Channels {
+            sent: Default::default(),
+            incoming: std::sync::Mutex::new(rx),
+        });
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_nonblocking(true).unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, udp).unwrap();
+        let (socket, mut diverted) = DataSocket::new(inner, Some(path.clone()), true);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let e = peer.local_addr().unwrap();
+        let route = crate::relay_path::RelayRoute {
+            link: 1,
+            room: [5; 32],
+            conn: 9,
+        };
+        let v = socket.routes().addr_for(&route).unwrap();
+        let packet = quic(300, 4);
+        let mut poller = socket.clone().create_io_poller();
+        // Sends once the UDP socket is writable (tokio learns it by polling).
+        let mut send = async || loop {
+            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                .await
+                .unwrap();
+            match socket.try_send(&Transmit {
+                destination: e,
+                ecn: None,
+                contents: &packet,
+                segment_size: None,
+                src_ip: None,
+            }) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r.unwrap(),
+            }
+        };
+        let relayed = || path.sent.lock().unwrap().len();
+        let mut buf = [0u8; 2048];
+        // Adopted, still direct: UDP only.
+        socket.fallbacks().adopt(e, v);
+        send().await;
+        assert_eq!(peer.recv(&mut buf).unwrap(), 300);
+        assert_eq!(relayed(), 0);
+        // Suspect: both ways.
+        socket.fallbacks().set_via(e, Via::Both);
+        send().await;
+        assert_eq!(peer.recv(&mut buf).unwrap(), 300);
+        assert_eq!(*path.sent.lock().unwrap(), vec![(route, 0, packet.clone())]);
+        // Silent: the relay alone.
+        socket.fallbacks().set_via(e, Via::Relay);
+        send().await;
+        assert_eq!(relayed(), 2);
+        peer.set_nonblocking(true).unwrap();
+        assert!(peer.recv(&mut buf).is_err(), "nothing over UDP");
+        let c = &socket.counters;
+        assert_eq!(c.doubled_out.load(Ordering::Relaxed), 1);
+        // The route's datagrams are the real address's; a probe through it is diverted.
+        let keys = crate::path_wire::PathKeys::from_material(&[3; 40]);
+        let probe = keys.encode(crate::path_wire::ProbeKind::Ping, false, 1);
+        for bytes in [probe.clone(), quic(200, 5)] {
+            tx.send(RelayDatagram {
+                from: route,
+                segment: 0,
+                bytes,
+            })
+            .unwrap();
+        }
+        let mut storage = vec![vec![0u8; 2048]; 2];
+        let mut meta = vec![RecvMeta::default(); 2];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let n = loop {
+            let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta))
+                .await
+                .unwrap();
+            if n > 0 {
+                break n;
+            }
+        };
+        assert_eq!((n, meta[0].addr, meta[0].len), (1, e, 200));
+        assert_eq!(diverted.try_recv().unwrap(), (v, probe.clone()));
+        socket.send_raw(v, &probe);
+        assert_eq!(
+            path.sent.lock().unwrap().last().unwrap(),
+            &(route, 0, probe)
+        );
+        // Released: the route's datagrams are its own again, E's packets UDP only.
+        socket.fallbacks().release(e, v);
+        send().await;
+        assert_eq!(relayed(), 3, "only the probe went since");
     }
 
     proptest! {

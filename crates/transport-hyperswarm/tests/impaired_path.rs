@@ -10,88 +10,22 @@
 //! same connection. The kernel's counters prove each impairment happened. On loopback QUIC
 //! sends with UDP GSO, so netfilter sees socket buffers of several datagrams (about six on
 //! average here): loss and duplicates hit bursts of datagrams, harsher than per-datagram 5%.
-//! The pair runs as a child process inside the namespace (`child_impaired_pair`).
+//! The pair runs as a child process inside the namespace (`child_impaired_pair`), made
+//! by the `pluresdb-sync-netlab` testkit (removed on drop, also when the test fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use pluresdb_sync_netlab::{Lab, prerequisites};
 
 /// Messages A streams under impairment.
 const N: u64 = 2000;
 /// Bytes of each message (an 8-byte big-endian sequence number, then filler).
 const MESSAGE_BYTES: usize = 4096;
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn have_root_tools() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let tools = ["ip", "iptables", "tc"].iter().all(|t| {
-        Command::new(t).arg("-V").output().is_ok() || Command::new(t).arg("-h").output().is_ok()
-    });
-    root && tools
-}
-
-/// A namespace with only loopback, removed on drop.
-struct Ns(String);
-
-impl Ns {
-    fn new() -> Self {
-        remove_stale_namespaces();
-        let name = format!("fi{:x}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Ns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "netns", "exec", &self.0];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// Removes namespaces left by runs that were killed: `fi<pid in hex>` whose process is gone.
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(pid) = name
-            .strip_prefix("fi")
-            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
 
 /// The packets of the rule lines of `listing` (iptables -L -v -n -x) with `target`, summed.
 fn rule_packets(listing: &str, target: &str) -> u64 {
@@ -164,19 +98,17 @@ async fn stream(
 
 #[test]
 fn impaired_path_loss_duplicates_reordering_root() {
-    if !have_root_tools() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "impaired_path_loss_duplicates_reordering_root needs root, ip, iptables and tc \
-             (iproute2); scripts/test installs them"
-        );
-        eprintln!("skipped: needs root, ip, iptables and tc");
+    if !prerequisites(
+        "impaired_path_loss_duplicates_reordering_root",
+        &["ip", "iptables", "tc"],
+    ) {
         return;
     }
-    let ns = Ns::new();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(std::env::current_exe().unwrap())
+    let mut lab = Lab::new("fi").unwrap();
+    let ns = lab.namespace("n").unwrap();
+    let exec = |args: &[&str]| ns.exec(args).unwrap();
+    let mut child = ns
+        .command(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "child_impaired_pair",
@@ -208,8 +140,8 @@ fn impaired_path_loss_duplicates_reordering_root() {
     assert_eq!(ports.len(), 2);
     for port in &ports {
         // A rule without a target only counts: the packets (socket buffers) reaching the pair.
-        ns.exec(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", port]);
-        ns.exec(&[
+        exec(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", port]);
+        exec(&[
             "iptables",
             "-A",
             "INPUT",
@@ -226,7 +158,7 @@ fn impaired_path_loss_duplicates_reordering_root() {
             "-j",
             "DROP",
         ]);
-        ns.exec(&[
+        exec(&[
             "iptables",
             "-t",
             "mangle",
@@ -248,19 +180,19 @@ fn impaired_path_loss_duplicates_reordering_root() {
             "127.0.0.1",
         ]);
     }
-    ns.exec(&[
+    exec(&[
         "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "10",
     ]);
-    ns.exec(&[
+    exec(&[
         "tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate",
         "1gbit", "burst", "1m", "cburst", "1m",
     ]);
-    ns.exec(&[
+    exec(&[
         "tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:20", "htb", "rate",
         "2mbit", "ceil", "2mbit", "burst", "2k", "cburst", "2k",
     ]);
     for port in &ports {
-        ns.exec(&[
+        exec(&[
             "tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
             "u32", "match", "ip", "protocol", "17", "0xff", "match", "ip", "dport", port, "0xffff",
             "match", "u8", "0x00", "0x0f", "at", "40", "flowid", "1:20",
@@ -273,15 +205,15 @@ fn impaired_path_loss_duplicates_reordering_root() {
     let status = child.wait().unwrap();
     assert!(status.success(), "the pair failed: {result}");
 
-    let input = ns.exec(&["iptables", "-L", "INPUT", "-v", "-n", "-x"]);
+    let input = exec(&["iptables", "-L", "INPUT", "-v", "-n", "-x"]);
     let dropped = rule_packets(&input, "DROP");
     // Counting rules have no target: their third column is the protocol.
     let arrived = rule_packets(&input, "17") + rule_packets(&input, "udp");
     let duplicated = rule_packets(
-        &ns.exec(&["iptables", "-t", "mangle", "-L", "OUTPUT", "-v", "-n", "-x"]),
+        &exec(&["iptables", "-t", "mangle", "-L", "OUTPUT", "-v", "-n", "-x"]),
         "TEE",
     );
-    let classes = ns.exec(&["tc", "-s", "class", "show", "dev", "lo"]);
+    let classes = exec(&["tc", "-s", "class", "show", "dev", "lo"]);
     let (slow_pkts, slow_over) = class_stats(&classes, "1:20");
     let (fast_pkts, _) = class_stats(&classes, "1:10");
     eprintln!(

@@ -4,18 +4,20 @@
 //! Each test builds its own namespaces: hosts plugged by veth pairs into a bridge (a
 //! switch) in a namespace of its own, and for the NAT case a router namespace whose LAN is
 //! that bridge and whose WAN is on a "public" bridge with a DHT testnet. Peers run as child
-//! processes (`ip netns exec … <this test binary> --exact child_…`). Namespaces are removed
-//! on drop, even when a test fails. Veth interfaces are multicast-capable and a bridge
+//! processes (`ip netns exec … <this test binary> --exact child_…`). The namespaces come
+//! from the `pluresdb-sync-netlab` testkit, which removes them on drop, even when a test
+//! fails. Veth interfaces are multicast-capable and a bridge
 //! floods multicast, so nothing more than addresses is needed for the group to reach every
 //! host: LAN discovery picks the interface of each packet itself (no multicast route).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use pluresdb_sync_core::{Transport, derive_topic};
+use pluresdb_sync_netlab::{Lab, Netns, prerequisites};
 use pluresdb_sync_transport_hyperswarm::{
     HyperswarmError, HyperswarmTransport, LAN_DISCOVERY_GROUP,
 };
@@ -33,134 +35,58 @@ fn run(args: &[&str]) {
     );
 }
 
-/// The namespaces of one test, removed on drop. Names start with `ln<pid in hex>_<test>`.
+/// The namespaces of one test (a `pluresdb-sync-netlab` lab: removed on drop, also when
+/// the test fails), by name.
 struct Net {
+    lab: Lab,
+    /// The start of the lab's namespace names (also used in topics).
     prefix: String,
     /// Short prefix of interface names (at most 15 characters in all).
     ifp: String,
-    namespaces: Vec<String>,
-    children: Vec<Child>,
+    spaces: Vec<Netns>,
 }
 
 impl Net {
     fn new(test: char) -> Self {
-        remove_stale_namespaces();
+        let lab = Lab::new(&format!("ln{test}")).unwrap();
         Net {
-            prefix: format!("ln{:x}_{test}", std::process::id()),
+            prefix: lab.prefix().to_owned(),
+            lab,
             ifp: format!("l{test}"),
-            namespaces: Vec::new(),
-            children: Vec::new(),
+            spaces: Vec::new(),
         }
     }
 
+    /// A new namespace `<prefix><suffix>`; its name.
     fn ns(&mut self, suffix: &str) -> String {
-        let name = format!("{}{suffix}", self.prefix);
-        run(&["ip", "netns", "add", &name]);
-        self.namespaces.push(name.clone());
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        let ns = self.lab.namespace(suffix).unwrap();
+        let name = ns.name().to_owned();
+        self.spaces.push(ns);
         name
+    }
+
+    fn get(&self, name: &str) -> &Netns {
+        self.spaces.iter().find(|n| n.name() == name).unwrap()
     }
 
     /// A bridge `br` in `ns`, with `cidr` on it if given.
     fn bridge(&self, ns: &str, br: &str, cidr: Option<&str>) {
-        run(&["ip", "-n", ns, "link", "add", br, "type", "bridge"]);
-        if let Some(cidr) = cidr {
-            run(&["ip", "-n", ns, "addr", "add", cidr, "dev", br]);
-        }
-        run(&["ip", "-n", ns, "link", "set", br, "up"]);
+        self.lab.bridge(self.get(ns), br, cidr).unwrap();
     }
 
     /// A veth from bridge `br` in `bridge_ns` into `host_ns`, with `cidr` on the host end;
     /// returns the host end's name.
     fn plug(&self, bridge_ns: &str, br: &str, host_ns: &str, tag: &str, cidr: &str) -> String {
-        let (a, b) = (format!("{}{tag}a", self.ifp), format!("{}{tag}b", self.ifp));
-        run(&[
-            "ip", "-n", bridge_ns, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns",
-            host_ns,
-        ]);
-        run(&["ip", "-n", bridge_ns, "link", "set", &a, "master", br, "up"]);
-        run(&["ip", "-n", host_ns, "addr", "add", cidr, "dev", &b]);
-        run(&["ip", "-n", host_ns, "link", "set", &b, "up"]);
-        b
+        let tag = format!("{}{tag}", self.ifp);
+        self.lab
+            .plug(self.get(bridge_ns), br, self.get(host_ns), &tag, cidr)
+            .unwrap()
     }
 
     /// Runs `test` of this binary inside `ns` with `env`.
     fn child(&self, ns: &str, test: &str, env: &[(&str, String)]) -> Child {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(exe)
-            .args([
-                "--exact",
-                test,
-                "--ignored",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.spawn().unwrap()
+        self.get(ns).test_child(test, env).unwrap()
     }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-/// Removes namespaces left by runs that were killed (their process is gone).
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some((hex, _)) = name.strip_prefix("ln").and_then(|r| r.split_once('_')) else {
-            continue;
-        };
-        if let Ok(pid) = u32::from_str_radix(hex, 16)
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
-
-/// Whether the test can run; outside CI a missing prerequisite skips it with a message, in
-/// CI (`CI` set) it fails loudly.
-fn prerequisites(test: &str, tools: &[&str]) -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let have = tools.iter().all(|t| {
-        Command::new(t).arg("-V").output().is_ok()
-            || Command::new(t).arg("--version").output().is_ok()
-    });
-    if root && have {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "{test} needs root and {tools:?}; scripts/test installs them"
-    );
-    eprintln!("skipped {test}: needs root and {tools:?}");
-    false
 }
 
 /// The value after `key ` on the first line of `out` that has it.
@@ -338,7 +264,7 @@ fn lan_peers_behind_one_nat_connect_on_their_lan_addresses_root() {
             break b;
         }
     };
-    net.children.push(dht);
+    net.lab.keep(dht);
     // The home router: WAN on the public bridge, LAN a bridge of its own, MASQUERADE (no
     // hairpin), unsolicited WAN input dropped.
     let router = net.ns("r");

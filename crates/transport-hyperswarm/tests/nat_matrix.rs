@@ -6,309 +6,31 @@
 //! "symmetric" mapping (`MASQUERADE --random-fully`), both dropping unsolicited inbound
 //! packets like home routers do. Every pair of kinds is tried; the matrix is printed.
 //! Peers run as child processes (`ip netns exec ... <this test binary> --exact child_peer`).
-//! Namespaces are removed on drop, even when the test fails.
+//! The namespaces and routers come from the `pluresdb-sync-netlab` testkit, which removes
+//! them on drop, even when the test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use pluresdb_sync_netlab::{Lab, Nat, PublicNet, prerequisites};
 
 /// How long a pair may take to connect before it counts as "no direct connection".
 const CONNECT_WAIT: Duration = Duration::from_secs(20);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Nat {
-    None,
-    Eim,
-    Sym,
-}
-
-impl Nat {
-    fn name(self) -> &'static str {
-        match self {
-            Nat::None => "none",
-            Nat::Eim => "eim",
-            Nat::Sym => "sym",
-        }
-    }
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The namespaces of one test run, removed on drop.
+/// The test's private internet: the public segment and the mainline testnet's child.
 struct Net {
-    prefix: String,
-    namespaces: Vec<String>,
-    children: Vec<Child>,
+    lab: Lab,
+    public: PublicNet,
 }
 
 impl Net {
     fn new() -> Self {
-        remove_stale_namespaces();
-        let prefix = format!("hs{:x}", std::process::id());
-        let mut net = Net {
-            prefix,
-            namespaces: Vec::new(),
-            children: Vec::new(),
-        };
-        let public = net.ns("p");
-        run(&["ip", "-n", &public, "link", "add", "br0", "type", "bridge"]);
-        run(&[
-            "ip",
-            "-n",
-            &public,
-            "addr",
-            "add",
-            "10.211.0.1/24",
-            "dev",
-            "br0",
-        ]);
-        run(&["ip", "-n", &public, "link", "set", "br0", "up"]);
-        net
+        let mut lab = Lab::new("hs").unwrap();
+        let public = lab.public_net(211).unwrap();
+        Net { lab, public }
     }
-
-    fn public(&self) -> String {
-        format!("{}p", self.prefix)
-    }
-
-    fn ns(&mut self, suffix: &str) -> String {
-        let name = format!("{}{suffix}", self.prefix);
-        run(&["ip", "netns", "add", &name]);
-        self.namespaces.push(name.clone());
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-
-    /// A veth from the bridge into `ns`, named `<prefix><tag>a` (bridge side) / `..b`.
-    fn plug(&self, ns: &str, tag: &str, cidr: &str) -> String {
-        let public = self.public();
-        let (a, b) = (
-            format!("{}{tag}a", self.prefix),
-            format!("{}{tag}b", self.prefix),
-        );
-        run(&[
-            "ip", "-n", &public, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", ns,
-        ]);
-        run(&[
-            "ip", "-n", &public, "link", "set", &a, "master", "br0", "up",
-        ]);
-        run(&["ip", "-n", ns, "addr", "add", cidr, "dev", &b]);
-        run(&["ip", "-n", ns, "link", "set", &b, "up"]);
-        b
-    }
-
-    /// A site for a peer; returns (namespace the peer runs in, its IP).
-    fn site(&mut self, idx: u8, nat: Nat) -> (String, Ipv4Addr) {
-        let wan_ip = Ipv4Addr::new(10, 211, 0, 10 + idx);
-        match nat {
-            Nat::None => {
-                let host = self.ns(&format!("h{idx}"));
-                self.plug(&host, &format!("h{idx}"), &format!("{wan_ip}/24"));
-                (host, wan_ip)
-            }
-            Nat::Eim | Nat::Sym => {
-                let router = self.ns(&format!("r{idx}"));
-                let host = self.ns(&format!("h{idx}"));
-                let wan = self.plug(&router, &format!("r{idx}"), &format!("{wan_ip}/24"));
-                let (lan_r, lan_h) = (
-                    format!("{}l{idx}r", self.prefix),
-                    format!("{}l{idx}h", self.prefix),
-                );
-                run(&[
-                    "ip", "-n", &router, "link", "add", &lan_r, "type", "veth", "peer", "name",
-                    &lan_h, "netns", &host,
-                ]);
-                run(&[
-                    "ip",
-                    "-n",
-                    &router,
-                    "addr",
-                    "add",
-                    &format!("10.212.{idx}.1/24"),
-                    "dev",
-                    &lan_r,
-                ]);
-                run(&["ip", "-n", &router, "link", "set", &lan_r, "up"]);
-                run(&[
-                    "ip",
-                    "-n",
-                    &host,
-                    "addr",
-                    "add",
-                    &format!("10.212.{idx}.2/24"),
-                    "dev",
-                    &lan_h,
-                ]);
-                run(&["ip", "-n", &host, "link", "set", &lan_h, "up"]);
-                run(&[
-                    "ip",
-                    "-n",
-                    &host,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.212.{idx}.1"),
-                ]);
-                run(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &router,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
-                ]);
-                let mut masq = vec![
-                    "ip",
-                    "netns",
-                    "exec",
-                    &router,
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-o",
-                    &wan,
-                    "-j",
-                    "MASQUERADE",
-                ];
-                if nat == Nat::Sym {
-                    masq.push("--random-fully");
-                }
-                run(&masq);
-                // Like a home router: drop unsolicited input on the WAN side. Without it the
-                // first unsolicited punch packet leaves a conntrack entry for a flow to the
-                // router itself, MASQUERADE then cannot reuse that port for the host behind
-                // it, and punching between two port-preserving NATs fails.
-                run(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &router,
-                    "iptables",
-                    "-A",
-                    "INPUT",
-                    "-i",
-                    &wan,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-j",
-                    "DROP",
-                ]);
-                (host, Ipv4Addr::new(10, 212, idx, 2))
-            }
-        }
-    }
-
-    fn remove_site(&mut self, idx: u8) {
-        // Delete the bridge-side veth ends first: namespace removal is asynchronous, and the
-        // next site reuses the names.
-        let public = self.public();
-        for tag in [format!("h{idx}"), format!("r{idx}")] {
-            let _ = Command::new("ip")
-                .args([
-                    "-n",
-                    &public,
-                    "link",
-                    "del",
-                    &format!("{}{tag}a", self.prefix),
-                ])
-                .output();
-        }
-        for suffix in [format!("h{idx}"), format!("r{idx}")] {
-            let name = format!("{}{suffix}", self.prefix);
-            if let Some(pos) = self.namespaces.iter().position(|n| *n == name) {
-                let _ = Command::new("ip").args(["netns", "del", &name]).output();
-                self.namespaces.remove(pos);
-            }
-        }
-    }
-
-    /// Runs `test` of this binary inside `ns` with `env`.
-    fn child(&self, ns: &str, test: &str, env: &[(&str, String)]) -> Child {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(exe)
-            .args([
-                "--exact",
-                test,
-                "--ignored",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.spawn().unwrap()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-/// Removes namespaces left by runs that were killed (their process is gone): names are
-/// `hs<pid in hex>` followed by `p`, `r` or `h`.
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(rest) = name.strip_prefix("hs") else {
-            continue;
-        };
-        let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
-        let kind = rest[hex.len()..].chars().next();
-        let Ok(pid) = u32::from_str_radix(&hex, 16) else {
-            continue;
-        };
-        if matches!(kind, Some('p' | 'r' | 'h'))
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
-
-fn have_root_tools() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let tools = ["ip", "iptables"].iter().all(|t| {
-        Command::new(t).arg("-V").output().is_ok()
-            || Command::new(t).arg("--version").output().is_ok()
-    });
-    root && tools
 }
 
 /// One pair's outcome: each side's RESULT line, and how long the slower side took from its
@@ -348,9 +70,9 @@ fn run_pairs(
 ) -> Vec<PairResult> {
     let mut results = Vec::new();
     for &(x, y) in pairs {
-        let (ns_a, ip_a) = net.site(1, x);
-        let (ns_b, ip_b) = net.site(2, y);
-        let topic = format!("{}-{}-{}-{defaults}", net.prefix, x.name(), y.name());
+        let a = net.lab.site(&net.public, 1, x).unwrap();
+        let b = net.lab.site(&net.public, 2, y).unwrap();
+        let topic = format!("{}{}-{}-{defaults}", net.lab.prefix(), x.name(), y.name());
         let env = |ip: Ipv4Addr| {
             let mut env = vec![
                 ("HS_BOOTSTRAP", bootstrap.to_owned()),
@@ -364,10 +86,10 @@ fn run_pairs(
             env
         };
         let started = Instant::now();
-        let a = net.child(&ns_a, "child_peer", &env(ip_a));
-        let b = net.child(&ns_b, "child_peer", &env(ip_b));
-        let out_a = a.wait_with_output().unwrap();
-        let out_b = b.wait_with_output().unwrap();
+        let child_a = a.host.test_child("child_peer", &env(a.ip)).unwrap();
+        let child_b = b.host.test_child("child_peer", &env(b.ip)).unwrap();
+        let out_a = child_a.wait_with_output().unwrap();
+        let out_b = child_b.wait_with_output().unwrap();
         let result = |o: &std::process::Output| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
@@ -392,8 +114,8 @@ fn run_pairs(
             b: rb,
             joined,
         });
-        net.remove_site(1);
-        net.remove_site(2);
+        net.lab.remove_site(&net.public, &a);
+        net.lab.remove_site(&net.public, &b);
     }
     results
 }
@@ -414,7 +136,7 @@ fn print_matrix(title: &str, results: &[PairResult]) {
 
 /// Starts the mainline testnet in the public namespace (a child process); its bootstrap list.
 fn start_mainline_testnet(net: &mut Net) -> String {
-    let mut dht = net.child(&net.public(), "child_dht", &[]);
+    let mut dht = net.public.ns.test_child("child_dht", &[]).unwrap();
     let stdout = dht.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let bootstrap = loop {
@@ -424,31 +146,19 @@ fn start_mainline_testnet(net: &mut Net) -> String {
             break b.trim().to_owned();
         }
     };
-    net.children.push(dht);
+    net.lab.keep(dht);
     bootstrap
 }
 
 #[test]
 fn nat_matrix_root() {
-    if !have_root_tools() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "nat_matrix_root needs root, ip (iproute2) and iptables; scripts/test installs them"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
+    if !prerequisites("nat_matrix_root", &["ip", "iptables"]) {
         return;
     }
     let mut net = Net::new();
     // The DHT testnet runs in the public namespace.
     let bootstrap = start_mainline_testnet(&mut net);
-    let kinds = [Nat::None, Nat::Eim, Nat::Sym];
-    let mut pairs = Vec::new();
-    for (i, &x) in kinds.iter().enumerate() {
-        for &y in &kinds[i..] {
-            pairs.push((x, y));
-        }
-    }
-    let results = run_pairs(&mut net, &bootstrap, &pairs, false);
+    let results = run_pairs(&mut net, &bootstrap, &Nat::pairs(), false);
     print_matrix("mainline testnet", &results);
     for r in &results {
         let must = !matches!((r.x, r.y), (Nat::Eim, Nat::Sym) | (Nat::Sym, Nat::Sym));
@@ -472,7 +182,9 @@ fn nat_matrix_root() {
 #[test]
 fn nat_matrix_libtorrent_root_needs_python3_libtorrent() {
     use pluresdb_sync_transport_hyperswarm::testkit::LibtorrentDht;
-    if !have_root_tools() || LibtorrentDht::python().is_none() {
+    if !pluresdb_sync_netlab::have_root_tools(&["ip", "iptables"])
+        || LibtorrentDht::python().is_none()
+    {
         assert!(
             std::env::var("CI").is_err(),
             "nat_matrix_libtorrent_root_needs_python3_libtorrent needs root, ip, iptables and \
@@ -482,7 +194,7 @@ fn nat_matrix_libtorrent_root_needs_python3_libtorrent() {
         return;
     }
     let mut net = Net::new();
-    let public = net.public();
+    let public = net.public.ns.name().to_owned();
     let dht = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -3,16 +3,20 @@
 //! connection kept, the sender never stalled).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use pluresdb_sync_transport_relay::protocol::{
     ClientFrame, Frame, RelayFrame, SUBPROTOCOL, SUBPROTOCOL_V2, close_code, encode_datagram,
 };
-use pluresdb_sync_transport_relay::server::{RelayServer, RelayServerConfig};
+use pluresdb_sync_transport_relay::server::RelayServerConfig;
 use pluresdb_sync_transport_relay::testkit::raw::{self, Ws};
 use pluresdb_sync_transport_relay::testkit::{relay, relay_with};
 use tokio_tungstenite::tungstenite::Message;
+
+use common::{drops, metric};
 
 const ROOM: [u8; 32] = [0xd7; 32];
 
@@ -23,21 +27,6 @@ fn datagram(to: u64, segment: u16, payload: &[u8]) -> Frame {
         segment,
         payload: payload.to_vec(),
     })
-}
-
-/// The value of one `pluresdb_relay_drops_total` reason, or of another metric line.
-fn metric(server: &RelayServer, line_start: &str) -> u64 {
-    let text = server.metrics_text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
-}
-
-fn drops(server: &RelayServer, reason: &str) -> u64 {
-    metric(
-        server,
-        &format!("pluresdb_relay_drops_total{{reason=\"{reason}\"}}"),
-    )
 }
 
 /// A v2 client in `ROOM`, past its JOINED.

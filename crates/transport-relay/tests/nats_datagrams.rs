@@ -7,6 +7,8 @@
 //! `CI=true`, where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,6 +24,8 @@ use pluresdb_sync_transport_relay::testkit::nats::NatsServer;
 use pluresdb_sync_transport_relay::testkit::raw::{self, Ws};
 use pluresdb_sync_transport_relay::testkit::relay_with;
 use tokio_tungstenite::tungstenite::Message;
+
+use common::{drops, metric};
 
 const ROOM: [u8; 32] = [0x3c; 32];
 const T: Duration = pluresdb_sync_transport_relay::testkit::WAIT;
@@ -46,21 +50,6 @@ fn datagram(to: u64, segment: u16, payload: &[u8]) -> Frame {
         segment,
         payload: payload.to_vec(),
     })
-}
-
-/// The value of a metric line (`name` with its labels).
-fn metric(server: &RelayServer, name: &str) -> u64 {
-    let text = server.metrics_text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
-fn drops(server: &RelayServer, reason: &str) -> u64 {
-    metric(
-        server,
-        &format!("pluresdb_relay_drops_total{{reason=\"{reason}\"}}"),
-    )
 }
 
 /// Waits until `name` reaches `at_least`.

@@ -40,6 +40,16 @@ pub(crate) fn output(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Drops (`-A`) or restores (`-D`) UDP to `ports` in this namespace.
+pub(crate) fn udp_rule(op: &str, ports: &[u16]) {
+    for port in ports {
+        let port = port.to_string();
+        run(&[
+            "iptables", op, "INPUT", "-p", "udp", "--dport", &port, "-j", "DROP",
+        ]);
+    }
+}
+
 /// A namespace with only loopback (up), named after this process and `tag`, removed on
 /// drop.
 pub(crate) struct Namespace(pub(crate) String);

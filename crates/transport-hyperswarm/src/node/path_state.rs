@@ -1,6 +1,6 @@
-//! Pure: the path choice of one connection made through a relay (Auto mode): which direct
-//! endpoints of the peer are candidates, when to probe them, which one is proven, and when
-//! the connection's packets go direct or back through the relay. Inputs are the peer's
+//! Pure: the path choice of one connection in Auto mode, made through a relay or made
+//! directly: which direct endpoints of the peer are candidates, when to probe them, which
+//! one is proven, and when the connection's packets go direct or back through the relay. Inputs are the peer's
 //! candidates (sent over the connection), authenticated probes received and the clock;
 //! outputs are probes to send and path switches. No I/O and no clock of its own, so every
 //! rule is unit-tested in milliseconds.
@@ -21,6 +21,12 @@
 //!   dying path costs less than the full silence; no pong for [`SILENCE`] puts the
 //!   connection back on the relay, and probing goes on, so it goes direct again when an
 //!   endpoint answers later.
+//! - A connection made directly ([`PathMachine::made_direct`]) starts direct at the peer's
+//!   address `E`, its only candidate (quinn addresses the peer there), and has a relay to
+//!   fall back to only once the peers have shared a relay route ([`Input::Route`]). With a
+//!   route the same rules apply (heartbeats, suspect, silence, probing `E` while relayed);
+//!   without one nothing is probed (QUIC's keep-alives are all, as in Hyperswarm mode), and
+//!   losing the route while relayed puts it back on `E` (there is no other path).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -77,6 +83,9 @@ pub(crate) enum Input {
         /// The nonce of the ping it answers.
         nonce: u64,
     },
+    /// A connection made directly: a relay route to the peer is there (`true`: learned or
+    /// changed) or gone (`false`).
+    Route(bool),
 }
 
 /// What the driver does.
@@ -139,6 +148,10 @@ pub(crate) struct PathMachine {
     switches: u64,
     /// While direct: the endpoint missed [`SUSPECT`] worth of pongs.
     suspect: bool,
+    /// A connection made directly: its peer's address, its only candidate.
+    fixed: Option<SocketAddr>,
+    /// Whether a relay route is there to fall back to (always, for a relay-made connection).
+    relay: bool,
 }
 
 impl PathMachine {
@@ -153,7 +166,20 @@ impl PathMachine {
             next_nonce: first_nonce,
             switches: 0,
             suspect: false,
+            fixed: None,
+            relay: true,
         }
+    }
+
+    /// The machine of a connection made directly to `addr`: direct there, with no relay
+    /// route yet.
+    pub(crate) fn made_direct(now: Instant, first_nonce: u64, addr: SocketAddr) -> Self {
+        let mut m = Self::new(now, first_nonce);
+        m.fixed = Some(addr);
+        m.relay = false;
+        m.current = Current::Direct(addr);
+        m.add(addr, now);
+        m
     }
 
     /// Where the connection's packets go now.
@@ -170,6 +196,9 @@ impl PathMachine {
 
     /// When [`Input::Tick`] is due at the latest.
     pub(crate) fn next_wakeup(&self) -> Option<Instant> {
+        if !self.relay {
+            return None;
+        }
         match self.current {
             Current::Direct(addr) => {
                 let ping = self
@@ -212,7 +241,10 @@ impl PathMachine {
         if let Some(i) = self.candidates.iter().position(|c| c.addr == addr) {
             return Some(i);
         }
-        if !usable(&addr) || self.candidates.len() >= MAX_CANDIDATES {
+        if !usable(&addr)
+            || self.candidates.len() >= MAX_CANDIDATES
+            || self.fixed.is_some_and(|f| f != addr)
+        {
             return None;
         }
         self.candidates.push(Candidate {
@@ -229,10 +261,12 @@ impl PathMachine {
     pub(crate) fn on_event(&mut self, now: Instant, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
         match input {
+            Input::Start if self.fixed.is_some() => {}
             Input::Start => {
                 out.push(Action::SendCandidates);
                 self.next_candidates = Some(now + CANDIDATES_EVERY);
             }
+            Input::Route(there) => self.on_route(there, now, &mut out),
             Input::Candidates(addrs) => {
                 for addr in addrs {
                     let known = self.candidates.iter().any(|c| c.addr == addr);
@@ -245,7 +279,9 @@ impl PathMachine {
                 }
             }
             Input::Ping { from, nonce } => {
-                out.push(Action::Learn(from));
+                if self.fixed.is_none() {
+                    out.push(Action::Learn(from));
+                }
                 out.push(Action::Pong { to: from, nonce });
                 if self.current == Current::Relay
                     && let Some(i) = self.add(from, now)
@@ -280,7 +316,9 @@ impl PathMachine {
                     }
                     Current::Direct(_) => {}
                     Current::Relay => {
-                        out.push(Action::Learn(from));
+                        if self.fixed.is_none() {
+                            out.push(Action::Learn(from));
+                        }
                         self.switch(Current::Direct(from), now, &mut out);
                         let i = self.candidates.iter().position(|c| c.addr == from);
                         if let Some(c) = i.map(|i| &mut self.candidates[i]) {
@@ -306,14 +344,46 @@ impl PathMachine {
                 out.push(Action::UseDirect(addr));
             }
             Current::Relay => {
-                self.next_candidates = Some(now);
+                if self.fixed.is_none() {
+                    self.next_candidates = Some(now);
+                }
                 out.push(Action::UseRelay);
+            }
+        }
+    }
+
+    /// A direct-made connection's relay route came (or changed) or went.
+    fn on_route(&mut self, there: bool, now: Instant, out: &mut Vec<Action>) {
+        let Some(addr) = self.fixed else {
+            return;
+        };
+        let had = self.relay;
+        self.relay = there;
+        match (there, self.current) {
+            (true, Current::Direct(_)) if !had => {
+                // Silence is counted from now, with a heartbeat at once.
+                self.heard = now;
+                if let Some(c) = self.candidates.first_mut() {
+                    c.next_ping = now;
+                }
+            }
+            (true, _) => {}
+            (false, Current::Relay) => self.switch(Current::Direct(addr), now, out),
+            (false, Current::Direct(_)) => {
+                if self.suspect {
+                    self.suspect = false;
+                    out.push(Action::AlsoRelay(false));
+                }
             }
         }
     }
 
     /// Whatever is due at `now`: silence, pings, candidates.
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if !self.relay {
+            // Nothing to fall back to: nothing to watch.
+            return;
+        }
         if let Current::Direct(_) = self.current
             && !self.suspect
             && now.saturating_duration_since(self.heard) >= SUSPECT
@@ -624,5 +694,179 @@ mod tests {
             to: a("10.9.9.9:1"),
             nonce: 1
         }));
+    }
+
+    /// Answers every ping `m` sends from `from` to `to` (1 ms later) while running ticks.
+    fn run_answered(m: &mut PathMachine, from: Instant, to: Instant) -> Vec<(Duration, Action)> {
+        let mut out = Vec::new();
+        let mut t = from;
+        while t <= to {
+            for x in m.on_event(t, Input::Tick) {
+                if let Action::Ping { to, nonce } = x {
+                    let answer = t + Duration::from_millis(1);
+                    out.extend(
+                        m.on_event(answer, Input::Pong { from: to, nonce })
+                            .into_iter()
+                            .map(|y| (answer - from, y)),
+                    );
+                }
+                out.push((t - from, x));
+            }
+            t += Duration::from_millis(10);
+        }
+        out
+    }
+
+    #[test]
+    fn a_direct_made_connection_without_a_route_stays_as_it_is() {
+        let t0 = Instant::now();
+        let e = a("10.0.0.2:4000");
+        let mut m = PathMachine::made_direct(t0, 0, e);
+        assert_eq!(m.current(), Current::Direct(e), "starts direct");
+        assert!(
+            m.on_event(t0, Input::Start).is_empty(),
+            "no candidates to send"
+        );
+        assert_eq!(m.next_wakeup(), None);
+        // Silence for 10 s: nothing to fall back to, nothing probed.
+        assert!(run(&mut m, t0, t0 + Duration::from_secs(10)).is_empty());
+        assert_eq!(m.current(), Current::Direct(e));
+        // Candidates are not taken (quinn addresses the peer at `e`), pings are answered.
+        let other = a("10.0.0.3:4000");
+        assert!(m.on_event(t0, Input::Candidates(vec![other])).is_empty());
+        assert_eq!(
+            m.on_event(
+                t0,
+                Input::Ping {
+                    from: other,
+                    nonce: 5
+                }
+            ),
+            vec![Action::Pong {
+                to: other,
+                nonce: 5
+            }]
+        );
+        assert_eq!(m.switches(), 0);
+    }
+
+    #[test]
+    fn a_direct_made_connection_falls_back_to_its_route_and_comes_back() {
+        let t0 = Instant::now();
+        let e = a("10.0.0.2:4000");
+        let mut m = PathMachine::made_direct(t0, 0, e);
+        m.on_event(t0, Input::Start);
+        // The route is learned 5 s later: heartbeats start at once, silence counts from now.
+        let t1 = t0 + Duration::from_secs(5);
+        let got = m.on_event(t1, Input::Route(true));
+        assert_eq!(pings(&got).len(), 1, "{got:?}");
+        assert_eq!(pings(&got)[0].0, e);
+        assert!(!got.contains(&Action::UseRelay));
+        // Answered heartbeats keep it direct.
+        let t2 = t1 + Duration::from_secs(5);
+        let answered = run_answered(&mut m, t1, t2);
+        assert!(
+            answered
+                .iter()
+                .all(|(_, x)| matches!(x, Action::Ping { .. })),
+            "{answered:?}"
+        );
+        assert_eq!(m.current(), Current::Direct(e));
+        // The direct path dies: suspect (both ways), then the relay alone.
+        let dark = run(&mut m, t2, t2 + Duration::from_secs(3));
+        let at = |want: &Action| dark.iter().find(|(_, x)| x == want).map(|(t, _)| *t);
+        let suspect = at(&Action::AlsoRelay(true)).expect("suspect");
+        let relayed = at(&Action::UseRelay).expect("falls back");
+        assert!(
+            suspect < relayed && relayed <= SILENCE + Duration::from_millis(20),
+            "{dark:?}"
+        );
+        assert_eq!(m.current(), Current::Relay);
+        assert!(
+            dark.iter()
+                .all(|(_, x)| !matches!(x, Action::SendCandidates | Action::Learn(_))),
+            "a direct-made connection has no candidates to send nor endpoints to learn"
+        );
+        // Relayed: `e` is probed every second; its answer puts the connection back there.
+        let probing = run(
+            &mut m,
+            t2 + Duration::from_secs(3),
+            t2 + Duration::from_secs(6),
+        );
+        let probes = pings(&probing.iter().map(|(_, x)| x.clone()).collect::<Vec<_>>());
+        assert!((2..=4).contains(&probes.len()), "{probing:?}");
+        assert!(probes.iter().all(|(to, _)| *to == e));
+        let (_, nonce) = *probes.last().unwrap();
+        let back = m.on_event(t2 + Duration::from_secs(6), Input::Pong { from: e, nonce });
+        assert_eq!(back, vec![Action::UseDirect(e)]);
+        assert_eq!(m.current(), Current::Direct(e));
+        assert_eq!(m.switches(), 2);
+    }
+
+    #[test]
+    fn a_direct_made_connection_losing_its_route_goes_back_to_its_address() {
+        let t0 = Instant::now();
+        let e = a("10.0.0.2:4000");
+        // Lost while direct and fine: it keeps the direct path, and stops probing.
+        let mut m = PathMachine::made_direct(t0, 0, e);
+        m.on_event(t0, Input::Route(true));
+        run_answered(&mut m, t0, t0 + Duration::from_secs(2));
+        assert!(
+            m.on_event(t0 + Duration::from_secs(2), Input::Route(false))
+                .is_empty()
+        );
+        assert_eq!(m.current(), Current::Direct(e));
+        assert_eq!(m.next_wakeup(), None);
+        assert!(
+            run(
+                &mut m,
+                t0 + Duration::from_secs(2),
+                t0 + Duration::from_secs(8)
+            )
+            .is_empty()
+        );
+        // Lost while suspect: no more doubling.
+        let mut m = PathMachine::made_direct(t0, 0, e);
+        m.on_event(t0, Input::Route(true));
+        let quiet = run(&mut m, t0, t0 + SUSPECT + Duration::from_millis(50));
+        assert!(quiet.iter().any(|(_, x)| *x == Action::AlsoRelay(true)));
+        let t1 = t0 + SUSPECT + Duration::from_millis(60);
+        assert_eq!(
+            m.on_event(t1, Input::Route(false)),
+            vec![Action::AlsoRelay(false)]
+        );
+        assert_eq!(m.current(), Current::Direct(e));
+        // Lost while relayed: back on `e`, the only path left; a new route resumes watching.
+        let mut m = PathMachine::made_direct(t0, 0, e);
+        m.on_event(t0, Input::Route(true));
+        run(&mut m, t0, t0 + Duration::from_secs(3));
+        assert_eq!(m.current(), Current::Relay);
+        let t2 = t0 + Duration::from_secs(3);
+        assert_eq!(
+            m.on_event(t2, Input::Route(false)),
+            vec![Action::UseDirect(e)]
+        );
+        assert_eq!(m.current(), Current::Direct(e));
+        assert!(run(&mut m, t2, t2 + Duration::from_secs(5)).is_empty());
+        let t3 = t2 + Duration::from_secs(5);
+        assert_eq!(pings(&m.on_event(t3, Input::Route(true))).len(), 1);
+        let again = run(&mut m, t3, t3 + Duration::from_secs(3));
+        assert!(
+            again.iter().any(|(_, x)| *x == Action::UseRelay),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn a_route_for_a_relay_made_connection_changes_nothing() {
+        let t0 = Instant::now();
+        let mut m = PathMachine::new(t0, 0);
+        m.on_event(t0, Input::Start);
+        assert!(m.on_event(t0, Input::Route(false)).is_empty());
+        assert_eq!(
+            m.next_wakeup(),
+            Some(t0 + CANDIDATES_EVERY),
+            "still watching"
+        );
     }
 }

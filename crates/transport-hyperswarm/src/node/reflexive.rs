@@ -11,7 +11,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::Node;
 use crate::krpc;
@@ -116,7 +116,9 @@ pub(crate) struct Reflexive {
     /// The node id every ping carries (BEP 5 wants one per sender, not one per message).
     node_id: [u8; 20],
     pings: Mutex<HashMap<[u8; 4], PendingPing>>,
-    public: Mutex<Option<SocketAddrV4>>,
+    /// The learned public address; its watchers (the path upgrades, which send their
+    /// candidates again when it changes) hear of every change.
+    public: watch::Sender<Option<SocketAddrV4>>,
 }
 
 impl Default for Reflexive {
@@ -124,7 +126,7 @@ impl Default for Reflexive {
         Self {
             node_id: *mainline::Id::random().as_bytes(),
             pings: Mutex::default(),
-            public: Mutex::default(),
+            public: watch::Sender::new(None),
         }
     }
 }
@@ -132,7 +134,21 @@ impl Default for Reflexive {
 impl Reflexive {
     /// The learned public address.
     pub(crate) fn public(&self) -> Option<SocketAddrV4> {
-        *self.public.lock().unwrap_or_else(|e| e.into_inner())
+        *self.public.borrow()
+    }
+
+    /// Hears of every change of [`Reflexive::public`].
+    pub(crate) fn watch_public(&self) -> watch::Receiver<Option<SocketAddrV4>> {
+        self.public.subscribe()
+    }
+
+    /// Remembers `public`; whether it changed (watchers are told only then).
+    fn set_public(&self, public: SocketAddrV4) -> bool {
+        self.public.send_if_modified(|p| {
+            let changed = *p != Some(public);
+            *p = Some(public);
+            changed
+        })
     }
 
     fn pings(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 4], PendingPing>> {
@@ -203,7 +219,7 @@ impl Reflexive {
                  mapping, direct connections will likely fail"
             );
         }
-        *self.public.lock().unwrap_or_else(|e| e.into_inner()) = Some(learned.public);
+        self.set_public(learned.public);
         (answered, Some(learned))
     }
 }
@@ -255,6 +271,21 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchers_hear_of_a_new_public_address_only_when_it_changes() {
+        let r = Reflexive::default();
+        let mut w = r.watch_public();
+        assert!(!w.has_changed().unwrap());
+        assert!(r.set_public(addr("203.0.113.1:7")));
+        assert!(w.has_changed().unwrap());
+        assert_eq!(*w.borrow_and_update(), Some(addr("203.0.113.1:7")));
+        assert!(!r.set_public(addr("203.0.113.1:7")), "the same again");
+        assert!(!w.has_changed().unwrap());
+        assert!(r.set_public(addr("203.0.113.9:7")), "renumbered");
+        assert!(w.has_changed().unwrap());
+        assert_eq!(r.public(), Some(addr("203.0.113.9:7")));
+    }
 
     fn addr(s: &str) -> SocketAddrV4 {
         s.parse().unwrap()

@@ -31,15 +31,17 @@ impl Node {
     pub(super) async fn relay_events(self: Arc<Self>, path: Arc<dyn RelayPath>) {
         while let Some(event) = poll_fn(|cx| path.poll_event(cx)).await {
             self.on_relay_event(event);
+            // Direct-made connections look at their relay routes again.
+            self.relay_epoch.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
     fn on_relay_event(self: &Arc<Self>, event: RelayEvent) {
         let routes = self.data.routes().clone();
         match event {
-            RelayEvent::Connected { link, url } => {
+            RelayEvent::Connected { link, url, me } => {
                 tracing::info!(relay = %url, link, "relay path up");
-                self.state().relay.connected(link, url);
+                self.state().relay.connected(link, url, me);
             }
             RelayEvent::Joined {
                 link,
@@ -114,6 +116,9 @@ impl Node {
         }
         let node = self.clone();
         self.spawn(async move {
+            if node.awaiting_routes(&topic) {
+                tokio::time::sleep(super::direct_made::ROUTE_GRACE).await;
+            }
             let mut round = DialRound::new(topic);
             round.offer(&node, addrs);
             round

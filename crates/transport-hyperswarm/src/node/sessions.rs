@@ -52,6 +52,16 @@ impl Sessions {
             .map(|((_, k), _)| *k)
     }
 
+    /// The real (not virtual) addresses of the live sessions on `topic`: its connections
+    /// made directly.
+    pub(crate) fn direct_made_on(&self, topic: &TopicHash) -> Vec<SocketAddr> {
+        self.map
+            .iter()
+            .filter(|((t, _), s)| t == topic && s.alive() && !crate::path::is_virtual(&s.addr))
+            .map(|(_, s)| s.addr)
+            .collect()
+    }
+
     /// Whether the session `key` exists and its connection is open.
     pub(crate) fn is_live(&self, key: &SessionKey) -> bool {
         self.map.get(key).is_some_and(Session::alive)
@@ -208,9 +218,12 @@ impl Node {
             path: self.initial_path(addr),
         };
         self.board.set(conn.stable_id(), info.clone());
-        if crate::path::is_virtual(&addr) && self.settings.relay.is_some() && self.data.direct_on()
-        {
-            self.spawn(self.clone().drive_path(conn.clone(), addr, info));
+        if self.settings.relay.is_some() && self.data.direct_on() {
+            if crate::path::is_virtual(&addr) {
+                self.spawn(self.clone().drive_path(conn.clone(), addr, info));
+            } else {
+                self.spawn(self.clone().drive_fallback(conn.clone(), addr, info));
+            }
         }
         let node = self.clone();
         self.spawn(async move {

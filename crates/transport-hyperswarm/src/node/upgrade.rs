@@ -34,17 +34,36 @@ pub(crate) struct ProbeRoute {
     tx: mpsc::Sender<(SocketAddr, Probe)>,
 }
 
-/// The probe routes of live relay-made connections, by path id.
+/// Where a connection's authenticated probes arrive, with where they came from.
+pub(super) type ProbeQueue = mpsc::Receiver<(SocketAddr, Probe)>;
+
+/// The probe routes of live connections with a path choice, by path id.
 pub(crate) type ProbeRoutes = HashMap<[u8; 8], ProbeRoute>;
 
 /// Accepts each ping nonce once, within a window behind the newest.
 #[derive(Debug, Default)]
-struct Replay {
+pub(super) struct Replay {
     newest: Option<u64>,
     seen: VecDeque<u64>,
 }
 
 impl Replay {
+    /// The machine's input for an authenticated probe from `from` (a replayed ping is
+    /// nothing but time passing).
+    pub(super) fn input(&mut self, from: SocketAddr, p: &Probe) -> Input {
+        match p.kind {
+            ProbeKind::Ping if self.fresh(p.nonce) => Input::Ping {
+                from,
+                nonce: p.nonce,
+            },
+            ProbeKind::Ping => Input::Tick,
+            ProbeKind::Pong => Input::Pong {
+                from,
+                nonce: p.nonce,
+            },
+        }
+    }
+
     fn fresh(&mut self, nonce: u64) -> bool {
         if let Some(newest) = self.newest
             && (nonce.saturating_add(REPLAY_WINDOW) < newest || self.seen.contains(&nonce))
@@ -81,10 +100,53 @@ impl Node {
         let _ = route.tx.try_send((from, probe));
     }
 
-    /// Whether `addr` is a proven direct endpoint of a relay-made connection: its packets
-    /// are that connection's, so it is not dialled (the peer there is connected).
+    /// Whether `addr` is a proven direct endpoint of a relay-made connection, or the relay
+    /// route a direct-made connection falls back to: its packets are that connection's, so
+    /// it is not dialled (the peer there is connected).
     pub(super) fn is_upgraded_endpoint(&self, addr: &SocketAddr) -> bool {
         self.data.directs().virtual_for(addr).is_some()
+            || self.data.fallbacks().real_for(addr).is_some()
+    }
+
+    /// Registers `conn` for path probes: its keys, whether this side is the QUIC server,
+    /// and the queue its probes arrive on (`None` when its keys cannot be derived or are
+    /// taken). [`Node::unregister_probes`] undoes it.
+    pub(super) fn register_probes(
+        &self,
+        conn: &quinn::Connection,
+    ) -> Option<(PathKeys, bool, ProbeQueue)> {
+        let mut material = [0u8; 40];
+        conn.export_keying_material(&mut material, EXPORT_LABEL, b"")
+            .ok()?;
+        let keys = PathKeys::from_material(&material);
+        let server = conn.side() == quinn::Side::Server;
+        let (tx, rx) = mpsc::channel(PROBE_QUEUE);
+        let mut routes = self.probe_routes();
+        if routes.contains_key(&keys.id) {
+            return None;
+        }
+        routes.insert(
+            keys.id,
+            ProbeRoute {
+                keys: keys.clone(),
+                server,
+                tx,
+            },
+        );
+        Some((keys, server, rx))
+    }
+
+    /// Forgets the probe route of the connection with `keys`.
+    pub(super) fn unregister_probes(&self, keys: &PathKeys) {
+        self.probe_routes().remove(&keys.id);
+    }
+
+    /// A fresh first nonce for a connection's probes (the lower half of a random number,
+    /// so the counter never wraps in a connection's life).
+    pub(super) fn first_nonce() -> u64 {
+        let mut first = [0u8; 8];
+        let _ = getrandom::fill(&mut first);
+        u64::from_be_bytes(first) >> 1
     }
 
     /// Our direct candidates: the data socket's addresses (each IPv4 interface's when bound
@@ -116,7 +178,7 @@ impl Node {
     }
 
     /// The relay URL behind virtual address `vaddr`.
-    fn relay_url_of(&self, vaddr: &SocketAddr) -> String {
+    pub(super) fn relay_url_of(&self, vaddr: &SocketAddr) -> String {
         let link = self.data.routes().route(vaddr).map(|r| r.link);
         link.and_then(|l| {
             self.state()
@@ -147,36 +209,16 @@ impl Node {
         vaddr: SocketAddr,
         mut info: PathInfo,
     ) {
-        let mut material = [0u8; 40];
-        if conn
-            .export_keying_material(&mut material, EXPORT_LABEL, b"")
-            .is_err()
-        {
+        let Some((keys, server, mut rx)) = self.register_probes(&conn) else {
             return;
-        }
-        let keys = PathKeys::from_material(&material);
-        let server = conn.side() == quinn::Side::Server;
-        let (tx, mut rx) = mpsc::channel(PROBE_QUEUE);
-        {
-            let mut routes = self.probe_routes();
-            if routes.contains_key(&keys.id) {
-                return;
-            }
-            routes.insert(
-                keys.id,
-                ProbeRoute {
-                    keys: keys.clone(),
-                    server,
-                    tx,
-                },
-            );
-        }
-        let mut first = [0u8; 8];
-        let _ = getrandom::fill(&mut first);
-        // The lower half, so the counter never wraps in a connection's life.
-        let mut machine =
-            PathMachine::new(tokio::time::Instant::now(), u64::from_be_bytes(first) >> 1);
+        };
+        let mut machine = PathMachine::new(tokio::time::Instant::now(), Self::first_nonce());
         let mut replay = Replay::default();
+        // Our candidates change when the public address is learned (often just after a
+        // relay-made connection is up) or changes: sent again at once, not at the next
+        // round, so the peer probes the new address now.
+        let mut public = self.reflexive.watch_public();
+        public.mark_unchanged();
         let mut actions = machine.on_event(tokio::time::Instant::now(), Input::Start);
         loop {
             self.apply_path_actions(&conn, &keys, server, vaddr, &mut info, actions);
@@ -193,21 +235,20 @@ impl Node {
                     Err(_) => break,
                 },
                 p = rx.recv() => match p {
-                    Some((from, p)) if p.kind == ProbeKind::Ping => {
-                        if replay.fresh(p.nonce) {
-                            Input::Ping { from, nonce: p.nonce }
-                        } else {
-                            Input::Tick
-                        }
-                    }
-                    Some((from, p)) => Input::Pong { from, nonce: p.nonce },
+                    // Probes through the relay prove direct-made connections' routes only.
+                    Some((from, _)) if crate::path::is_virtual(&from) => Input::Tick,
+                    Some((from, p)) => replay.input(from, &p),
                     None => break,
                 },
+                Ok(()) = public.changed() => {
+                    self.apply_path_actions(&conn, &keys, server, vaddr, &mut info, vec![Action::SendCandidates]);
+                    Input::Tick
+                }
                 _ = tokio::time::sleep_until(wake) => Input::Tick,
             };
             actions = machine.on_event(tokio::time::Instant::now(), input);
         }
-        self.probe_routes().remove(&keys.id);
+        self.unregister_probes(&keys);
         self.data.directs().forget(&vaddr);
     }
 

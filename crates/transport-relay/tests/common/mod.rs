@@ -168,3 +168,20 @@ pub(crate) async fn send(ws: &mut Ws, f: Frame) {
 pub(crate) async fn joined(ws: &mut Ws, room: RoomId) -> Vec<u64> {
     raw::joined(ws, room).await.unwrap()
 }
+
+/// The value of the first metric line of `server` starting with `line_start` (a name with
+/// its labels).
+pub(crate) fn metric(server: &RelayServer, line_start: &str) -> u64 {
+    let text = server.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
+}
+
+/// The count of one `pluresdb_relay_drops_total` reason.
+pub(crate) fn drops(server: &RelayServer, reason: &str) -> u64 {
+    metric(
+        server,
+        &format!("pluresdb_relay_drops_total{{reason=\"{reason}\"}}"),
+    )
+}
