@@ -454,7 +454,7 @@ impl DataSocket {
             // A path probe through the relay (proving a direct-made connection's route) goes
             // to the node's probe handler, from the route's address.
             if d.segment == 0 && crate::path_wire::is_probe(&d.bytes) {
-                if self.diverted.try_send((addr, d.bytes)).is_err() {
+                if self.diverted.try_send((addr, d.bytes.to_vec())).is_err() {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
@@ -779,7 +779,7 @@ mod tests {
             tx.send(RelayDatagram {
                 from: route,
                 segment: 0,
-                bytes,
+                bytes: bytes.into(),
             })
             .unwrap();
         }
