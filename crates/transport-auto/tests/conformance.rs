@@ -41,3 +41,14 @@ async fn with_the_dht_and_direct_udp_passes_the_whole_kit() {
         .unwrap();
     net.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_dht_and_direct_udp_five_peers_form_a_full_mesh() {
+    let net = AutoNet::start().await.unwrap();
+    ConformanceKit::new(net.full_factory())
+        .with_timeout(STEP)
+        .one_connection_per_peer(5)
+        .await
+        .unwrap();
+    net.stop().await.unwrap();
+}
