@@ -26,8 +26,9 @@
 //! let public = lab.public_net(211)?;
 //! let site = lab.site(&public, 1, Nat::Eim)?;
 //! let rt = site.host.runtime(2)?;
-//! let addr = rt.block_on(async {
-//!     let s = tokio::net::UdpSocket::bind((site.ip, 0)).await?;
+//! let ip = site.ip;
+//! let addr = rt.block_on(async move {
+//!     let s = tokio::net::UdpSocket::bind((ip, 0)).await?;
 //!     s.local_addr()
 //! })?;
 //! println!("bound {addr} behind a NAT");
