@@ -282,8 +282,9 @@ where
     signal(p_pid, "-STOP");
     let waited = tokio::time::timeout(FROZEN, during).await;
     assert!(waited.is_err(), "the check during the freeze ended early");
-    signal(p_pid, "-CONT");
+    // Taken before the signal: P may run and print before `kill` has even returned.
     let thawed = Instant::now();
+    signal(p_pid, "-CONT");
 
     let done = p.line("DONE ", T + FROZEN);
     let rss_after = rss_kib(p_pid);
