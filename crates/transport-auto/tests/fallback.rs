@@ -18,8 +18,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pluresdb_sync_core::Transport;
@@ -30,7 +28,7 @@ use pluresdb_sync_transport_hyperswarm::relay_path::PeerPath;
 
 mod common;
 use common::netns::{run, run_child_in_namespace, udp_rule};
-use common::stream::{relayed, wait_path};
+use common::stream::{Stream, relayed, wait_path};
 use common::{T, accept, init_tracing};
 
 const MESSAGES: u32 = 6_000;
@@ -122,7 +120,7 @@ async fn fallback(direct_first: bool) {
     let topic = fresh_topic("direct-made-fallback");
     let (ra, rb) = tokio::join!(a.connect(topic), b.connect(topic));
     let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
-    let (mut ca, mut cb) = tokio::join!(accept(&mut ra), accept(&mut rb));
+    let (ca, cb) = tokio::join!(accept(&mut ra), accept(&mut rb));
     let (pa, pb) = (a.peer_id(), b.peer_id());
     let (addr_a, addr_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
     // The path is listed a moment after the connection is handed out.
@@ -165,47 +163,8 @@ async fn fallback(direct_first: bool) {
     assert_eq!(a.paths().len(), 1, "still one connection: {:?}", a.paths());
     assert_eq!(b.paths().len(), 1, "still one connection: {:?}", b.paths());
 
-    let received = Arc::new(AtomicU32::new(0));
-    let count = received.clone();
-    let reader = tokio::spawn(async move {
-        let mut longest_gap = Duration::ZERO;
-        let mut last = Instant::now();
-        for want in 0..MESSAGES {
-            let msg = tokio::time::timeout(T, cb.receive())
-                .await
-                .expect("a message in time")
-                .unwrap()
-                .expect("the connection ended early");
-            let n = u32::from_be_bytes(msg[..4].try_into().unwrap());
-            assert_eq!(n, want, "every message once and in order");
-            assert_eq!(msg.len(), 200);
-            let now = Instant::now();
-            longest_gap = longest_gap.max(now - last);
-            last = now;
-            count.store(n + 1, Ordering::Relaxed);
-        }
-        (cb, longest_gap)
-    });
-    let writer = tokio::spawn(async move {
-        let mut msg = vec![0u8; 200];
-        for n in 0..MESSAGES {
-            msg[..4].copy_from_slice(&n.to_be_bytes());
-            ca.send(&msg).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        ca
-    });
-    let reached = |n: u32| {
-        let r = received.clone();
-        async move {
-            while r.load(Ordering::Relaxed) < n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    tokio::time::timeout(T, reached(MESSAGES / 4))
-        .await
-        .unwrap();
+    let stream = Stream::start_n(ca, cb, MESSAGES);
+    stream.reached(MESSAGES / 4).await;
     let relayed_before = b.path_stats().relayed_in;
     let ports = [addr_a.port(), addr_b.port()];
     // Only the switches from now on count (the hand-out and the upgrade were before).
@@ -223,10 +182,7 @@ async fn fallback(direct_first: bool) {
         a.paths()
     );
     // Delivery goes on over the relay while UDP is dropped.
-    let at_fallback = received.load(Ordering::Relaxed);
-    tokio::time::timeout(T, reached(at_fallback + 500))
-        .await
-        .unwrap();
+    stream.reached(stream.count() + 500).await;
     let s = b.path_stats();
     assert!(
         s.relayed_in > relayed_before + 100,
@@ -241,11 +197,7 @@ async fn fallback(direct_first: bool) {
         wait_path(&mut eb, &pa, |p| *p == PeerPath::Direct(addr_a))
     );
     let relayed_back = b.path_stats().relayed_in;
-    let (cb, longest_gap) = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .unwrap()
-        .unwrap();
-    let mut ca = writer.await.unwrap();
+    let (mut ca, cb, longest_gap) = stream.finish().await;
     assert_eq!(a.paths()[0].path, PeerPath::Direct(addr_b));
     let relayed_after = b.path_stats().relayed_in - relayed_back;
     assert!(

@@ -27,13 +27,22 @@ pub(crate) struct Stream {
 
 impl Stream {
     /// Sends [`MESSAGES`] numbered messages from `tx` to `rx`, one per millisecond.
-    pub(crate) fn start(mut tx: Box<dyn Connection>, mut rx: Box<dyn Connection>) -> Self {
+    pub(crate) fn start(tx: Box<dyn Connection>, rx: Box<dyn Connection>) -> Self {
+        Self::start_n(tx, rx, MESSAGES)
+    }
+
+    /// Sends `messages` numbered messages from `tx` to `rx`, one per millisecond.
+    pub(crate) fn start_n(
+        mut tx: Box<dyn Connection>,
+        mut rx: Box<dyn Connection>,
+        messages: u32,
+    ) -> Self {
         let received = Arc::new(AtomicU32::new(0));
         let count = received.clone();
         let reader = tokio::spawn(async move {
             let mut longest_gap = Duration::ZERO;
             let mut last = Instant::now();
-            for want in 0..MESSAGES {
+            for want in 0..messages {
                 let msg = tokio::time::timeout(T, rx.receive())
                     .await
                     .expect("a message in time")
@@ -51,7 +60,7 @@ impl Stream {
         });
         let writer = tokio::spawn(async move {
             let mut msg = vec![0u8; SIZE];
-            for n in 0..MESSAGES {
+            for n in 0..messages {
                 msg[..4].copy_from_slice(&n.to_be_bytes());
                 tx.send(&msg).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(1)).await;
