@@ -26,6 +26,7 @@ use super::super::budget::Queue;
 use super::super::datagram;
 use super::super::metrics::DropReason;
 use super::bus::{self, BusMessage};
+use super::loops::local_target;
 use super::{NATS_PUBLISH_TIMEOUT, Nats, node_of};
 use crate::protocol::{ConnId, DATAGRAM_OVERHEAD, RoomId, datagram_header, kind};
 
@@ -176,12 +177,7 @@ pub(super) async fn inbox(nats: Weak<Nats>, mut sub: async_nats::Subscriber) {
             return;
         };
         nats.metrics.received.fetch_add(1, Ordering::Relaxed);
-        let to = msg
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|t| u32::from_str_radix(t, 16).ok())
-            .map(|c| (u64::from(nats.node) << 32) | u64::from(c));
+        let to = local_target(nats.node, &msg.subject);
         // A node of this cluster never publishes more than a frame; one configured with a
         // larger `max_frame` than ours would, and our clients would refuse it.
         let fits = msg.payload.len() <= nats.max_frame;

@@ -51,6 +51,13 @@ pub(super) async fn room(nats: Weak<Nats>, room: RoomId, mut sub: async_nats::Su
     }
 }
 
+/// The local connection a `P.conn.<node>.<counter>` or `P.dgram.<node>.<counter>` message is
+/// for: this node's id in the high 32 bits, the subject's last token (hex) in the low ones.
+pub(super) fn local_target(node: u32, subject: &str) -> Option<u64> {
+    let counter = u32::from_str_radix(subject.rsplit('.').next()?, 16).ok()?;
+    Some((u64::from(node) << 32) | u64::from(counter))
+}
+
 /// `P.conn.<node>.*`: DELIVER frames for one local connection, named by the subject's last
 /// token (the low 32 bits of its id).
 pub(super) async fn direct(nats: Weak<Nats>, mut sub: async_nats::Subscriber) {
@@ -59,12 +66,7 @@ pub(super) async fn direct(nats: Weak<Nats>, mut sub: async_nats::Subscriber) {
             return;
         };
         nats.metrics.received.fetch_add(1, Ordering::Relaxed);
-        let to = msg
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|t| u32::from_str_radix(t, 16).ok())
-            .map(|c| (u64::from(nats.node) << 32) | u64::from(c));
+        let to = local_target(nats.node, &msg.subject);
         let ok = match (to, bus::decode(&msg.payload)) {
             (
                 Some(to),
@@ -157,5 +159,25 @@ pub(super) async fn heartbeat(nats: Weak<Nats>) {
         };
         let beat = BusMessage::Heartbeat { node: nats.node }.encode();
         nats.publish(nats.node_subject(), beat.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_target;
+
+    #[test]
+    fn a_subject_names_a_local_connection_or_nothing() {
+        assert_eq!(
+            local_target(0x0102_0304, "pluresdb.relay.v1.P.dgram.0102.ff"),
+            Some(0x0102_0304_0000_00ff)
+        );
+        assert_eq!(local_target(7, "x.P.conn.7.zz"), None);
+        assert_eq!(
+            local_target(7, "x.P.conn.7.1ffffffff"),
+            None,
+            "over 32 bits"
+        );
+        assert_eq!(local_target(7, ""), None);
     }
 }
